@@ -1,0 +1,41 @@
+"""Renders a transcription result (`{"duration_ms", "segments": [...]}`) as text, JSON or SRT."""
+
+from __future__ import annotations
+
+import json
+
+FORMATS = ("text", "json", "srt")
+
+
+def render(result: dict, fmt: str) -> str:
+    """The whole result in `fmt`; text and srt end with a newline unless there are no segments."""
+    if fmt == "json":
+        return json.dumps(result, ensure_ascii=False) + "\n"
+    if fmt == "text":
+        return "".join(_text_line(s) for s in result["segments"])
+    if fmt == "srt":
+        return "\n".join(_srt_block(i, s) for i, s in enumerate(result["segments"], 1))
+    raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _text_line(seg: dict) -> str:
+    # SenseVoice's rich tags, compact and only those the server filled in.
+    tags = [seg.get(k) for k in ("language", "emotion", "event")]
+    tags = "|".join(t for t in tags if t)
+    prefix = f"<{tags}> " if tags else ""
+    start, end = _clock(seg["start_ms"], "."), _clock(seg["end_ms"], ".")
+    return f"[{start} --> {end}] {prefix}{seg['text']}\n"
+
+
+def _srt_block(index: int, seg: dict) -> str:
+    start, end = _clock(seg["start_ms"], ",", hours=True), _clock(seg["end_ms"], ",", hours=True)
+    return f"{index}\n{start} --> {end}\n{seg['text']}\n"
+
+
+def _clock(ms: int, sep: str, hours: bool = False) -> str:
+    """`MM:SS.mmm`, with hours in front past the first hour or when `hours` (SRT needs them)."""
+    h, rest = divmod(int(ms), 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    s, ms = divmod(rest, 1000)
+    clock = f"{m:02d}:{s:02d}{sep}{ms:03d}"
+    return f"{h:02d}:{clock}" if hours or h else clock

@@ -1,0 +1,100 @@
+"""Whole-file transcription through the `asr_offline` model over Triton gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tritonasr.audio import SAMPLE_RATE, load_audio, resample, validate_samples
+
+LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko")
+
+
+class TranscriptionError(RuntimeError):
+    """The server could not transcribe a request; the message is the server's."""
+
+
+class ServerUnavailableError(TranscriptionError):
+    """The server cannot be reached, or the model is not loaded on it."""
+
+
+class OfflineClient:
+    """A synchronous gRPC client for one model; not thread-safe, use one per thread."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "asr_offline",
+                 timeout_s: float | None = None):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        # tritonclient already raises gRPC's message limits to 2 GiB (a 30-minute file is 115 MB).
+        self._client = grpcclient.InferenceServerClient(url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OfflineClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_ready(self) -> None:
+        """Raises ServerUnavailableError unless the server answers and the model is ready."""
+        try:
+            ready = self._client.is_model_ready(self.model, client_timeout=self.timeout_s)
+        except InferenceServerException as e:
+            raise ServerUnavailableError(
+                f"cannot reach the Triton server at {self.url} ({e.message()})"
+            ) from None
+        if not ready:
+            raise ServerUnavailableError(
+                f"model '{self.model}' is not loaded on the Triton server at {self.url} "
+                "(unknown model, or it failed to load: see the server log)"
+            )
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
+                   language: str = "auto", use_itn: bool = False) -> dict:
+        """Transcribes mono float samples in [-1, 1]; returns the server's result JSON."""
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+        # The server takes 16 kHz only, so other rates are converted here.
+        audio = resample(validate_samples(samples), sample_rate)[np.newaxis, :]
+        if audio.nbytes > grpcclient.MAX_GRPC_MESSAGE_SIZE:
+            raise TranscriptionError(
+                f"audio of {audio.shape[1] / SAMPLE_RATE / 3600:.1f} h is over gRPC's 2 GiB "
+                "message limit; split it into shorter files"
+            )
+        inputs = [
+            _input("AUDIO", audio, "FP32"),
+            _input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
+            _input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
+            _input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
+        ]
+        try:
+            response = self._client.infer(
+                self.model, inputs, outputs=[grpcclient.InferRequestedOutput("RESULT")],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as e:
+            # Connection and model problems are told apart from a rejected request.
+            self.check_ready()
+            raise TranscriptionError(e.message()) from None
+        return json.loads(response.as_numpy("RESULT").item())
+
+    def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
+                        use_itn: bool = False) -> dict:
+        """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
+        audio = load_audio(path)
+        result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn)
+        return {"file": str(path), "duration_ms": audio.duration_ms,
+                "segments": result["segments"]}
+
+
+def _input(name: str, data: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return tensor

@@ -1,0 +1,85 @@
+"""`tritonasr transcribe`: many files through `asr_offline` at once, results in input order."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TextIO
+
+from tqdm import tqdm
+
+from tritonasr.audio import AudioError
+from tritonasr.client.formats import FORMATS, render
+from tritonasr.client.offline import (
+    LANGUAGES,
+    OfflineClient,
+    ServerUnavailableError,
+    TranscriptionError,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
+                   concurrency: int = 4, output: TextIO = sys.stdout) -> int:
+    """Transcribes `files` with `concurrency` requests in flight; returns the exit code.
+
+    0: every file transcribed; 1: some failed (each reported on stderr); 2: the server is
+    unreachable or the model is not loaded (reported once, remaining files skipped).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+    try:
+        with OfflineClient(url) as probe:
+            probe.check_ready()
+    except ServerUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+    local = threading.local()
+    clients: list[OfflineClient] = []
+
+    def transcribe(path: str) -> dict:
+        if not hasattr(local, "client"):
+            local.client = OfflineClient(url)
+            clients.append(local.client)
+        return local.client.transcribe_file(path, language=language)
+
+    headers = fmt != "json" and len(files) > 1
+    code = EXIT_OK
+    with tqdm(total=len(files), unit="file", disable=len(files) < 2, file=sys.stderr) as bar, \
+            ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = [pool.submit(transcribe, path) for path in files]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update())
+        # Waiting in input order prints each result as soon as it and those before it are done.
+        printed = 0
+        for path, future in zip(files, futures):
+            try:
+                result = future.result()
+            except ServerUnavailableError as e:
+                tqdm.write(f"error: {e}", file=sys.stderr)
+                pool.shutdown(cancel_futures=True)
+                code = EXIT_UNREACHABLE
+                break
+            except AudioError as e:
+                # load_audio's messages already start with the file's name.
+                tqdm.write(f"error: {e}", file=sys.stderr)
+                code = EXIT_FAILED
+                continue
+            except TranscriptionError as e:
+                tqdm.write(f"error: {path}: {e}", file=sys.stderr)
+                code = EXIT_FAILED
+                continue
+            text = render(result, fmt)
+            if headers:
+                text = ("\n" if printed else "") + f"==> {path} <==\n" + text
+            tqdm.write(text, file=output, end="")
+            output.flush()
+            printed += 1
+    for client in clients:
+        client.close()
+    return code

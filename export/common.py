@@ -1,0 +1,299 @@
+"""Shared pieces of the export steps: progress lines, FunASR loading, features, ONNX files, parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+import tritonasr
+
+Progress = Callable[[str], None]
+
+SAMPLE_RATE = 16000
+OPSET = 17
+# Keys of a FunASR frontend_conf that describe the features themselves (not file paths).
+FEATURE_KEYS = ("fs", "window", "n_mels", "frame_length", "frame_shift", "lfr_m", "lfr_n")
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def checkout_root() -> Path:
+    """The repository checkout: the parent of the `tritonasr` package directory."""
+    return Path(tritonasr.__file__).resolve().parent.parent
+
+
+def default_check_audio() -> Path:
+    return checkout_root() / "samples" / "sample.wav"
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio and features
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """Mono float32 waveform in [-1, 1] at 16 kHz."""
+    import soundfile as sf
+    import soxr
+
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def synthetic_speech(seconds: float = 6.0, seed: int = 0) -> np.ndarray:
+    """Voiced bursts (a gliding pulse train through three formant resonators) with pauses.
+
+    Only used when no recorded speech is at hand: parity needs realistic feature statistics
+    (harmonics, formants, silences), not words.
+    """
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = np.cumsum(f0 / SAMPLE_RATE)
+    pulses = (np.diff(np.floor(phase), prepend=0) > 0).astype(np.float64)
+    voiced = pulses + 0.02 * rng.standard_normal(n)
+    for formant, bandwidth in ((700, 130), (1220, 70), (2600, 160)):
+        r = np.exp(-np.pi * bandwidth / SAMPLE_RATE)
+        theta = 2 * np.pi * formant / SAMPLE_RATE
+        voiced = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], voiced)
+    # 0.9 s of voice, 0.6 s of silence, repeated.
+    envelope = ((t % 1.5) < 0.9).astype(np.float64)
+    wave = voiced * envelope + 1e-4 * rng.standard_normal(n)
+    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+def check_waveform(check_audio: Path | None, progress: Progress) -> tuple[np.ndarray, str]:
+    """The speech the parity checks run on, and a description of where it came from."""
+    path = Path(check_audio) if check_audio is not None else default_check_audio()
+    if path.is_file():
+        return load_audio(path), str(path)
+    if check_audio is not None:
+        raise FileNotFoundError(f"check audio not found: {path}")
+    progress(f"  {path} not found: checking parity on synthesized speech-like audio")
+    return synthetic_speech(), "synthetic"
+
+
+def lfr_features(waveform: np.ndarray, frontend_conf: Mapping) -> np.ndarray:
+    """LFR-stacked fbank features [T, n_mels * lfr_m], float32, before CMVN.
+
+    Computed with the serving frontend (`tritonasr.features`) when it is there, so parity is
+    measured on the features the server will feed; else with funasr-onnx's frontend.
+    """
+    conf = {k: frontend_conf[k] for k in FEATURE_KEYS if k in frontend_conf}
+    try:
+        from tritonasr.features import Frontend
+    except ImportError:
+        from funasr_onnx.utils.frontend import WavFrontend
+
+        # dither is 1.0 by default there: parity needs deterministic features.
+        frontend = WavFrontend(cmvn_file=None, dither=0.0, **conf)
+        fbank, _ = frontend.fbank(waveform)
+        feats, _ = frontend.lfr_cmvn(fbank)
+        return np.ascontiguousarray(feats, dtype=np.float32)
+    frontend = Frontend(**conf)
+    return np.ascontiguousarray(frontend.lfr(frontend.fbank(waveform)), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Cmvn:
+    """Global CMVN of a FunASR am.mvn: y = (x + shift) * scale."""
+
+    shift: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def load(cls, path: Path) -> "Cmvn":
+        from funasr.frontends.wav_frontend import load_cmvn
+
+        table = load_cmvn(str(path)).numpy()
+        return cls(shift=table[0].astype(np.float32), scale=table[1].astype(np.float32))
+
+    def apply_funasr(self, feats: np.ndarray) -> torch.Tensor:
+        """CMVN exactly as FunASR's frontend applies it (its own function, in torch)."""
+        from funasr.frontends.wav_frontend import apply_cmvn
+
+        table = torch.from_numpy(np.stack([self.shift, self.scale]))
+        # apply_cmvn works in place: hand it a copy.
+        return apply_cmvn(torch.tensor(feats, dtype=torch.float32), table)
+
+
+class CmvnLayer(torch.nn.Module):
+    """CMVN baked into the graph as constants, so the server needs no am.mvn."""
+
+    def __init__(self, cmvn: Cmvn):
+        super().__init__()
+        self.register_buffer("shift", torch.from_numpy(cmvn.shift.copy()))
+        self.register_buffer("scale", torch.from_numpy(cmvn.scale.copy()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.shift) * self.scale
+
+
+# ---------------------------------------------------------------------------------------------
+# FunASR models
+
+
+def load_funasr_model(model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """Build a model from a FunASR model directory with FunASR's own loader (AutoModel.build_model).
+
+    Returns the model in eval mode and the resolved kwargs (frontend_conf, tokenizer, ...).
+    Unlike FunASR's default, a checkpoint that does not cover every parameter is an error, not
+    a warning with silently random weights.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    for name in ("config.yaml", "model.pt"):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"not a FunASR model directory (no {name}): {model_dir}")
+    from funasr import AutoModel
+
+    model, kwargs = AutoModel.build_model(
+        model=str(model_dir),
+        device="cpu",
+        ncpu=torch.get_num_threads(),  # FunASR would otherwise reset torch to 4 threads
+        disable_update=True,
+        ignore_init_mismatch=False,  # shape mismatches raise instead of keeping random weights
+    )
+    _check_all_weights_loaded(model, Path(kwargs["init_param"]))
+    model.eval()
+    return model, kwargs
+
+
+def _check_all_weights_loaded(model: torch.nn.Module, checkpoint: Path) -> None:
+    state = torch.load(str(checkpoint), map_location="cpu", mmap=True, weights_only=True)
+    for wrapper in ("state_dict", "model_state_dict", "model"):  # FunASR's own unwrapping
+        state = state.get(wrapper, state)
+    present = {k.removeprefix("module.") for k in state}
+    missing = sorted(set(model.state_dict()) - present)
+    if missing:
+        raise RuntimeError(
+            f"{checkpoint} lacks {len(missing)} parameters of {type(model).__name__}, "
+            f"e.g. {missing[:5]}: wrong model.pt for this config.yaml?"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX files
+
+
+class Staging:
+    """Files of one model version, written to a scratch directory and published together.
+
+    Nothing in the version directory changes until `publish`, which moves each file in with
+    an atomic rename; files it does not produce (e.g. a Python backend's model.py) are kept.
+    """
+
+    def __init__(self, version_dir: Path):
+        self.version_dir = Path(version_dir)
+        self.version_dir.mkdir(parents=True, exist_ok=True)
+        # Same file system as the target, so the renames are atomic.
+        self.dir = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.version_dir.parent))
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def publish(self) -> dict[str, Path]:
+        published = {}
+        # model.onnx goes last: whoever sees the new graph also sees its external data and meta.
+        for src in sorted(self.dir.iterdir(), key=lambda p: p.name == "model.onnx"):
+            dst = self.version_dir / src.name
+            os.replace(src, dst)
+            published[src.name] = dst
+        return published
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+) -> None:
+    """torch -> ONNX with the TorchScript exporter, then onnx's checker on the file.
+
+    The TorchScript exporter (dynamo=False) is used because it keeps the FunASR modules' shape
+    arithmetic symbolic with `dynamic_axes`; weights over 2 GB go to external data files next
+    to the graph, which `Staging.publish` moves along with it.
+    """
+    import onnx
+
+    module.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))  # by path: works for graphs with external data too
+
+
+def pin_output_dims(path: Path, dims: Mapping[str, Mapping[int, int]]) -> None:
+    """Declare output dims the exporter left symbolic but that are fixed by construction.
+
+    (A slice like `cache[:, :, -19:]` comes out as a named symbolic dim; Triton configs and
+    clients want the number.) Small graphs only: it rewrites the file in one piece.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for output in model.graph.output:
+        for axis, value in dims.get(output.name, {}).items():
+            output.type.tensor_type.shape.dim[axis].dim_value = value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def tensor_specs(session) -> dict[str, dict[str, list]]:
+    """Names and shapes (symbolic dims as strings) of a session's inputs and outputs."""
+    return {
+        "inputs": {i.name: list(i.shape) for i in session.get_inputs()},
+        "outputs": {o.name: list(o.shape) for o in session.get_outputs()},
+    }
+
+
+def max_abs_diff(a, b) -> float:
+    a = a.detach().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    b = b.detach().numpy() if isinstance(b, torch.Tensor) else np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0

@@ -1,0 +1,157 @@
+"""`tritonasr bench offline`: audio seconds transcribed per wall second through Triton at several
+concurrencies, next to the raw ONNX Runtime throughput of the same SenseVoice graph in-process
+at its best batch size, measured in the same run on the same machine.
+
+The raw figure is the ceiling: the SenseVoice graph alone over the speech segments of the same
+files (already cut, features precomputed, batches of similar lengths), counted in the same
+audio seconds (the files' durations) as the served figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from tritonasr.paths import CHECKOUT_ROOT, default_model_repository
+
+DEFAULT_FILES = sorted(str(p) for p in (CHECKOUT_ROOT / "tests" / "data").rglob("*.wav"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="*", help="audio files (default: the speech under tests/data)")
+    parser.add_argument("--url", help="benchmark this running server instead of starting the embedded one")
+    parser.add_argument("--model-repository", type=Path, default=None)
+    parser.add_argument("--concurrency", default="1,8", help="comma-separated concurrencies")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the files per concurrency")
+    parser.add_argument("--raw-batch-sizes", default="1,2,4,8")
+    parser.add_argument("--min-seconds", type=float, default=20.0, help="minimum timed seconds per raw setting")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def raw_throughput(repository: Path, audios: list[np.ndarray], batch_sizes: list[int], min_seconds: float,
+                   progress=print) -> dict[int, float]:
+    """Audio seconds per wall second of the sensevoice graph alone, per batch size."""
+    from tritonasr.local import LocalPipeline
+    from tritonasr.vad import split_long_segments
+
+    local = LocalPipeline(repository)
+    frontend = local.pipeline.asr.frontend
+    query = local.pipeline.asr.query_ids("auto", False)
+    feats = []
+    for samples in audios:
+        for start, end in split_long_segments(local.speech_segments(samples), 30_000):
+            feats.append(frontend.features(samples[start * 16: end * 16]))
+    feats.sort(key=len)  # neighbours have similar lengths: the least padding, the best case
+    audio_s = sum(a.size for a in audios) / 16000
+    progress(f"raw: {len(feats)} segments, {audio_s:.1f} s of audio")
+    results = {}
+    for batch in batch_sizes:
+        requests = []
+        for i in range(0, len(feats), batch):
+            group = feats[i: i + batch]
+            longest = max(len(f) for f in group)
+            requests.append({
+                "speech": np.stack([np.pad(f, ((0, longest - len(f)), (0, 0))) for f in group]),
+                "speech_lengths": np.array([len(f) for f in group], dtype=np.int32),
+                "language": np.full(len(group), query[0], dtype=np.int32),
+                "textnorm": np.full(len(group), query[1], dtype=np.int32),
+            })
+        local.asr_model.run(requests[0], ["token_ids"])  # warm-up
+        passes, began = 0, time.perf_counter()
+        while True:
+            for feeds in requests:
+                local.asr_model.run(feeds, ["token_ids", "encoder_out_lens"])
+            passes += 1
+            elapsed = time.perf_counter() - began
+            if elapsed >= min_seconds:
+                break
+        results[batch] = audio_s * passes / elapsed
+        progress(f"raw batch {batch}: {results[batch]:.1f} audio s / s")
+    return results
+
+
+def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, rounds: int) -> dict:
+    from tritonasr.client.offline import OfflineClient
+
+    jobs = [a for _ in range(rounds) for a in audios]
+    clients = {}
+
+    def one(samples: np.ndarray) -> float:
+        import threading
+
+        client = clients.setdefault(threading.get_ident(), OfflineClient(url))
+        began = time.perf_counter()
+        client.transcribe(samples)
+        return time.perf_counter() - began
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, audios[:concurrency]))  # warm-up: connections, model caches
+        began = time.perf_counter()
+        latencies = list(pool.map(one, jobs))
+        wall = time.perf_counter() - began
+    audio_s = sum(a.size for a in jobs) / 16000
+    latencies.sort()
+    return {"concurrency": concurrency, "requests": len(jobs), "audio_s": audio_s, "wall_s": wall,
+            "throughput": audio_s / wall, "latency_p50_s": statistics.median(latencies),
+            "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+
+
+def main(args) -> int:
+    from tritonasr.audio import load_audio
+
+    repository = (args.model_repository or default_model_repository()).resolve()
+    files = args.files or DEFAULT_FILES
+    audios = [load_audio(f).samples for f in files]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    raw = raw_throughput(repository, audios, _ints(args.raw_batch_sizes), args.min_seconds, log)
+    best_batch = max(raw, key=raw.get)
+    served = []
+    server = None
+    try:
+        url = args.url
+        if url is None:
+            from tritonasr.server import ServerConfig, TritonServer, free_port
+
+            log("starting the embedded Triton server…")
+            server = TritonServer(ServerConfig(repository, free_port(), free_port(), free_port())).start()
+            url = server.grpc_url
+        for concurrency in _ints(args.concurrency):
+            result = served_throughput(url, audios, concurrency, args.rounds)
+            result["ratio_to_raw"] = result["throughput"] / raw[best_batch]
+            log(f"served concurrency {concurrency}: {result['throughput']:.1f} audio s / s "
+                f"({result['ratio_to_raw']:.0%} of raw)")
+            served.append(result)
+    finally:
+        if server:
+            server.stop()
+    report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+              "cpus": __import__("os").cpu_count(), "files": len(files), "repository": str(repository),
+              "raw": {str(k): v for k, v in raw.items()}, "raw_best_batch": best_batch, "served": served}
+    print(render_markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def render_markdown(report: dict) -> str:
+    best = report["raw"][str(report["raw_best_batch"])]
+    lines = ["| system | setting | audio s / wall s | vs raw best | p50 latency | p95 latency |",
+             "|---|---|---:|---:|---:|---:|"]
+    for batch, value in report["raw"].items():
+        lines.append(f"| raw ONNX Runtime, in-process | batch {batch} | {value:.1f} | {value / best:.0%} | | |")
+    for r in report["served"]:
+        lines.append(f"| tritonasr asr_offline (gRPC) | concurrency {r['concurrency']} | {r['throughput']:.1f} | "
+                     f"{r['ratio_to_raw']:.0%} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s |")
+    return "\n".join(lines)

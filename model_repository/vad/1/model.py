@@ -1,0 +1,7 @@
+"""vad: FSMN-VAD frame scores through ONNX Runtime; the FSMN caches are explicit inputs and
+outputs, so the caller (asr_offline, later asr_stream) keeps each stream's state."""
+from tritonasr.triton_models import OnnxLeafModel
+
+
+class TritonPythonModel(OnnxLeafModel):
+    pass

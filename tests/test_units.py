@@ -1,0 +1,66 @@
+"""Pure logic: features, CTC collapse, rich tags, segment splitting, batching of ragged requests."""
+import numpy as np
+import pytest
+from funasr_onnx.utils.frontend import WavFrontend
+
+from tritonasr.features import Frontend
+from tritonasr.transcript import ctc_greedy, parse_rich_text
+from tritonasr.vad import chunk_bounds, split_long_segments
+
+
+@pytest.mark.parametrize("lfr", [(5, 1), (7, 6)])
+@pytest.mark.parametrize("samples", [399, 400, 401, 32057, 112123])
+def test_features_equal_funasr_frontend(lfr, samples):
+    wave = (np.random.default_rng(samples).standard_normal(samples) * 0.1).astype(np.float32)
+    ours = Frontend(lfr_m=lfr[0], lfr_n=lfr[1]).features(wave)
+    ref = WavFrontend(cmvn_file=None, lfr_m=lfr[0], lfr_n=lfr[1], dither=0.0)
+    fbank, _ = ref.fbank(wave)
+    if len(fbank) == 0:
+        assert ours.shape == (0, 80 * lfr[0])
+        return
+    expected, _ = ref.lfr_cmvn(fbank)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_lfr_row_ranges_equal_whole():
+    frontend = Frontend(lfr_m=5, lfr_n=1)
+    fbank = np.random.default_rng(0).standard_normal((1234, 80)).astype(np.float32)
+    whole = frontend.lfr(fbank)
+    parts = np.concatenate([frontend.lfr(fbank, a, b) for a, b in chunk_bounds(len(whole), 500)])
+    np.testing.assert_array_equal(parts, whole)
+
+
+def test_fbank_of_a_slice_equals_slice_of_fbank():
+    """What lets the pipeline reuse the VAD's fbank for SenseVoice segments."""
+    frontend = Frontend(lfr_m=7, lfr_n=6)
+    wave = (np.random.default_rng(1).standard_normal(16000 * 5) * 0.1).astype(np.float32)
+    whole = frontend.fbank(wave)
+    start_ms, end_ms = 1230, 3470
+    seg = wave[start_ms * 16: end_ms * 16]
+    frame0 = start_ms // 10
+    np.testing.assert_array_equal(frontend.fbank(seg), whole[frame0: frame0 + frontend.num_frames(seg.size)])
+
+
+def test_ctc_greedy_uses_own_length():
+    ids = np.array([0, 5, 5, 0, 5, 7, 7, 0, 9, 9, 9])
+    assert ctc_greedy(ids, 8) == [5, 5, 7]
+    assert ctc_greedy(ids, 11) == [5, 5, 7, 9]
+    assert ctc_greedy(ids, 0) == []
+
+
+def test_rich_text_tags_to_fields():
+    rich = parse_rich_text("<|en|><|HAPPY|><|Laughter|><|woitn|>hello  world")
+    assert (rich.text, rich.language, rich.emotion, rich.event) == ("hello world", "en", "happy", "laughter")
+    rich = parse_rich_text("<|zh|><|EMO_UNKNOWN|><|Event_UNK|><|withitn|>你好。")
+    assert (rich.text, rich.language, rich.emotion, rich.event) == ("你好。", "zh", None, None)
+    assert parse_rich_text("plain").language is None
+
+
+def test_split_long_segments_caps_length():
+    pieces = split_long_segments([(0, 1000), (2000, 62000), (70000, 100000)], 30000)
+    assert pieces[0] == (0, 1000)
+    assert pieces[1:3] == [(2000, 32000), (32000, 62000)]
+    assert pieces[3] == (70000, 100000)
+    pieces = split_long_segments([(0, 59990)], 30000)
+    assert all(e - s <= 30000 for s, e in pieces) and pieces[0][0] == 0 and pieces[-1][1] == 59990
+    assert all(s % 10 == 0 and e % 10 == 0 for s, e in pieces)

@@ -1,0 +1,1 @@
+"""tritonasr: speech recognition served by NVIDIA Triton."""

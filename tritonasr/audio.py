@@ -1,0 +1,85 @@
+"""Audio input: any file soundfile reads, brought to what the models take (16 kHz mono float32)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+
+
+class AudioError(ValueError):
+    """Audio that cannot be transcribed: unreadable, empty or not finite."""
+
+
+@dataclass(frozen=True)
+class Audio:
+    samples: np.ndarray  # float32, mono, SAMPLE_RATE, in [-1, 1]
+    sample_rate: int
+    source_rate: int
+    source_channels: int
+
+    @property
+    def duration_ms(self) -> int:
+        return len(self.samples) * 1000 // self.sample_rate
+
+
+def validate_samples(samples: np.ndarray) -> np.ndarray:
+    """Checks that samples are usable audio and returns them as a float32 array.
+
+    Shared by the client and the server so both reject the same inputs with the same words.
+    """
+    samples = np.asarray(samples)
+    if not np.issubdtype(samples.dtype, np.floating):
+        # Integer PCM passed as-is would be 32768 times too loud.
+        raise AudioError(
+            f"audio samples must be floating point in [-1, 1], got {samples.dtype}"
+        )
+    if samples.ndim != 1:
+        raise AudioError(f"audio must be 1-D (mono samples), got shape {samples.shape}")
+    if samples.size == 0:
+        raise AudioError("audio is empty (0 samples)")
+    bad = np.count_nonzero(~np.isfinite(samples))
+    if bad:
+        raise AudioError(f"audio contains {bad} NaN or infinite samples")
+    return samples.astype(np.float32, copy=False)
+
+
+def resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Resamples mono float audio from `rate` to SAMPLE_RATE; a no-op at SAMPLE_RATE."""
+    if rate == SAMPLE_RATE:
+        return samples
+    return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+
+
+def load_audio(path: str | os.PathLike) -> Audio:
+    """Reads wav/flac/ogg/mp3 (whatever libsndfile reads), downmixes and resamples to 16 kHz.
+
+    Every AudioError message starts with the path, so callers can print it as it is.
+    """
+    try:
+        # Opened here so that missing or unreadable paths get the OS's own reason.
+        f = open(path, "rb")
+    except OSError as e:
+        raise AudioError(f"{path}: {e.strerror}") from None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise AudioError(f"{path} is an empty file (0 bytes)")
+        try:
+            data, rate = sf.read(f, dtype="float32", always_2d=True)
+        except sf.LibsndfileError as e:
+            reason = e.error_string.rstrip(".")
+            raise AudioError(f"{path} is not a readable audio file ({reason})") from None
+    channels = data.shape[1]
+    mono = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
+    try:
+        mono = validate_samples(mono)
+    except AudioError as e:
+        raise AudioError(f"{path}: {e}") from None
+    # Float files, and the resampling filter on loud input, can go past full scale.
+    samples = np.clip(resample(mono, rate), -1.0, 1.0)
+    return Audio(samples, SAMPLE_RATE, rate, channels)

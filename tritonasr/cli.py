@@ -1,0 +1,174 @@
+"""The `tritonasr` command: serve | export | transcribe | bench | demo."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from tritonasr.paths import default_model_repository, sample_audio
+
+
+def _add_repository(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", type=Path, default=None,
+                        help="Triton model repository (default: the checkout's model_repository/)")
+
+
+def _repository(args) -> Path:
+    return (args.model_repository or default_model_repository()).resolve()
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    _add_repository(parser)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--model-config-name", default=None,
+                        help="use <model>/configs/NAME.pbtxt where present (e.g. gpu)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+
+
+def _server_config(args):
+    from tritonasr.server import ServerConfig
+
+    return ServerConfig(_repository(args), args.grpc_port, args.http_port, args.metrics_port,
+                        args.log_verbose, args.model_config_name)
+
+
+def cmd_serve(args) -> int:
+    from tritonasr.server import ServerError, TritonServer
+
+    server = TritonServer(_server_config(args), echo_log=not args.quiet)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tritonasr: ready; gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url} "
+          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
+    while not stop.wait(0.5):
+        if server.process.poll() is not None:
+            print(f"error: tritonserver exited ({server.process.returncode})\n{server.log_tail(20)}", file=sys.stderr)
+            return 1
+    print("tritonasr: stopping…", file=sys.stderr, flush=True)
+    code = server.stop()
+    print(f"tritonasr: stopped ({code})", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    repository = _repository(args)
+    if args.model == "vad":
+        from tritonasr.export.vad import export_vad
+
+        export_vad(args.model_dir, repository, args.check_audio)
+    else:
+        from tritonasr.export.sensevoice import export_sensevoice
+
+        source = str(args.model_dir) if args.model_dir else args.hub_id
+        if source is None and args.random_init is None:
+            print("error: give --model-dir DIR, --model HUB_ID or --random-init {full,tiny}", file=sys.stderr)
+            return 2
+        export_sensevoice(source, args.random_init, repository, args.check_audio, seed=args.seed)
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    from tritonasr.client.transcribe import run_transcribe
+
+    return run_transcribe(args.files, args.url, args.format, language=args.language,
+                          concurrency=args.concurrency)
+
+
+def cmd_bench(args) -> int:
+    from tritonasr.loadtest.bench_offline import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_demo(args) -> int:
+    """The main job: make sure the models are exported, start the embedded server, transcribe."""
+    from tritonasr.client.transcribe import run_transcribe
+    from tritonasr.server import ServerError, TritonServer
+
+    repository = _repository(args)
+    if not (repository / "vad" / "1" / "model.onnx").exists():
+        from tritonasr.export.vad import export_vad
+
+        export_vad(None, repository, None)
+    if args.model_dir or args.hub_id or not (repository / "sensevoice" / "1" / "model.onnx").exists():
+        from tritonasr.export.sensevoice import export_sensevoice
+
+        source = str(args.model_dir) if args.model_dir else args.hub_id
+        export_sensevoice(source, None if source else "full", repository, None)
+    files = args.files or [str(sample_audio())]
+    print("tritonasr: starting the embedded Triton server…", file=sys.stderr, flush=True)
+    try:
+        with TritonServer(_server_config(args)) as server:
+            print(f"tritonasr: server ready on {server.grpc_url}", file=sys.stderr, flush=True)
+            return run_transcribe(files, server.grpc_url, args.format)
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritonasr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the embedded Triton server on the model repository")
+    _add_server_args(serve)
+    serve.add_argument("--quiet", action="store_true", help="do not echo the server log")
+    serve.set_defaults(func=cmd_serve)
+
+    export = sub.add_parser("export", help="export a model to ONNX into the model repository")
+    export.add_argument("model", choices=["vad", "sensevoice"])
+    export.add_argument("--model-dir", type=Path, help="FunASR model directory (model.pt, config.yaml, am.mvn…)")
+    export.add_argument("--model", dest="hub_id", help="SenseVoice ModelScope/Hugging Face id (needs the hub)")
+    export.add_argument("--random-init", choices=["full", "tiny"],
+                        help="SenseVoice with random weights (real compute, meaningless text)")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--check-audio", type=Path, help="speech for the parity check (default: the sample)")
+    _add_repository(export)
+    export.set_defaults(func=cmd_export)
+
+    transcribe = sub.add_parser("transcribe", help="transcribe audio files through asr_offline")
+    transcribe.add_argument("files", nargs="+")
+    transcribe.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
+    transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text")
+    transcribe.add_argument("--language", default="auto", help="auto|zh|en|yue|ja|ko")
+    transcribe.add_argument("--concurrency", type=int, default=4)
+    transcribe.set_defaults(func=cmd_transcribe)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    offline = bench_sub.add_parser("offline", help="served throughput vs raw ONNX Runtime, same run")
+    from tritonasr.loadtest.bench_offline import add_arguments
+
+    add_arguments(offline)
+    offline.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="export what is missing, start the server, transcribe the sample")
+    demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")
+    demo.add_argument("--model-dir", type=Path, help="SenseVoice FunASR model directory")
+    demo.add_argument("--model", dest="hub_id", help="SenseVoice hub id")
+    demo.add_argument("--format", choices=["text", "json", "srt"], default="text")
+    _add_server_args(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Kaldi fbank and low-frame-rate (LFR) stacking, as FunASR's WavFrontend computes them.
+
+CMVN is not here: the exported graphs apply it themselves, so the server ships no am.mvn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kaldi_native_fbank as knf
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frontend:
+    fs: int = 16000
+    window: str = "hamming"
+    n_mels: int = 80
+    frame_length: int = 25
+    frame_shift: int = 10
+    lfr_m: int = 1
+    lfr_n: int = 1
+    dither: float = 0.0
+
+    @classmethod
+    def from_config(cls, conf: dict) -> "Frontend":
+        """Build from a FunASR `frontend_conf` mapping, ignoring keys we do not use (cmvn_file…)."""
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in conf.items() if k in known})
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.fs * self.frame_shift // 1000
+
+    @property
+    def samples_per_window(self) -> int:
+        return self.fs * self.frame_length // 1000
+
+    @property
+    def dim(self) -> int:
+        return self.n_mels * self.lfr_m
+
+    def fbank_options_equal(self, other: "Frontend") -> bool:
+        fields = ("fs", "window", "n_mels", "frame_length", "frame_shift", "dither")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
+    def _options(self) -> knf.FbankOptions:
+        opts = knf.FbankOptions()
+        opts.frame_opts.samp_freq = self.fs
+        opts.frame_opts.dither = self.dither
+        opts.frame_opts.window_type = self.window
+        opts.frame_opts.frame_shift_ms = float(self.frame_shift)
+        opts.frame_opts.frame_length_ms = float(self.frame_length)
+        opts.frame_opts.snip_edges = True
+        opts.mel_opts.num_bins = self.n_mels
+        opts.energy_floor = 0.0
+        return opts
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames kaldi produces for `num_samples` with snip_edges (only whole windows)."""
+        if num_samples < self.samples_per_window:
+            return 0
+        return 1 + (num_samples - self.samples_per_window) // self.samples_per_frame
+
+    def fbank(self, waveform: np.ndarray) -> np.ndarray:
+        """[T, n_mels] float32 log-mel fbank of a float waveform in [-1, 1]."""
+        fbank = knf.OnlineFbank(self._options())
+        # FunASR scales to the int16 range before kaldi fbank.
+        fbank.accept_waveform(self.fs, (np.asarray(waveform, dtype=np.float32) * 32768.0))
+        fbank.input_finished()
+        count = fbank.num_frames_ready
+        out = np.empty((count, self.n_mels), dtype=np.float32)
+        for i in range(count):
+            out[i] = fbank.get_frame(i)
+        return out
+
+    def lfr(self, fbank: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """LFR frames [start, stop): `lfr_m` fbank frames stacked every `lfr_n` frames.
+
+        FunASR pads both edges by repeating the first and last frame; clipping the frame
+        index into [0, T-1] is the same thing, and lets a caller take any range of rows
+        without building the whole (large) matrix."""
+        m, n = self.lfr_m, self.lfr_n
+        frames = fbank.shape[0]
+        total = self.num_lfr_frames(frames)
+        stop = total if stop is None else min(stop, total)
+        if frames == 0 or stop <= start:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        index = np.arange(start, stop)[:, None] * n + np.arange(m)[None, :] - (m - 1) // 2
+        np.clip(index, 0, frames - 1, out=index)
+        return fbank[index].reshape(stop - start, m * fbank.shape[1]).astype(np.float32, copy=False)
+
+    def num_lfr_frames(self, fbank_frames: int) -> int:
+        return -(-fbank_frames // self.lfr_n)
+
+    def features(self, waveform: np.ndarray) -> np.ndarray:
+        """LFR features (before CMVN) of a waveform: what the exported graphs take."""
+        return self.lfr(self.fbank(waveform))

@@ -1,0 +1,78 @@
+"""Validate a model repository without loading it: every config (config.pbtxt and the
+configs/*.pbtxt variants a server can select) parses as Triton's ModelConfig, and the tensors
+of models that have an ONNX graph match the graph's inputs and outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
+    onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.INT64: mc.TYPE_INT64,
+    onnx.TensorProto.BOOL: mc.TYPE_BOOL,
+}
+
+
+def parse_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+
+
+def _graph_tensors(graph_file: Path) -> dict[str, tuple[int, list[int | None]]]:
+    model = onnx.load(str(graph_file), load_external_data=False)
+    tensors = {}
+    for value in list(model.graph.input) + list(model.graph.output):
+        t = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        tensors[value.name] = (t.elem_type, dims)
+    return tensors
+
+
+def _check_tensor(kind: str, tensor, graph: dict, batched: bool) -> list[str]:
+    if tensor.name not in graph:
+        return [f"{kind} {tensor.name!r} is not in the ONNX graph (it has {sorted(graph)})"]
+    elem, graph_dims = graph[tensor.name]
+    problems = []
+    if _ONNX_TO_TRITON.get(elem) != tensor.data_type:
+        problems.append(f"{kind} {tensor.name!r}: config type {mc.DataType.Name(tensor.data_type)}, "
+                        f"graph type {onnx.TensorProto.DataType.Name(elem)}")
+    dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+    if batched:
+        graph_dims = graph_dims[1:]
+    if len(dims) != len(graph_dims) or any(
+            g is not None and d != -1 and d != g for d, g in zip(dims, graph_dims)):
+        problems.append(f"{kind} {tensor.name!r}: config dims {dims} do not fit graph dims {graph_dims}")
+    return problems
+
+
+def check_model(model_dir: Path, config_file: Path) -> list[str]:
+    where = f"{config_file}"
+    try:
+        config = parse_config(config_file)
+    except text_format.ParseError as exc:
+        return [f"{where}: not a valid ModelConfig: {exc}"]
+    problems = []
+    if config.name and config.name != model_dir.name:
+        problems.append(f"{where}: name {config.name!r} differs from its directory {model_dir.name!r}")
+    graph_file = model_dir / "1" / "model.onnx"
+    if graph_file.exists() and (config.platform == "onnxruntime_onnx" or config.backend in ("python", "onnxruntime")):
+        graph = _graph_tensors(graph_file)
+        batched = config.max_batch_size > 0
+        for tensor in config.input:
+            problems += [f"{where}: {p}" for p in _check_tensor("input", tensor, graph, batched)]
+        for tensor in config.output:
+            problems += [f"{where}: {p}" for p in _check_tensor("output", tensor, graph, batched)]
+    elif config.platform == "onnxruntime_onnx":
+        problems.append(f"{where}: platform onnxruntime_onnx but {graph_file} does not exist")
+    return problems
+
+
+def check_repository(repository: Path) -> list[str]:
+    """Problems found (empty when the repository is sound)."""
+    problems = []
+    for model_dir in sorted(p for p in Path(repository).iterdir() if (p / "config.pbtxt").exists()):
+        for config_file in [model_dir / "config.pbtxt", *sorted((model_dir / "configs").glob("*.pbtxt"))]:
+            problems += check_model(model_dir, config_file)
+    return problems

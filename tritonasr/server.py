@@ -1,0 +1,243 @@
+"""The embedded Triton server: the real `tritonserver` binary shipped in the nvidia-pytriton wheel.
+
+The wheel carries the server, libtritonserver, the Python backend and one backend stub per
+Python version. Running it directly needs three things pytriton normally does for you:
+a backend directory with the stub for *this* Python beside libtriton_python.so, the wheel's
+bundled libraries on LD_LIBRARY_PATH, and this interpreter's bin/ first on PATH (the stub
+resolves `python3` there, which is how model.py files see our virtualenv).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tritonasr.paths import cache_dir
+
+LOG_TAIL_LINES = 400
+
+
+class ServerError(RuntimeError):
+    """The server could not start or died; the message says why."""
+
+
+def _pytriton_dist() -> Path:
+    try:
+        import pytriton  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ServerError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0") from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _libs_dir() -> Path:
+    import pytriton  # noqa: PLC0415
+
+    return Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+
+
+def prepare_backend_directory() -> Path:
+    """A backend directory holding the Python backend and the stub for the running Python."""
+    dist = _pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    target = cache_dir() / "backends" / f"py{version}"
+    python_dir = target / "python"
+    marker = python_dir / ".source"
+    if not (marker.exists() and marker.read_text() == str(dist)):
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(dist / "backends" / "python", tmp / "python")
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        (tmp / "python" / ".source").write_text(str(dist))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    # Selects model_repository/<model>/configs/<name>.pbtxt where present (e.g. "gpu").
+    model_config_name: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self, backend_directory: Path) -> list[str]:
+        args = [
+            str(_pytriton_dist() / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_directory}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--model-control-mode=none",
+            # Large offline requests travel through the Python backend's shared memory:
+            # grow it in big steps instead of 1 MB at a time.
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=67108864",
+        ]
+        if self.model_config_name:
+            args.append(f"--model-config-name={self.model_config_name}")
+        return args + list(self.extra_args)
+
+
+_FAILED_MODEL = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
+_FAILED_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|?$")
+
+
+class TritonServer:
+    """Start, watch and stop one tritonserver process.
+
+    >>> with TritonServer(ServerConfig(Path("model_repository"))) as server:
+    ...     print(server.grpc_url)
+    """
+
+    def __init__(self, config: ServerConfig, echo_log: bool = False):
+        self.config = config
+        self.echo_log = echo_log
+        self.process: subprocess.Popen | None = None
+        self._log: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._reader: threading.Thread | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.config.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://localhost:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.config.metrics_port}/metrics"
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(list(self._log)[-lines:])
+
+    def start(self, timeout_s: float = 600.0) -> "TritonServer":
+        repo = Path(self.config.model_repository)
+        if not repo.is_dir():
+            raise ServerError(f"model repository {repo} does not exist; run `tritonasr export` first")
+        for name, port in (
+            ("gRPC", self.config.grpc_port),
+            ("HTTP", self.config.http_port),
+            ("metrics", self.config.metrics_port),
+        ):
+            if not port_is_free(port):
+                raise ServerError(f"{name} port {port} is already in use; pick another with --{name.lower()}-port")
+        backend_dir = prepare_backend_directory()
+        env = os.environ.copy()
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        self.process = subprocess.Popen(
+            self.config.command(backend_dir),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # Ctrl-C in a terminal reaches us; we stop the server in order
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        self._wait_ready(timeout_s)
+        return self
+
+    def _read_log(self) -> None:
+        assert self.process and self.process.stdout
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self._log.append(line)
+            if self.echo_log:
+                print(line, file=sys.stderr, flush=True)
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                if self._reader:
+                    self._reader.join(timeout=5)
+                raise ServerError(self._explain_exit())
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+
+    def _explain_exit(self) -> str:
+        log = list(self._log)
+        failures = {}
+        for line in log:
+            match = _FAILED_MODEL.search(line) or _FAILED_TABLE_ROW.search(line)
+            if match:
+                failures.setdefault(match.group(1), match.group(2).strip())
+        code = self.process.returncode if self.process else None
+        if failures:
+            detail = "\n".join(f"  {name}: {why}" for name, why in failures.items())
+            return f"tritonserver exited ({code}): models failed to load:\n{detail}"
+        if any("address already in use" in line.lower() for line in log):
+            return f"tritonserver exited ({code}): a port is already in use\n{self.log_tail(15)}"
+        return f"tritonserver exited ({code}) before it was ready:\n{self.log_tail()}"
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM, then SIGKILL if the server has not drained in `timeout_s`."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self._reader:
+            self._reader.join(timeout=5)
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
