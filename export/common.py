@@ -1,4 +1,4 @@
-"""Shared pieces of the export steps: progress lines, FunASR loading, features, ONNX files, parity."""
+"""Shared pieces of the export steps: progress, FunASR loading, features, ONNX files, parity."""
 
 from __future__ import annotations
 
@@ -14,100 +14,43 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-import tritonasr
+from tritonasr.audio import load_audio
+from tritonasr.features import Frontend
+from tritonasr.paths import sample_audio
 
 Progress = Callable[[str], None]
 
-SAMPLE_RATE = 16000
 OPSET = 17
 # Keys of a FunASR frontend_conf that describe the features themselves (not file paths).
 FEATURE_KEYS = ("fs", "window", "n_mels", "frame_length", "frame_shift", "lfr_m", "lfr_n")
+# Features after CMVN are O(1); beyond this a frontend difference can move the model's output.
+FRONTEND_WARN = 1e-3
 
 
 def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def checkout_root() -> Path:
-    """The repository checkout: the parent of the `tritonasr` package directory."""
-    return Path(tritonasr.__file__).resolve().parent.parent
-
-
 def default_check_audio() -> Path:
-    return checkout_root() / "samples" / "sample.wav"
+    return sample_audio()
 
 
 # ---------------------------------------------------------------------------------------------
 # Audio and features
 
 
-def load_audio(path: Path) -> np.ndarray:
-    """Mono float32 waveform in [-1, 1] at 16 kHz."""
-    import soundfile as sf
-    import soxr
-
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE)
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def synthetic_speech(seconds: float = 6.0, seed: int = 0) -> np.ndarray:
-    """Voiced bursts (a gliding pulse train through three formant resonators) with pauses.
-
-    Only used when no recorded speech is at hand: parity needs realistic feature statistics
-    (harmonics, formants, silences), not words.
-    """
-    from scipy.signal import lfilter
-
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = np.cumsum(f0 / SAMPLE_RATE)
-    pulses = (np.diff(np.floor(phase), prepend=0) > 0).astype(np.float64)
-    voiced = pulses + 0.02 * rng.standard_normal(n)
-    for formant, bandwidth in ((700, 130), (1220, 70), (2600, 160)):
-        r = np.exp(-np.pi * bandwidth / SAMPLE_RATE)
-        theta = 2 * np.pi * formant / SAMPLE_RATE
-        voiced = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], voiced)
-    # 0.9 s of voice, 0.6 s of silence, repeated.
-    envelope = ((t % 1.5) < 0.9).astype(np.float64)
-    wave = voiced * envelope + 1e-4 * rng.standard_normal(n)
-    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
-
-
 def check_waveform(check_audio: Path | None, progress: Progress) -> tuple[np.ndarray, str]:
     """The speech the parity checks run on, and a description of where it came from."""
     path = Path(check_audio) if check_audio is not None else default_check_audio()
-    if path.is_file():
-        return load_audio(path), str(path)
-    if check_audio is not None:
+    if not path.is_file():
         raise FileNotFoundError(f"check audio not found: {path}")
-    progress(f"  {path} not found: checking parity on synthesized speech-like audio")
-    return synthetic_speech(), "synthetic"
+    return load_audio(path).samples, str(path)
 
 
 def lfr_features(waveform: np.ndarray, frontend_conf: Mapping) -> np.ndarray:
-    """LFR-stacked fbank features [T, n_mels * lfr_m], float32, before CMVN.
-
-    Computed with the serving frontend (`tritonasr.features`) when it is there, so parity is
-    measured on the features the server will feed; else with funasr-onnx's frontend.
-    """
-    conf = {k: frontend_conf[k] for k in FEATURE_KEYS if k in frontend_conf}
-    try:
-        from tritonasr.features import Frontend
-    except ImportError:
-        from funasr_onnx.utils.frontend import WavFrontend
-
-        # dither is 1.0 by default there: parity needs deterministic features.
-        frontend = WavFrontend(cmvn_file=None, dither=0.0, **conf)
-        fbank, _ = frontend.fbank(waveform)
-        feats, _ = frontend.lfr_cmvn(fbank)
-        return np.ascontiguousarray(feats, dtype=np.float32)
-    frontend = Frontend(**conf)
-    return np.ascontiguousarray(frontend.lfr(frontend.fbank(waveform)), dtype=np.float32)
+    """LFR-stacked fbank features [T, n_mels * lfr_m], float32, before CMVN: the serving
+    frontend's, so parity is measured on the features the server will feed."""
+    return Frontend.from_config(frontend_conf).features(waveform)
 
 
 @dataclass(frozen=True)
@@ -145,6 +88,31 @@ class CmvnLayer(torch.nn.Module):
         return (x + self.shift) * self.scale
 
 
+def frontend_parity(waveform: np.ndarray, frontend_conf: Mapping, cmvn_file: Path) -> float:
+    """Max abs diff of FunASR's own frontend (fbank, LFR, CMVN) and `lfr_features` + CMVN.
+
+    Not the graph's parity: it tells whether the features the server computes are the ones
+    the model was trained on.
+    """
+    from funasr.frontends.wav_frontend import WavFrontend
+
+    conf = {k: frontend_conf[k] for k in FEATURE_KEYS if k in frontend_conf}
+    frontend = WavFrontend(cmvn_file=str(cmvn_file), dither=0.0, **conf)
+    with torch.no_grad():
+        theirs, _ = frontend(torch.from_numpy(waveform)[None], torch.tensor([len(waveform)]))
+    cmvn = Cmvn.load(cmvn_file)
+    ours = (lfr_features(waveform, frontend_conf) + cmvn.shift) * cmvn.scale
+    if theirs.shape[1] != ours.shape[0]:
+        raise RuntimeError(f"the features have {ours.shape[0]} frames where FunASR's frontend "
+                           f"has {theirs.shape[1]}: the serving frontend does not match")
+    return max_abs_diff(theirs[0], ours)
+
+
+def report_frontend(diff: float, progress: Progress) -> None:
+    warning = "  <-- WARNING: the serving features are not FunASR's" if diff > FRONTEND_WARN else ""
+    progress(f"  features vs FunASR's frontend: max abs diff {diff:.2e}{warning}")
+
+
 # ---------------------------------------------------------------------------------------------
 # FunASR models
 
@@ -172,6 +140,9 @@ def load_funasr_model(model_dir: Path) -> tuple[torch.nn.Module, dict]:
         ignore_init_mismatch=False,  # shape mismatches raise instead of keeping random weights
     )
     _check_all_weights_loaded(model, Path(kwargs["init_param"]))
+    cmvn_file = kwargs.get("frontend_conf", {}).get("cmvn_file")
+    if not cmvn_file or not Path(cmvn_file).is_file():
+        raise FileNotFoundError(f"no CMVN file (am.mvn) in the model directory {model_dir}")
     model.eval()
     return model, kwargs
 

@@ -25,6 +25,10 @@ import numpy as np
 import torch
 import yaml
 
+from tritonasr.audio import load_audio
+from tritonasr.paths import cache_dir, sample_audio
+from tritonasr.transcript import ctc_greedy
+
 from tritonasr.export.common import (
     OPSET,
     Cmvn,
@@ -32,14 +36,14 @@ from tritonasr.export.common import (
     Progress,
     Staging,
     check_waveform,
-    checkout_root,
     export_onnx,
+    frontend_parity,
     lfr_features,
     load_funasr_model,
     max_abs_diff,
     ort_session,
+    report_frontend,
     stderr_progress,
-    synthetic_speech,
     tensor_specs,
     write_json,
 )
@@ -47,9 +51,9 @@ from tritonasr.export.common import (
 QUERY_FRAMES = 4  # language, event, emotion, textnorm
 EVENT_EMO_IDS = (1, 2)  # fixed event / emotion query ids, as in SenseVoiceSmall.inference
 BLANK_ID = 0
-# Logits are compared in absolute terms. Measured (CPU, fp32): ~1e-5 for the full-size random
-# model and ~1e-6 for the tiny one; 1e-3 leaves room for other CPUs' kernels while still
-# catching any real graph difference, which shows up as O(0.1) or more.
+# Logits are compared in absolute terms. Measured (x86 CPU, fp32, ONNX Runtime 1.31): up to 8e-6
+# for the full-size random model, 5e-6 for the tiny one. 1e-3 leaves room for other CPUs' kernels
+# and for trained weights' larger logits, and still catches a wrong graph (differences of O(0.1)).
 LOGITS_TOLERANCE = 1e-3
 
 # --- random-weight model directories ---------------------------------------------------------
@@ -126,7 +130,6 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
     dict of FunASR's SenseVoiceSmall), am.mvn and a SentencePiece BPE tokenizer whose id 0 is
     <unk>, the CTC blank, and which holds the SenseVoice rich tags.
     """
-    from tritonasr.weights import cache_dir
 
     if size not in ENCODER_CONF:
         raise ValueError(f"random_init must be one of {sorted(ENCODER_CONF)}, not {size!r}")
@@ -159,6 +162,7 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
                                 "frontend_conf": {"cmvn_file": "am.mvn"}},
         })
         torch.save(_random_state_dict(config, vocab_size, seed), build / "model.pt")
+        build.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             os.replace(build, target)  # a directory appears complete or not at all
         except OSError:  # someone else finished first (target exists, not empty)
@@ -239,11 +243,8 @@ def _user_defined_pieces(pieces: list[str]) -> bytes:
 
 
 def _write_am_mvn(path: Path) -> None:
-    """Global CMVN of LFR features, from the checkout's speech samples (else synthetic audio)."""
-    from tritonasr.export.common import load_audio
-
-    waves = [load_audio(p) for p in sorted((checkout_root() / "samples").glob("*.wav"))]
-    feats = np.concatenate([lfr_features(w, FRONTEND_CONF) for w in waves or [synthetic_speech()]])
+    """Global CMVN of LFR features of the bundled speech sample."""
+    feats = lfr_features(load_audio(sample_audio()).samples, FRONTEND_CONF)
     mean = feats.mean(axis=0)
     std = np.maximum(feats.std(axis=0), 1e-2)
     dim = feats.shape[1]
@@ -325,7 +326,8 @@ def export_sensevoice(
              f"vocabulary {model.vocab_size}, loaded in {time.perf_counter() - started:.1f} s")
     tokenizer = kwargs["tokenizer"]
     frontend_conf = {k: v for k, v in kwargs["frontend_conf"].items() if k != "cmvn_file"}
-    cmvn = Cmvn.load(Path(kwargs["frontend_conf"]["cmvn_file"]))
+    cmvn_file = Path(kwargs["frontend_conf"]["cmvn_file"])
+    cmvn = Cmvn.load(cmvn_file)
 
     # FunASR's export rebuild replaces forward() on the instance it is given: use a copy.
     graph = SenseVoiceGraph(copy.deepcopy(model).export(device="cpu"), cmvn)
@@ -363,14 +365,16 @@ def export_sensevoice(
         session = ort_session(staging.path("model.onnx"))
         parity = _parity(model, session, tokenizer, waveform, frontend_conf, cmvn)
         parity["audio"] = audio_source
+        parity["frontend_max_abs_diff"] = frontend_parity(waveform, frontend_conf, cmvn_file)
         progress(
             f"  {parity['segments']} segments: ctc_logits max abs diff "
             f"{parity['logits_max_abs_diff']:.2e} (tolerance {LOGITS_TOLERANCE:g}); greedy "
             f"tokens identical: {parity['tokens_identical']}; FunASR inference() text "
             f"identical: {parity['funasr_text_identical']}; batch-of-{parity['segments']} == "
             f"batch-of-1 tokens: {parity['batch_tokens_identical']} (logits max abs diff "
-            f"{parity['batch_logits_max_abs_diff']:.2e}); ONNX {parity['onnx_rtf']:.3f} RTF"
+            f"{parity['batch_logits_max_abs_diff']:.2e})"
         )
+        report_frontend(parity["frontend_max_abs_diff"], progress)
         failures = [name for name in ("tokens_identical", "funasr_text_identical",
                                       "batch_tokens_identical") if not parity[name]]
         if parity["logits_max_abs_diff"] > LOGITS_TOLERANCE:
@@ -414,15 +418,6 @@ def export_sensevoice(
 # --- parity ----------------------------------------------------------------------------------
 
 
-def ctc_greedy(token_ids: np.ndarray, length: int, blank: int = BLANK_ID) -> list[int]:
-    """Greedy CTC over one sequence's own frames: collapse repeats, drop blanks."""
-    ids = np.asarray(token_ids[:length])
-    if ids.size == 0:
-        return []
-    keep = np.concatenate([[True], ids[1:] != ids[:-1]]) & (ids != blank)
-    return ids[keep].tolist()
-
-
 def _segments(waveform: np.ndarray) -> list[np.ndarray]:
     """The whole recording and three cuts of different lengths from it."""
     n = len(waveform)
@@ -434,11 +429,14 @@ def _torch_reference(model, feats: torch.Tensor, language: str, textnorm: str):
     """The forward of SenseVoiceSmall.inference, step by step, keeping the logits."""
     batch = feats.size(0)
     lengths = torch.tensor([feats.size(1)] * batch)
-    language_query = model.embed(torch.LongTensor([[model.lid_dict[language]]])).repeat(batch, 1, 1)
-    textnorm_query = model.embed(
-        torch.LongTensor([[model.textnorm_dict[textnorm]]])).repeat(batch, 1, 1)
+
+    def query(*ids: int) -> torch.Tensor:
+        return model.embed(torch.LongTensor([ids])).repeat(batch, 1, 1)
+
+    language_query = query(model.lid_dict[language])
+    textnorm_query = query(model.textnorm_dict[textnorm])
     speech = torch.cat((textnorm_query, feats), dim=1)
-    event_emo_query = model.embed(torch.LongTensor([EVENT_EMO_IDS])).repeat(batch, 1, 1)
+    event_emo_query = query(*EVENT_EMO_IDS)
     speech = torch.cat((torch.cat((language_query, event_emo_query), dim=1), speech), dim=1)
     encoder_out, encoder_out_lens = model.encoder(speech, lengths + QUERY_FRAMES)
     if isinstance(encoder_out, tuple):
@@ -451,18 +449,18 @@ def _parity(model, session, tokenizer, waveform, frontend_conf, cmvn: Cmvn) -> d
     textnorms = ["woitn", "withitn"]
     items = []
     for i, segment in enumerate(_segments(waveform)):
+        language, textnorm = languages[i % len(languages)], textnorms[i % len(textnorms)]
         items.append({
             "feats": lfr_features(segment, frontend_conf),
-            "language": languages[i % len(languages)],
-            "textnorm": textnorms[i % len(textnorms)],
-            "language_id": model.lid_dict[languages[i % len(languages)]],
-            "textnorm_id": model.textnorm_dict[textnorms[i % len(textnorms)]],
+            "language": language,
+            "textnorm": textnorm,
+            "language_id": model.lid_dict[language],
+            "textnorm_id": model.textnorm_dict[textnorm],
             "seconds": len(segment) / frontend_conf["fs"],
         })
 
     logits_diff = 0.0
     tokens_identical = text_identical = True
-    onnx_seconds = 0.0
     for item in items:
         feats = item["feats"]
         with torch.no_grad():
@@ -474,9 +472,7 @@ def _parity(model, session, tokenizer, waveform, frontend_conf, cmvn: Cmvn) -> d
                 normed, data_lengths=torch.tensor([feats.shape[0]]), data_type="fbank",
                 key=["parity"], tokenizer=tokenizer, device="cpu", language=item["language"],
                 text_norm=item["textnorm"])
-        started = time.perf_counter()
         logits, token_ids, lens = session.run(None, _sensevoice_feed([item]))
-        onnx_seconds += time.perf_counter() - started
         length = int(lens[0])
         if length != int(ref_lens[0]) or length != feats.shape[0] + QUERY_FRAMES:
             raise RuntimeError(f"encoder_out_lens {length} vs PyTorch {int(ref_lens[0])}")
@@ -505,7 +501,6 @@ def _parity(model, session, tokenizer, waveform, frontend_conf, cmvn: Cmvn) -> d
         "batch_tokens_identical": bool(batch_tokens_identical),
         "batch_logits_max_abs_diff": batch_diff,
         "tokens_per_segment": [len(item["tokens"]) for item in items],
-        "onnx_rtf": onnx_seconds / sum(item["seconds"] for item in items),
         "logits_tolerance": LOGITS_TOLERANCE,
     }
 
@@ -523,3 +518,25 @@ def _sensevoice_feed(items: list[dict]) -> dict[str, np.ndarray]:
         "language": np.array([item["language_id"] for item in items], np.int32),
         "textnorm": np.array([item["textnorm_id"] for item in items], np.int32),
     }
+
+
+class TorchSenseVoice:
+    """FunASR's PyTorch SenseVoiceSmall behind FunASR's own frontend (dither off): the in-process
+    reference the served pipeline is compared with."""
+
+    def __init__(self, model_dir: Path):
+        self.model, kwargs = load_funasr_model(Path(model_dir))
+        self.frontend = kwargs["frontend"]
+        self.frontend.dither = 0.0  # FunASR's default of 1.0 would make the reference random
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "TorchSenseVoice":
+        return cls(Path(model_dir))
+
+    @torch.no_grad()
+    def greedy_ids(self, audio: np.ndarray, language: str = "auto", use_itn: bool = False) -> tuple[np.ndarray, int]:
+        """Per-frame argmax token ids of one segment and how many frames are valid."""
+        wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+        feats, _ = self.frontend(wave, torch.tensor([wave.shape[1]]))
+        logits, lengths = _torch_reference(self.model, feats, language, "withitn" if use_itn else "woitn")
+        return logits[0].argmax(-1).numpy(), int(lengths[0])

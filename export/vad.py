@@ -22,11 +22,13 @@ from tritonasr.export.common import (
     Staging,
     check_waveform,
     export_onnx,
+    frontend_parity,
     lfr_features,
     load_funasr_model,
     max_abs_diff,
     ort_session,
     pin_output_dims,
+    report_frontend,
     stderr_progress,
     tensor_specs,
     write_json,
@@ -70,7 +72,8 @@ def export_vad(
     model, kwargs = load_funasr_model(model_dir)
     frontend_conf = {k: v for k, v in kwargs["frontend_conf"].items() if k != "cmvn_file"}
     encoder_conf = dict(kwargs["encoder_conf"])
-    cmvn = Cmvn.load(Path(kwargs["frontend_conf"]["cmvn_file"]))
+    cmvn_file = Path(kwargs["frontend_conf"]["cmvn_file"])
+    cmvn = Cmvn.load(cmvn_file)
     n_caches = encoder_conf["fsmn_layers"]
     cache_frames = (encoder_conf["lorder"] - 1) * encoder_conf.get("lstride", 1)
     cache_shape = (encoder_conf["proj_dim"], cache_frames, 1)
@@ -102,12 +105,14 @@ def export_vad(
         session = ort_session(staging.path("model.onnx"))
         parity = _parity(model, session, feats, cmvn, n_caches, cache_shape)
         parity["audio"] = audio_source
+        parity["frontend_max_abs_diff"] = frontend_parity(waveform, frontend_conf, cmvn_file)
         progress(
             f"  scores max abs diff {parity['scores_max_abs_diff']:.2e}, "
             f"caches {parity['caches_max_abs_diff']:.2e} over {parity['chunks']} chunks "
             f"({parity['frames']} frames); batch-of-2 vs batch-of-1 "
             f"{parity['batch_max_abs_diff']:.2e}"
         )
+        report_frontend(parity["frontend_max_abs_diff"], progress)
         worst = max(parity["scores_max_abs_diff"], parity["caches_max_abs_diff"],
                     parity["batch_max_abs_diff"])
         if worst > TOLERANCE:

