@@ -16,6 +16,10 @@ _ONNX_TO_TRITON = {
 }
 
 
+# Parameters through which a BLS model names the models it calls.
+BLS_TARGET_PARAMETERS = ("vad_model", "asr_model")
+
+
 def parse_config(path: Path) -> mc.ModelConfig:
     return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
 
@@ -66,6 +70,11 @@ def check_model(model_dir: Path, config_file: Path) -> list[str]:
             problems += [f"{where}: {p}" for p in _check_tensor("output", tensor, graph, batched)]
     elif config.platform == "onnxruntime_onnx":
         problems.append(f"{where}: platform onnxruntime_onnx but {graph_file} does not exist")
+    for key in BLS_TARGET_PARAMETERS:
+        if key in config.parameters:
+            target = config.parameters[key].string_value
+            if not (model_dir.parent / target / "config.pbtxt").exists():
+                problems.append(f"{where}: parameter {key} names model {target!r}, which is not in the repository")
     return problems
 
 
