@@ -133,7 +133,7 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
 
     if size not in ENCODER_CONF:
         raise ValueError(f"random_init must be one of {sorted(ENCODER_CONF)}, not {size!r}")
-    target = cache_dir() / f"sensevoice-random-{size}-seed{seed}"
+    target = cache_dir() / f"sensevoice-random-{size}-seed{seed}-v2"  # v2: plain-word fillers
     if (target / "model.pt").is_file():
         return target
     progress(f"building a random-weight SenseVoiceSmall ({size}, seed {seed}) in {target}…")
@@ -212,7 +212,9 @@ def _write_tokenizer(path: Path, vocab_size: int) -> int:
         raise ValueError(f"tokenizer has {learnt} pieces, more than {vocab_size}")
     # Fillers keep every id decodable (random weights emit any id); as user-defined symbols
     # they never come out of encoding ordinary text.
-    fillers = [f"<|filler{i}|>" for i in range(vocab_size - learnt)]
+    # Plain words, not <|tags|>: the served text strips tags, and random weights pick fillers
+    # most of the time; visible (meaningless) words show the pipeline works end to end.
+    fillers = [f"\u2581w{i}" for i in range(vocab_size - learnt)]
     path.write_bytes(buffer.getvalue() + _user_defined_pieces(fillers))
     return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -112,6 +113,10 @@ def cmd_demo(args) -> int:
         source = str(args.model_dir) if args.model_dir else args.hub_id
         export_sensevoice(source, None if source else "full", repository, None)
     files = args.files or [str(sample_audio())]
+    meta = json.loads((repository / "sensevoice" / "1" / "meta.json").read_text())
+    if meta.get("random_init"):
+        print(f"WARNING: SenseVoice has RANDOM weights ({meta['random_init']}): the text below is meaningless. "
+              "Give --model-dir or --model for a real checkpoint.", file=sys.stderr, flush=True)
     print("tritonasr: starting the embedded Triton server…", file=sys.stderr, flush=True)
     try:
         with TritonServer(_server_config(args)) as server:
