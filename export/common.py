@@ -31,17 +31,13 @@ def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def default_check_audio() -> Path:
-    return sample_audio()
-
-
 # ---------------------------------------------------------------------------------------------
 # Audio and features
 
 
-def check_waveform(check_audio: Path | None, progress: Progress) -> tuple[np.ndarray, str]:
+def check_waveform(check_audio: Path | None) -> tuple[np.ndarray, str]:
     """The speech the parity checks run on, and a description of where it came from."""
-    path = Path(check_audio) if check_audio is not None else default_check_audio()
+    path = Path(check_audio) if check_audio is not None else sample_audio()
     if not path.is_file():
         raise FileNotFoundError(f"check audio not found: {path}")
     return load_audio(path).samples, str(path)

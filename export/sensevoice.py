@@ -130,7 +130,6 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
     dict of FunASR's SenseVoiceSmall), am.mvn and a SentencePiece BPE tokenizer whose id 0 is
     <unk>, the CTC blank, and which holds the SenseVoice rich tags.
     """
-
     if size not in ENCODER_CONF:
         raise ValueError(f"random_init must be one of {sorted(ENCODER_CONF)}, not {size!r}")
     target = cache_dir() / f"sensevoice-random-{size}-seed{seed}-v2"  # v2: plain-word fillers
@@ -363,7 +362,7 @@ def export_sensevoice(
         shutil.copyfile(tokenizer.bpemodel, staging.path("tokenizer.model"))
 
         progress("checking parity (PyTorch vs ONNX Runtime)…")
-        waveform, audio_source = check_waveform(check_audio, progress)
+        waveform, audio_source = check_waveform(check_audio)
         session = ort_session(staging.path("model.onnx"))
         parity = _parity(model, session, tokenizer, waveform, frontend_conf, cmvn)
         parity["audio"] = audio_source
@@ -526,14 +525,10 @@ class TorchSenseVoice:
     """FunASR's PyTorch SenseVoiceSmall behind FunASR's own frontend (dither off): the in-process
     reference the served pipeline is compared with."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: str | Path):
         self.model, kwargs = load_funasr_model(Path(model_dir))
         self.frontend = kwargs["frontend"]
         self.frontend.dither = 0.0  # FunASR's default of 1.0 would make the reference random
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "TorchSenseVoice":
-        return cls(Path(model_dir))
 
     @torch.no_grad()
     def greedy_ids(self, audio: np.ndarray, language: str = "auto", use_itn: bool = False) -> tuple[np.ndarray, int]:

@@ -100,7 +100,7 @@ def export_vad(
         export_seconds = time.perf_counter() - started
 
         progress("checking parity (PyTorch vs ONNX Runtime)…")
-        waveform, audio_source = check_waveform(check_audio, progress)
+        waveform, audio_source = check_waveform(check_audio)
         feats = lfr_features(waveform, frontend_conf)
         session = ort_session(staging.path("model.onnx"))
         parity = _parity(model, session, feats, cmvn, n_caches, cache_shape)

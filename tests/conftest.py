@@ -19,10 +19,10 @@ def layout() -> dict:
 def model_repository(tmp_path_factory) -> Path:
     from tritonasr.export.sensevoice import export_sensevoice
     from tritonasr.export.vad import export_vad
-    from tritonasr.repository import install_model_files
+    from tritonasr.repository import ALL_MODELS, install_model_files
 
     repo = tmp_path_factory.mktemp("model_repository")
-    install_model_files(repo, ["vad", "sensevoice", "asr_offline"])
+    install_model_files(repo, ALL_MODELS)
     export_vad(None, repo, None)
     export_sensevoice(None, "tiny", repo, None)
     return repo

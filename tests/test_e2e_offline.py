@@ -57,7 +57,7 @@ def torch_sensevoice(model_repository):
     from tritonasr.export.sensevoice import TorchSenseVoice
 
     meta = json.loads((model_repository / "sensevoice" / "1" / "meta.json").read_text())
-    return TorchSenseVoice.from_model_dir(meta["model_dir"])
+    return TorchSenseVoice(meta["model_dir"])
 
 
 @pytest.mark.parametrize("name", SPEECH_FILES)

@@ -99,10 +99,10 @@ def cmd_demo(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
     from tritonasr.server import ServerError, TritonServer
 
-    from tritonasr.repository import install_model_files
+    from tritonasr.repository import ALL_MODELS, install_model_files
 
     repository = _repository(args)
-    install_model_files(repository, ["vad", "sensevoice", "asr_offline"])
+    install_model_files(repository, ALL_MODELS)
     if not (repository / "vad" / "1" / "model.onnx").exists():
         from tritonasr.export.vad import export_vad
 

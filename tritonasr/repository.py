@@ -10,6 +10,7 @@ from tritonasr.paths import CHECKOUT_ROOT
 TEMPLATES = CHECKOUT_ROOT / "model_repository"
 # Which served models each export brings to life.
 MODELS_OF_EXPORT = {"vad": ["vad"], "sensevoice": ["sensevoice", "asr_offline"]}
+ALL_MODELS = [model for models in MODELS_OF_EXPORT.values() for model in models]
 
 
 def install_model_files(repository: Path, models: list[str]) -> None:
