@@ -43,6 +43,9 @@ class Frontend:
         fields = ("fs", "window", "n_mels", "frame_length", "frame_shift", "dither")
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
+    def online_fbank(self) -> knf.OnlineFbank:
+        return knf.OnlineFbank(self._options())
+
     def _options(self) -> knf.FbankOptions:
         opts = knf.FbankOptions()
         opts.frame_opts.samp_freq = self.fs
@@ -63,7 +66,7 @@ class Frontend:
 
     def fbank(self, waveform: np.ndarray) -> np.ndarray:
         """[T, n_mels] float32 log-mel fbank of a float waveform in [-1, 1]."""
-        fbank = knf.OnlineFbank(self._options())
+        fbank = self.online_fbank()
         # FunASR scales to the int16 range before kaldi fbank.
         fbank.accept_waveform(self.fs, (np.asarray(waveform, dtype=np.float32) * 32768.0))
         fbank.input_finished()
@@ -79,15 +82,25 @@ class Frontend:
         FunASR pads both edges by repeating the first and last frame; clipping the frame
         index into [0, T-1] is the same thing, and lets a caller take any range of rows
         without building the whole (large) matrix."""
-        m, n = self.lfr_m, self.lfr_n
         frames = fbank.shape[0]
         total = self.num_lfr_frames(frames)
         stop = total if stop is None else min(stop, total)
         if frames == 0 or stop <= start:
             return np.zeros((0, self.dim), dtype=np.float32)
+        index = self.lfr_index(start, stop, frames)
+        return fbank[index].reshape(stop - start, self.dim).astype(np.float32, copy=False)
+
+    def lfr_index(self, start: int, stop: int, fbank_frames: int) -> np.ndarray:
+        """[stop - start, lfr_m] fbank frame numbers stacked into LFR frames [start, stop)."""
+        m, n = self.lfr_m, self.lfr_n
         index = np.arange(start, stop)[:, None] * n + np.arange(m)[None, :] - (m - 1) // 2
-        np.clip(index, 0, frames - 1, out=index)
-        return fbank[index].reshape(stop - start, m * fbank.shape[1]).astype(np.float32, copy=False)
+        return np.clip(index, 0, fbank_frames - 1, out=index)
+
+    def lfr_frames_ready(self, fbank_frames: int) -> int:
+        """LFR frames computable from the first `fbank_frames` of audio that is still growing:
+        each needs its right-hand context (lfr_m // 2 frames) to exist."""
+        right = self.lfr_m - 1 - (self.lfr_m - 1) // 2
+        return max(0, (fbank_frames - 1 - right) // self.lfr_n + 1)
 
     def num_lfr_frames(self, fbank_frames: int) -> int:
         return -(-fbank_frames // self.lfr_n)

@@ -9,6 +9,7 @@ import numpy as np
 
 from tritonasr.onnx_runner import OnnxModel
 from tritonasr.pipeline import AsrSpec, OfflinePipeline
+from tritonasr.streaming import LiveStream, StreamOptions, stream_factory
 from tritonasr.vad import VadSpec
 
 
@@ -17,9 +18,9 @@ class LocalPipeline:
         repository = Path(repository)
         self.vad_model = OnnxModel(repository / "vad" / "1" / "model.onnx", intra_op_threads)
         self.asr_model = OnnxModel(repository / "sensevoice" / "1" / "model.onnx", intra_op_threads)
-        self.pipeline = OfflinePipeline(VadSpec.load(repository / "vad" / "1"),
-                                        AsrSpec.load(repository / "sensevoice" / "1"),
-                                        self._run_vad, self._run_asr)
+        vad, asr = VadSpec.load(repository / "vad" / "1"), AsrSpec.load(repository / "sensevoice" / "1")
+        self.pipeline = OfflinePipeline(vad, asr, self._run_vad, self._run_asr)
+        self._new_stream = stream_factory(vad, asr, self._run_vad, self._run_asr)
 
     async def _run_vad(self, feats, caches):
         feeds = {"speech": feats, **{f"in_cache{i}": c for i, c in enumerate(caches)}}
@@ -37,6 +38,10 @@ class LocalPipeline:
 
     def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False) -> dict:
         return asyncio.run(self.pipeline.transcribe(samples, language, use_itn))
+
+    def open_stream(self, options: StreamOptions = StreamOptions()) -> LiveStream:
+        """A live stream whose `push` must be awaited inside one event loop."""
+        return self._new_stream(0, options)
 
     def speech_segments(self, samples: np.ndarray) -> list[tuple[int, int]]:
         fbank = self.pipeline.vad.frontend.fbank(samples)

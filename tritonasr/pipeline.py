@@ -52,13 +52,38 @@ class AsrSpec:
         return self.lid_dict[language], self.textnorm_dict["withitn" if use_itn else "woitn"]
 
 
+class Recognizer:
+    """One segment's features -> SenseVoice -> text and rich tags."""
+
+    def __init__(self, asr: AsrSpec, run_asr: RunAsr):
+        self.asr = asr
+        self.run_asr = run_asr
+
+    async def recognize(self, feats: np.ndarray, start_ms: int, end_ms: int,
+                        query: tuple[int, int]) -> Segment | None:
+        if feats.shape[0] == 0:  # shorter than one 25 ms window
+            return None
+        token_ids, length = await self.run_asr(feats[None], *query)
+        rich = self.asr.tokenizer.transcript(token_ids, length, self.asr.blank_id)
+        return Segment(start_ms, end_ms, rich.text, rich.language, rich.emotion, rich.event)
+
+    async def recognize_audio(self, samples: np.ndarray, start_ms: int, end_ms: int,
+                              query: tuple[int, int]) -> Segment | None:
+        return await self.recognize(self.asr.frontend.features(samples), start_ms, end_ms, query)
+
+
+def check_sample_rate(sample_rate: int) -> None:
+    if sample_rate != SAMPLE_RATE:
+        raise AudioError(f"audio must be {SAMPLE_RATE} Hz mono; got {sample_rate} Hz (resample it on the client)")
+
+
 class OfflinePipeline:
     def __init__(self, vad: VadSpec, asr: AsrSpec, run_vad: RunVad, run_asr: RunAsr,
                  max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS):
         self.vad = vad
         self.asr = asr
         self.run_vad = run_vad
-        self.run_asr = run_asr
+        self.recognizer = Recognizer(asr, run_asr)
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
         # Both models use the same kaldi fbank; when they do, SenseVoice's features are cut from
@@ -67,8 +92,7 @@ class OfflinePipeline:
         self._share_fbank = vad.frontend.fbank_options_equal(asr.frontend)
 
     def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-        if sample_rate != SAMPLE_RATE:
-            raise AudioError(f"audio must be {SAMPLE_RATE} Hz mono; got {sample_rate} Hz (resample it on the client)")
+        check_sample_rate(sample_rate)
         samples = validate_samples(samples)
         if samples.size > self.max_audio_s * SAMPLE_RATE:
             raise AudioError(f"audio is {samples.size / SAMPLE_RATE:.0f} s long; this server accepts at most "
@@ -110,9 +134,4 @@ class OfflinePipeline:
             seg_fbank = fbank[frame0: frame0 + frontend.num_frames(last - first)]
         else:
             seg_fbank = frontend.fbank(samples[first:last])
-        feats = frontend.lfr(seg_fbank)
-        if feats.shape[0] == 0:  # shorter than one 25 ms window
-            return None
-        token_ids, length = await self.run_asr(feats[None], *query)
-        rich = self.asr.tokenizer.transcript(token_ids, length, self.asr.blank_id)
-        return Segment(start_ms, end_ms, rich.text, rich.language, rich.emotion, rich.event)
+        return await self.recognizer.recognize(frontend.lfr(seg_fbank), start_ms, end_ms, query)

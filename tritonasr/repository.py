@@ -9,7 +9,7 @@ from tritonasr.paths import CHECKOUT_ROOT
 
 TEMPLATES = CHECKOUT_ROOT / "model_repository"
 # Which served models each export brings to life.
-MODELS_OF_EXPORT = {"vad": ["vad"], "sensevoice": ["sensevoice", "asr_offline"]}
+MODELS_OF_EXPORT = {"vad": ["vad"], "sensevoice": ["sensevoice", "asr_offline", "asr_stream"]}
 ALL_MODELS = [model for models in MODELS_OF_EXPORT.values() for model in models]
 
 

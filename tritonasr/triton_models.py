@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import AudioError
 from tritonasr.onnx_runner import OnnxModel
-from tritonasr.pipeline import AsrSpec, OfflinePipeline
+from tritonasr.pipeline import SAMPLE_RATE, AsrSpec, OfflinePipeline
+from tritonasr.streaming import StreamError, StreamOptions, StreamRegistry, check_chunk, stream_factory
 from tritonasr.vad import VadSpec
 
 log = logging.getLogger("tritonasr")
@@ -59,22 +61,17 @@ class OnnxLeafModel:
                 for result in results]
 
 
-class OfflineAsrModel:
-    """asr_offline: whole recordings in, segments out (JSON), through the vad and sensevoice
-    models. Each request's inner calls are awaited concurrently with every other request's."""
+class _PipelineModel:
+    """What both BLS models share: the vad and ASR models they call, and how they call them."""
 
     def initialize(self, args: dict) -> None:
-        params = _parameters(args)
+        self.params = _parameters(args)
+        self.config = json.loads(args["model_config"])
         repository = Path(args["model_repository"]).parent
-        self.vad_model = params.get("vad_model", "vad")
-        self.asr_model = params.get("asr_model", "sensevoice")
-        self.pipeline = OfflinePipeline(
-            VadSpec.load(repository / self.vad_model / "1"),
-            AsrSpec.load(repository / self.asr_model / "1"),
-            run_vad=self._run_vad,
-            run_asr=self._run_asr,
-            max_audio_s=float(params.get("max_audio_seconds", "7200")),
-        )
+        self.vad_model = self.params.get("vad_model", "vad")
+        self.asr_model = self.params.get("asr_model", "sensevoice")
+        self.vad_spec = VadSpec.load(repository / self.vad_model / "1")
+        self.asr_spec = AsrSpec.load(repository / self.asr_model / "1")
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
@@ -103,33 +100,155 @@ class OfflineAsrModel:
         token_ids, lengths = await self._infer(self.asr_model, inputs, ["token_ids", "encoder_out_lens"])
         return token_ids[0], int(lengths.reshape(-1)[0])
 
+
+class OfflineAsrModel(_PipelineModel):
+    """asr_offline: whole recordings in, segments out (JSON), through the vad and sensevoice
+    models. Each request's inner calls are awaited concurrently with every other request's."""
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        self.pipeline = OfflinePipeline(self.vad_spec, self.asr_spec, self._run_vad, self._run_asr,
+                                        max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
+
     async def _handle(self, request):
         try:
-            audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy()
+            audio = _input(request, "AUDIO")
             result = await self.pipeline.transcribe(
                 audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
-                language=_optional_str(request, "LANGUAGE", "auto"),
-                use_itn=bool(_optional_scalar(request, "USE_ITN", False)),
-                sample_rate=int(_optional_scalar(request, "SAMPLE_RATE", 16000)),
+                language=_text(_input(request, "LANGUAGE"), "auto"),
+                use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
+                sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
             )
         except AudioError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         except Exception as exc:
             log.error("asr_offline failed: %s", traceback.format_exc())
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
-        payload = np.array([[json.dumps(result, ensure_ascii=False).encode()]], dtype=np.object_)
-        return pb_utils.InferenceResponse([pb_utils.Tensor("RESULT", payload)])
+        return _json_response(result)
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._handle(r) for r in requests)))
 
 
-def _optional_scalar(request, name: str, default):
+class StreamingAsrModel(_PipelineModel):
+    """asr_stream: decoupled; one request per chunk, sequence controls from Triton's sequence
+    batcher. Requests are handled as tasks, so chunks of many streams overlap on one instance
+    while each stream's own chunks are taken in order (`LiveStream.push`)."""
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        factory = stream_factory(self.vad_spec, self.asr_spec, self._run_vad, self._run_asr,
+                                 vad_step_ms=int(self.params.get("vad_step_ms", "100")))
+        # Triton forgets an idle sequence without telling the model; we keep the same clock.
+        idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
+        self.max_chunk_samples = int(self.params.get("max_chunk_ms", "2000")) * SAMPLE_RATE // 1000
+        # The family must outlive its metrics, so both are kept on the model.
+        self.metric_family = pb_utils.MetricFamily(
+            name="tritonasr_open_streams", kind=pb_utils.MetricFamily.GAUGE,
+            description="Live streams holding state in asr_stream")
+        open_streams = self.metric_family.Metric(labels={"model": args["model_name"],
+                                                         "instance": args["model_instance_name"]})
+        self.open_streams = open_streams
+        open_streams.set(0)
+        self.streams = StreamRegistry(factory, idle_us / 1e6, int(self.params.get("max_streams", "2000")),
+                                      on_change=open_streams.set)
+        self._sweeper: asyncio.Future | None = None
+
+    async def execute(self, requests):
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._close_idle_streams())
+        # Returns once each chunk is taken in (its VAD step done); segments are sent later by
+        # the stream. The backend runs the next execute() meanwhile.
+        await asyncio.gather(*(self._handle(_Chunk.read(request), _ResponseSink(request.get_response_sender()))
+                               for request in requests))
+        return None
+
+    async def _handle(self, chunk: "_Chunk", sink: "_ResponseSink") -> None:
+        try:
+            if chunk.start:
+                options = StreamOptions(_text(chunk.language, "auto"), bool(_scalar(chunk.use_itn, False)),
+                                        int(_scalar(chunk.partial_interval_ms, 0)))
+                stream = self.streams.open(chunk.stream_id, options)
+            else:
+                stream = self.streams.get(chunk.stream_id)
+            samples = check_chunk(chunk.audio, self.max_chunk_samples,
+                                  int(_scalar(chunk.sample_rate, SAMPLE_RATE)))
+            await stream.push(samples, chunk.end, sink)
+            if chunk.end:
+                self.streams.close(chunk.stream_id, "ended")
+        except (AudioError, StreamError) as exc:
+            self._fail(chunk, sink, str(exc))
+        except Exception as exc:
+            log.error("asr_stream failed: %s", traceback.format_exc())
+            self._fail(chunk, sink, f"internal error: {exc}")
+
+    def _fail(self, chunk: "_Chunk", sink: "_ResponseSink", message: str) -> None:
+        # The stream ends here: its state is freed and its later chunks are told why.
+        try:
+            sink.fail(message)
+            sink.finish()
+        finally:
+            self.streams.close(chunk.stream_id, f"closed after an error: {message}")
+
+    async def _close_idle_streams(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for stream_id in self.streams.expire():
+                log.warning("asr_stream: closed idle stream %d", stream_id)
+
+    def finalize(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+
+@dataclass
+class _Chunk:
+    stream_id: int
+    start: bool
+    end: bool
+    audio: np.ndarray
+    sample_rate: np.ndarray | None
+    language: np.ndarray | None
+    use_itn: np.ndarray | None
+    partial_interval_ms: np.ndarray | None
+
+    @classmethod
+    def read(cls, request) -> "_Chunk":
+        names = ("AUDIO", "SAMPLE_RATE", "LANGUAGE", "USE_ITN", "PARTIAL_INTERVAL_MS")
+        return cls(int(_scalar(_input(request, "CORRID"), 0)), bool(_scalar(_input(request, "START"), 0)),
+                   bool(_scalar(_input(request, "END"), 0)), *(_input(request, name) for name in names))
+
+
+class _ResponseSink:
+    """A request's response sender as a `Sink`."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, payload: dict) -> None:
+        self.sender.send(_json_response(payload))
+
+    def fail(self, message: str) -> None:
+        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+
+    def finish(self) -> None:
+        self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _json_response(payload: dict):
+    data = np.array([[json.dumps(payload, ensure_ascii=False).encode()]], dtype=np.object_)
+    return pb_utils.InferenceResponse([pb_utils.Tensor("RESULT", data)])
+
+
+def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else tensor.as_numpy().reshape(-1)[0]
+    return None if tensor is None else tensor.as_numpy()
 
 
-def _optional_str(request, name: str, default: str) -> str:
-    value = _optional_scalar(request, name, default)
+def _scalar(value: np.ndarray | None, default):
+    return default if value is None else value.reshape(-1)[0]
+
+
+def _text(value: np.ndarray | None, default: str) -> str:
+    value = _scalar(value, default)
     return value.decode() if isinstance(value, bytes) else str(value)
-

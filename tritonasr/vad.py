@@ -45,17 +45,21 @@ class VadSpec:
 
 
 class SegmentTracker:
-    """Feeds one recording's VAD scores, in order, to a fresh FunASR state machine."""
+    """Feeds one recording's VAD scores, in order, to a fresh FunASR state machine.
 
-    def __init__(self, spec: VadSpec):
+    Offline, it reports whole segments once they are complete. Online, it also reports a
+    segment's start as soon as it is decided: (start_ms, -1), later (-1, end_ms), or
+    (start_ms, end_ms) when both fall in one call. The decisions are the same in both modes."""
+
+    def __init__(self, spec: VadSpec, online: bool = False):
         self.spec = spec
+        self.online = online
         self.machine = E2EVadModel(spec.post)
 
     def feed(self, scores: np.ndarray, waveform: np.ndarray, is_final: bool) -> list[tuple[int, int]]:
-        """scores [T, C] for the next T frames, waveform: the samples those frames cover.
-        Returns the segments (start_ms, end_ms) completed by this chunk."""
+        """scores [T, C] for the next T frames, waveform: the samples those frames cover."""
         found = self.machine(scores[None], waveform[None], is_final=is_final,
-                             max_end_sil=self.spec.max_end_silence_ms, online=False)
+                             max_end_sil=self.spec.max_end_silence_ms, online=self.online)
         return [(int(s), int(e)) for batch in found for s, e in batch]
 
 
