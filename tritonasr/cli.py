@@ -1,4 +1,4 @@
-"""The `tritonasr` command: serve | export | transcribe | bench | demo."""
+"""The `tritonasr` command: serve | export | transcribe | stream | bench | demo."""
 from __future__ import annotations
 
 import argparse
@@ -88,8 +88,22 @@ def cmd_transcribe(args) -> int:
                           concurrency=args.concurrency)
 
 
+def cmd_stream(args) -> int:
+    from tritonasr.client.stream_cli import run_stream
+
+    return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
+                      partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
+                      fmt=args.format)
+
+
 def cmd_bench(args) -> int:
     from tritonasr.loadtest.bench_offline import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_bench_stream(args) -> int:
+    from tritonasr.loadtest.bench_stream import main as bench_main
 
     return bench_main(args)
 
@@ -127,6 +141,20 @@ def cmd_demo(args) -> int:
         return 1
 
 
+def _chunk_ms(text: str) -> int:
+    value = int(text)
+    if not 10 <= value <= 2000:
+        raise argparse.ArgumentTypeError(f"chunk size must be 10..2000 ms, got {value}")
+    return value
+
+
+def _partials_ms(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"partial interval must be 0 (none) or more ms, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonasr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--concurrency", type=int, default=4)
     transcribe.set_defaults(func=cmd_transcribe)
 
+    stream = sub.add_parser("stream", help="stream an audio file through asr_stream, results as they arrive")
+    stream.add_argument("file")
+    stream.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
+    stream.add_argument("--chunk-ms", type=_chunk_ms, default=100, help="chunk size, 10..2000 ms")
+    stream.add_argument("--realtime", action="store_true", help="send the audio at the pace it plays")
+    stream.add_argument("--partials", type=_partials_ms, default=0, metavar="MS",
+                        help="partial results of the open segment every MS ms (default 0: none)")
+    stream.add_argument("--language", default="auto", choices=["auto", "zh", "en", "yue", "ja", "ko"])
+    stream.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
+    stream.add_argument("--format", choices=["text", "json"], default="text")
+    stream.set_defaults(func=cmd_stream)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     offline = bench_sub.add_parser("offline", help="served throughput vs raw ONNX Runtime, same run")
@@ -162,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(offline)
     offline.set_defaults(func=cmd_bench)
+    bench_stream = bench_sub.add_parser("stream", help="N concurrent real-time streams: latency after end of speech")
+    from tritonasr.loadtest.bench_stream import add_arguments as add_stream_arguments
+
+    add_stream_arguments(bench_stream)
+    bench_stream.set_defaults(func=cmd_bench_stream)
 
     demo = sub.add_parser("demo", help="export what is missing, start the server, transcribe the sample")
     demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")

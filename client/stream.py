@@ -1,0 +1,407 @@
+"""Live streaming through the `asr_stream` model: audio chunks in, segments out as they end.
+
+One gRPC bidirectional stream (tritonclient.grpc.aio) per audio session; one StreamingClient runs
+any number of sessions at once from one event loop.
+
+    async with StreamingClient("localhost:8001") as client:
+        stream = client.stream_file("call.wav", chunk_ms=100, realtime=True)
+        async for segment in stream:
+            if segment.final:
+                print(segment.start_ms, segment.end_ms, segment.text, segment.latency_ms)
+        print(stream.summary)
+
+Each result is timed against the audio it answers: the client keeps, for every chunk, how much
+audio had been sent with it and when it left, so `latency_ms` is "the chunk holding the end of
+this segment's speech was sent -> this response arrived".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import numbers
+import os
+import secrets
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from itertools import cycle, repeat
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio
+from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, TranscriptionError
+
+MAX_CHUNK_MS = 2000  # the server refuses longer chunks (`max_chunk_ms` in asr_stream/config.pbtxt)
+MAX_CHUNK_SAMPLES = MAX_CHUNK_MS * SAMPLE_RATE // 1000
+
+Chunks = Iterable[np.ndarray] | AsyncIterable[np.ndarray]
+
+
+class StreamError(TranscriptionError):
+    """The server refused or aborted a stream (and has closed it); the message says why."""
+
+
+@dataclass(frozen=True)
+class StreamSegment:
+    """One result of a live stream: a final segment, or a partial one (`final` False) for the
+    segment still open, with the same `segment_index` as the final that replaces it."""
+
+    start_ms: int
+    end_ms: int
+    text: str
+    language: str | None
+    emotion: str | None
+    event: str | None
+    final: bool
+    segment_index: int
+    # Audio the server had received when it decided the segment ended (finals; None on partials
+    # when the server leaves it out).
+    endpoint_ms: int | None
+    # Client-side timing, in ms (None when there is nothing to time against):
+    latency_ms: float | None  # the chunk holding `end_ms` was sent -> this response arrived
+    after_endpoint_ms: float | None  # the chunk holding `endpoint_ms` was sent -> arrived
+    received_ms: float  # when this response arrived, since the stream started
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """The server's last response on a stream: `{"complete": true, duration_ms, segment_count}`."""
+
+    duration_ms: int
+    segment_count: int
+    received_ms: float  # since the stream started
+
+
+class ChunkClock:
+    """When each chunk left the client, to time responses against the audio they answer.
+
+    Times are in the clock's own seconds (time.monotonic by default); audio positions are ms
+    from the start of the stream.
+    """
+
+    def __init__(self, start: float):
+        self.start = start
+        self._ends: list[int] = []  # cumulative samples sent, after each chunk
+        self._sent_at: list[float] = []
+
+    @property
+    def samples(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    @property
+    def chunks(self) -> int:
+        return len(self._ends)
+
+    def record(self, samples: int, sent_at: float) -> None:
+        self._ends.append(self.samples + samples)
+        self._sent_at.append(sent_at)
+
+    def sent_at(self, audio_ms: float) -> float | None:
+        """When the first chunk reaching `audio_ms` was sent (the last chunk for positions past
+        the end, which the server's ms rounding can give); None before anything was sent."""
+        if not self._sent_at:
+            return None
+        i = bisect.bisect_left(self._ends, audio_ms * SAMPLE_RATE / 1000)
+        return self._sent_at[min(i, len(self._sent_at) - 1)]
+
+    def delay_ms(self, audio_ms: float, received_at: float) -> float | None:
+        sent = self.sent_at(audio_ms)
+        return None if sent is None else (received_at - sent) * 1000
+
+
+def validate_chunk(chunk: np.ndarray) -> np.ndarray:
+    """A chunk as float32: 1-D floating-point samples at 16 kHz, finite, at most 2 s (may be empty)."""
+    chunk = np.asarray(chunk)
+    if not np.issubdtype(chunk.dtype, np.floating):
+        raise AudioError(f"audio chunks must be floating point in [-1, 1], got {chunk.dtype}")
+    if chunk.ndim != 1:
+        raise AudioError(f"audio chunks must be 1-D (mono samples), got shape {chunk.shape}")
+    if chunk.size > MAX_CHUNK_SAMPLES:
+        raise AudioError(f"an audio chunk may hold at most {MAX_CHUNK_MS} ms ({MAX_CHUNK_SAMPLES} "
+                         f"samples at 16 kHz), got {chunk.size} samples")
+    bad = np.count_nonzero(~np.isfinite(chunk))
+    if bad:
+        raise AudioError(f"audio chunk contains {bad} NaN or infinite samples")
+    return chunk.astype(np.float32, copy=False)
+
+
+def split_chunks(samples: np.ndarray, chunk_ms: float | Iterable[float] = 100) -> list[np.ndarray]:
+    """Cuts 16 kHz samples into chunks: `chunk_ms` an int for equal chunks (the last one may be
+    shorter), or an iterable of sizes in ms for uneven chunks, taken in order and cycled if it
+    runs out (e.g. `rng.integers(10, 2001, size=50)`)."""
+    sizes = repeat(chunk_ms) if isinstance(chunk_ms, numbers.Real) else cycle(chunk_ms)
+    chunks, pos = [], 0
+    while pos < len(samples):
+        ms = next(sizes, None)
+        if ms is None:
+            raise ValueError("chunk_ms is an empty sequence")
+        if not 0 < ms <= MAX_CHUNK_MS:
+            raise ValueError(f"chunk sizes must be over 0 and at most {MAX_CHUNK_MS} ms, got {ms}")
+        step = max(1, round(ms * SAMPLE_RATE / 1000))
+        chunks.append(samples[pos: pos + step])
+        pos += step
+    return chunks
+
+
+class LiveStream:
+    """One audio session on the server. Iterate it (once) for StreamSegment results as they
+    arrive; when the iteration ends, `summary` holds the server's end-of-stream summary.
+
+    Stopping early (break, an exception, cancelling the task) cancels the gRPC call, as a caller
+    who hangs up would; `async with stream:` or `await stream.aclose()` does it at a known point.
+    Errors: StreamError (the server refused the stream), ServerUnavailableError (no connection),
+    AudioError (a bad chunk; the stream is cancelled).
+    """
+
+    def __init__(self, client: StreamingClient, chunks: Chunks, *, language: str, use_itn: bool,
+                 partial_interval_ms: int, realtime: bool,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = asyncio.sleep):
+        self.client = client
+        self.sequence_id = secrets.randbits(63) or 1  # 0 would mean "no sequence" to Triton
+        self.language = language
+        self.use_itn = use_itn
+        self.partial_interval_ms = partial_interval_ms
+        self.realtime = realtime
+        self.summary: StreamSummary | None = None
+        self.chunk_clock: ChunkClock | None = None  # set when the stream starts
+        self._chunks = chunks
+        self._now = clock
+        self._sleep = sleep
+        self._started = False
+        self._call = None
+        self._closed = False
+        self._send_error: BaseException | None = None
+        self._last_activity: float | None = None  # set once the END chunk is sent
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    def __aiter__(self) -> AsyncIterator[StreamSegment]:
+        if self._started:
+            raise RuntimeError("a LiveStream can be iterated only once")
+        self._started = True
+        return self._results()
+
+    def cancel(self) -> None:
+        """Cancels the gRPC call (nothing if it is over or not started)."""
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> LiveStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def requests(self) -> AsyncIterator[dict]:
+        """The request dicts for `stream_infer`, paced in real time if asked; records each send."""
+        clock = self.chunk_clock = ChunkClock(self._now())
+        first = True
+        try:
+            async for chunk in _aiter(self._chunks):
+                samples = validate_chunk(chunk)
+                if self.realtime:
+                    # A chunk covering audio [a, b) leaves at start + b, as if recorded live.
+                    delay = clock.start + (clock.samples + samples.size) / SAMPLE_RATE - self._now()
+                    if delay > 0:
+                        await self._sleep(delay)
+                clock.record(samples.size, self._now())
+                yield self._request(samples, start=first, end=False)
+                first = False
+            # The END flag travels on an empty chunk after the last one.
+            self._last_activity = self._now()
+            clock.record(0, self._last_activity)
+            yield self._request(np.zeros(0, np.float32), start=first, end=True)
+        except Exception as exc:
+            # gRPC swallows what a request iterator raises (it only cancels the call):
+            # keep it for the reader to raise in its place.
+            self._send_error = exc
+            raise
+
+    def _request(self, samples: np.ndarray, start: bool, end: bool) -> dict:
+        inputs = [_input("AUDIO", samples[np.newaxis, :], "FP32")]
+        if start:
+            # Options go on the START request only, so that the other requests of every stream
+            # carry the same single input and batch together on the server.
+            inputs += [
+                _input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], np.int32), "INT32"),
+                _input("LANGUAGE", np.array([[self.language.encode()]], np.object_), "BYTES"),
+                _input("USE_ITN", np.array([[self.use_itn]], np.bool_), "BOOL"),
+                _input("PARTIAL_INTERVAL_MS", np.array([[self.partial_interval_ms]], np.int32), "INT32"),
+            ]
+        return {"model_name": self.client.model, "inputs": inputs,
+                "outputs": [grpcaio.InferRequestedOutput("RESULT")],
+                "sequence_id": self.sequence_id, "sequence_start": start, "sequence_end": end}
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _results(self) -> AsyncIterator[StreamSegment]:
+        try:
+            self._call = self.client._grpc.stream_infer(self.requests())
+        except InferenceServerException as exc:
+            raise StreamError(exc.message()) from None
+        try:
+            async for segment in self.read(self._responses(self._call)):
+                yield segment
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ServerUnavailableError(
+                    f"cannot reach the Triton server at {self.client.url} ({exc.details()})") from None
+            raise StreamError(f"the stream failed: {exc.code().name}: {exc.details()}") from None
+        except asyncio.CancelledError:
+            # gRPC raises CancelledError when the call was cancelled locally: by a bad chunk,
+            # by cancel() from elsewhere, or because this task is being cancelled.
+            if self._send_error is not None:
+                raise self._send_error from None
+            task = asyncio.current_task()
+            if self._closed and not (task and getattr(task, "cancelling", lambda: 0)()):
+                raise StreamError("the stream was cancelled by the client") from None
+            raise
+        finally:
+            self._call.cancel()
+
+    async def _responses(self, call) -> AsyncIterator[tuple]:
+        """The call's (result, error) items; gives up when the server says nothing for
+        `finish_timeout_s` after the END chunk was sent."""
+        timeout_s = self.client.finish_timeout_s
+        while True:
+            pending = asyncio.ensure_future(call.__anext__())
+            try:
+                while True:
+                    if self._last_activity is None or timeout_s is None:
+                        wait = None if timeout_s is None else 0.5  # END not sent yet: look again soon
+                    else:
+                        wait = self._last_activity + timeout_s - self._now()
+                        if wait <= 0:
+                            raise StreamError(f"no response from the server {timeout_s:g} s after "
+                                              "the end of the audio")
+                    done, _ = await asyncio.wait({pending}, timeout=wait)
+                    if done:
+                        break
+                try:
+                    item = pending.result()
+                except StopAsyncIteration:
+                    return
+            finally:
+                if not pending.done():
+                    pending.cancel()
+            if self._last_activity is not None:
+                self._last_activity = self._now()
+            yield item
+
+    async def read(self, responses: AsyncIterator[tuple]) -> AsyncIterator[StreamSegment]:
+        """StreamSegments from `(InferResult, InferenceServerException)` items, until the
+        end-of-stream summary (kept in `summary`)."""
+        async for result, error in responses:
+            received_at = self._now()
+            if error is not None:
+                raise StreamError(error.message())
+            raw = result.as_numpy("RESULT").reshape(-1)[0]
+            try:
+                payload = json.loads(raw)
+                if payload.get("complete"):
+                    self.summary = StreamSummary(int(payload["duration_ms"]), int(payload["segment_count"]),
+                                                 (received_at - self.chunk_clock.start) * 1000)
+                    return
+                segment = _segment(payload, self.chunk_clock, received_at)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise StreamError(f"unexpected result from the server ({exc!r}): {raw!r}") from None
+            yield segment
+        raise StreamError("the server closed the stream before its end-of-stream response")
+
+
+class StreamingClient:
+    """An asyncio gRPC client for `asr_stream`; create it inside the event loop that uses it."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "asr_stream",
+                 finish_timeout_s: float | None = 120.0):
+        self.url = url
+        self.model = model
+        # After the last chunk is sent, the longest silence from the server before giving up.
+        self.finish_timeout_s = finish_timeout_s
+        self._grpc = grpcaio.InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._grpc.close()
+
+    async def __aenter__(self) -> StreamingClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def check_ready(self, timeout_s: float | None = 10.0) -> None:
+        """Raises ServerUnavailableError unless the server answers and the model is ready."""
+        try:
+            ready = await self._grpc.is_model_ready(self.model, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise ServerUnavailableError(
+                f"cannot reach the Triton server at {self.url} ({exc.message()})") from None
+        if not ready:
+            raise ServerUnavailableError(
+                f"model '{self.model}' is not loaded on the Triton server at {self.url} "
+                "(unknown model, or it failed to load: see the server log)")
+
+    def stream(self, chunks: Chunks, *, language: str = "auto", use_itn: bool = False,
+               partial_interval_ms: int = 0, realtime: bool = False) -> LiveStream:
+        """A live stream of `chunks` (float32 16 kHz mono arrays, 0 to 2000 ms each, sizes may
+        differ; a sync or async iterable). Nothing is sent until the stream is iterated.
+
+        realtime: send each chunk when its audio would have been recorded (for files).
+        partial_interval_ms: ask for partial results of the open segment this often (0: none).
+        """
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+        if not isinstance(partial_interval_ms, numbers.Integral) or partial_interval_ms < 0:
+            raise ValueError(f"partial_interval_ms must be a whole number >= 0, got {partial_interval_ms!r}")
+        return LiveStream(self, chunks, language=language, use_itn=bool(use_itn),
+                          partial_interval_ms=int(partial_interval_ms), realtime=realtime)
+
+    def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
+                    **options) -> LiveStream:
+        """Loads any audio file (resampled to 16 kHz mono) and streams it in chunks of `chunk_ms`
+        (see split_chunks); `options` are those of stream()."""
+        return self.stream(split_chunks(load_audio(path).samples, chunk_ms), **options)
+
+
+def _segment(payload: dict, clock: ChunkClock, received_at: float) -> StreamSegment:
+    end_ms = int(payload["end_ms"])
+    final = bool(payload["final"])
+    # Only a final segment has an endpoint; partials may leave it out.
+    endpoint_ms = int(payload["endpoint_ms"]) if final or payload.get("endpoint_ms") is not None else None
+    return StreamSegment(
+        start_ms=int(payload["start_ms"]), end_ms=end_ms, text=payload["text"],
+        language=payload.get("language"), emotion=payload.get("emotion"), event=payload.get("event"),
+        final=final, segment_index=int(payload["segment_index"]), endpoint_ms=endpoint_ms,
+        latency_ms=clock.delay_ms(end_ms, received_at),
+        after_endpoint_ms=None if endpoint_ms is None else clock.delay_ms(endpoint_ms, received_at),
+        received_ms=(received_at - clock.start) * 1000,
+    )
+
+
+async def _aiter(chunks: Chunks) -> AsyncIterator[np.ndarray]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
+
+
+def _input(name: str, data: np.ndarray, datatype: str) -> grpcaio.InferInput:
+    tensor = grpcaio.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return tensor

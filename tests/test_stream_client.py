@@ -1,0 +1,408 @@
+"""The streaming client's own logic, without a server: chunking and validation, the request
+sequence and its real-time pacing, latency bookkeeping, result parsing, CLI output."""
+import asyncio
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+
+from tritonasr.audio import AudioError
+from tritonasr.client.offline import ServerUnavailableError
+from tritonasr.client.stream import (
+    ChunkClock,
+    LiveStream,
+    StreamError,
+    StreamingClient,
+    StreamSegment,
+    StreamSummary,
+    split_chunks,
+    validate_chunk,
+)
+from tritonasr.client.stream_cli import Printer, run_stream, segment_json, text_line
+from tritonasr.loadtest.bench_stream import best_streams, render_markdown, start_offsets, stream_audio
+from tritonasr.server import free_port
+
+
+class FakeTime:
+    """A clock that only moves when slept on: pacing is checked exactly, not timed."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeResult:
+    """Stands in for tritonclient's InferResult in `LiveStream.read` (a unit test; the
+    end-to-end tests talk to the real server)."""
+
+    def __init__(self, payload: dict | bytes):
+        self._payload = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+
+    def as_numpy(self, name: str) -> np.ndarray:
+        assert name == "RESULT"
+        return np.array([[self._payload]], dtype=np.object_)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _segment(**fields) -> dict:
+    base = {"start_ms": 500, "end_ms": 3100, "text": "hello", "language": "en", "emotion": "NEUTRAL",
+            "event": "Speech", "final": True, "segment_index": 0, "endpoint_ms": 3900}
+    return {**base, **fields}
+
+
+async def _items(*items):
+    for item in items:
+        yield item
+
+
+def _live_stream(client, chunks=(), fake=None, **options) -> LiveStream:
+    options = {"language": "auto", "use_itn": False, "partial_interval_ms": 0, "realtime": False, **options}
+    fake = fake or FakeTime()
+    return LiveStream(client, chunks, clock=fake, sleep=fake.sleep, **options)
+
+
+# -- chunks --------------------------------------------------------------------------------------
+
+def test_split_chunks_equal_sizes_last_shorter():
+    samples = np.arange(5600, dtype=np.float32)
+    chunks = split_chunks(samples, 100)
+    assert [c.size for c in chunks] == [1600, 1600, 1600, 800]
+    np.testing.assert_array_equal(np.concatenate(chunks), samples)
+
+
+def test_split_chunks_uneven_sizes_are_cycled():
+    samples = np.zeros(16000 * 5, np.float32)
+    chunks = split_chunks(samples, [10, 2000, 250])
+    assert [c.size for c in chunks[:6]] == [160, 32000, 4000, 160, 32000, 4000]
+    assert sum(c.size for c in chunks) == samples.size
+
+
+def test_split_chunks_random_sizes():
+    rng = np.random.default_rng(0)
+    samples = rng.uniform(-1, 1, 16000 * 20).astype(np.float32)
+    sizes = rng.integers(10, 2001, size=40)
+    chunks = split_chunks(samples, sizes)
+    assert len({c.size for c in chunks}) > 5
+    np.testing.assert_array_equal(np.concatenate(chunks), samples)
+    assert all(0 < c.size <= 32000 for c in chunks)
+
+
+@pytest.mark.parametrize("sizes", [0, 2001, [100, 0], []])
+def test_split_chunks_rejects_bad_sizes(sizes):
+    with pytest.raises(ValueError, match="chunk"):
+        split_chunks(np.zeros(16000, np.float32), sizes)
+
+
+def test_validate_chunk():
+    assert validate_chunk(np.zeros(32000, np.float64)).dtype == np.float32
+    assert validate_chunk(np.zeros(0, np.float32)).size == 0  # an empty chunk is allowed
+    with pytest.raises(AudioError, match="at most 2000 ms .* got 32001 samples"):
+        validate_chunk(np.zeros(32001, np.float32))
+    with pytest.raises(AudioError, match="1-D"):
+        validate_chunk(np.zeros((1, 1600), np.float32))
+    with pytest.raises(AudioError, match="floating point"):
+        validate_chunk(np.zeros(1600, np.int16))
+    bad = np.zeros(1600, np.float32)
+    bad[[3, 7]] = [np.nan, np.inf]
+    with pytest.raises(AudioError, match="2 NaN or infinite"):
+        validate_chunk(bad)
+
+
+def test_stream_options_are_checked_up_front():
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            with pytest.raises(ValueError, match="language must be one of"):
+                client.stream([], language="fr")
+            with pytest.raises(ValueError, match="partial_interval_ms"):
+                client.stream([], partial_interval_ms=-1)
+    _run(go())
+
+
+# -- requests and pacing -------------------------------------------------------------------------
+
+def _inputs(request: dict) -> dict:
+    return {i.name(): (i.datatype(), i.shape()) for i in request["inputs"]}
+
+
+def test_requests_start_with_options_end_with_an_empty_chunk():
+    chunks = [np.full(1600, 0.5, np.float32), np.zeros(800, np.float32)]
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client, chunks, language="en", use_itn=True, partial_interval_ms=400)
+            return stream, [r async for r in stream.requests()]
+
+    stream, requests = _run(go())
+    assert len(requests) == 3
+    assert 0 < stream.sequence_id < 2 ** 63
+    assert {r["sequence_id"] for r in requests} == {stream.sequence_id}
+    assert {r["model_name"] for r in requests} == {"asr_stream"}
+    assert [(r["sequence_start"], r["sequence_end"]) for r in requests] == [(True, False), (False, False),
+                                                                            (False, True)]
+    assert _inputs(requests[0]) == {"AUDIO": ("FP32", [1, 1600]), "SAMPLE_RATE": ("INT32", [1, 1]),
+                                    "LANGUAGE": ("BYTES", [1, 1]), "USE_ITN": ("BOOL", [1, 1]),
+                                    "PARTIAL_INTERVAL_MS": ("INT32", [1, 1])}
+    # Later requests carry AUDIO alone, so those of all streams batch together on the server.
+    assert _inputs(requests[1]) == {"AUDIO": ("FP32", [1, 800])}
+    assert _inputs(requests[2]) == {"AUDIO": ("FP32", [1, 0])}
+    audio = np.frombuffer(requests[0]["inputs"][0]._raw_content, np.float32)
+    np.testing.assert_array_equal(audio, chunks[0])
+    assert [o.name() for o in requests[0]["outputs"]] == ["RESULT"]
+
+
+def test_no_chunks_is_one_start_and_end_request():
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            return [r async for r in _live_stream(client, []).requests()]
+
+    (request,) = _run(go())
+    assert request["sequence_start"] and request["sequence_end"]
+    assert _inputs(request)["AUDIO"] == ("FP32", [1, 0])
+
+
+def test_realtime_sends_each_chunk_when_its_audio_ends():
+    fake = FakeTime(1000.0)
+    sizes = [1600, 3200, 160, 32000]  # 100 ms, 200 ms, 10 ms, 2 s
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client, [np.zeros(n, np.float32) for n in sizes], fake, realtime=True)
+            sent = []
+            async for _ in stream.requests():
+                sent.append(round(fake.now - 1000.0, 6))
+            return stream, sent
+
+    stream, sent = _run(go())
+    assert sent == [0.1, 0.3, 0.31, 2.31, 2.31]  # the END chunk follows the last one at once
+    assert stream.chunk_clock.start == 1000.0
+    assert stream.chunk_clock.samples == sum(sizes)
+
+
+def test_realtime_does_not_wait_for_a_producer_already_late():
+    fake = FakeTime(0.0)
+
+    async def slow_chunks():
+        for _ in range(3):
+            await fake.sleep(0.5)  # a live source that delivers 100 ms of audio every 500 ms
+            yield np.zeros(1600, np.float32)
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client, slow_chunks(), fake, realtime=True)
+            return [fake.now async for _ in stream.requests()]
+
+    assert _run(go()) == [0.5, 1.0, 1.5, 1.5]
+    assert fake.sleeps == [0.5, 0.5, 0.5]  # only the producer's own
+
+
+def test_without_realtime_chunks_go_at_once():
+    fake = FakeTime(0.0)
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client, [np.zeros(1600, np.float32)] * 5, fake)
+            return [r async for r in stream.requests()]
+
+    assert len(_run(go())) == 6 and fake.sleeps == []
+
+
+# -- latency bookkeeping -------------------------------------------------------------------------
+
+def test_chunk_clock_finds_the_chunk_holding_a_position():
+    clock = ChunkClock(start=10.0)
+    assert clock.sent_at(100) is None
+    clock.record(1600, 10.1)  # [0, 100) ms
+    clock.record(800, 10.2)   # [100, 150) ms
+    clock.record(0, 10.25)    # the empty END chunk
+    assert clock.sent_at(0) == 10.1
+    assert clock.sent_at(100) == 10.1  # a chunk ending exactly there holds it
+    assert clock.sent_at(100.0625) == 10.2  # one sample later
+    assert clock.sent_at(150) == 10.2  # not the END chunk at the same position
+    assert clock.sent_at(151) == 10.25  # past the audio (server rounding): the last chunk
+    assert clock.delay_ms(120, 10.7) == pytest.approx(500.0)
+    assert clock.chunks == 3 and clock.samples == 2400
+
+
+def test_results_are_timed_against_the_chunks_they_answer():
+    fake = FakeTime(50.0)
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client, fake=fake)
+            stream.chunk_clock = clock = ChunkClock(start=50.0)
+            for i in range(40):  # 100 ms chunks sent in real time: chunk i at 50.1 + i/10
+                clock.record(1600, 50.1 + i / 10)
+
+            async def responses():
+                fake.now = 53.9  # a partial, answering audio up to 2000 ms
+                yield FakeResult(_segment(final=False, end_ms=2000, endpoint_ms=2000, text="hel")), None
+                fake.now = 54.5  # the final: speech ended at 3100 ms (sent at 53.1), endpoint at 3900 (53.9)
+                yield FakeResult(_segment()), None
+                fake.now = 54.6
+                yield FakeResult({"complete": True, "duration_ms": 4000, "segment_count": 1}), None
+                raise AssertionError("read past the end-of-stream response")
+
+            return stream, [s async for s in stream.read(responses())]
+
+    stream, (partial, final) = _run(go())
+    assert not partial.final and partial.text == "hel"
+    assert partial.latency_ms == pytest.approx(1900.0)  # 2000 ms went with the chunk sent at 52.0
+    assert final == StreamSegment(500, 3100, "hello", "en", "NEUTRAL", "Speech", True, 0, 3900,
+                                  latency_ms=pytest.approx(1400.0), after_endpoint_ms=pytest.approx(600.0),
+                                  received_ms=pytest.approx(4500.0))
+    assert stream.summary == StreamSummary(4000, 1, pytest.approx(4600.0))
+    assert stream.complete
+
+
+def _read_all(*items):
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client)
+            stream.chunk_clock = ChunkClock(0.0)
+            return [s async for s in stream.read(_items(*items))]
+    return _run(go())
+
+
+def test_server_error_is_a_stream_error():
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(StreamError, match="^chunk of 3000 ms is over the 2000 ms limit$"):
+        _read_all((FakeResult(_segment()), None),
+                  (None, InferenceServerException("chunk of 3000 ms is over the 2000 ms limit")))
+
+
+def test_stream_closed_without_summary_is_an_error():
+    with pytest.raises(StreamError, match="closed the stream before its end-of-stream response"):
+        _read_all((FakeResult(_segment()), None))
+
+
+@pytest.mark.parametrize("payload", [{"text": "no times"}, b"not json", b"[1, 2]"])
+def test_malformed_result_is_an_error(payload):
+    with pytest.raises(StreamError, match="unexpected result from the server"):
+        _read_all((FakeResult(payload), None))
+
+
+def test_silent_server_after_the_end_times_out():
+    class SilentCall:
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+    async def go():
+        async with StreamingClient("localhost:1", finish_timeout_s=0.2) as client:
+            stream = client.stream([])
+            stream._last_activity = time.monotonic()  # as if the END chunk had just been sent
+            async for _ in stream._responses(SilentCall()):
+                pass
+
+    began = time.monotonic()
+    with pytest.raises(StreamError, match="no response from the server 0.2 s after the end of the audio"):
+        _run(go())
+    assert time.monotonic() - began < 5
+
+
+# -- no server -----------------------------------------------------------------------------------
+
+def test_unreachable_server_is_reported_not_hung():
+    url = f"localhost:{free_port()}"
+
+    async def go():
+        async with StreamingClient(url) as client:
+            with pytest.raises(ServerUnavailableError, match=f"cannot reach the Triton server at {url}"):
+                await client.check_ready()
+            with pytest.raises(ServerUnavailableError, match=f"cannot reach the Triton server at {url}"):
+                async for _ in client.stream(split_chunks(np.zeros(16000, np.float32), 100)):
+                    pass
+
+    _run(asyncio.wait_for(go(), 30))
+
+
+def test_cli_exit_codes_without_server(tmp_path, capsys):
+    assert run_stream(str(tmp_path / "missing.wav"), f"localhost:{free_port()}") == 1
+    assert "missing.wav: No such file or directory" in capsys.readouterr().err
+    sample = "tests/data/one_phrase.wav"
+    assert run_stream(sample, f"localhost:{free_port()}") == 2
+    assert "cannot reach the Triton server" in capsys.readouterr().err
+
+
+# -- output --------------------------------------------------------------------------------------
+
+SEGMENT = StreamSegment(1230, 3400, "Hello there.", "en", "NEUTRAL", "Speech", True, 0, 4200,
+                        latency_ms=812.4, after_endpoint_ms=95.04, received_ms=4312.45)
+
+
+def test_text_lines():
+    assert text_line(SEGMENT) == "[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> Hello there.  (latency 812 ms)"
+    partial = StreamSegment(1230, 2000, "Hello", None, None, None, False, 0, 2000, None, None, 2100.0)
+    assert text_line(partial) == "[00:01.230 --> 00:02.000] Hello  (partial)"
+
+
+def test_printer_text_not_a_tty_prints_partials_on_lines():
+    out = io.StringIO()
+    printer = Printer("text", out)
+    printer.segment(StreamSegment(1230, 2000, "Hello", "en", None, None, False, 0, 2000, 300.0, 300.0, 2300.0))
+    printer.segment(SEGMENT)
+    assert out.getvalue() == ("[00:01.230 --> 00:02.000] <en> Hello  (partial, latency 300 ms)\n"
+                              "[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> Hello there.  (latency 812 ms)\n")
+
+
+def test_printer_tty_rewrites_the_partial_line():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    printer = Printer("text", out)
+    printer.segment(StreamSegment(1230, 2000, "Hello", None, None, None, False, 0, 2000, None, None, 0.0))
+    printer.segment(SEGMENT)
+    assert out.getvalue().startswith("\r\x1b[K[00:01.230 --> 00:02.000] Hello")
+    assert out.getvalue().endswith("\r\x1b[K[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> Hello there.  "
+                                   "(latency 812 ms)\n")
+
+
+def test_printer_json_lines_end_with_the_summary():
+    out = io.StringIO()
+    printer = Printer("json", out)
+    printer.segment(SEGMENT)
+    printer.summary(StreamSummary(7966, 1, 8000.0))
+    first, last = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert first == {"start_ms": 1230, "end_ms": 3400, "text": "Hello there.", "language": "en",
+                     "emotion": "NEUTRAL", "event": "Speech", "final": True, "segment_index": 0,
+                     "endpoint_ms": 4200, "latency_ms": 812.4, "after_endpoint_ms": 95.0, "received_ms": 4312.4}
+    assert first == segment_json(SEGMENT)
+    assert last == {"complete": True, "duration_ms": 7966, "segment_count": 1}
+
+
+# -- benchmark helpers ---------------------------------------------------------------------------
+
+def test_bench_streams_differ_and_last_long_enough():
+    audios = [np.full(16000 * n, n, np.float32) for n in (3, 4, 5)]
+    a, b = stream_audio(audios, 0, 20, 1000), stream_audio(audios, 1, 20, 1000)
+    assert a.size >= 20 * 16000 and b.size >= 20 * 16000
+    assert a[0] == 3 and b[0] == 4
+    assert np.all(a[3 * 16000: 4 * 16000] == 0)  # 1 s of silence between files
+    assert start_offsets(4, 3000) == [0.0, 0.75, 1.5, 2.25]
+
+
+def test_bench_best_streams_and_table():
+    def level(n, p95, errors=0):
+        return {"streams": n, "segments": 10 * n, "partials": 0, "errors": errors, "wall_s": 30.0,
+                "latency_ms": {"p50": p95 / 2, "p95": p95, "p99": p95 * 1.1},
+                "after_endpoint_ms": {"p50": 50.0, "p95": 80.0, "p99": None}}
+
+    levels = [level(1, 400), level(4, 700), level(8, 900, errors=1), level(16, 2500)]
+    assert best_streams(levels, 1000) == 4
+    table = render_markdown({"levels": levels, "best_streams": 4, "target_ms": 1000})
+    assert "| 4 | 40 | 0 | 350 ms | 700 ms | 770 ms | 50 ms | 80 ms | – |" in table
+    assert table.endswith("under 1000 ms and no errors: **4**")

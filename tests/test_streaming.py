@@ -1,0 +1,167 @@
+"""The streaming core in-process (ONNX Runtime, no server): online features, the audio buffer,
+stream bookkeeping, and live streams equal to the offline pipeline whatever the chunking."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tritonasr.audio import AudioError, load_audio
+from tritonasr.features import Frontend
+from tritonasr.streaming import (
+    OnlineFeatures,
+    SampleBuffer,
+    StreamError,
+    StreamOptions,
+    StreamRegistry,
+    check_chunk,
+)
+
+from conftest import DATA
+
+VAD_FRONTEND = Frontend(window="hamming", n_mels=80, lfr_m=5, lfr_n=1)
+SENSEVOICE_FRONTEND = Frontend(window="hamming", n_mels=80, lfr_m=7, lfr_n=6)
+
+
+def _random_sizes(total: int, rng: np.random.Generator, low: int = 1, high: int = 9000) -> list[int]:
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(int(rng.integers(low, high)))
+    return sizes
+
+
+@pytest.mark.parametrize("frontend", [VAD_FRONTEND, SENSEVOICE_FRONTEND], ids=["vad", "sensevoice"])
+@pytest.mark.parametrize("step", [1, 10])
+def test_online_features_equal_whole_file_features(frontend, step):
+    samples = load_audio(DATA / "pause_0.3s.wav").samples
+    expected = frontend.features(samples)
+    rng = np.random.default_rng(step)
+    online = OnlineFeatures(frontend)
+    parts, pos = [], 0
+    for size in _random_sizes(samples.size, rng):
+        online.accept(samples[pos:pos + size])
+        pos += size
+        got = online.take(step)
+        assert got.shape[0] % step == 0
+        parts.append(got)
+    online.finish()
+    parts.append(online.take(step))
+    np.testing.assert_array_equal(np.concatenate(parts), expected)
+
+
+def test_online_features_of_audio_shorter_than_a_window():
+    online = OnlineFeatures(VAD_FRONTEND)
+    online.accept(np.zeros(100, dtype=np.float32))
+    online.finish()
+    assert online.take(10).shape == (0, 400)
+
+
+def test_sample_buffer_keeps_absolute_addresses_while_dropping_and_shrinking():
+    buffer = SampleBuffer(capacity=16000)
+    audio = np.arange(200_000, dtype=np.float32)
+    for pos in range(0, 120_000, 7000):
+        buffer.append(audio[pos:pos + 7000])
+    np.testing.assert_array_equal(buffer.get(50_000, 50_010), audio[50_000:50_010])
+    buffer.discard_before(110_000)  # grew to hold 126k samples; keeps 16k: shrinks back
+    assert buffer.start == 110_000 and buffer._data.size < 60_000
+    assert buffer.end == 126_000
+    buffer.append(audio[126_000:140_000])
+    np.testing.assert_array_equal(buffer.get(110_000, 140_000), audio[110_000:140_000])
+    buffer.discard_before(110_500)  # under a second: not worth a copy yet
+    assert buffer.start == 110_000
+    with pytest.raises(ValueError, match="already dropped"):
+        buffer.get(100, 200)
+
+
+def test_check_chunk_rejects_bad_chunks_with_clear_words():
+    ok = np.zeros(1600, dtype=np.float32)
+    assert check_chunk(ok[None], 32000).shape == (1600,)
+    assert check_chunk(np.zeros((1, 0), np.float32), 32000).size == 0
+    with pytest.raises(AudioError, match="longer than this server's limit of 2000 ms"):
+        check_chunk(np.zeros(48000, np.float32), 32000)
+    with pytest.raises(AudioError, match="NaN"):
+        check_chunk(np.array([0.0, np.nan], np.float32), 32000)
+    with pytest.raises(AudioError, match="8000 Hz"):
+        check_chunk(ok, 32000, sample_rate=8000)
+
+
+class _Stub:
+    """A stand-in LiveStream for registry bookkeeping (the registry only reads these fields)."""
+
+    def __init__(self):
+        self.busy, self.last_active, self.closed = 0, 0.0, None
+
+
+def test_registry_limits_expires_and_explains_closed_streams():
+    counts = []
+    registry = StreamRegistry(lambda sid, opts: _Stub(), idle_timeout_s=5, max_streams=2, on_change=counts.append)
+    first = registry.open(1, StreamOptions())
+    registry.open(2, StreamOptions())
+    with pytest.raises(StreamError, match="limit of 2 open streams"):
+        registry.open(3, StreamOptions())
+    with pytest.raises(StreamError, match="must carry sequence_start"):
+        registry.get(3)
+    registry.streams[2].last_active = 100.0
+    first.last_active, first.busy = 0.0, 1  # a stream with a chunk in hand is never idle
+    assert registry.expire(now=106.0) == [2]
+    with pytest.raises(StreamError, match="no audio for 5 s"):
+        registry.get(2)
+    registry.close(1, "ended")
+    assert first.closed == "ended" and len(registry) == 0 and counts == [1, 2, 1, 0]
+
+
+class _Collect:
+    def __init__(self, out: list):
+        self.out = out
+
+    def send(self, payload):
+        self.out.append(payload)
+
+    def fail(self, message):
+        self.out.append({"error": message})
+
+    def finish(self):
+        pass
+
+
+async def _stream_in_process(local, samples, sizes, options=StreamOptions()):
+    stream = local.open_stream(options)
+    out, pos = [], 0
+    for size in sizes:
+        if pos >= samples.size:
+            break
+        await stream.push(check_chunk(samples[pos:pos + size], 10**9), False, _Collect(out))
+        pos += size
+    await stream.push(np.zeros(0, np.float32), True, _Collect(out))
+    await stream._delivered
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(model_repository):
+    from tritonasr.local import LocalPipeline
+
+    return LocalPipeline(model_repository, intra_op_threads=1)
+
+
+@pytest.mark.parametrize("name", ["pause_1s.wav", "lead_trail_silence.wav", "long_70s.wav"])
+def test_live_stream_equals_offline_pipeline_in_process(local, name):
+    samples = load_audio(DATA / name).samples
+    offline = local.transcribe(samples)["segments"]
+    rng = np.random.default_rng(7)
+    for sizes in ([320] * 10**5, [9600] * 10**4, _random_sizes(samples.size, rng)):
+        out = asyncio.run(_stream_in_process(local, samples, sizes))
+        finals = [{k: v for k, v in seg.items() if k not in ("final", "segment_index", "endpoint_ms")}
+                  for seg in out[:-1]]
+        assert finals == offline
+        assert [seg["segment_index"] for seg in out[:-1]] == list(range(len(offline)))
+        # A segment is decided after its end, and no later than the audio received.
+        assert all(seg["end_ms"] <= seg["endpoint_ms"] <= out[-1]["duration_ms"] for seg in out[:-1])
+        assert out[-1] == {"complete": True, "duration_ms": len(samples) * 1000 // 16000,
+                           "segment_count": len(offline)}
+
+
+def test_unknown_language_is_refused_when_the_stream_opens(local):
+    with pytest.raises(AudioError, match="unknown language 'xx'"):
+        local.open_stream(StreamOptions(language="xx"))
