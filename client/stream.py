@@ -175,6 +175,7 @@ class LiveStream:
         self._sleep = sleep
         self._started = False
         self._call = None
+        self._ended = False  # the server closed the call after the summary
         self._closed = False
         self._send_error: BaseException | None = None
         self._last_activity: float | None = None  # set once the END chunk is sent
@@ -192,7 +193,7 @@ class LiveStream:
     def cancel(self) -> None:
         """Cancels the gRPC call (nothing if it is over or not started)."""
         self._closed = True
-        if self._call is not None:
+        if self._call is not None and not self._ended:
             self._call.cancel()
 
     async def aclose(self) -> None:
@@ -256,6 +257,7 @@ class LiveStream:
         try:
             async for segment in self.read(self._responses(self._call)):
                 yield segment
+            await self._wait_for_server_close()
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise ServerUnavailableError(
@@ -271,7 +273,24 @@ class LiveStream:
                 raise StreamError("the stream was cancelled by the client") from None
             raise
         finally:
-            self._call.cancel()
+            self.cancel()
+
+    async def _wait_for_server_close(self, timeout_s: float = 10.0) -> None:
+        """After the summary, lets the server end the call (our side has stopped sending) rather
+        than cancelling it: Triton 2.51's gRPC server can crash when a client cancels a stream
+        it is still finishing (triton-inference-server/server#7368, fixed in 24.12)."""
+        async def drain():
+            while True:
+                try:
+                    await self._call.__anext__()
+                except StopAsyncIteration:
+                    return
+
+        try:
+            await asyncio.wait_for(drain(), timeout_s)
+            self._ended = True
+        except asyncio.TimeoutError:
+            pass  # cancelled in _results' finally
 
     async def _responses(self, call) -> AsyncIterator[tuple]:
         """The call's (result, error) items; gives up when the server says nothing for

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonasr.loadtest.common import server_url
 from tritonasr.paths import CHECKOUT_ROOT, default_model_repository
 
 DEFAULT_FILES = sorted(str(p) for p in (CHECKOUT_ROOT / "tests" / "data").rglob("*.wav"))
@@ -119,24 +120,13 @@ def main(args) -> int:
     raw = raw_throughput(repository, audios, _ints(args.raw_batch_sizes), args.min_seconds, log)
     best_batch = max(raw, key=raw.get)
     served = []
-    server = None
-    try:
-        url = args.url
-        if url is None:
-            from tritonasr.server import ServerConfig, TritonServer, free_port
-
-            log("starting the embedded Triton server…")
-            server = TritonServer(ServerConfig(repository, free_port(), free_port(), free_port())).start()
-            url = server.grpc_url
+    with server_url(args.url, repository, log) as url:
         for concurrency in _ints(args.concurrency):
             result = served_throughput(url, audios, concurrency, args.rounds)
             result["ratio_to_raw"] = result["throughput"] / raw[best_batch]
             log(f"served concurrency {concurrency}: {result['throughput']:.1f} audio s / s "
                 f"({result['ratio_to_raw']:.0%} of raw)")
             served.append(result)
-    finally:
-        if server:
-            server.stop()
     report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "cpus": __import__("os").cpu_count(), "files": len(files), "repository": str(repository),
               "raw": {str(k): v for k, v in raw.items()}, "raw_best_batch": best_batch, "served": served}

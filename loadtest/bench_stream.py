@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonasr.loadtest.common import server_url
 from tritonasr.paths import CHECKOUT_ROOT, default_model_repository
 
 DATA = CHECKOUT_ROOT / "tests" / "data"
@@ -135,15 +136,7 @@ def main(args) -> int:
     audios = [load_audio(f).samples for f in files]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     levels = []
-    server = None
-    try:
-        url = args.url
-        if url is None:
-            from tritonasr.server import ServerConfig, TritonServer, free_port
-
-            log("starting the embedded Triton server…")
-            server = TritonServer(ServerConfig(repository, free_port(), free_port(), free_port())).start()
-            url = server.grpc_url
+    with server_url(args.url, repository, log) as url:
         try:
             asyncio.run(warm_up(url, audios[0]))
         except ServerUnavailableError as exc:
@@ -159,9 +152,6 @@ def main(args) -> int:
             log(f"  {level['segments']} segments, {level['errors']} errors, latency p50 "
                 f"{_ms(lat['p50'])} p95 {_ms(lat['p95'])}")
             levels.append(level)
-    finally:
-        if server:
-            server.stop()
     report = {"date": date.today().isoformat(),
               "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "cpus": os.cpu_count(), "url": args.url or "embedded", "repository": str(repository),

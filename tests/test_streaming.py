@@ -165,3 +165,23 @@ def test_live_stream_equals_offline_pipeline_in_process(local, name):
 def test_unknown_language_is_refused_when_the_stream_opens(local):
     with pytest.raises(AudioError, match="unknown language 'xx'"):
         local.open_stream(StreamOptions(language="xx"))
+
+
+def test_a_long_stream_keeps_only_recent_state(local):
+    """Hours-long calls must not grow: audio is kept from the open segment (or the last second)
+    on, and the state machine's per-frame energies only for the frames being decided."""
+    samples = load_audio(DATA / "long_70s.wav").samples
+    stream = local.open_stream()
+    out = []
+
+    async def feed():
+        for pos in range(0, samples.size, 16000):
+            await stream.push(samples[pos:pos + 16000], False, _Collect(out))
+            held_ms = (stream.audio.end - stream.audio.start) * 1000 // 16000
+            open_ms = 0 if stream.open_start_ms is None else stream.endpointer.position_ms - stream.open_start_ms
+            assert held_ms <= max(open_ms, 1000) + 2000
+            assert len(stream.endpointer.tracker.machine.decibel.values) <= 100
+        await stream._delivered
+
+    asyncio.run(feed())
+    assert len(out) == 7  # every segment but the last, which only END closes

@@ -55,12 +55,37 @@ class SegmentTracker:
         self.spec = spec
         self.online = online
         self.machine = E2EVadModel(spec.post)
+        self.machine.decibel = _RecentFrames()
 
     def feed(self, scores: np.ndarray, waveform: np.ndarray, is_final: bool) -> list[tuple[int, int]]:
         """scores [T, C] for the next T frames, waveform: the samples those frames cover."""
         found = self.machine(scores[None], waveform[None], is_final=is_final,
                              max_end_sil=self.spec.max_end_silence_ms, online=self.online)
+        if isinstance(self.machine.decibel, _RecentFrames):  # (a final call resets it to a list)
+            self.machine.decibel.forget_before(self.machine.frm_cnt)
         return [(int(s), int(e)) for batch in found for s, e in batch]
+
+
+class _RecentFrames:
+    """The state machine's per-frame energies, indexed by frame number but holding only frames
+    not yet decided: E2EVadModel itself keeps one value per 10 ms for the life of a stream
+    (~3 MB an hour), and only ever reads the frames of the call in progress."""
+
+    def __init__(self):
+        self.values: list[float] = []
+        self.first = 0
+
+    def append(self, value: float) -> None:
+        self.values.append(value)
+
+    def __getitem__(self, frame: int) -> float:
+        if frame < self.first:
+            raise IndexError(f"frame {frame} was forgotten (kept from {self.first})")
+        return self.values[frame - self.first]
+
+    def forget_before(self, frame: int) -> None:
+        del self.values[:frame - self.first]
+        self.first = max(self.first, frame)
 
 
 def chunk_bounds(frames: int, chunk: int = VAD_CHUNK_FRAMES) -> list[tuple[int, int]]:
