@@ -33,7 +33,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio
+from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
 from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, TranscriptionError
 
 MAX_CHUNK_MS = 2000  # the server refuses longer chunks (`max_chunk_ms` in asr_stream/config.pbtxt)
@@ -117,17 +117,10 @@ class ChunkClock:
 def validate_chunk(chunk: np.ndarray) -> np.ndarray:
     """A chunk as float32: 1-D floating-point samples at 16 kHz, finite, at most 2 s (may be empty)."""
     chunk = np.asarray(chunk)
-    if not np.issubdtype(chunk.dtype, np.floating):
-        raise AudioError(f"audio chunks must be floating point in [-1, 1], got {chunk.dtype}")
-    if chunk.ndim != 1:
-        raise AudioError(f"audio chunks must be 1-D (mono samples), got shape {chunk.shape}")
     if chunk.size > MAX_CHUNK_SAMPLES:
         raise AudioError(f"an audio chunk may hold at most {MAX_CHUNK_MS} ms ({MAX_CHUNK_SAMPLES} "
                          f"samples at 16 kHz), got {chunk.size} samples")
-    bad = np.count_nonzero(~np.isfinite(chunk))
-    if bad:
-        raise AudioError(f"audio chunk contains {bad} NaN or infinite samples")
-    return chunk.astype(np.float32, copy=False)
+    return validate_samples(chunk, allow_empty=True)
 
 
 def split_chunks(samples: np.ndarray, chunk_ms: float | Iterable[float] = 100) -> list[np.ndarray]:

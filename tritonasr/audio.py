@@ -28,7 +28,7 @@ class Audio:
         return len(self.samples) * 1000 // self.sample_rate
 
 
-def validate_samples(samples: np.ndarray) -> np.ndarray:
+def validate_samples(samples: np.ndarray, allow_empty: bool = False) -> np.ndarray:
     """Checks that samples are usable audio and returns them as a float32 array.
 
     Shared by the client and the server so both reject the same inputs with the same words.
@@ -41,7 +41,7 @@ def validate_samples(samples: np.ndarray) -> np.ndarray:
         )
     if samples.ndim != 1:
         raise AudioError(f"audio must be 1-D (mono samples), got shape {samples.shape}")
-    if samples.size == 0:
+    if samples.size == 0 and not allow_empty:  # (a stream's chunks may be empty)
         raise AudioError("audio is empty (0 samples)")
     bad = np.count_nonzero(~np.isfinite(samples))
     if bad:

@@ -146,12 +146,11 @@ class StreamingAsrModel(_PipelineModel):
         self.metric_family = pb_utils.MetricFamily(
             name="tritonasr_open_streams", kind=pb_utils.MetricFamily.GAUGE,
             description="Live streams holding state in asr_stream")
-        open_streams = self.metric_family.Metric(labels={"model": args["model_name"],
-                                                         "instance": args["model_instance_name"]})
-        self.open_streams = open_streams
-        open_streams.set(0)
+        self.open_streams = self.metric_family.Metric(labels={"model": args["model_name"],
+                                                              "instance": args["model_instance_name"]})
+        self.open_streams.set(0)
         self.streams = StreamRegistry(factory, idle_us / 1e6, int(self.params.get("max_streams", "2000")),
-                                      on_change=open_streams.set)
+                                      on_change=self.open_streams.set)
         self._sweeper: asyncio.Future | None = None
 
     async def execute(self, requests):
