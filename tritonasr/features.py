@@ -20,6 +20,8 @@ class Frontend:
     lfr_m: int = 1
     lfr_n: int = 1
     dither: float = 0.0
+    # FunASR feeds kaldi the int16 range; 3D-Speaker feeds the waveform as is, in [-1, 1].
+    scale: float = 32768.0
 
     @classmethod
     def from_config(cls, conf: dict) -> "Frontend":
@@ -40,7 +42,7 @@ class Frontend:
         return self.n_mels * self.lfr_m
 
     def fbank_options_equal(self, other: "Frontend") -> bool:
-        fields = ("fs", "window", "n_mels", "frame_length", "frame_shift", "dither")
+        fields = ("fs", "window", "n_mels", "frame_length", "frame_shift", "dither", "scale")
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
     def online_fbank(self) -> knf.OnlineFbank:
@@ -67,8 +69,7 @@ class Frontend:
     def fbank(self, waveform: np.ndarray) -> np.ndarray:
         """[T, n_mels] float32 log-mel fbank of a float waveform in [-1, 1]."""
         fbank = self.online_fbank()
-        # FunASR scales to the int16 range before kaldi fbank.
-        fbank.accept_waveform(self.fs, (np.asarray(waveform, dtype=np.float32) * 32768.0))
+        fbank.accept_waveform(self.fs, np.asarray(waveform, dtype=np.float32) * self.scale)
         fbank.input_finished()
         count = fbank.num_frames_ready
         out = np.empty((count, self.n_mels), dtype=np.float32)

@@ -115,7 +115,7 @@ class OnlineFeatures:
         self.finished = False
 
     def accept(self, samples: np.ndarray) -> None:
-        self._fbank.accept_waveform(self.frontend.fs, samples * 32768.0)  # FunASR's int16 scale
+        self._fbank.accept_waveform(self.frontend.fs, samples * self.frontend.scale)
 
     def finish(self) -> None:
         self._fbank.input_finished()
