@@ -18,21 +18,31 @@ def render(result: dict, fmt: str) -> str:
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def line_prefix(seg: dict) -> str:
+    """SenseVoice's rich tags, compact and only those the server filled in, then the speaker:
+    `<en|NEUTRAL|Speech> alice: ` (an enrolled name) or `speaker B: ` (an anonymous label)."""
+    tags = "|".join(t for t in (seg.get(k) for k in ("language", "emotion", "event")) if t)
+    return (f"<{tags}> " if tags else "") + _speaker(seg)
+
+
+def _speaker(seg: dict) -> str:
+    speaker = seg.get("speaker")
+    if not speaker:
+        return ""
+    return f"{speaker['id']}: " if speaker.get("id") else f"speaker {speaker['label']}: "
+
+
 def _text_line(seg: dict) -> str:
-    # SenseVoice's rich tags, compact and only those the server filled in.
-    tags = [seg.get(k) for k in ("language", "emotion", "event")]
-    tags = "|".join(t for t in tags if t)
-    prefix = f"<{tags}> " if tags else ""
-    start, end = _clock(seg["start_ms"], "."), _clock(seg["end_ms"], ".")
-    return f"[{start} --> {end}] {prefix}{seg['text']}\n"
+    start, end = clock(seg["start_ms"], "."), clock(seg["end_ms"], ".")
+    return f"[{start} --> {end}] {line_prefix(seg)}{seg['text']}\n"
 
 
 def _srt_block(index: int, seg: dict) -> str:
-    start, end = _clock(seg["start_ms"], ",", hours=True), _clock(seg["end_ms"], ",", hours=True)
-    return f"{index}\n{start} --> {end}\n{seg['text']}\n"
+    start, end = clock(seg["start_ms"], ",", hours=True), clock(seg["end_ms"], ",", hours=True)
+    return f"{index}\n{start} --> {end}\n{_speaker(seg)}{seg['text']}\n"
 
 
-def _clock(ms: int, sep: str, hours: bool = False) -> str:
+def clock(ms: int, sep: str, hours: bool = False) -> str:
     """`MM:SS.mmm`, with hours in front past the first hour or when `hours` (SRT needs them)."""
     h, rest = divmod(int(ms), 3_600_000)
     m, rest = divmod(rest, 60_000)

@@ -22,8 +22,9 @@ class ServerUnavailableError(TranscriptionError):
     """The server cannot be reached, or the model is not loaded on it."""
 
 
-class OfflineClient:
-    """A synchronous gRPC client for one model; not thread-safe, use one per thread."""
+class ModelClient:
+    """A synchronous gRPC client for one model taking tensors and answering JSON in RESULT;
+    not thread-safe, use one per thread."""
 
     def __init__(self, url: str = "localhost:8001", model: str = "asr_offline",
                  timeout_s: float | None = None):
@@ -36,7 +37,7 @@ class OfflineClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> OfflineClient:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -56,24 +57,7 @@ class OfflineClient:
                 "(unknown model, or it failed to load: see the server log)"
             )
 
-    def transcribe(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
-                   language: str = "auto", use_itn: bool = False) -> dict:
-        """Transcribes mono float samples in [-1, 1]; returns the server's result JSON."""
-        if language not in LANGUAGES:
-            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
-        # The server takes 16 kHz only, so other rates are converted here.
-        audio = resample(validate_samples(samples), sample_rate)[np.newaxis, :]
-        if audio.nbytes > grpcclient.MAX_GRPC_MESSAGE_SIZE:
-            raise TranscriptionError(
-                f"audio of {audio.shape[1] / SAMPLE_RATE / 3600:.1f} h is over gRPC's 2 GiB "
-                "message limit; split it into shorter files"
-            )
-        inputs = [
-            _input("AUDIO", audio, "FP32"),
-            _input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
-            _input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
-            _input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
-        ]
+    def infer(self, inputs: list[grpcclient.InferInput]) -> dict:
         try:
             response = self._client.infer(
                 self.model, inputs, outputs=[grpcclient.InferRequestedOutput("RESULT")],
@@ -85,16 +69,49 @@ class OfflineClient:
             raise TranscriptionError(e.message()) from None
         return json.loads(response.as_numpy("RESULT").item())
 
+
+class OfflineClient(ModelClient):
+    """Whole recordings through asr_offline."""
+
+    def transcribe(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
+                   language: str = "auto", use_itn: bool = False, with_speaker: bool = True,
+                   return_embedding: bool = False) -> dict:
+        """Transcribes mono float samples in [-1, 1]; returns the server's result JSON."""
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+        audio = server_audio(samples, sample_rate)[np.newaxis, :]
+        return self.infer([
+            tensor_input("AUDIO", audio, "FP32"),
+            tensor_input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
+            tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
+            tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
+            tensor_input("WITH_SPEAKER", np.array([[with_speaker]], dtype=np.bool_), "BOOL"),
+            tensor_input("RETURN_EMBEDDING", np.array([[return_embedding]], dtype=np.bool_), "BOOL"),
+        ])
+
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
-                        use_itn: bool = False) -> dict:
+                        use_itn: bool = False, return_embedding: bool = False) -> dict:
         """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
         audio = load_audio(path)
-        result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn)
+        result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn,
+                                 return_embedding=return_embedding)
         return {"file": str(path), "duration_ms": audio.duration_ms,
                 "segments": result["segments"]}
 
 
-def _input(name: str, data: np.ndarray, datatype: str) -> grpcclient.InferInput:
+def server_audio(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Checked samples at the server's 16 kHz (other rates are converted here), within gRPC's
+    message limit."""
+    audio = resample(validate_samples(samples), sample_rate)
+    if audio.nbytes > grpcclient.MAX_GRPC_MESSAGE_SIZE:
+        raise TranscriptionError(
+            f"audio of {audio.size / SAMPLE_RATE / 3600:.1f} h is over gRPC's 2 GiB "
+            "message limit; split it into shorter files"
+        )
+    return audio
+
+
+def tensor_input(name: str, data: np.ndarray, datatype: str) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, list(data.shape), datatype)
     tensor.set_data_from_numpy(data)
     return tensor

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import TextIO
 
 from tritonasr.audio import AudioError, load_audio
-from tritonasr.client.formats import _clock
+from tritonasr.client.formats import clock, line_prefix
 from tritonasr.client.offline import LANGUAGES, ServerUnavailableError
 from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
 
@@ -109,13 +109,12 @@ class Printer:
 def text_line(segment: StreamSegment) -> str:
     """`[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> text  (latency 812 ms)`, as `transcribe`
     prints segments, with the latency; partials say so."""
-    tags = "|".join(t for t in (segment.language, segment.emotion, segment.event) if t)
-    prefix = f"<{tags}> " if tags else ""
+    prefix = line_prefix(asdict(segment))
     notes = [] if segment.final else ["partial"]
     if segment.latency_ms is not None:
         notes.append(f"latency {segment.latency_ms:.0f} ms")
     suffix = f"  ({', '.join(notes)})" if notes else ""
-    return f"[{_clock(segment.start_ms, '.')} --> {_clock(segment.end_ms, '.')}] {prefix}{segment.text}{suffix}"
+    return f"[{clock(segment.start_ms, '.')} --> {clock(segment.end_ms, '.')}] {prefix}{segment.text}{suffix}"
 
 
 def segment_json(segment: StreamSegment) -> dict:

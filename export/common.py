@@ -110,6 +110,30 @@ def report_frontend(diff: float, progress: Progress) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def resolve_source(source: str | None, random_init: str | None, seed: int, progress: Progress,
+                   random_model_dir: Callable[[str, int, Progress], Path], hub: str | None = None) -> Path:
+    """The local model directory to export from: `source` (a directory, or a hub id to download)
+    or, with `random_init`, the one `random_model_dir(size, seed, progress)` builds."""
+    if (source is None) == (random_init is None):
+        raise ValueError("give exactly one of a model source (directory or hub id) and random_init")
+    if random_init is not None:
+        return random_model_dir(random_init, seed, progress)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    # "owner/name" that is not a local path is a hub id; anything else is a missing directory.
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(f"model directory not found: {source}")
+    from tritonasr.weights import fetch_hub_model
+
+    progress(f"downloading {source} from {hub or 'ModelScope, then Hugging Face'}…")
+    return fetch_hub_model(source, hub)
+
+
+# ---------------------------------------------------------------------------------------------
 # FunASR models
 
 
@@ -194,6 +218,17 @@ class Staging:
 
 def write_json(path: Path, data: Mapping) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def publish_export(staging: Staging, session, meta: Mapping, progress: Progress) -> tuple[dict[str, Path], dict]:
+    """Writes meta.json and publishes the staged version directory; returns the published files
+    and the graph's tensor specs (from its ONNX Runtime `session`)."""
+    write_json(staging.path("meta.json"), meta)
+    specs = tensor_specs(session)
+    paths = staging.publish()
+    for path in paths.values():
+        progress(f"wrote {path}")
+    return paths, specs
 
 
 def export_onnx(

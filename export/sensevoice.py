@@ -31,20 +31,21 @@ from tritonasr.transcript import ctc_greedy
 
 from tritonasr.export.common import (
     OPSET,
+    check_waveform,
     Cmvn,
     CmvnLayer,
-    Progress,
-    Staging,
-    check_waveform,
     export_onnx,
     frontend_parity,
     lfr_features,
     load_funasr_model,
     max_abs_diff,
     ort_session,
+    Progress,
+    publish_export,
     report_frontend,
+    resolve_source,
+    Staging,
     stderr_progress,
-    tensor_specs,
     write_json,
 )
 
@@ -280,25 +281,6 @@ class SenseVoiceGraph(torch.nn.Module):
         return ctc_logits, token_ids, encoder_out_lens.to(torch.int32)
 
 
-def resolve_source(source: str | None, random_init: str | None, seed: int,
-                   progress: Progress, hub: str | None = None) -> Path:
-    """The local FunASR model directory to export from."""
-    if (source is None) == (random_init is None):
-        raise ValueError("give exactly one of a model source (directory or hub id) and random_init")
-    if random_init is not None:
-        return random_model_dir(random_init, seed, progress)
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    # "owner/name" that is not a local path is a hub id; anything else is a missing directory.
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"model directory not found: {source}")
-    from tritonasr.weights import fetch_hub_model
-
-    progress(f"downloading {source} from {hub or 'ModelScope, then Hugging Face'}…")
-    return fetch_hub_model(source, hub)
-
-
 def export_sensevoice(
     source: str | None,
     random_init: str | None,
@@ -314,7 +296,7 @@ def export_sensevoice(
     random_init "full" | "tiny" for seeded random weights (meaningless transcripts).
     Returns a summary: output paths, tensor specs and parity numbers.
     """
-    model_dir = resolve_source(source, random_init, seed, progress, hub)
+    model_dir = resolve_source(source, random_init, seed, progress, random_model_dir, hub)
     if random_init is not None:
         bar = "!" * 78
         progress(f"{bar}\n!! RANDOM WEIGHTS ({random_init}, seed {seed}): the graph computes the "
@@ -397,12 +379,7 @@ def export_sensevoice(
             "random_init": random_init,
             "parity": parity,
         }
-        write_json(staging.path("meta.json"), meta)
-        specs = tensor_specs(session)
-        del session
-        paths = staging.publish()
-    for path in paths.values():
-        progress(f"wrote {path}")
+        paths, specs = publish_export(staging, session, meta, progress)
     return {
         "model": paths["model.onnx"],
         "meta": paths["meta.json"],

@@ -16,11 +16,9 @@ import torch
 
 from tritonasr.export.common import (
     OPSET,
+    check_waveform,
     Cmvn,
     CmvnLayer,
-    Progress,
-    Staging,
-    check_waveform,
     export_onnx,
     frontend_parity,
     lfr_features,
@@ -28,10 +26,11 @@ from tritonasr.export.common import (
     max_abs_diff,
     ort_session,
     pin_output_dims,
+    Progress,
+    publish_export,
     report_frontend,
+    Staging,
     stderr_progress,
-    tensor_specs,
-    write_json,
 )
 
 TOLERANCE = 1e-4  # max abs diff of scores and caches, PyTorch vs ONNX Runtime
@@ -130,12 +129,7 @@ def export_vad(
             "source": str(model_dir),
             "parity": parity,
         }
-        write_json(staging.path("meta.json"), meta)
-        specs = tensor_specs(session)
-        del session
-        paths = staging.publish()
-    for path in paths.values():
-        progress(f"wrote {path}")
+        paths, specs = publish_export(staging, session, meta, progress)
     return {
         "model": paths["model.onnx"],
         "meta": paths["meta.json"],

@@ -4,7 +4,9 @@ at its best batch size, measured in the same run on the same machine.
 
 The raw figure is the ceiling: the SenseVoice graph alone over the speech segments of the same
 files (already cut, features precomputed, batches of similar lengths), counted in the same
-audio seconds (the files' durations) as the served figure.
+audio seconds (the files' durations) as the served figure. Each concurrency runs with the
+speaker stage and without it (WITH_SPEAKER=false), one after the other on the same server, so
+the stage's cost is a ratio from one run.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="passes over the files per concurrency")
     parser.add_argument("--raw-batch-sizes", default="1,2,4,8")
     parser.add_argument("--min-seconds", type=float, default=10.0, help="minimum timed seconds per raw setting")
+    parser.add_argument("--speaker-stage", choices=["both", "on", "off"], default="both",
+                        help="served runs with the speaker stage, without it, or both (default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -84,7 +88,8 @@ def raw_throughput(repository: Path, audios: list[np.ndarray], batch_sizes: list
     return results
 
 
-def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, rounds: int) -> dict:
+def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, rounds: int,
+                      with_speaker: bool = True) -> dict:
     from tritonasr.client.offline import OfflineClient
 
     jobs = [a for _ in range(rounds) for a in audios]
@@ -95,7 +100,7 @@ def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, roun
 
         client = clients.setdefault(threading.get_ident(), OfflineClient(url))
         began = time.perf_counter()
-        client.transcribe(samples)
+        client.transcribe(samples, with_speaker=with_speaker)
         return time.perf_counter() - began
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -105,7 +110,8 @@ def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, roun
         wall = time.perf_counter() - began
     audio_s = sum(a.size for a in jobs) / 16000
     latencies.sort()
-    return {"concurrency": concurrency, "requests": len(jobs), "audio_s": audio_s, "wall_s": wall,
+    return {"concurrency": concurrency, "speaker_stage": with_speaker, "requests": len(jobs),
+            "audio_s": audio_s, "wall_s": wall,
             "throughput": audio_s / wall, "latency_p50_s": statistics.median(latencies),
             "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
 
@@ -122,11 +128,12 @@ def main(args) -> int:
     served = []
     with server_url(args.url, repository, log) as url:
         for concurrency in _ints(args.concurrency):
-            result = served_throughput(url, audios, concurrency, args.rounds)
-            result["ratio_to_raw"] = result["throughput"] / raw[best_batch]
-            log(f"served concurrency {concurrency}: {result['throughput']:.1f} audio s / s "
-                f"({result['ratio_to_raw']:.0%} of raw)")
-            served.append(result)
+            for with_speaker in {"both": (True, False), "on": (True,), "off": (False,)}[args.speaker_stage]:
+                result = served_throughput(url, audios, concurrency, args.rounds, with_speaker)
+                result["ratio_to_raw"] = result["throughput"] / raw[best_batch]
+                log(f"served concurrency {concurrency}, speaker stage {'on' if with_speaker else 'off'}: "
+                    f"{result['throughput']:.1f} audio s / s ({result['ratio_to_raw']:.0%} of raw)")
+                served.append(result)
     report = {"date": date.today().isoformat(), "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "cpus": __import__("os").cpu_count(), "files": len(files), "repository": str(repository),
               "raw": {str(k): v for k, v in raw.items()}, "raw_best_batch": best_batch, "served": served}
@@ -141,8 +148,10 @@ def render_markdown(report: dict) -> str:
     lines = ["| system | setting | audio s / wall s | vs raw best | p50 latency | p95 latency |",
              "|---|---|---:|---:|---:|---:|"]
     for batch, value in report["raw"].items():
-        lines.append(f"| raw ONNX Runtime, in-process | batch {batch} | {value:.1f} | {value / best:.0%} | | |")
+        lines.append(f"| raw SenseVoice ONNX Runtime, in-process | batch {batch} | {value:.1f} | {value / best:.0%} | | |")
     for r in report["served"]:
-        lines.append(f"| tritonasr asr_offline (gRPC) | concurrency {r['concurrency']} | {r['throughput']:.1f} | "
-                     f"{r['ratio_to_raw']:.0%} | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s |")
+        stage = "with speaker stage" if r["speaker_stage"] else "without speaker stage"
+        lines.append(f"| tritonasr asr_offline (gRPC) | concurrency {r['concurrency']}, {stage} | "
+                     f"{r['throughput']:.1f} | {r['ratio_to_raw']:.0%} | {r['latency_p50_s']:.2f} s | "
+                     f"{r['latency_p95_s']:.2f} s |")
     return "\n".join(lines)

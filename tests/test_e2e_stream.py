@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonasr.audio import load_audio
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 
-from conftest import DATA
+from conftest import DATA, conversation
 
 FILES = ["one_phrase.wav", "pause_0.3s.wav", "pause_1s.wav", "pause_3s.wav", "lead_trail_silence.wav",
          "long_70s.wav"]
@@ -89,18 +89,10 @@ def test_any_chunking_gives_the_offline_segments(server, offline_segments, name)
         assert all(seg.endpoint_ms >= seg.end_ms and seg.latency_ms >= 0 for seg in results)
 
 
-def _conversation(order: list[int], utterances: list[np.ndarray], gap_s: float) -> np.ndarray:
-    gap = np.zeros(int(gap_s * 16000), dtype=np.float32)
-    parts = [gap]
-    for i in order:
-        parts += [utterances[i], gap]
-    return np.concatenate(parts)
-
-
 def test_32_interleaved_streams_each_get_exactly_their_own_segments(server, client):
     utterances = [load_audio(path).samples for path in sorted((DATA / "speakers").glob("utt*.wav"))]
     rng = np.random.default_rng(32)
-    streams = [_conversation(list(rng.permutation(len(utterances))[:3]), utterances, gap_s=1.0 + 0.1 * (i % 5))
+    streams = [conversation(list(rng.permutation(len(utterances))[:3]), utterances, gap_s=1.0 + 0.1 * (i % 5))
                for i in range(32)]
     expected = [client.transcribe(audio)["segments"] for audio in streams]
 

@@ -15,13 +15,8 @@ import sentencepiece as spm
 import torch
 
 from tritonasr.audio import load_audio
-from tritonasr.export.common import Staging, lfr_features, load_funasr_model
-from tritonasr.export.sensevoice import (
-    RICH_TAGS,
-    export_sensevoice,
-    random_model_dir,
-    resolve_source,
-)
+from tritonasr.export.common import Staging, lfr_features, load_funasr_model, resolve_source
+from tritonasr.export.sensevoice import RICH_TAGS, export_sensevoice, random_model_dir
 from tritonasr.export.vad import export_vad
 from tritonasr.transcript import ctc_greedy
 from tritonasr.weights import fetch_vad_weights
@@ -274,7 +269,7 @@ def test_missing_model_dir_is_a_clear_error(tmp_path, repository):
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         export_sensevoice(str(tmp_path / "empty"), None, repository, None, progress=quiet)
     with pytest.raises(ValueError, match="exactly one"):
-        resolve_source("iic/SenseVoiceSmall", "tiny", 0, quiet)
+        resolve_source("iic/SenseVoiceSmall", "tiny", 0, quiet, random_model_dir)
     with pytest.raises(ValueError, match="random_init must be one of"):
         export_sensevoice(None, "huge", repository, None, progress=quiet)
 

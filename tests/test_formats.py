@@ -9,9 +9,11 @@ RESULT = {
     "duration_ms": 3_725_000,
     "segments": [
         {"start_ms": 1230, "end_ms": 3450, "text": "Hello there.",
-         "language": "en", "emotion": "HAPPY", "event": "Speech"},
+         "language": "en", "emotion": "HAPPY", "event": "Speech",
+         "speaker": {"id": "alice", "score": 0.81, "label": "A"}},
         {"start_ms": 61_005, "end_ms": 65_000, "text": "今天天气很好。",
-         "language": "zh", "emotion": None, "event": None},
+         "language": "zh", "emotion": None, "event": None,
+         "speaker": {"id": None, "score": 0.12, "label": "B"}},
         {"start_ms": 3_600_000, "end_ms": 3_723_004, "text": "The end.",
          "language": None, "emotion": None, "event": None},
     ],
@@ -21,17 +23,17 @@ EMPTY = {"file": "silence.wav", "duration_ms": 5000, "segments": []}
 
 def test_text_has_one_line_per_segment_with_compact_tags():
     assert render(RESULT, "text") == (
-        "[00:01.230 --> 00:03.450] <en|HAPPY|Speech> Hello there.\n"
-        "[01:01.005 --> 01:05.000] <zh> 今天天气很好。\n"
+        "[00:01.230 --> 00:03.450] <en|HAPPY|Speech> alice: Hello there.\n"
+        "[01:01.005 --> 01:05.000] <zh> speaker B: 今天天气很好。\n"
         "[01:00:00.000 --> 01:02:03.004] The end.\n"
     )
 
 
 def test_srt_numbers_blocks_and_uses_comma_timestamps():
     assert render(RESULT, "srt") == (
-        "1\n00:00:01,230 --> 00:00:03,450\nHello there.\n"
+        "1\n00:00:01,230 --> 00:00:03,450\nalice: Hello there.\n"
         "\n"
-        "2\n00:01:01,005 --> 00:01:05,000\n今天天气很好。\n"
+        "2\n00:01:01,005 --> 00:01:05,000\nspeaker B: 今天天气很好。\n"
         "\n"
         "3\n01:00:00,000 --> 01:02:03,004\nThe end.\n"
     )

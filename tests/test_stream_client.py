@@ -153,7 +153,8 @@ def test_requests_start_with_options_end_with_an_empty_chunk():
                                                                             (False, True)]
     assert _inputs(requests[0]) == {"AUDIO": ("FP32", [1, 1600]), "SAMPLE_RATE": ("INT32", [1, 1]),
                                     "LANGUAGE": ("BYTES", [1, 1]), "USE_ITN": ("BOOL", [1, 1]),
-                                    "PARTIAL_INTERVAL_MS": ("INT32", [1, 1])}
+                                    "PARTIAL_INTERVAL_MS": ("INT32", [1, 1]), "WITH_SPEAKER": ("BOOL", [1, 1]),
+                                    "RETURN_EMBEDDING": ("BOOL", [1, 1])}
     # Later requests carry AUDIO alone, so those of all streams batch together on the server.
     assert _inputs(requests[1]) == {"AUDIO": ("FP32", [1, 800])}
     assert _inputs(requests[2]) == {"AUDIO": ("FP32", [1, 0])}
@@ -339,11 +340,13 @@ def test_cli_exit_codes_without_server(tmp_path, capsys):
 # -- output --------------------------------------------------------------------------------------
 
 SEGMENT = StreamSegment(1230, 3400, "Hello there.", "en", "NEUTRAL", "Speech", True, 0, 4200,
-                        latency_ms=812.4, after_endpoint_ms=95.04, received_ms=4312.45)
+                        latency_ms=812.4, after_endpoint_ms=95.04, received_ms=4312.45,
+                        speaker={"id": None, "score": 0.31, "label": "B"})
 
 
 def test_text_lines():
-    assert text_line(SEGMENT) == "[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> Hello there.  (latency 812 ms)"
+    assert text_line(SEGMENT) == ("[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> speaker B: Hello there.  "
+                                  "(latency 812 ms)")
     partial = StreamSegment(1230, 2000, "Hello", None, None, None, False, 0, 2000, None, None, 2100.0)
     assert text_line(partial) == "[00:01.230 --> 00:02.000] Hello  (partial)"
 
@@ -354,7 +357,7 @@ def test_printer_text_not_a_tty_prints_partials_on_lines():
     printer.segment(StreamSegment(1230, 2000, "Hello", "en", None, None, False, 0, 2000, 300.0, 300.0, 2300.0))
     printer.segment(SEGMENT)
     assert out.getvalue() == ("[00:01.230 --> 00:02.000] <en> Hello  (partial, latency 300 ms)\n"
-                              "[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> Hello there.  (latency 812 ms)\n")
+                              "[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> speaker B: Hello there.  (latency 812 ms)\n")
 
 
 def test_printer_tty_rewrites_the_partial_line():
@@ -367,7 +370,7 @@ def test_printer_tty_rewrites_the_partial_line():
     printer.segment(StreamSegment(1230, 2000, "Hello", None, None, None, False, 0, 2000, None, None, 0.0))
     printer.segment(SEGMENT)
     assert out.getvalue().startswith("\r\x1b[K[00:01.230 --> 00:02.000] Hello")
-    assert out.getvalue().endswith("\r\x1b[K[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> Hello there.  "
+    assert out.getvalue().endswith("\r\x1b[K[00:01.230 --> 00:03.400] <en|NEUTRAL|Speech> speaker B: Hello there.  "
                                    "(latency 812 ms)\n")
 
 
@@ -379,7 +382,8 @@ def test_printer_json_lines_end_with_the_summary():
     first, last = [json.loads(line) for line in out.getvalue().splitlines()]
     assert first == {"start_ms": 1230, "end_ms": 3400, "text": "Hello there.", "language": "en",
                      "emotion": "NEUTRAL", "event": "Speech", "final": True, "segment_index": 0,
-                     "endpoint_ms": 4200, "latency_ms": 812.4, "after_endpoint_ms": 95.0, "received_ms": 4312.4}
+                     "endpoint_ms": 4200, "latency_ms": 812.4, "after_endpoint_ms": 95.0, "received_ms": 4312.4,
+                     "speaker": {"id": None, "score": 0.31, "label": "B"}}
     assert first == segment_json(SEGMENT)
     assert last == {"complete": True, "duration_ms": 7966, "segment_count": 1}
 

@@ -31,10 +31,12 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_config(args):
+    from tritonasr.repository import exported_models
     from tritonasr.server import ServerConfig
 
-    return ServerConfig(_repository(args), args.grpc_port, args.http_port, args.metrics_port,
-                        args.log_verbose, args.model_config_name)
+    repository = _repository(args)
+    return ServerConfig(repository, args.grpc_port, args.http_port, args.metrics_port,
+                        args.log_verbose, args.model_config_name, models=exported_models(repository))
 
 
 def cmd_serve(args) -> int:
@@ -70,14 +72,16 @@ def cmd_export(args) -> int:
         from tritonasr.export.vad import export_vad
 
         export_vad(args.model_dir, repository, args.check_audio)
+        return 0
+    source = str(args.model_dir) if args.model_dir else args.hub_id
+    if source is None and args.random_init is None:
+        print("error: give --model-dir DIR, --model HUB_ID or --random-init {full,tiny}", file=sys.stderr)
+        return 2
+    if args.model == "speaker":
+        from tritonasr.export.speaker import export_speaker as export
     else:
-        from tritonasr.export.sensevoice import export_sensevoice
-
-        source = str(args.model_dir) if args.model_dir else args.hub_id
-        if source is None and args.random_init is None:
-            print("error: give --model-dir DIR, --model HUB_ID or --random-init {full,tiny}", file=sys.stderr)
-            return 2
-        export_sensevoice(source, args.random_init, repository, args.check_audio, seed=args.seed)
+        from tritonasr.export.sensevoice import export_sensevoice as export
+    export(source, args.random_init, repository, args.check_audio, seed=args.seed)
     return 0
 
 
@@ -85,7 +89,7 @@ def cmd_transcribe(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
 
     return run_transcribe(args.files, args.url, args.format, language=args.language,
-                          concurrency=args.concurrency)
+                          concurrency=args.concurrency, return_embedding=args.embeddings)
 
 
 def cmd_stream(args) -> int:
@@ -94,6 +98,13 @@ def cmd_stream(args) -> int:
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
                       fmt=args.format)
+
+
+def cmd_speakers(args) -> int:
+    from tritonasr.client.speakers import run_speakers
+
+    return run_speakers(args.action, args.url, getattr(args, "name", None), getattr(args, "files", []),
+                        getattr(args, "replace", False), getattr(args, "format", "text"))
 
 
 def cmd_bench(args) -> int:
@@ -126,11 +137,17 @@ def cmd_demo(args) -> int:
 
         source = str(args.model_dir) if args.model_dir else args.hub_id
         export_sensevoice(source, None if source else "full", repository, None)
+    if not (repository / "speaker" / "1" / "model.onnx").exists():
+        from tritonasr.export.speaker import export_speaker
+
+        export_speaker(None, "full", repository, None)
     files = args.files or [str(sample_audio())]
-    meta = json.loads((repository / "sensevoice" / "1" / "meta.json").read_text())
-    if meta.get("random_init"):
-        print(f"WARNING: SenseVoice has RANDOM weights ({meta['random_init']}): the text below is meaningless. "
-              "Give --model-dir or --model for a real checkpoint.", file=sys.stderr, flush=True)
+    for model, what in (("sensevoice", "the text below is meaningless"), ("speaker", "so are the speaker labels")):
+        meta = json.loads((repository / model / "1" / "meta.json").read_text())
+        if meta.get("random_init"):
+            print(f"WARNING: {model} has RANDOM weights ({meta['random_init']}): {what}. "
+                  f"Export a real checkpoint with `tritonasr export {model} --model-dir DIR`.",
+                  file=sys.stderr, flush=True)
     print("tritonasr: starting the embedded Triton server…", file=sys.stderr, flush=True)
     try:
         with TritonServer(_server_config(args)) as server:
@@ -165,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="export a model to ONNX into the model repository")
-    export.add_argument("model", choices=["vad", "sensevoice"])
-    export.add_argument("--model-dir", type=Path, help="FunASR model directory (model.pt, config.yaml, am.mvn…)")
-    export.add_argument("--model", dest="hub_id", help="SenseVoice ModelScope/Hugging Face id (needs the hub)")
+    export.add_argument("model", choices=["vad", "sensevoice", "speaker"])
+    export.add_argument("--model-dir", type=Path,
+                        help="checkpoint directory (FunASR: model.pt, config.yaml, am.mvn…; ERes2NetV2: "
+                             "configuration.json and its .ckpt)")
+    export.add_argument("--model", dest="hub_id", help="ModelScope/Hugging Face id (needs the hub)")
     export.add_argument("--random-init", choices=["full", "tiny"],
-                        help="SenseVoice with random weights (real compute, meaningless text)")
+                        help="random weights (real compute, meaningless results)")
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--check-audio", type=Path, help="speech for the parity check (default: the sample)")
     _add_repository(export)
@@ -181,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text")
     transcribe.add_argument("--language", default="auto", help="auto|zh|en|yue|ja|ko")
     transcribe.add_argument("--concurrency", type=int, default=4)
+    transcribe.add_argument("--embeddings", action="store_true",
+                            help="each segment's speaker embedding in the JSON output")
     transcribe.set_defaults(func=cmd_transcribe)
 
     stream = sub.add_parser("stream", help="stream an audio file through asr_stream, results as they arrive")
@@ -194,6 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     stream.add_argument("--format", choices=["text", "json"], default="text")
     stream.set_defaults(func=cmd_stream)
+
+    speakers = sub.add_parser("speakers", help="enrolled speakers: enroll, list, remove")
+    speakers_sub = speakers.add_subparsers(dest="action", required=True)
+    enroll = speakers_sub.add_parser("enroll", help="enroll NAME from recordings of that speaker alone")
+    enroll.add_argument("name")
+    enroll.add_argument("files", nargs="+")
+    enroll.add_argument("--replace", action="store_true", help="replace NAME's voiceprint if enrolled")
+    listing = speakers_sub.add_parser("list", help="the enrolled speakers")
+    listing.add_argument("--format", choices=["text", "json"], default="text")
+    remove = speakers_sub.add_parser("remove", help="forget an enrolled speaker")
+    remove.add_argument("name")
+    for action in (enroll, listing, remove):
+        action.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
+        action.set_defaults(func=cmd_speakers)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -8,19 +8,28 @@ from pathlib import Path
 import numpy as np
 
 from tritonasr.onnx_runner import OnnxModel
-from tritonasr.pipeline import AsrSpec, OfflinePipeline
+from tritonasr.pipeline import AsrSpec, OfflinePipeline, Recognizer, detect_speech
+from tritonasr.speakers import SpeakerSettings, build_speaker_stage
 from tritonasr.streaming import LiveStream, StreamOptions, stream_factory
 from tritonasr.vad import VadSpec
 
 
 class LocalPipeline:
-    def __init__(self, repository: Path, intra_op_threads: int = 0):
+    """`speakers`: the speaker stage's settings (the served models' parameters); None leaves the
+    stage out even when the speaker model is exported."""
+
+    def __init__(self, repository: Path, intra_op_threads: int = 0, speakers: SpeakerSettings | None = None):
         repository = Path(repository)
         self.vad_model = OnnxModel(repository / "vad" / "1" / "model.onnx", intra_op_threads)
         self.asr_model = OnnxModel(repository / "sensevoice" / "1" / "model.onnx", intra_op_threads)
-        vad, asr = VadSpec.load(repository / "vad" / "1"), AsrSpec.load(repository / "sensevoice" / "1")
-        self.pipeline = OfflinePipeline(vad, asr, self._run_vad, self._run_asr)
-        self._new_stream = stream_factory(vad, asr, self._run_vad, self._run_asr)
+        self.vad = VadSpec.load(repository / "vad" / "1")
+        stage = None
+        if speakers is not None:
+            self.speaker_model = OnnxModel(repository / speakers.model / "1" / "model.onnx", intra_op_threads)
+            stage = build_speaker_stage(repository, speakers, self._run_speaker)
+        recognizer = Recognizer(AsrSpec.load(repository / "sensevoice" / "1"), self._run_asr, stage)
+        self.pipeline = OfflinePipeline(self.vad, recognizer, self._run_vad)
+        self._new_stream = stream_factory(self.vad, recognizer, self._run_vad)
 
     async def _run_vad(self, feats, caches):
         feeds = {"speech": feats, **{f"in_cache{i}": c for i, c in enumerate(caches)}}
@@ -36,13 +45,16 @@ class LocalPipeline:
         }, ["token_ids", "encoder_out_lens"])
         return out["token_ids"][0], int(out["encoder_out_lens"][0])
 
-    def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False) -> dict:
-        return asyncio.run(self.pipeline.transcribe(samples, language, use_itn))
+    async def _run_speaker(self, feats):
+        return self.speaker_model.run({"feats": feats}, ["embedding"])["embedding"][0]
+
+    def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
+                   return_embedding: bool = False) -> dict:
+        return asyncio.run(self.pipeline.transcribe(samples, language, use_itn, return_embedding=return_embedding))
 
     def open_stream(self, options: StreamOptions = StreamOptions()) -> LiveStream:
         """A live stream whose `push` must be awaited inside one event loop."""
         return self._new_stream(0, options)
 
     def speech_segments(self, samples: np.ndarray) -> list[tuple[int, int]]:
-        fbank = self.pipeline.vad.frontend.fbank(samples)
-        return asyncio.run(self.pipeline.detect_speech(samples, fbank))
+        return asyncio.run(detect_speech(self.vad, self._run_vad, samples))

@@ -16,6 +16,7 @@ import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.features import Frontend
+from tritonasr.speakers import SpeakerStage
 from tritonasr.transcript import Segment, Tokenizer
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_bounds, chunk_samples, split_long_segments
 
@@ -53,11 +54,13 @@ class AsrSpec:
 
 
 class Recognizer:
-    """One segment's features -> SenseVoice -> text and rich tags."""
+    """One segment -> SenseVoice's text and rich tags, and (with a speaker stage) the speaker's
+    embedding, computed concurrently."""
 
-    def __init__(self, asr: AsrSpec, run_asr: RunAsr):
+    def __init__(self, asr: AsrSpec, run_asr: RunAsr, speakers: SpeakerStage | None = None):
         self.asr = asr
         self.run_asr = run_asr
+        self.speakers = speakers
 
     async def recognize(self, feats: np.ndarray, start_ms: int, end_ms: int,
                         query: tuple[int, int]) -> Segment | None:
@@ -67,9 +70,19 @@ class Recognizer:
         rich = self.asr.tokenizer.transcript(token_ids, length, self.asr.blank_id)
         return Segment(start_ms, end_ms, rich.text, rich.language, rich.emotion, rich.event)
 
-    async def recognize_audio(self, samples: np.ndarray, start_ms: int, end_ms: int,
-                              query: tuple[int, int]) -> Segment | None:
-        return await self.recognize(self.asr.frontend.features(samples), start_ms, end_ms, query)
+    async def analyse(self, feats: np.ndarray, samples: np.ndarray, start_ms: int, end_ms: int,
+                      query: tuple[int, int], with_speaker: bool) -> tuple[Segment | None, np.ndarray | None]:
+        """(segment, speaker embedding or None) of a segment's ASR features and audio."""
+        if not (with_speaker and self.speakers):
+            return await self.recognize(feats, start_ms, end_ms, query), None
+        segment, embedding = await asyncio.gather(self.recognize(feats, start_ms, end_ms, query),
+                                                  self.speakers.embed(samples))
+        return segment, embedding
+
+    async def analyse_audio(self, samples: np.ndarray, start_ms: int, end_ms: int, query: tuple[int, int],
+                            with_speaker: bool) -> tuple[Segment | None, np.ndarray | None]:
+        return await self.analyse(self.asr.frontend.features(samples), samples, start_ms, end_ms, query,
+                                  with_speaker)
 
 
 def check_sample_rate(sample_rate: int) -> None:
@@ -77,19 +90,35 @@ def check_sample_rate(sample_rate: int) -> None:
         raise AudioError(f"audio must be {SAMPLE_RATE} Hz mono; got {sample_rate} Hz (resample it on the client)")
 
 
+async def detect_speech(vad: VadSpec, run_vad: RunVad, samples: np.ndarray,
+                        fbank: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """A whole recording's speech segments (ms), as FunASR's offline VAD finds them."""
+    frontend = vad.frontend
+    fbank = frontend.fbank(samples) if fbank is None else fbank
+    tracker = SegmentTracker(vad)
+    caches = vad.zero_caches()
+    bounds = chunk_bounds(frontend.num_lfr_frames(fbank.shape[0]))
+    segments: list[tuple[int, int]] = []
+    for i, (start, stop) in enumerate(bounds):
+        scores, caches = await run_vad(frontend.lfr(fbank, start, stop)[None], caches)
+        wave = samples[chunk_samples(frontend, start, stop, samples.size)]
+        segments += tracker.feed(scores[0], wave, is_final=i == len(bounds) - 1)
+    return segments
+
+
 class OfflinePipeline:
-    def __init__(self, vad: VadSpec, asr: AsrSpec, run_vad: RunVad, run_asr: RunAsr,
+    def __init__(self, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS):
         self.vad = vad
-        self.asr = asr
+        self.asr = recognizer.asr
         self.run_vad = run_vad
-        self.recognizer = Recognizer(asr, run_asr)
+        self.recognizer = recognizer
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
         # Both models use the same kaldi fbank; when they do, SenseVoice's features are cut from
         # the fbank the VAD already computed (frames are local, so this is exact) instead of
         # computing it twice.
-        self._share_fbank = vad.frontend.fbank_options_equal(asr.frontend)
+        self._share_fbank = vad.frontend.fbank_options_equal(self.asr.frontend)
 
     def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         check_sample_rate(sample_rate)
@@ -100,33 +129,27 @@ class OfflinePipeline:
         return samples
 
     async def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
-                         sample_rate: int = SAMPLE_RATE) -> dict:
+                         sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,
+                         return_embedding: bool = False) -> dict:
+        """with_speaker: run the speaker stage (when deployed); False skips it for this request."""
         samples = self.check_audio(samples, sample_rate)
         query = self.asr.query_ids(language, use_itn)
         fbank = self.vad.frontend.fbank(samples)
-        speech = await self.detect_speech(samples, fbank)
+        speech = await detect_speech(self.vad, self.run_vad, samples, fbank)
         pieces = split_long_segments(speech, self.max_asr_segment_ms)
-        # All segments go out at once so the sensevoice batcher can batch them.
-        segments = await asyncio.gather(*(self.recognize(samples, fbank, s, e, query) for s, e in pieces))
-        return {"duration_ms": int(samples.size * 1000 // SAMPLE_RATE),
-                "segments": [seg.to_dict() for seg in segments if seg is not None]}
+        # All segments go out at once so the leaf models' batchers can batch them.
+        speakers = self.recognizer.speakers.session(return_embedding) if with_speaker and self.recognizer.speakers else None
+        results = await asyncio.gather(*(self.analyse(samples, fbank, s, e, query, speakers is not None)
+                                         for s, e in pieces))
+        segments = []
+        for segment, embedding in results:  # in order: speaker labels are given in order of speech
+            if segment is not None:
+                segment.speaker = speakers.describe(embedding) if speakers else None
+                segments.append(segment.to_dict())
+        return {"duration_ms": int(samples.size * 1000 // SAMPLE_RATE), "segments": segments}
 
-    async def detect_speech(self, samples: np.ndarray, fbank: np.ndarray) -> list[tuple[int, int]]:
-        frontend = self.vad.frontend
-        tracker = SegmentTracker(self.vad)
-        caches = self.vad.zero_caches()
-        frames = frontend.num_lfr_frames(fbank.shape[0])
-        bounds = chunk_bounds(frames)
-        segments: list[tuple[int, int]] = []
-        for i, (start, stop) in enumerate(bounds):
-            feats = frontend.lfr(fbank, start, stop)[None]
-            scores, caches = await self.run_vad(feats, caches)
-            wave = samples[chunk_samples(frontend, start, stop, samples.size)]
-            segments += tracker.feed(scores[0], wave, is_final=i == len(bounds) - 1)
-        return segments
-
-    async def recognize(self, samples: np.ndarray, fbank: np.ndarray, start_ms: int, end_ms: int,
-                        query: tuple[int, int]) -> Segment | None:
+    async def analyse(self, samples: np.ndarray, fbank: np.ndarray, start_ms: int, end_ms: int,
+                      query: tuple[int, int], with_speaker: bool) -> tuple[Segment | None, np.ndarray | None]:
         frontend = self.asr.frontend
         first, last = start_ms * SAMPLE_RATE // 1000, min(samples.size, end_ms * SAMPLE_RATE // 1000)
         if self._share_fbank and start_ms % frontend.frame_shift == 0:
@@ -134,4 +157,5 @@ class OfflinePipeline:
             seg_fbank = fbank[frame0: frame0 + frontend.num_frames(last - first)]
         else:
             seg_fbank = frontend.fbank(samples[first:last])
-        return await self.recognizer.recognize(frontend.lfr(seg_fbank), start_ms, end_ms, query)
+        return await self.recognizer.analyse(frontend.lfr(seg_fbank), samples[first:last], start_ms, end_ms,
+                                             query, with_speaker)

@@ -17,7 +17,7 @@ _ONNX_TO_TRITON = {
 
 
 # Parameters through which a BLS model names the models it calls.
-BLS_TARGET_PARAMETERS = ("vad_model", "asr_model")
+BLS_TARGET_PARAMETERS = ("vad_model", "asr_model", "speaker_model")
 
 
 def parse_config(path: Path) -> mc.ModelConfig:
@@ -73,7 +73,7 @@ def check_model(model_dir: Path, config_file: Path) -> list[str]:
     for key in BLS_TARGET_PARAMETERS:
         if key in config.parameters:
             target = config.parameters[key].string_value
-            if not (model_dir.parent / target / "config.pbtxt").exists():
+            if target and not (model_dir.parent / target / "config.pbtxt").exists():  # "": stage off
                 problems.append(f"{where}: parameter {key} names model {target!r}, which is not in the repository")
     return problems
 

@@ -9,7 +9,8 @@ from tritonasr.paths import CHECKOUT_ROOT
 
 TEMPLATES = CHECKOUT_ROOT / "model_repository"
 # Which served models each export brings to life.
-MODELS_OF_EXPORT = {"vad": ["vad"], "sensevoice": ["sensevoice", "asr_offline", "asr_stream"]}
+MODELS_OF_EXPORT = {"vad": ["vad"], "sensevoice": ["sensevoice", "asr_offline", "asr_stream"],
+                    "speaker": ["speaker", "speaker_registry"]}
 ALL_MODELS = [model for models in MODELS_OF_EXPORT.values() for model in models]
 
 
@@ -26,3 +27,11 @@ def install_model_files(repository: Path, models: list[str]) -> None:
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
+
+
+def exported_models(repository: Path) -> list[str]:
+    """The served models whose export has been run: those a server of `repository` can load.
+    (The checkout's repository holds every model's config, exported or not.)"""
+    repository = Path(repository)
+    return [model for export, models in MODELS_OF_EXPORT.items()
+            if (repository / export / "1" / "model.onnx").exists() for model in models]

@@ -91,6 +91,8 @@ class ServerConfig:
     log_verbose: int = 0
     # Selects model_repository/<model>/configs/<name>.pbtxt where present (e.g. "gpu").
     model_config_name: str | None = None
+    # Models to load; None loads every model in the repository.
+    models: list[str] | None = None
     extra_args: list[str] = field(default_factory=list)
 
     def command(self, backend_directory: Path) -> list[str]:
@@ -104,7 +106,8 @@ class ServerConfig:
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            "--model-control-mode=none",
+            *(["--model-control-mode=none"] if self.models is None else
+              ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]),
             # Large offline requests travel through the Python backend's shared memory:
             # grow it in big steps instead of 1 MB at a time.
             "--backend-config=python,shm-default-byte-size=16777216",

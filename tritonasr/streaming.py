@@ -20,8 +20,7 @@ import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.features import Frontend
-from tritonasr.pipeline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, AsrSpec, Recognizer, RunAsr, RunVad, check_sample_rate
-from tritonasr.transcript import Segment
+from tritonasr.pipeline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
 
 # Audio kept behind the VAD's position while no segment is open: FunASR dates a segment's start
@@ -50,6 +49,8 @@ class StreamOptions:
     language: str = "auto"
     use_itn: bool = False
     partial_interval_ms: int = 0  # 0: no partial results
+    with_speaker: bool = True  # run the speaker stage (when deployed)
+    return_embedding: bool = False  # each final segment's speaker embedding in its "speaker" field
 
 
 def check_chunk(samples: np.ndarray, max_samples: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -193,6 +194,8 @@ class LiveStream:
         self.options = options
         self.query = recognizer.asr.query_ids(options.language, options.use_itn)
         self.recognizer = recognizer
+        self.speakers = (recognizer.speakers.session(options.return_embedding)
+                         if options.with_speaker and recognizer.speakers else None)
         self.max_segment_ms = max_segment_ms
         frame_ms = vad.frontend.frame_shift * vad.frontend.lfr_n
         self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // frame_ms))
@@ -240,12 +243,13 @@ class LiveStream:
                 self.open_start_ms = self.last_partial_ms = start_ms
             if end_ms >= 0 and self.open_start_ms is not None:
                 for piece in split_long_segments([(self.open_start_ms, end_ms)], self.max_segment_ms):
-                    outputs.append(_Output("final", self._recognize(*piece), self.received_ms))
+                    outputs.append(_Output("final", self._recognize(*piece, final=True), self.received_ms))
                 self.open_start_ms = None
         if self._partial_due():
             position = self.endpointer.position_ms
             self.last_partial_ms = position
-            self.partial = self._recognize(max(self.open_start_ms, position - self.max_segment_ms), position)
+            self.partial = self._recognize(max(self.open_start_ms, position - self.max_segment_ms), position,
+                                           final=False)
             outputs.append(_Output("partial", self.partial))
         if final:
             outputs.append(_Output("complete"))
@@ -261,9 +265,11 @@ class LiveStream:
                 and self.endpointer.position_ms - self.last_partial_ms >= interval
                 and (self.partial is None or self.partial.done()))
 
-    def _recognize(self, start_ms: int, end_ms: int) -> asyncio.Future:
+    def _recognize(self, start_ms: int, end_ms: int, final: bool) -> asyncio.Future:
+        """A future of (segment, speaker embedding); partials get no embedding."""
         samples = self.audio.get(start_ms * SAMPLE_RATE // 1000, end_ms * SAMPLE_RATE // 1000)
-        return asyncio.ensure_future(self.recognizer.recognize_audio(samples, start_ms, end_ms, self.query))
+        return asyncio.ensure_future(self.recognizer.analyse_audio(samples, start_ms, end_ms, self.query,
+                                                                   with_speaker=final and self.speakers is not None))
 
     async def _deliver(self, previous: asyncio.Future | None, outputs: list[_Output], sink: Sink) -> None:
         if previous is not None:
@@ -274,9 +280,11 @@ class LiveStream:
                     sink.send({"complete": True, "duration_ms": self.received_ms,
                                "segment_count": self.segments_sent})
                     continue
-                segment: Segment | None = await output.segment
+                segment, embedding = await output.segment
                 if segment is None or self.failed:
                     continue
+                if output.kind == "final" and self.speakers:  # finals come in order: labels too
+                    segment.speaker = self.speakers.describe(embedding)
                 payload = {**segment.to_dict(), "final": output.kind == "final",
                            "segment_index": self.segments_sent}
                 if output.kind == "final":
@@ -352,7 +360,5 @@ class StreamRegistry:
         return idle
 
 
-def stream_factory(vad: VadSpec, asr: AsrSpec, run_vad: RunVad, run_asr: RunAsr,
-                   vad_step_ms: int = 100) -> StreamFactory:
-    recognizer = Recognizer(asr, run_asr)
+def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100) -> StreamFactory:
     return lambda stream_id, options: LiveStream(stream_id, vad, recognizer, run_vad, options, vad_step_ms)

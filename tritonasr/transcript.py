@@ -72,6 +72,7 @@ class Segment:
     language: str | None = None
     emotion: str | None = None
     event: str | None = None
+    speaker: dict | None = None  # {"id", "score", "label"[, "embedding"]}: see speakers.SpeakerSession
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonasr.audio import AudioError
+from tritonasr.audio import AudioError, validate_samples
 from tritonasr.onnx_runner import OnnxModel
-from tritonasr.pipeline import SAMPLE_RATE, AsrSpec, OfflinePipeline
+from tritonasr.pipeline import SAMPLE_RATE, AsrSpec, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
+from tritonasr.speakers import SpeakerError, SpeakerRegistry, SpeakerSettings, build_speaker_stage
 from tritonasr.streaming import StreamError, StreamOptions, StreamRegistry, check_chunk, stream_factory
 from tritonasr.vad import VadSpec
 
@@ -62,16 +63,21 @@ class OnnxLeafModel:
 
 
 class _PipelineModel:
-    """What both BLS models share: the vad and ASR models they call, and how they call them."""
+    """What the BLS models share: the leaf models they call (vad, ASR, speaker) and how."""
 
     def initialize(self, args: dict) -> None:
         self.params = _parameters(args)
         self.config = json.loads(args["model_config"])
-        repository = Path(args["model_repository"]).parent
+        self.repository = Path(args["model_repository"]).parent
         self.vad_model = self.params.get("vad_model", "vad")
+        self.vad_spec = VadSpec.load(self.repository / self.vad_model / "1")
+        settings = SpeakerSettings.from_parameters(self.params)
+        self.speaker_model = settings.model
+        self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker)
+
+    def _recognizer(self) -> Recognizer:
         self.asr_model = self.params.get("asr_model", "sensevoice")
-        self.vad_spec = VadSpec.load(repository / self.vad_model / "1")
-        self.asr_spec = AsrSpec.load(repository / self.asr_model / "1")
+        return Recognizer(AsrSpec.load(self.repository / self.asr_model / "1"), self._run_asr, self.speakers)
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
@@ -100,6 +106,10 @@ class _PipelineModel:
         token_ids, lengths = await self._infer(self.asr_model, inputs, ["token_ids", "encoder_out_lens"])
         return token_ids[0], int(lengths.reshape(-1)[0])
 
+    async def _run_speaker(self, feats):
+        (embedding,) = await self._infer(self.speaker_model, {"feats": feats}, ["embedding"])
+        return embedding[0]
+
 
 class OfflineAsrModel(_PipelineModel):
     """asr_offline: whole recordings in, segments out (JSON), through the vad and sensevoice
@@ -107,27 +117,62 @@ class OfflineAsrModel(_PipelineModel):
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
-        self.pipeline = OfflinePipeline(self.vad_spec, self.asr_spec, self._run_vad, self._run_asr,
+        self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self._run_vad,
                                         max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
 
-    async def _handle(self, request):
-        try:
-            audio = _input(request, "AUDIO")
-            result = await self.pipeline.transcribe(
-                audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
-                language=_text(_input(request, "LANGUAGE"), "auto"),
-                use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
-                sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
-            )
-        except AudioError as exc:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
-        except Exception as exc:
-            log.error("asr_offline failed: %s", traceback.format_exc())
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
-        return _json_response(result)
+    async def _handle(self, request) -> dict:
+        audio = _input(request, "AUDIO")
+        return await self.pipeline.transcribe(
+            audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
+            language=_text(_input(request, "LANGUAGE"), "auto"),
+            use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
+            sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
+            with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
+            return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
+        )
 
     async def execute(self, requests):
-        return list(await asyncio.gather(*(self._handle(r) for r in requests)))
+        return list(await asyncio.gather(*(_respond("asr_offline", self._handle(r)) for r in requests)))
+
+
+class SpeakerRegistryModel(_PipelineModel):
+    """speaker_registry: voiceprints of recordings (embed) and the enrolled speakers (enroll,
+    remove, list), in the store asr_offline and asr_stream identify against."""
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        if self.speakers is None:
+            raise RuntimeError(f"speaker_registry needs the {self.speaker_model!r} model: run `tritonasr export speaker`")
+        self.max_samples = int(float(self.params.get("max_audio_seconds", "600")) * SAMPLE_RATE)
+        self.registry = SpeakerRegistry(self.speakers, self._detect_speech, SAMPLE_RATE)
+
+    async def _detect_speech(self, samples: np.ndarray) -> list[tuple[int, int]]:
+        return await detect_speech(self.vad_spec, self._run_vad, samples)
+
+    async def _handle(self, request) -> dict:
+        action = _text(_input(request, "ACTION"), "")
+        name = _text(_input(request, "NAME"), "")
+        if action in ("enroll", "remove") and not name:
+            raise SpeakerError(f"{action} needs a NAME")
+        if action == "embed":
+            check_sample_rate(int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)))
+            samples = validate_samples(_input(request, "AUDIO").reshape(-1))
+            if samples.size > self.max_samples:
+                raise AudioError(f"enrollment audio is limited to {self.max_samples // SAMPLE_RATE} s")
+            return await self.registry.embed(samples)
+        if action == "enroll":
+            embeddings, speech_ms = _input(request, "EMBEDDINGS"), _input(request, "SPEECH_MS")
+            if embeddings is None or speech_ms is None:
+                raise SpeakerError("enroll needs EMBEDDINGS and SPEECH_MS (from embed)")
+            return self.registry.enroll(name, embeddings, speech_ms, bool(_scalar(_input(request, "REPLACE"), False)))
+        if action == "remove":
+            return self.registry.remove(name)
+        if action == "list":
+            return self.registry.list()
+        raise SpeakerError(f"unknown ACTION {action!r}: use embed, enroll, remove or list")
+
+    async def execute(self, requests):
+        return [await _respond("speaker_registry", self._handle(r)) for r in requests]
 
 
 class StreamingAsrModel(_PipelineModel):
@@ -137,7 +182,7 @@ class StreamingAsrModel(_PipelineModel):
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
-        factory = stream_factory(self.vad_spec, self.asr_spec, self._run_vad, self._run_asr,
+        factory = stream_factory(self.vad_spec, self._recognizer(), self._run_vad,
                                  vad_step_ms=int(self.params.get("vad_step_ms", "100")))
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
@@ -166,7 +211,9 @@ class StreamingAsrModel(_PipelineModel):
         try:
             if chunk.start:
                 options = StreamOptions(_text(chunk.language, "auto"), bool(_scalar(chunk.use_itn, False)),
-                                        int(_scalar(chunk.partial_interval_ms, 0)))
+                                        int(_scalar(chunk.partial_interval_ms, 0)),
+                                        bool(_scalar(chunk.with_speaker, True)),
+                                        bool(_scalar(chunk.return_embedding, False)))
                 stream = self.streams.open(chunk.stream_id, options)
             else:
                 stream = self.streams.get(chunk.stream_id)
@@ -210,10 +257,13 @@ class _Chunk:
     language: np.ndarray | None
     use_itn: np.ndarray | None
     partial_interval_ms: np.ndarray | None
+    with_speaker: np.ndarray | None
+    return_embedding: np.ndarray | None
 
     @classmethod
     def read(cls, request) -> "_Chunk":
-        names = ("AUDIO", "SAMPLE_RATE", "LANGUAGE", "USE_ITN", "PARTIAL_INTERVAL_MS")
+        names = ("AUDIO", "SAMPLE_RATE", "LANGUAGE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER",
+                 "RETURN_EMBEDDING")
         return cls(int(_scalar(_input(request, "CORRID"), 0)), bool(_scalar(_input(request, "START"), 0)),
                    bool(_scalar(_input(request, "END"), 0)), *(_input(request, name) for name in names))
 
@@ -232,6 +282,17 @@ class _ResponseSink:
 
     def finish(self) -> None:
         self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+async def _respond(model: str, work) -> "pb_utils.InferenceResponse":
+    """The JSON result of `work`, or the error a bad request earned (only that request fails)."""
+    try:
+        return _json_response(await work)
+    except (AudioError, SpeakerError) as exc:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+    except Exception as exc:
+        log.error("%s failed: %s", model, traceback.format_exc())
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
 
 
 def _json_response(payload: dict):

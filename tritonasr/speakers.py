@@ -1,0 +1,278 @@
+"""Who spoke a segment: enrolled voiceprints in a store, identification by cosine similarity,
+and anonymous labels for everyone else.
+
+The store is an interface (`SpeakerStore`) so several servers can share one database; the
+embedded default is an SQLite file. Every identification asks the store for its version (one
+tiny query) and reloads the voiceprints only when it changed, so an enrollment through any
+server instance is seen by all of them at their next segment.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Protocol
+
+import numpy as np
+
+from tritonasr.clustering import OnlineClusters
+from tritonasr.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
+
+log = logging.getLogger("tritonasr")
+
+MAX_NAME_CHARS = 100
+
+
+class SpeakerError(ValueError):
+    """A registry request that cannot be done (unknown name, duplicate, bad embedding)."""
+
+
+@dataclass(frozen=True)
+class EnrolledSpeaker:
+    name: str
+    embedding_dim: int
+    enrolled_at: str  # UTC, ISO 8601
+    speech_ms: int  # speech the voiceprint was computed from
+
+
+class SpeakerStore(Protocol):
+    def enroll(self, name: str, embedding: np.ndarray, speech_ms: int, replace: bool = False) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def speakers(self) -> list[EnrolledSpeaker]: ...
+
+    def version(self) -> int:
+        """Changes whenever a speaker is enrolled, replaced or removed."""
+
+    def voiceprints(self, dim: int) -> tuple[list[str], np.ndarray]:
+        """Names and unit embeddings [N, dim] of the speakers enrolled with `dim`-sized ones."""
+
+
+def check_name(name: str) -> str:
+    name = unicodedata.normalize("NFC", name.strip())
+    if not name:
+        raise SpeakerError("a speaker name must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise SpeakerError(f"a speaker name has at most {MAX_NAME_CHARS} characters")
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise SpeakerError("a speaker name must not contain control characters")
+    return name
+
+
+class SqliteSpeakerStore:
+    """Voiceprints in one SQLite file. Safe for the several processes of one server (Triton
+    runs each model instance in its own process); WAL lets readers go on while one writes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        with self.db:
+            self.db.execute("CREATE TABLE IF NOT EXISTS speakers (name TEXT PRIMARY KEY, dim INTEGER NOT NULL, "
+                            "embedding BLOB NOT NULL, enrolled_at TEXT NOT NULL, speech_ms INTEGER NOT NULL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS state (version INTEGER NOT NULL)")
+            self.db.execute("INSERT INTO state SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM state)")
+
+    def enroll(self, name: str, embedding: np.ndarray, speech_ms: int, replace: bool = False) -> None:
+        name = check_name(name)
+        vector = unit(embedding)
+        if vector.size == 0 or not np.all(np.isfinite(vector)) or not np.any(vector):
+            raise SpeakerError("the embedding must be a non-zero vector of finite numbers")
+        row = (name, vector.size, vector.astype("<f4").tobytes(),
+               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), int(speech_ms))
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            exists = self.db.execute("SELECT 1 FROM speakers WHERE name = ?", (name,)).fetchone()
+            if exists and not replace:
+                raise SpeakerError(f"speaker {name!r} is already enrolled; remove it first or replace it")
+            self.db.execute("INSERT OR REPLACE INTO speakers VALUES (?, ?, ?, ?, ?)", row)
+            self.db.execute("UPDATE state SET version = version + 1")
+
+    def remove(self, name: str) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.execute("DELETE FROM speakers WHERE name = ?", (name.strip(),)).rowcount == 0:
+                raise SpeakerError(f"no speaker named {name!r} is enrolled")
+            self.db.execute("UPDATE state SET version = version + 1")
+
+    def speakers(self) -> list[EnrolledSpeaker]:
+        rows = self.db.execute("SELECT name, dim, enrolled_at, speech_ms FROM speakers ORDER BY name")
+        return [EnrolledSpeaker(*row) for row in rows]
+
+    def version(self) -> int:
+        return int(self.db.execute("SELECT version FROM state").fetchone()[0])
+
+    def voiceprints(self, dim: int) -> tuple[list[str], np.ndarray]:
+        rows = self.db.execute("SELECT name, embedding FROM speakers WHERE dim = ? ORDER BY name", (dim,)).fetchall()
+        matrix = np.stack([np.frombuffer(blob, dtype="<f4") for _, blob in rows]) if rows else np.zeros((0, dim))
+        return [name for name, _ in rows], matrix.astype(np.float32)
+
+
+def open_store(location: str | Path) -> SpeakerStore:
+    """`sqlite:///abs/path.db`, or a plain file path. Another backend (a database several servers
+    share) is a class with SpeakerStore's methods, added here under its URL scheme."""
+    location = str(location)
+    if "://" not in location:
+        return SqliteSpeakerStore(Path(location))
+    scheme, _, rest = location.partition("://")
+    if scheme == "sqlite":
+        return SqliteSpeakerStore(Path(rest))
+    raise SpeakerError(f"unknown speaker store {location!r}: use sqlite:///PATH or a file path")
+
+
+class SpeakerIdentifier:
+    """The enrolled speaker most similar to an embedding, if similar enough."""
+
+    def __init__(self, store: SpeakerStore, dim: int, threshold: float):
+        self.store = store
+        self.dim = dim
+        self.threshold = threshold
+        self._version = -1
+        self._names: list[str] = []
+        self._matrix = np.zeros((0, dim), dtype=np.float32)
+
+    def identify(self, embedding: np.ndarray) -> tuple[str | None, float | None]:
+        """(name or None, best cosine similarity or None when nobody is enrolled)."""
+        self._refresh()
+        if not self._names:
+            return None, None
+        scores = self._matrix @ embedding
+        best = int(np.argmax(scores))
+        score = float(scores[best])
+        return (self._names[best] if score >= self.threshold else None), score
+
+    def _refresh(self) -> None:
+        version = self.store.version()
+        if version != self._version:
+            self._names, self._matrix = self.store.voiceprints(self.dim)
+            self._version = version
+
+
+@dataclass(frozen=True)
+class SpeakerSettings:
+    """The speaker stage's settings: parameters of asr_offline, asr_stream and speaker_registry
+    (keep them equal in the three configs)."""
+
+    model: str = "speaker"  # "" turns the stage off
+    store: str = ""  # "" is <repository>/speaker_registry/speakers.db
+    min_segment_ms: int = 1000
+    window_ms: int = 3000
+    # Cosine similarities for trained ERes2NetV2 weights; random-weight models need others.
+    threshold: float = 0.5
+    cluster_threshold: float = 0.5
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "SpeakerSettings":
+        default = cls()
+        return cls(params.get("speaker_model", default.model), params.get("speaker_store", default.store),
+                   int(params.get("speaker_min_segment_ms", default.min_segment_ms)),
+                   int(params.get("speaker_window_ms", default.window_ms)),
+                   float(params.get("speaker_threshold", default.threshold)),
+                   float(params.get("speaker_cluster_threshold", default.cluster_threshold)))
+
+
+def build_speaker_stage(repository: Path, settings: SpeakerSettings, run_speaker: RunSpeaker) -> "SpeakerStage | None":
+    """The stage, or None when it is turned off or the speaker model was not exported."""
+    model_dir = Path(repository) / settings.model / "1"
+    if not settings.model or not (model_dir / "meta.json").is_file():
+        return None
+    spec = SpeakerSpec.load(model_dir)
+    store = open_store(settings.store or Path(repository) / "speaker_registry" / "speakers.db")
+    return SpeakerStage(Embedder(spec, run_speaker, settings.min_segment_ms, settings.window_ms),
+                        SpeakerIdentifier(store, spec.embedding_dim, settings.threshold), settings.cluster_threshold)
+
+
+def combine(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One voiceprint from several: the weighted mean of their unit vectors."""
+    vectors = np.stack([unit(e) for e in embeddings])
+    return unit(np.asarray(weights, dtype=np.float64) @ vectors)
+
+
+class SpeakerStage:
+    """The pipeline's speaker step: embeddings of segments, identified and labelled."""
+
+    def __init__(self, embedder: Embedder, identifier: SpeakerIdentifier, cluster_threshold: float):
+        self.embedder = embedder
+        self.identifier = identifier
+        self.cluster_threshold = cluster_threshold
+
+    async def embed(self, samples: np.ndarray) -> np.ndarray | None:
+        return await self.embedder.embed(samples)
+
+    def session(self, return_embedding: bool = False) -> "SpeakerSession":
+        return SpeakerSession(self, return_embedding)
+
+
+class SpeakerSession:
+    """Labels for the segments of one file or stream, given in segment order."""
+
+    def __init__(self, stage: SpeakerStage, return_embedding: bool):
+        self.stage = stage
+        self.clusters = OnlineClusters(stage.cluster_threshold)
+        self.return_embedding = return_embedding
+
+    def describe(self, embedding: np.ndarray | None) -> dict | None:
+        """The segment JSON's "speaker" field; None for a segment too short to embed."""
+        if embedding is None:
+            return None
+        name, score = self.stage.identifier.identify(embedding)
+        label, _ = self.clusters.assign(embedding)
+        result = {"id": name, "score": None if score is None else round(score, 4), "label": label}
+        if self.return_embedding:
+            result["embedding"] = [round(float(x), 6) for x in embedding]
+        return result
+
+
+# (whole recording) -> its speech segments in ms
+DetectSpeech = Callable[[np.ndarray], Awaitable[list[tuple[int, int]]]]
+
+
+class SpeakerRegistry:
+    """The speaker_registry model's actions: voiceprints of recordings, enroll, remove, list."""
+
+    def __init__(self, stage: SpeakerStage, detect_speech: DetectSpeech, sample_rate: int = 16000):
+        self.stage = stage
+        self.store = stage.identifier.store
+        self.detect_speech = detect_speech
+        self.sample_rate = sample_rate
+
+    async def embed(self, samples: np.ndarray) -> dict:
+        """The voiceprint of a recording's speech: each long enough segment's embedding, weighted
+        by its length."""
+        speech = await self.detect_speech(samples)
+        per_ms = self.sample_rate // 1000
+        vectors = await asyncio.gather(*(self.stage.embed(samples[s * per_ms: e * per_ms]) for s, e in speech))
+        kept = [(v, e - s) for v, (s, e) in zip(vectors, speech) if v is not None]
+        if not kept:
+            raise SpeakerError(f"no speech segment of at least {self.stage.embedder.min_segment_ms} ms found "
+                               "in this audio: enroll from a recording with more speech")
+        weights = np.array([ms for _, ms in kept], dtype=np.float64)
+        return {"embedding": combine(np.stack([v for v, _ in kept]), weights).tolist(),
+                "speech_ms": int(weights.sum()), "segments": len(kept)}
+
+    def enroll(self, name: str, embeddings: np.ndarray, speech_ms: np.ndarray, replace: bool = False) -> dict:
+        """Enrolls `name` with the speech-weighted mean of `embeddings` [N, D] (one per recording)."""
+        dim = self.stage.identifier.dim
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        embeddings = embeddings.reshape(-1, dim) if embeddings.size % dim == 0 else embeddings
+        speech_ms = np.asarray(speech_ms, dtype=np.float64).reshape(-1)
+        if embeddings.ndim != 2 or len(speech_ms) != len(embeddings) or len(embeddings) == 0:
+            raise SpeakerError(f"enroll needs N embeddings of {dim} values and N speech durations; got "
+                               f"{list(embeddings.shape)} and {len(speech_ms)}")
+        if not np.all(speech_ms > 0):
+            raise SpeakerError("speech durations must be positive")
+        self.store.enroll(name, combine(embeddings, speech_ms), int(speech_ms.sum()), replace)
+        return {"enrolled": check_name(name), "speech_ms": int(speech_ms.sum()), "recordings": len(embeddings)}
+
+    def remove(self, name: str) -> dict:
+        self.store.remove(name)
+        return {"removed": name}
+
+    def list(self) -> dict:
+        return {"speakers": [asdict(s) for s in self.store.speakers()]}
