@@ -75,8 +75,9 @@ class OfflineClient(ModelClient):
 
     def transcribe(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
                    language: str = "auto", use_itn: bool = False, with_speaker: bool = True,
-                   return_embedding: bool = False) -> dict:
-        """Transcribes mono float samples in [-1, 1]; returns the server's result JSON."""
+                   return_embedding: bool = False, engine: str = "") -> dict:
+        """Transcribes mono float samples in [-1, 1]; returns the server's result JSON.
+        engine: sensevoice or parakeet; "" for the server's default."""
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
         audio = server_audio(samples, sample_rate)[np.newaxis, :]
@@ -85,16 +86,17 @@ class OfflineClient(ModelClient):
             tensor_input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
             tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
             tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
+            tensor_input("ENGINE", np.array([[engine.encode()]], dtype=np.object_), "BYTES"),
             tensor_input("WITH_SPEAKER", np.array([[with_speaker]], dtype=np.bool_), "BOOL"),
             tensor_input("RETURN_EMBEDDING", np.array([[return_embedding]], dtype=np.bool_), "BOOL"),
         ])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
-                        use_itn: bool = False, return_embedding: bool = False) -> dict:
+                        use_itn: bool = False, return_embedding: bool = False, engine: str = "") -> dict:
         """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
         audio = load_audio(path)
         result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn,
-                                 return_embedding=return_embedding)
+                                 return_embedding=return_embedding, engine=engine)
         return {"file": str(path), "duration_ms": audio.duration_ms,
                 "segments": result["segments"]}
 

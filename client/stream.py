@@ -69,6 +69,7 @@ class StreamSegment:
     # Finals, when the server runs the speaker stage: {"id", "score", "label"[, "embedding"]};
     # None for partials and segments too short to tell.
     speaker: dict | None = None
+    words: list[dict] | None = None  # parakeet: [{"text", "start_ms", "end_ms"}]
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class LiveStream:
     """
 
     def __init__(self, client: StreamingClient, chunks: Chunks, *, language: str, use_itn: bool,
-                 partial_interval_ms: int, realtime: bool, with_speaker: bool = True,
+                 partial_interval_ms: int, realtime: bool, engine: str = "", with_speaker: bool = True,
                  return_embedding: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
@@ -164,6 +165,7 @@ class LiveStream:
         self.language = language
         self.use_itn = use_itn
         self.partial_interval_ms = partial_interval_ms
+        self.engine = engine
         self.with_speaker = with_speaker
         self.return_embedding = return_embedding
         self.realtime = realtime
@@ -241,6 +243,7 @@ class LiveStream:
                 _input("LANGUAGE", np.array([[self.language.encode()]], np.object_), "BYTES"),
                 _input("USE_ITN", np.array([[self.use_itn]], np.bool_), "BOOL"),
                 _input("PARTIAL_INTERVAL_MS", np.array([[self.partial_interval_ms]], np.int32), "INT32"),
+                _input("ENGINE", np.array([[self.engine.encode()]], np.object_), "BYTES"),
                 _input("WITH_SPEAKER", np.array([[self.with_speaker]], np.bool_), "BOOL"),
                 _input("RETURN_EMBEDDING", np.array([[self.return_embedding]], np.bool_), "BOOL"),
             ]
@@ -376,13 +379,14 @@ class StreamingClient:
                 "(unknown model, or it failed to load: see the server log)")
 
     def stream(self, chunks: Chunks, *, language: str = "auto", use_itn: bool = False,
-               partial_interval_ms: int = 0, realtime: bool = False, with_speaker: bool = True,
-               return_embedding: bool = False) -> LiveStream:
+               partial_interval_ms: int = 0, realtime: bool = False, engine: str = "",
+               with_speaker: bool = True, return_embedding: bool = False) -> LiveStream:
         """A live stream of `chunks` (float32 16 kHz mono arrays, 0 to 2000 ms each, sizes may
         differ; a sync or async iterable). Nothing is sent until the stream is iterated.
 
         realtime: send each chunk when its audio would have been recorded (for files).
         partial_interval_ms: ask for partial results of the open segment this often (0: none).
+        engine: the ASR engine, sensevoice or parakeet ("": the server's default).
         with_speaker: False skips the server's speaker stage for this stream.
         return_embedding: each final's speaker field carries the segment's speaker embedding.
         """
@@ -392,7 +396,7 @@ class StreamingClient:
             raise ValueError(f"partial_interval_ms must be a whole number >= 0, got {partial_interval_ms!r}")
         return LiveStream(self, chunks, language=language, use_itn=bool(use_itn),
                           partial_interval_ms=int(partial_interval_ms), realtime=realtime,
-                          with_speaker=bool(with_speaker), return_embedding=bool(return_embedding))
+                          engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding))
 
     def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
                     **options) -> LiveStream:
@@ -412,7 +416,7 @@ def _segment(payload: dict, clock: ChunkClock, received_at: float) -> StreamSegm
         final=final, segment_index=int(payload["segment_index"]), endpoint_ms=endpoint_ms,
         latency_ms=clock.delay_ms(end_ms, received_at),
         after_endpoint_ms=None if endpoint_ms is None else clock.delay_ms(endpoint_ms, received_at),
-        received_ms=(received_at - clock.start) * 1000, speaker=payload.get("speaker"),
+        received_ms=(received_at - clock.start) * 1000, speaker=payload.get("speaker"), words=payload.get("words"),
     )
 
 

@@ -22,7 +22,8 @@ EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 
 
 def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
-                   concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False) -> int:
+                   concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False,
+                   engine: str = "") -> int:
     """Transcribes `files` with `concurrency` requests in flight; returns the exit code.
 
     0: every file transcribed; 1: some failed (each reported on stderr); 2: the server is
@@ -46,7 +47,8 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
         if not hasattr(local, "client"):
             local.client = OfflineClient(url)
             clients.append(local.client)
-        return local.client.transcribe_file(path, language=language, return_embedding=return_embedding)
+        return local.client.transcribe_file(path, language=language, return_embedding=return_embedding,
+                                            engine=engine)
 
     headers = fmt != "json" and len(files) > 1
     code = EXIT_OK

@@ -1,6 +1,6 @@
 """A real tritonserver, started once per test session on free ports, serving the real FSMN-VAD,
-a tiny random-init SenseVoice and a tiny random-init ERes2NetV2 exported into a temporary model
-repository."""
+a tiny random-init SenseVoice, a tiny random-init Parakeet TDT and a tiny random-init ERes2NetV2
+exported into a temporary model repository. SenseVoice is the default engine."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,16 @@ def conversation(order: list[int], utterances: list[np.ndarray], gap_s: float) -
     return np.concatenate(parts)
 
 
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory):
+    """TRITONASR_CACHE on an empty directory for one test module: random models are built, not
+    found in the cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITONASR_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def layout() -> dict:
     return json.loads((DATA / "layout.json").read_text())
@@ -41,6 +51,7 @@ def layout() -> dict:
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory) -> Path:
+    from tritonasr.export.parakeet import export_parakeet
     from tritonasr.export.sensevoice import export_sensevoice
     from tritonasr.export.speaker import export_speaker
     from tritonasr.export.vad import export_vad
@@ -58,6 +69,7 @@ def model_repository(tmp_path_factory) -> Path:
             set_parameter(repo / model / "config.pbtxt", key, TEST_SPEAKER_THRESHOLD)
     export_vad(None, repo, None)
     export_sensevoice(None, "tiny", repo, None)
+    export_parakeet(None, "tiny", repo, None)
     export_speaker(None, "tiny", repo, None)
     return repo
 

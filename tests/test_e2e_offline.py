@@ -62,9 +62,9 @@ def torch_sensevoice(model_repository):
 
 @pytest.mark.parametrize("name", SPEECH_FILES)
 def test_served_text_equals_funasr_pytorch(client, torch_sensevoice, model_repository, name):
-    from tritonasr.pipeline import AsrSpec
+    from tritonasr.engines import SenseVoiceSpec
 
-    spec = AsrSpec.load(model_repository / "sensevoice" / "1")
+    spec = SenseVoiceSpec.load(model_repository / "sensevoice" / "1")
     samples = load_audio(DATA / name).samples
     served = client.transcribe(samples)
     assert served["segments"], "no speech found"
@@ -79,10 +79,10 @@ def test_served_text_equals_funasr_pytorch(client, torch_sensevoice, model_repos
 def test_batched_segments_equal_single(server, model_repository):
     """Segments of different lengths sent at once (batched by Triton, padded by the model) give
     the same tokens as each sent alone."""
+    from tritonasr.engines import SenseVoiceSpec
     from tritonasr.features import Frontend
-    from tritonasr.pipeline import AsrSpec
 
-    spec = AsrSpec.load(model_repository / "sensevoice" / "1")
+    spec = SenseVoiceSpec.load(model_repository / "sensevoice" / "1")
     samples = load_audio(DATA / "long_70s.wav").samples
     frontend: Frontend = spec.frontend
     feats = [frontend.features(samples[a: a + n]) for a, n in

@@ -4,7 +4,6 @@ errors, meta.json and the served configs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -40,17 +39,9 @@ def quiet(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(fresh_cache) -> Path:
     """A tiny model directory built in a fresh cache (so it is built, not found)."""
-    saved = os.environ.get("TRITONASR_CACHE")
-    os.environ["TRITONASR_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield random_model_dir("tiny", progress=quiet)
-    finally:
-        if saved is None:
-            del os.environ["TRITONASR_CACHE"]
-        else:
-            os.environ["TRITONASR_CACHE"] = saved
+    return random_model_dir("tiny", progress=quiet)
 
 
 @pytest.fixture(scope="module")

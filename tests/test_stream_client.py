@@ -153,7 +153,7 @@ def test_requests_start_with_options_end_with_an_empty_chunk():
                                                                             (False, True)]
     assert _inputs(requests[0]) == {"AUDIO": ("FP32", [1, 1600]), "SAMPLE_RATE": ("INT32", [1, 1]),
                                     "LANGUAGE": ("BYTES", [1, 1]), "USE_ITN": ("BOOL", [1, 1]),
-                                    "PARTIAL_INTERVAL_MS": ("INT32", [1, 1]), "WITH_SPEAKER": ("BOOL", [1, 1]),
+                                    "PARTIAL_INTERVAL_MS": ("INT32", [1, 1]), "ENGINE": ("BYTES", [1, 1]), "WITH_SPEAKER": ("BOOL", [1, 1]),
                                     "RETURN_EMBEDDING": ("BOOL", [1, 1])}
     # Later requests carry AUDIO alone, so those of all streams batch together on the server.
     assert _inputs(requests[1]) == {"AUDIO": ("FP32", [1, 800])}
@@ -383,7 +383,7 @@ def test_printer_json_lines_end_with_the_summary():
     assert first == {"start_ms": 1230, "end_ms": 3400, "text": "Hello there.", "language": "en",
                      "emotion": "NEUTRAL", "event": "Speech", "final": True, "segment_index": 0,
                      "endpoint_ms": 4200, "latency_ms": 812.4, "after_endpoint_ms": 95.0, "received_ms": 4312.4,
-                     "speaker": {"id": None, "score": 0.31, "label": "B"}}
+                     "speaker": {"id": None, "score": 0.31, "label": "B"}, "words": None}
     assert first == segment_json(SEGMENT)
     assert last == {"complete": True, "duration_ms": 7966, "segment_count": 1}
 

@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+from tritonasr.engines import ENGINES
 from tritonasr.paths import default_model_repository, sample_audio
 
 
@@ -28,6 +29,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config-name", default=None,
                         help="use <model>/configs/NAME.pbtxt where present (e.g. gpu)")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--asr-engine", choices=ENGINES, default="",
+                        help="the default ASR engine of requests that name none (default: sensevoice if "
+                             "exported, else parakeet)")
 
 
 def _server_config(args):
@@ -36,7 +40,8 @@ def _server_config(args):
 
     repository = _repository(args)
     return ServerConfig(repository, args.grpc_port, args.http_port, args.metrics_port,
-                        args.log_verbose, args.model_config_name, models=exported_models(repository))
+                        args.log_verbose, args.model_config_name, models=exported_models(repository),
+                        asr_engine=args.asr_engine)
 
 
 def cmd_serve(args) -> int:
@@ -64,10 +69,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tritonasr.repository import MODELS_OF_EXPORT, install_model_files
+    from tritonasr.repository import install_model_files, models_of_export
 
     repository = _repository(args)
-    install_model_files(repository, MODELS_OF_EXPORT[args.model])
+    install_model_files(repository, models_of_export(args.model))
     if args.model == "vad":
         from tritonasr.export.vad import export_vad
 
@@ -79,6 +84,8 @@ def cmd_export(args) -> int:
         return 2
     if args.model == "speaker":
         from tritonasr.export.speaker import export_speaker as export
+    elif args.model == "parakeet":
+        from tritonasr.export.parakeet import export_parakeet as export
     else:
         from tritonasr.export.sensevoice import export_sensevoice as export
     export(source, args.random_init, repository, args.check_audio, seed=args.seed)
@@ -89,7 +96,7 @@ def cmd_transcribe(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
 
     return run_transcribe(args.files, args.url, args.format, language=args.language,
-                          concurrency=args.concurrency, return_embedding=args.embeddings)
+                          concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine)
 
 
 def cmd_stream(args) -> int:
@@ -97,7 +104,7 @@ def cmd_stream(args) -> int:
 
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
-                      fmt=args.format)
+                      fmt=args.format, engine=args.engine)
 
 
 def cmd_speakers(args) -> int:
@@ -182,11 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="export a model to ONNX into the model repository")
-    export.add_argument("model", choices=["vad", "sensevoice", "speaker"])
+    export.add_argument("model", choices=["vad", "sensevoice", "parakeet", "speaker"])
     export.add_argument("--model-dir", type=Path,
-                        help="checkpoint directory (FunASR: model.pt, config.yaml, am.mvn…; ERes2NetV2: "
-                             "configuration.json and its .ckpt)")
-    export.add_argument("--model", dest="hub_id", help="ModelScope/Hugging Face id (needs the hub)")
+                        help="checkpoint (FunASR directory: model.pt, config.yaml, am.mvn…; Parakeet: a .nemo "
+                             "file; ERes2NetV2: a directory with configuration.json and its .ckpt)")
+    export.add_argument("--model", dest="hub_id",
+                        help="ModelScope/Hugging Face id, e.g. nvidia/parakeet-tdt-0.6b-v2 (needs the hub)")
     export.add_argument("--random-init", choices=["full", "tiny"],
                         help="random weights (real compute, meaningless results)")
     export.add_argument("--seed", type=int, default=0)
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text")
     transcribe.add_argument("--language", default="auto", help="auto|zh|en|yue|ja|ko")
     transcribe.add_argument("--concurrency", type=int, default=4)
+    transcribe.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     transcribe.add_argument("--embeddings", action="store_true",
                             help="each segment's speaker embedding in the JSON output")
     transcribe.set_defaults(func=cmd_transcribe)
@@ -213,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="partial results of the open segment every MS ms (default 0: none)")
     stream.add_argument("--language", default="auto", choices=["auto", "zh", "en", "yue", "ja", "ko"])
     stream.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
+    stream.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     stream.add_argument("--format", choices=["text", "json"], default="text")
     stream.set_defaults(func=cmd_stream)
 

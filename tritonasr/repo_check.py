@@ -17,7 +17,8 @@ _ONNX_TO_TRITON = {
 
 
 # Parameters through which a BLS model names the models it calls.
-BLS_TARGET_PARAMETERS = ("vad_model", "asr_model", "speaker_model")
+BLS_TARGET_PARAMETERS = ("vad_model", "sensevoice_model", "parakeet_encoder_model", "parakeet_decoder_model",
+                         "speaker_model")
 
 
 def parse_config(path: Path) -> mc.ModelConfig:

@@ -8,10 +8,26 @@ from pathlib import Path
 from tritonasr.paths import CHECKOUT_ROOT
 
 TEMPLATES = CHECKOUT_ROOT / "model_repository"
-# Which served models each export brings to life.
-MODELS_OF_EXPORT = {"vad": ["vad"], "sensevoice": ["sensevoice", "asr_offline", "asr_stream"],
-                    "speaker": ["speaker", "speaker_registry"]}
-ALL_MODELS = [model for models in MODELS_OF_EXPORT.values() for model in models]
+# Each export's leaf models: their meta.json (written last but the graph) shows the export ran.
+LEAF_MODELS = {"vad": ["vad"], "sensevoice": ["sensevoice"], "parakeet": ["parakeet_encoder", "parakeet_decoder"],
+               "speaker": ["speaker"]}
+# The Python BLS models an export brings to life beside its leaf models.
+PIPELINES = ["asr_offline", "asr_stream"]
+BLS_OF_EXPORT = {"sensevoice": PIPELINES, "parakeet": PIPELINES, "speaker": ["speaker_registry"]}
+ALL_MODELS = [m for models in LEAF_MODELS.values() for m in models] + PIPELINES + ["speaker_registry"]
+
+
+def models_of_export(export: str) -> list[str]:
+    return LEAF_MODELS[export] + BLS_OF_EXPORT.get(export, [])
+
+
+def exported_models(repository: Path) -> list[str]:
+    """The served models whose export has been run: those a server of `repository` can load.
+    (The checkout's repository holds every model's config, exported or not.)"""
+    repository = Path(repository)
+    done = [export for export, leaves in LEAF_MODELS.items()
+            if all((repository / model / "1" / "meta.json").exists() for model in leaves)]
+    return sorted({model for export in done for model in models_of_export(export)})
 
 
 def install_model_files(repository: Path, models: list[str]) -> None:
@@ -27,11 +43,3 @@ def install_model_files(repository: Path, models: list[str]) -> None:
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
-
-
-def exported_models(repository: Path) -> list[str]:
-    """The served models whose export has been run: those a server of `repository` can load.
-    (The checkout's repository holds every model's config, exported or not.)"""
-    repository = Path(repository)
-    return [model for export, models in MODELS_OF_EXPORT.items()
-            if (repository / export / "1" / "model.onnx").exists() for model in models]

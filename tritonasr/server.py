@@ -93,6 +93,8 @@ class ServerConfig:
     model_config_name: str | None = None
     # Models to load; None loads every model in the repository.
     models: list[str] | None = None
+    # The pipelines' default ASR engine where their configs leave it open ("": the first exported).
+    asr_engine: str = ""
     extra_args: list[str] = field(default_factory=list)
 
     def command(self, backend_directory: Path) -> list[str]:
@@ -168,6 +170,8 @@ class TritonServer:
             p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH", "")) if p
         )
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        if self.config.asr_engine:
+            env["TRITONASR_ASR_ENGINE"] = self.config.asr_engine
         self.process = subprocess.Popen(
             self.config.command(backend_dir),
             env=env,

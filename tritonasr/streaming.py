@@ -49,6 +49,7 @@ class StreamOptions:
     language: str = "auto"
     use_itn: bool = False
     partial_interval_ms: int = 0  # 0: no partial results
+    engine: str = ""  # the ASR engine; "" for the deployment's default
     with_speaker: bool = True  # run the speaker stage (when deployed)
     return_embedding: bool = False  # each final segment's speaker embedding in its "speaker" field
 
@@ -192,7 +193,7 @@ class LiveStream:
                  options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS):
         self.id = stream_id
         self.options = options
-        self.query = recognizer.asr.query_ids(options.language, options.use_itn)
+        self.request = recognizer.request(options.engine, options.language, options.use_itn)
         self.recognizer = recognizer
         self.speakers = (recognizer.speakers.session(options.return_embedding)
                          if options.with_speaker and recognizer.speakers else None)
@@ -268,8 +269,8 @@ class LiveStream:
     def _recognize(self, start_ms: int, end_ms: int, final: bool) -> asyncio.Future:
         """A future of (segment, speaker embedding); partials get no embedding."""
         samples = self.audio.get(start_ms * SAMPLE_RATE // 1000, end_ms * SAMPLE_RATE // 1000)
-        return asyncio.ensure_future(self.recognizer.analyse_audio(samples, start_ms, end_ms, self.query,
-                                                                   with_speaker=final and self.speakers is not None))
+        return asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
+                                                             with_speaker=final and self.speakers is not None))
 
     async def _deliver(self, previous: asyncio.Future | None, outputs: list[_Output], sink: Sink) -> None:
         if previous is not None:

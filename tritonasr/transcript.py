@@ -73,6 +73,7 @@ class Segment:
     emotion: str | None = None
     event: str | None = None
     speaker: dict | None = None  # {"id", "score", "label"[, "embedding"]}: see speakers.SpeakerSession
+    words: list[dict] | None = None  # parakeet: [{"text", "start_ms", "end_ms"}]; sensevoice: None
 
     def to_dict(self) -> dict:
         return asdict(self)

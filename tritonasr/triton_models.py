@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.onnx_runner import OnnxModel
-from tritonasr.pipeline import SAMPLE_RATE, AsrSpec, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
+from tritonasr.engines import EngineModels, build_engines
+from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.speakers import SpeakerError, SpeakerRegistry, SpeakerSettings, build_speaker_stage
 from tritonasr.streaming import StreamError, StreamOptions, StreamRegistry, check_chunk, stream_factory
 from tritonasr.vad import VadSpec
@@ -63,7 +65,7 @@ class OnnxLeafModel:
 
 
 class _PipelineModel:
-    """What the BLS models share: the leaf models they call (vad, ASR, speaker) and how."""
+    """What the BLS models share: the leaf models they call (vad, ASR engines, speaker) and how."""
 
     def initialize(self, args: dict) -> None:
         self.params = _parameters(args)
@@ -76,8 +78,13 @@ class _PipelineModel:
         self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker)
 
     def _recognizer(self) -> Recognizer:
-        self.asr_model = self.params.get("asr_model", "sensevoice")
-        return Recognizer(AsrSpec.load(self.repository / self.asr_model / "1"), self._run_asr, self.speakers)
+        """The exported engines; the default is the config's default_asr_engine, else the one
+        `tritonasr serve --asr-engine` put in TRITONASR_ASR_ENGINE, else the first exported."""
+        self.engine_models = EngineModels.from_parameters(self.params)
+        engines = build_engines(self.repository, self.engine_models, self._run_sensevoice,
+                                self._run_parakeet_encoder, self._run_parakeet_decoder)
+        default = self.params.get("default_asr_engine") or os.environ.get("TRITONASR_ASR_ENGINE", "")
+        return Recognizer(engines, default, self.speakers)
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
@@ -96,15 +103,26 @@ class _PipelineModel:
         scores, *caches = await self._infer(self.vad_model, inputs, outputs)
         return scores, caches
 
-    async def _run_asr(self, feats, language, textnorm):
+    async def _run_sensevoice(self, feats, language, textnorm):
         inputs = {
             "speech": feats,
             "speech_lengths": np.array([[feats.shape[1]]], dtype=np.int32),
             "language": np.array([[language]], dtype=np.int32),
             "textnorm": np.array([[textnorm]], dtype=np.int32),
         }
-        token_ids, lengths = await self._infer(self.asr_model, inputs, ["token_ids", "encoder_out_lens"])
+        token_ids, lengths = await self._infer(self.engine_models.sensevoice, inputs, ["token_ids", "encoder_out_lens"])
         return token_ids[0], int(lengths.reshape(-1)[0])
+
+    async def _run_parakeet_encoder(self, feats):
+        inputs = {"features": feats, "length": np.array([[feats.shape[1]]], dtype=np.int64)}
+        encoded, lengths = await self._infer(self.engine_models.parakeet_encoder, inputs, ["encoded", "encoded_lengths"])
+        return encoded[0, :int(lengths.reshape(-1)[0])]
+
+    async def _run_parakeet_decoder(self, encoded):
+        inputs = {"encoded": encoded, "encoded_lengths": np.array([[encoded.shape[1]]], dtype=np.int64)}
+        tokens, frames, durations = await self._infer(self.engine_models.parakeet_decoder, inputs,
+                                                      ["tokens", "frames", "durations"])
+        return tokens[0], frames[0], durations[0]
 
     async def _run_speaker(self, feats):
         (embedding,) = await self._infer(self.speaker_model, {"feats": feats}, ["embedding"])
@@ -129,6 +147,7 @@ class OfflineAsrModel(_PipelineModel):
             sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
             with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
             return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
+            engine=_text(_input(request, "ENGINE"), ""),
         )
 
     async def execute(self, requests):
@@ -211,7 +230,7 @@ class StreamingAsrModel(_PipelineModel):
         try:
             if chunk.start:
                 options = StreamOptions(_text(chunk.language, "auto"), bool(_scalar(chunk.use_itn, False)),
-                                        int(_scalar(chunk.partial_interval_ms, 0)),
+                                        int(_scalar(chunk.partial_interval_ms, 0)), _text(chunk.engine, ""),
                                         bool(_scalar(chunk.with_speaker, True)),
                                         bool(_scalar(chunk.return_embedding, False)))
                 stream = self.streams.open(chunk.stream_id, options)
@@ -257,13 +276,14 @@ class _Chunk:
     language: np.ndarray | None
     use_itn: np.ndarray | None
     partial_interval_ms: np.ndarray | None
+    engine: np.ndarray | None
     with_speaker: np.ndarray | None
     return_embedding: np.ndarray | None
 
     @classmethod
     def read(cls, request) -> "_Chunk":
-        names = ("AUDIO", "SAMPLE_RATE", "LANGUAGE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER",
-                 "RETURN_EMBEDDING")
+        names = ("AUDIO", "SAMPLE_RATE", "LANGUAGE", "USE_ITN", "PARTIAL_INTERVAL_MS", "ENGINE",
+                 "WITH_SPEAKER", "RETURN_EMBEDDING")
         return cls(int(_scalar(_input(request, "CORRID"), 0)), bool(_scalar(_input(request, "START"), 0)),
                    bool(_scalar(_input(request, "END"), 0)), *(_input(request, name) for name in names))
 

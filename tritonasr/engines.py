@@ -1,0 +1,155 @@
+"""ASR engines: one segment's audio -> its transcript, by SenseVoice or by Parakeet TDT.
+
+The pipelines (offline and streaming) take any engine; which one runs is chosen per request
+among those the deployment exported. Model execution is injected as async callables, as for the
+VAD, so the same engines run in the Triton BLS models and in-process.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Protocol
+
+import numpy as np
+
+from tritonasr.audio import AudioError
+from tritonasr.features import Frontend
+from tritonasr.transcript import Segment, Tokenizer
+
+# (features [1,T,560], language id, textnorm id) -> (token ids [T'], number of valid ids)
+RunSenseVoice = Callable[[np.ndarray, int, int], Awaitable[tuple[np.ndarray, int]]]
+# (mel features [1,T,128]) -> (encoder output [T',D] of the valid frames)
+RunParakeetEncoder = Callable[[np.ndarray], Awaitable[np.ndarray]]
+# (encoder output [1,T',D]) -> (token ids, their frames, their durations in frames)
+RunParakeetDecoder = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+ENGINES = ("sensevoice", "parakeet")
+
+
+class AsrEngine(Protocol):
+    name: str
+
+    def query(self, language: str, use_itn: bool):
+        """The engine's form of the request's options; AudioError when it cannot honour them."""
+
+    def shares_fbank(self, frontend: Frontend) -> bool:
+        """Whether `transcribe` can take the VAD's fbank rows (computed with `frontend`)."""
+
+    async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query,
+                         fbank: np.ndarray | None = None) -> Segment | None: ...
+
+
+@dataclass(frozen=True)
+class SenseVoiceSpec:
+    """What the pipeline needs to know about the exported `sensevoice` graph (its meta.json)."""
+
+    frontend: Frontend
+    tokenizer: Tokenizer
+    blank_id: int
+    lid_dict: dict[str, int]
+    textnorm_dict: dict[str, int]
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "SenseVoiceSpec":
+        meta = json.loads((Path(model_dir) / "meta.json").read_text())
+        return cls(Frontend.from_config(meta["frontend"]), Tokenizer(Path(model_dir) / "tokenizer.model"),
+                   int(meta.get("blank_id", 0)), meta["lid_dict"], meta["textnorm_dict"])
+
+    def query_ids(self, language: str, use_itn: bool) -> tuple[int, int]:
+        if language not in self.lid_dict:
+            known = ", ".join(sorted(k for k in self.lid_dict if k != "nospeech"))
+            raise AudioError(f"unknown language {language!r}; use one of: {known}")
+        return self.lid_dict[language], self.textnorm_dict["withitn" if use_itn else "woitn"]
+
+
+class SenseVoiceEngine:
+    """SenseVoiceSmall: greedy CTC text with language, emotion and event tags."""
+
+    name = "sensevoice"
+
+    def __init__(self, spec: SenseVoiceSpec, run: RunSenseVoice):
+        self.spec = spec
+        self.run = run
+
+    def query(self, language: str, use_itn: bool) -> tuple[int, int]:
+        return self.spec.query_ids(language, use_itn)
+
+    def shares_fbank(self, frontend: Frontend) -> bool:
+        return frontend.fbank_options_equal(self.spec.frontend)
+
+    async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query: tuple[int, int],
+                         fbank: np.ndarray | None = None) -> Segment | None:
+        frontend = self.spec.frontend
+        feats = frontend.lfr(frontend.fbank(samples) if fbank is None else fbank)
+        if feats.shape[0] == 0:  # shorter than one 25 ms window
+            return None
+        token_ids, length = await self.run(feats[None], *query)
+        rich = self.spec.tokenizer.transcript(token_ids, length, self.spec.blank_id)
+        return Segment(start_ms, end_ms, rich.text, rich.language, rich.emotion, rich.event)
+
+
+class ParakeetEngine:
+    """Parakeet TDT (English): text, and each word's start and end from the token durations."""
+
+    name = "parakeet"
+
+    def __init__(self, spec, run_encoder: RunParakeetEncoder, run_decoder: RunParakeetDecoder):
+        self.spec = spec  # tritonasr.tdt.ParakeetSpec
+        self.run_encoder = run_encoder
+        self.run_decoder = run_decoder
+
+    def query(self, language: str, use_itn: bool) -> None:
+        if language not in ("auto", "en"):
+            raise AudioError(f"the parakeet engine transcribes English only; language must be auto or en, "
+                             f"got {language!r}")
+        return None  # Parakeet writes punctuation and capitals itself: use_itn changes nothing
+
+    def shares_fbank(self, frontend: Frontend) -> bool:
+        return False  # NeMo's mel features are not kaldi's
+
+    async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query: None,
+                         fbank: np.ndarray | None = None) -> Segment | None:
+        from tritonasr.tdt import TdtResult
+
+        feats = self.spec.frontend.features(samples)
+        if feats.shape[0] == 0:
+            return None
+        encoded = await self.run_encoder(feats[None])
+        result = TdtResult(*await self.run_decoder(encoded[None]))
+        words = [{**w, "start_ms": w["start_ms"] + start_ms, "end_ms": min(end_ms, w["end_ms"] + start_ms)}
+                 for w in self.spec.words(result)]
+        return Segment(start_ms, end_ms, self.spec.text(result), language="en", words=words)
+
+
+@dataclass(frozen=True)
+class EngineModels:
+    """The served models of each engine (BLS parameters sensevoice_model, parakeet_*_model)."""
+
+    sensevoice: str = "sensevoice"
+    parakeet_encoder: str = "parakeet_encoder"
+    parakeet_decoder: str = "parakeet_decoder"
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "EngineModels":
+        default = cls()
+        return cls(params.get("sensevoice_model", default.sensevoice),
+                   params.get("parakeet_encoder_model", default.parakeet_encoder),
+                   params.get("parakeet_decoder_model", default.parakeet_decoder))
+
+
+def build_engines(repository: Path, models: EngineModels, run_sensevoice: RunSenseVoice,
+                  run_parakeet_encoder: RunParakeetEncoder, run_parakeet_decoder: RunParakeetDecoder
+                  ) -> dict[str, AsrEngine]:
+    """The engines whose models are exported in `repository` (their meta.json is there)."""
+    repository = Path(repository)
+    engines: dict[str, AsrEngine] = {}
+    if (repository / models.sensevoice / "1" / "meta.json").is_file():
+        spec = SenseVoiceSpec.load(repository / models.sensevoice / "1")
+        engines["sensevoice"] = SenseVoiceEngine(spec, run_sensevoice)
+    if (repository / models.parakeet_decoder / "1" / "meta.json").is_file():
+        from tritonasr.tdt import ParakeetSpec
+
+        spec = ParakeetSpec.load(repository / models.parakeet_decoder / "1")
+        engines["parakeet"] = ParakeetEngine(spec, run_parakeet_encoder, run_parakeet_decoder)
+    return engines

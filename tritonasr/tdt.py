@@ -1,0 +1,266 @@
+"""Greedy decoding of a Token-and-Duration Transducer (Parakeet TDT), batched, in numpy; word
+timings; and the two served Parakeet graphs run in-process (LocalParakeet).
+
+The decoder+joint network runs behind a callable (`DecoderJoint`), so the same loop drives a
+local ONNX Runtime session and the one inside the Triton model. Every sequence of the batch
+keeps its own frame pointer and prediction-network state; each step evaluates the joint once
+for every sequence that is still inside its own length, so padding never reaches a result and
+a sequence's tokens do not depend on what else is in the batch.
+
+The rules are those of NeMo's label-looping greedy TDT decoder
+(GreedyBatchedTDTLabelLoopingComputer.torch_impl, the `greedy_batch` strategy), step by step:
+- start with the blank id as <SOS> and zero LSTM states;
+- token = argmax over the token logits (blank included), duration = durations[argmax over the
+  duration logits]; a blank predicted with duration 0 moves on by 1 frame instead;
+- a token is emitted at the frame it was predicted on, with its predicted duration, and only
+  then feeds the prediction network; a blank leaves the prediction network as it was;
+- after `max_symbols_per_step` tokens on one frame with duration 0, the frame pointer is moved
+  on by one (NeMo's "force blank").
+NeMo evaluates the joint for all sequences and masks the results; here only the sequences that
+need it are evaluated: the same evaluations per sequence, in the same order.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import sentencepiece as spm
+
+from tritonasr.mel import MelFrontend, MelSpec
+
+# parakeet_decoder's graph: one decoder+joint step, not the served model's own interface (its
+# Python model runs the whole loop), so it is not named model.onnx.
+DECODER_GRAPH = "decoder_joint.onnx"
+from tritonasr.onnx_runner import OnnxModel
+
+# (encoder frames [N, D], previous labels [N], LSTM states h, c [layers, N, hidden])
+#   -> (joint logits [N, vocab + 1 + len(durations)], h', c')
+# The states returned are those after feeding the previous labels: what the next step takes
+# once a new label has been emitted.
+DecoderJoint = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                        tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TdtSpec:
+    blank_id: int
+    durations: tuple[int, ...]
+    max_symbols_per_step: int | None
+    state_layers: int
+    state_hidden: int
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "TdtSpec":
+        return cls(int(meta["blank_id"]), tuple(int(d) for d in meta["durations"]),
+                   meta["max_symbols_per_step"], *meta["decoder_state"]["shape"])
+
+
+@dataclass
+class TdtResult:
+    """One sequence's emitted tokens, the encoder frame each was emitted on and its duration."""
+
+    tokens: np.ndarray  # int32
+    frames: np.ndarray  # int32
+    durations: np.ndarray  # int32
+
+
+def greedy_decode(encoded: np.ndarray, lengths: np.ndarray, decoder_joint: DecoderJoint,
+                  spec: TdtSpec) -> list[TdtResult]:
+    """encoded: [B, T, D] (time-major, as the served encoder emits it), lengths: [B] valid frames."""
+    batch = encoded.shape[0]
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    durations = np.asarray(spec.durations, dtype=np.int64)
+    n_durations = durations.size
+    time = np.zeros(batch, np.int64)
+    labels = np.full(batch, spec.blank_id, np.int32)  # last emitted label; blank is NeMo's <SOS>
+    h = np.zeros((spec.state_layers, batch, spec.state_hidden), np.float32)
+    c = np.zeros_like(h)
+    # NeMo's last_nb_timestamp / last_nb_timestamp_lasts: the frame of the last token, and how
+    # many tokens in a row were emitted on it.
+    last_frame = np.full(batch, -1, np.int64)
+    run = np.zeros(batch, np.int64)
+    emitted: list[tuple[np.ndarray, ...]] = []
+
+    active = np.flatnonzero(time < lengths)
+    while active.size:
+        logits, h_next, c_next = decoder_joint(encoded[active, time[active]], labels[active],
+                                               h[:, active], c[:, active])
+        token = logits[:, :-n_durations].argmax(axis=-1)
+        duration = durations[logits[:, -n_durations:].argmax(axis=-1)]
+        blank = token == spec.blank_id
+        duration[blank & (duration == 0)] = 1
+        frame = time[active]
+        time[active] += duration
+
+        found = ~blank
+        rows = active[found]
+        emitted.append((rows, token[found], frame[found], duration[found]))
+        labels[rows] = token[found]
+        h[:, rows] = h_next[:, found]
+        c[:, rows] = c_next[:, found]
+        run[rows] = np.where(last_frame[rows] == frame[found], run[rows] + 1, 1)
+        last_frame[rows] = frame[found]
+        if spec.max_symbols_per_step is not None:
+            stuck = rows[(run[rows] >= spec.max_symbols_per_step) & (last_frame[rows] == time[rows])
+                         & (time[rows] < lengths[rows])]
+            time[stuck] += 1
+        active = np.flatnonzero(time < lengths)
+    return _split(emitted, batch)
+
+
+def _split(emitted: list[tuple[np.ndarray, ...]], batch: int) -> list[TdtResult]:
+    """Per-step emissions -> per-sequence results (a stable sort keeps each one's order)."""
+    if not emitted:
+        empty = np.zeros(0, np.int32)
+        return [TdtResult(empty, empty, empty) for _ in range(batch)]
+    rows, tokens, frames, durations = (np.concatenate(parts) for parts in zip(*emitted))
+    order = np.argsort(rows, kind="stable")
+    bounds = np.cumsum(np.bincount(rows, minlength=batch))[:-1]
+    split = [np.split(values[order].astype(np.int32), bounds) for values in (tokens, frames, durations)]
+    return [TdtResult(*parts) for parts in zip(*split)]
+
+
+class _Runner(Protocol):
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
+
+
+class OnnxDecoderJoint:
+    """NeMo's exported decoder_joint graph (RNNTDecoderJoint) as a `DecoderJoint`: one label and
+    one encoder frame per sequence. `runner`: an OnnxModel (or anything with its `run`)."""
+
+    OUTPUTS = ["outputs", "output_states_1", "output_states_2"]
+
+    def __init__(self, runner: _Runner):
+        self.runner = runner
+
+    def __call__(self, frames, labels, h, c):
+        n = frames.shape[0]
+        out = self.runner.run({
+            "encoder_outputs": np.ascontiguousarray(frames, dtype=np.float32)[:, :, None],  # [N, D, 1]
+            "targets": labels.astype(np.int32).reshape(n, 1),
+            "target_length": np.ones(n, np.int32),
+            "input_states_1": h,
+            "input_states_2": c,
+        }, self.OUTPUTS)
+        return out["outputs"].reshape(n, -1), out["output_states_1"], out["output_states_2"]
+
+
+def word_timings(tokens, frames, durations, sp, frame_ms: float) -> list[dict]:
+    """Words and their times, as NeMo's TDT word timestamps (`transcribe(timestamps=True)`).
+
+    NeMo gives each token the span [frame, frame + duration) in encoder frames, and a frame is
+    frame_ms = window_stride * subsampling_factor (80 ms for Parakeet). A word starts at a token
+    whose piece differs from its text (a '▁' piece, or <unk>) and spans its first token's start
+    to its last token's end. Punctuation (a token whose text is one of the vocabulary's
+    punctuation marks) never starts a word: it joins the word before it, and for TDT NeMo pins
+    its time to the preceding token's end, so it does not stretch the word.
+    `sp`: the model's sentencepiece.SentencePieceProcessor. Times are integer milliseconds from
+    the start of the audio the encoder saw.
+    """
+    punctuation = _punctuation(sp)
+    words: list[dict] = []
+    ids: list[int] = []
+    spans = zip(np.asarray(tokens).tolist(), np.asarray(frames).tolist(), np.asarray(durations).tolist())
+    for i, (token, frame, duration) in enumerate(spans):
+        piece, text = sp.id_to_piece(token), sp.decode([token])
+        is_punctuation = text in punctuation
+        if not ids or (piece != text and not is_punctuation):
+            if ids:
+                words[-1]["text"] = sp.decode(ids)
+            ids = []
+            words.append({"text": "", "start_ms": round(frame * frame_ms), "end_ms": 0})
+        elif is_punctuation and sp.id_to_piece(ids[-1]) == "\u2581":
+            ids.pop()  # NeMo drops a lone '▁' before punctuation
+        ids.append(token)
+        if not is_punctuation or i == 0:
+            words[-1]["end_ms"] = round((frame + duration) * frame_ms)
+    if ids:
+        words[-1]["text"] = sp.decode(ids)
+    return words
+
+
+def _punctuation(sp) -> set[str]:
+    """NeMo's extract_punctuation_from_vocab: punctuation characters of the ordinary pieces."""
+    special = re.compile(r"\[.*\]|<.*>|##.*|\u2581.*|\s*")
+    pieces = (sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+    return {char for piece in pieces if not special.fullmatch(piece) for char in piece
+            if unicodedata.category(char).startswith("P")}
+
+
+# --- the served pair, in-process -------------------------------------------------------------
+
+
+def decode_padded(encoded: list[np.ndarray], decoder_joint: DecoderJoint, spec: TdtSpec) -> list[TdtResult]:
+    """Decode sequences of different lengths ([T_i, D] each) together, as one padded batch."""
+    if not encoded:
+        return []
+    lengths = np.array([e.shape[0] for e in encoded])
+    batch = np.zeros((len(encoded), max(lengths.max(), 1), encoded[0].shape[1]), np.float32)
+    for row, sequence in zip(batch, encoded):
+        row[:len(sequence)] = sequence
+    return greedy_decode(batch, lengths, decoder_joint, spec)
+
+
+@dataclass
+class ParakeetSpec:
+    """What a caller needs beside the two graphs: the front end, the tokenizer, the decoding
+    settings and the length of an encoder frame (all from the exported meta.json)."""
+
+    frontend: MelFrontend
+    tokenizer: spm.SentencePieceProcessor
+    tdt: TdtSpec
+    frame_ms: float
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "ParakeetSpec":
+        model_dir = Path(model_dir)
+        return cls.from_meta(json.loads((model_dir / "meta.json").read_text()), model_dir / "tokenizer.model")
+
+    @classmethod
+    def from_meta(cls, meta: dict, tokenizer_file: Path) -> "ParakeetSpec":
+        return cls(MelFrontend(MelSpec.from_config(meta["preprocessor"])),
+                   spm.SentencePieceProcessor(model_file=str(tokenizer_file)),
+                   TdtSpec.from_meta(meta), float(meta["frame_ms"]))
+
+    def text(self, result: TdtResult) -> str:
+        return self.tokenizer.decode(result.tokens.tolist())
+
+    def words(self, result: TdtResult) -> list[dict]:
+        return word_timings(result.tokens, result.frames, result.durations, self.tokenizer, self.frame_ms)
+
+
+class LocalParakeet:
+    """parakeet_encoder + parakeet_decoder over local ONNX Runtime, batched the way the served
+    models batch: the encoder pads ragged features (OnnxModel.run_batch, as OnnxLeafModel does),
+    the decoder decodes every sequence of the batch together."""
+
+    def __init__(self, encoder: _Runner, decoder: _Runner, spec: ParakeetSpec):
+        self.encoder = encoder
+        self.decoder_joint = OnnxDecoderJoint(decoder)
+        self.spec = spec
+
+    @classmethod
+    def from_repository(cls, repository: Path, intra_op_threads: int = 0) -> "LocalParakeet":
+        repository = Path(repository)
+        encoder = OnnxModel(repository / "parakeet_encoder" / "1" / "model.onnx", intra_op_threads,
+                            ragged_inputs=["features"])
+        decoder = OnnxModel(repository / "parakeet_decoder" / "1" / DECODER_GRAPH, intra_op_threads)
+        return cls(encoder, decoder, ParakeetSpec.load(repository / "parakeet_decoder" / "1"))
+
+    def encode(self, features: list[np.ndarray]) -> list[np.ndarray]:
+        """[T_i, n_mels] each -> the encoder's valid output frames [T'_i, D] each. The encoder
+        graph needs at least one feature frame (hop_length samples of audio)."""
+        if any(f.shape[0] == 0 for f in features):
+            raise ValueError("a segment has no feature frames (shorter than one 10 ms hop)")
+        requests = [{"features": f[None], "length": np.array([[f.shape[0]]], np.int64)} for f in features]
+        results = self.encoder.run_batch(requests, ["encoded", "encoded_lengths"])
+        return [r["encoded"][0, :int(r["encoded_lengths"].reshape(-1)[0])] for r in results]
+
+    def transcribe(self, waveforms: list[np.ndarray]) -> list[TdtResult]:
+        encoded = self.encode([self.spec.frontend.features(w) for w in waveforms])
+        return decode_padded(encoded, self.decoder_joint, self.spec.tdt)
