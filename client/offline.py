@@ -92,11 +92,12 @@ class OfflineClient(ModelClient):
         ])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
-                        use_itn: bool = False, return_embedding: bool = False, engine: str = "") -> dict:
+                        use_itn: bool = False, return_embedding: bool = False, engine: str = "",
+                        with_speaker: bool = True) -> dict:
         """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
         audio = load_audio(path)
         result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn,
-                                 return_embedding=return_embedding, engine=engine)
+                                 with_speaker=with_speaker, return_embedding=return_embedding, engine=engine)
         return {"file": str(path), "duration_ms": audio.duration_ms,
                 "segments": result["segments"]}
 

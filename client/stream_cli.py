@@ -20,7 +20,7 @@ STREAM_FORMATS = ("text", "json")
 
 def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, realtime: bool = False,
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
-               fmt: str = "text", output: TextIO = sys.stdout, engine: str = "") -> int:
+               fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True) -> int:
     """Streams one audio file and prints each result as it arrives; returns the exit code.
 
     0: the stream completed; 1: the file or the stream failed (reported on stderr);
@@ -38,7 +38,7 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
     printer = Printer(fmt, output)
     return asyncio.run(_stream(path, url, chunks, printer, realtime=realtime,
                                partial_interval_ms=partial_interval_ms, language=language, use_itn=use_itn,
-                               engine=engine))
+                               engine=engine, with_speaker=with_speaker))
 
 
 async def _stream(path: str, url: str, chunks: list, printer: Printer, **options) -> int:

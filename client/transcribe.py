@@ -23,7 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 
 def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
                    concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False,
-                   engine: str = "") -> int:
+                   engine: str = "", with_speaker: bool = True) -> int:
     """Transcribes `files` with `concurrency` requests in flight; returns the exit code.
 
     0: every file transcribed; 1: some failed (each reported on stderr); 2: the server is
@@ -48,7 +48,7 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
             local.client = OfflineClient(url)
             clients.append(local.client)
         return local.client.transcribe_file(path, language=language, return_embedding=return_embedding,
-                                            engine=engine)
+                                            engine=engine, with_speaker=with_speaker)
 
     headers = fmt != "json" and len(files) > 1
     code = EXIT_OK

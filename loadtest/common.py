@@ -13,8 +13,10 @@ def server_url(url: str | None, repository: Path, log: Callable[[str], None]) ->
     if url is not None:
         yield url
         return
+    from tritonasr.repository import exported_models  # noqa: PLC0415
     from tritonasr.server import ServerConfig, TritonServer, free_port  # noqa: PLC0415
 
     log("starting the embedded Triton server…")
-    with TritonServer(ServerConfig(repository, free_port(), free_port(), free_port())) as server:
+    config = ServerConfig(repository, free_port(), free_port(), free_port(), models=exported_models(repository))
+    with TritonServer(config) as server:
         yield server.grpc_url

@@ -96,7 +96,8 @@ def cmd_transcribe(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
 
     return run_transcribe(args.files, args.url, args.format, language=args.language,
-                          concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine)
+                          concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
+                          with_speaker=not args.no_speaker)
 
 
 def cmd_stream(args) -> int:
@@ -104,7 +105,7 @@ def cmd_stream(args) -> int:
 
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
-                      fmt=args.format, engine=args.engine)
+                      fmt=args.format, engine=args.engine, with_speaker=not args.no_speaker)
 
 
 def cmd_speakers(args) -> int:
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--language", default="auto", help="auto|zh|en|yue|ja|ko")
     transcribe.add_argument("--concurrency", type=int, default=4)
     transcribe.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
+    transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
                             help="each segment's speaker embedding in the JSON output")
     transcribe.set_defaults(func=cmd_transcribe)
@@ -223,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--language", default="auto", choices=["auto", "zh", "en", "yue", "ja", "ko"])
     stream.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     stream.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
+    stream.add_argument("--no-speaker", action="store_true",
+                        help="skip the server's speaker stage (finals arrive sooner on a CPU server)")
     stream.add_argument("--format", choices=["text", "json"], default="text")
     stream.set_defaults(func=cmd_stream)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from tritonasr.paths import CHECKOUT_ROOT
 
 TEMPLATES = CHECKOUT_ROOT / "model_repository"
-# Each export's leaf models: their meta.json (written last but the graph) shows the export ran.
+# Each export's leaf models: their meta.json (an export writes it with the graphs) shows it ran.
 LEAF_MODELS = {"vad": ["vad"], "sensevoice": ["sensevoice"], "parakeet": ["parakeet_encoder", "parakeet_decoder"],
                "speaker": ["speaker"]}
 # The Python BLS models an export brings to life beside its leaf models.
