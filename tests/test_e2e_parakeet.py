@@ -108,3 +108,28 @@ def test_streams_give_the_offline_transcripts(server, client, name):
            [(s["start_ms"], s["end_ms"], s["text"], s["words"]) for s in offline]
     partials = [seg for seg in results if not seg.final]
     assert partials and all(p.words is not None for p in partials)
+
+
+def test_serve_time_default_engine_and_only_exported_models(model_repository, tmp_path):
+    """A deployment that exported both engines but not `speaker`, served with
+    `--asr-engine parakeet`: requests naming no engine get Parakeet, SenseVoice stays available,
+    and segments carry no speaker (the stage's model is neither exported nor loaded)."""
+    import shutil
+
+    from tritonasr.repository import exported_models
+    from tritonasr.server import ServerConfig, TritonServer, free_port
+
+    repo = tmp_path / "repo"
+    for model in ("vad", "sensevoice", "parakeet_encoder", "parakeet_decoder", "asr_offline", "asr_stream",
+                  "speaker_registry"):
+        shutil.copytree(model_repository / model, repo / model, ignore=shutil.ignore_patterns("*.db*"))
+    models = exported_models(repo)
+    assert models == ["asr_offline", "asr_stream", "parakeet_decoder", "parakeet_encoder", "sensevoice", "vad"]
+    config = ServerConfig(repo, free_port(), free_port(), free_port(), models=models, asr_engine="parakeet",
+                          extra_args=["--exit-timeout-secs=5"])
+    samples = load_audio(DATA / "one_phrase.wav").samples
+    with TritonServer(config) as server, OfflineClient(server.grpc_url, timeout_s=300) as client:
+        default = client.transcribe(samples)["segments"]
+        assert default and default[0]["words"] is not None and default[0]["speaker"] is None
+        assert default == client.transcribe(samples, engine="parakeet")["segments"]
+        assert client.transcribe(samples, engine="sensevoice")["segments"][0]["words"] is None
