@@ -181,7 +181,7 @@ class Endpointer:
 @dataclass
 class _Output:
     kind: str  # "final" | "partial" | "complete"
-    segment: asyncio.Future | None = None
+    segment: asyncio.Future | None = None  # of (Segment | None, speaker embedding | None)
     endpoint_ms: int = 0
 
 
