@@ -113,6 +113,26 @@ def report_frontend(diff: float, progress: Progress) -> None:
 # Sources
 
 
+def cached_model_dir(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """`target`, built once by `build(directory)` in a scratch directory beside it and renamed
+    into place, so it appears complete or not at all; later calls find `target / marker`."""
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(scratch)
+        scratch.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            os.replace(scratch, target)
+        except OSError:  # someone else finished first (target exists, not empty)
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
 def resolve_source(source: str | None, random_init: str | None, seed: int, progress: Progress,
                    random_model_dir: Callable[[str, int, Progress], Path], hub: str | None = None) -> Path:
     """The local model directory to export from: `source` (a directory, or a hub id to download)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tritonasr.paths import cache_dir, sample_audio
 from tritonasr.transcript import ctc_greedy
 
 from tritonasr.export.common import (
+    cached_model_dir,
     OPSET,
     check_waveform,
     Cmvn,
@@ -134,14 +133,11 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
     if size not in ENCODER_CONF:
         raise ValueError(f"random_init must be one of {sorted(ENCODER_CONF)}, not {size!r}")
     target = cache_dir() / f"sensevoice-random-{size}-seed{seed}-v2"  # v2: plain-word fillers
-    if (target / "model.pt").is_file():
-        return target
-    progress(f"building a random-weight SenseVoiceSmall ({size}, seed {seed}) in {target}…")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        vocab_size = _write_tokenizer(build / TOKENIZER_FILE, VOCAB_SIZE[size])
-        _write_am_mvn(build / "am.mvn")
+
+    def build(directory: Path) -> None:
+        progress(f"building a random-weight SenseVoiceSmall ({size}, seed {seed}) in {target}…")
+        vocab_size = _write_tokenizer(directory / TOKENIZER_FILE, VOCAB_SIZE[size])
+        _write_am_mvn(directory / "am.mvn")
         config = {
             "encoder": "SenseVoiceEncoderSmall",
             "encoder_conf": {**ENCODER_CONF[size], **COMMON_ENCODER_CONF},
@@ -152,8 +148,8 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
             "frontend": "WavFrontend",
             "frontend_conf": {**FRONTEND_CONF, "cmvn_file": None},
         }
-        (build / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        write_json(build / "configuration.json", {
+        (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        write_json(directory / "configuration.json", {
             "framework": "pytorch",
             "task": "auto-speech-recognition",
             "model": {"type": "funasr"},
@@ -161,16 +157,9 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
                                 "tokenizer_conf": {"bpemodel": TOKENIZER_FILE},
                                 "frontend_conf": {"cmvn_file": "am.mvn"}},
         })
-        torch.save(_random_state_dict(config, vocab_size, seed), build / "model.pt")
-        build.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        try:
-            os.replace(build, target)  # a directory appears complete or not at all
-        except OSError:  # someone else finished first (target exists, not empty)
-            if not (target / "model.pt").is_file():
-                raise
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return target
+        torch.save(_random_state_dict(config, vocab_size, seed), directory / "model.pt")
+
+    return cached_model_dir(target, "model.pt", build)
 
 
 def _random_state_dict(config: dict, vocab_size: int, seed: int) -> dict:

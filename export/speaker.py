@@ -15,9 +15,6 @@ one for tests). All three load through `load_speaker_model`, the way ModelScope 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +33,7 @@ from tritonasr.paths import cache_dir
 from tritonasr.speaker import FRONTEND, speaker_features
 
 from tritonasr.export.common import (
+    cached_model_dir,
     OPSET,
     check_waveform,
     export_onnx,
@@ -147,12 +145,10 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
     if size not in MODEL_CONFIG:
         raise ValueError(f"random_init must be one of {sorted(MODEL_CONFIG)}, not {size!r}")
     target = cache_dir() / f"eres2netv2-random-{size}-seed{seed}"
-    if (target / CHECKPOINT).is_file():
-        return target
-    progress(f"building a random-weight ERes2NetV2 ({size}, seed {seed}) in {target}…")
-    build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write_json(build / "configuration.json", {
+
+    def build(directory: Path) -> None:
+        progress(f"building a random-weight ERes2NetV2 ({size}, seed {seed}) in {target}…")
+        write_json(directory / "configuration.json", {
             "framework": "pytorch",
             "task": "speaker-verification",
             "model": {"type": "eres2netv2-sv", "model_config": MODEL_CONFIG[size],
@@ -160,16 +156,9 @@ def random_model_dir(size: str, seed: int = 0, progress: Progress = stderr_progr
             "pipeline": {"type": "speaker-verification-eres2netv2"},
         })
         architecture = _architecture(MODEL_CONFIG[size], f"random_init {size}")
-        torch.save(_random_state_dict(architecture, seed), build / CHECKPOINT)
-        build.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        try:
-            os.replace(build, target)  # a directory appears complete or not at all
-        except OSError:  # someone else finished first (target exists, not empty)
-            if not (target / CHECKPOINT).is_file():
-                raise
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return target
+        torch.save(_random_state_dict(architecture, seed), directory / CHECKPOINT)
+
+    return cached_model_dir(target, CHECKPOINT, build)
 
 
 def _random_state_dict(architecture: dict, seed: int) -> dict:
