@@ -15,6 +15,7 @@ import numpy as np
 
 from tritonasr.audio import AudioError
 from tritonasr.features import Frontend
+from tritonasr.tdt import ParakeetSpec, TdtResult
 from tritonasr.transcript import Segment, Tokenizer
 
 # (features [1,T,560], language id, textnorm id) -> (token ids [T'], number of valid ids)
@@ -94,8 +95,8 @@ class ParakeetEngine:
 
     name = "parakeet"
 
-    def __init__(self, spec, run_encoder: RunParakeetEncoder, run_decoder: RunParakeetDecoder):
-        self.spec = spec  # tritonasr.tdt.ParakeetSpec
+    def __init__(self, spec: ParakeetSpec, run_encoder: RunParakeetEncoder, run_decoder: RunParakeetDecoder):
+        self.spec = spec
         self.run_encoder = run_encoder
         self.run_decoder = run_decoder
 
@@ -110,8 +111,6 @@ class ParakeetEngine:
 
     async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query: None,
                          fbank: np.ndarray | None = None) -> Segment | None:
-        from tritonasr.tdt import TdtResult
-
         feats = self.spec.frontend.features(samples)
         if feats.shape[0] == 0:
             return None
@@ -148,8 +147,6 @@ def build_engines(repository: Path, models: EngineModels, run_sensevoice: RunSen
         spec = SenseVoiceSpec.load(repository / models.sensevoice / "1")
         engines["sensevoice"] = SenseVoiceEngine(spec, run_sensevoice)
     if (repository / models.parakeet_decoder / "1" / "meta.json").is_file():
-        from tritonasr.tdt import ParakeetSpec
-
         spec = ParakeetSpec.load(repository / models.parakeet_decoder / "1")
         engines["parakeet"] = ParakeetEngine(spec, run_parakeet_encoder, run_parakeet_decoder)
     return engines

@@ -14,7 +14,7 @@ import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.engines import AsrEngine
-from tritonasr.speakers import SpeakerStage
+from tritonasr.speakers import SpeakerSession, SpeakerStage
 from tritonasr.transcript import Segment
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_bounds, chunk_samples, split_long_segments
 
@@ -25,6 +25,8 @@ MAX_ASR_SEGMENT_MS = 30_000
 
 # (features [1,T,400], caches) -> (scores [1,T,C], caches)
 RunVad = Callable[[np.ndarray, list[np.ndarray]], Awaitable[tuple[np.ndarray, list[np.ndarray]]]]
+
+
 @dataclass(frozen=True)
 class AsrRequest:
     """The engine a request chose and its options in that engine's form."""
@@ -56,6 +58,11 @@ class Recognizer:
             raise AudioError(f"unknown ASR engine {name!r}; this server runs: {', '.join(self.engines)}")
         chosen = self.engines[name]
         return AsrRequest(chosen, chosen.query(language, use_itn))
+
+    def speaker_session(self, with_speaker: bool, return_embedding: bool) -> SpeakerSession | None:
+        """Speaker labels for one file or stream; None when the request or the deployment has no
+        speaker stage."""
+        return self.speakers.session(return_embedding) if with_speaker and self.speakers else None
 
     async def analyse(self, request: AsrRequest, samples: np.ndarray, start_ms: int, end_ms: int,
                       with_speaker: bool, fbank: np.ndarray | None = None) -> tuple[Segment | None, np.ndarray | None]:
@@ -117,7 +124,7 @@ class OfflinePipeline:
         speech = await detect_speech(self.vad, self.run_vad, samples, fbank)
         pieces = split_long_segments(speech, self.max_asr_segment_ms)
         # All segments go out at once so the leaf models' batchers can batch them.
-        speakers = self.recognizer.speakers.session(return_embedding) if with_speaker and self.recognizer.speakers else None
+        speakers = self.recognizer.speaker_session(with_speaker, return_embedding)
         results = await asyncio.gather(*(self.analyse(request, samples, fbank, s, e, speakers is not None)
                                          for s, e in pieces))
         segments = []

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -195,8 +195,7 @@ class LiveStream:
         self.options = options
         self.request = recognizer.request(options.engine, options.language, options.use_itn)
         self.recognizer = recognizer
-        self.speakers = (recognizer.speakers.session(options.return_embedding)
-                         if options.with_speaker and recognizer.speakers else None)
+        self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
         frame_ms = vad.frontend.frame_shift * vad.frontend.lfr_n
         self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // frame_ms))

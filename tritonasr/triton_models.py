@@ -76,11 +76,11 @@ class _PipelineModel:
         settings = SpeakerSettings.from_parameters(self.params)
         self.speaker_model = settings.model
         self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker)
+        self.engine_models = EngineModels.from_parameters(self.params)
 
     def _recognizer(self) -> Recognizer:
         """The exported engines; the default is the config's default_asr_engine, else the one
         `tritonasr serve --asr-engine` put in TRITONASR_ASR_ENGINE, else the first exported."""
-        self.engine_models = EngineModels.from_parameters(self.params)
         engines = build_engines(self.repository, self.engine_models, self._run_sensevoice,
                                 self._run_parakeet_encoder, self._run_parakeet_decoder)
         default = self.params.get("default_asr_engine") or os.environ.get("TRITONASR_ASR_ENGINE", "")
