@@ -234,22 +234,9 @@ class LiveStream:
             raise
 
     def _request(self, samples: np.ndarray, start: bool, end: bool) -> dict:
-        inputs = [_input("AUDIO", samples[np.newaxis, :], "FP32")]
-        if start:
-            # Options go on the START request only, so that the other requests of every stream
-            # carry the same single input and batch together on the server.
-            inputs += [
-                _input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], np.int32), "INT32"),
-                _input("LANGUAGE", np.array([[self.language.encode()]], np.object_), "BYTES"),
-                _input("USE_ITN", np.array([[self.use_itn]], np.bool_), "BOOL"),
-                _input("PARTIAL_INTERVAL_MS", np.array([[self.partial_interval_ms]], np.int32), "INT32"),
-                _input("ENGINE", np.array([[self.engine.encode()]], np.object_), "BYTES"),
-                _input("WITH_SPEAKER", np.array([[self.with_speaker]], np.bool_), "BOOL"),
-                _input("RETURN_EMBEDDING", np.array([[self.return_embedding]], np.bool_), "BOOL"),
-            ]
-        return {"model_name": self.client.model, "inputs": inputs,
-                "outputs": [grpcaio.InferRequestedOutput("RESULT")],
-                "sequence_id": self.sequence_id, "sequence_start": start, "sequence_end": end}
+        options = dict(language=self.language, use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms,
+                       engine=self.engine, with_speaker=self.with_speaker, return_embedding=self.return_embedding)
+        return stream_request(self.client.model, self.sequence_id, samples, start, end, **options)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -332,17 +319,11 @@ class LiveStream:
             received_at = self._now()
             if error is not None:
                 raise StreamError(error.message())
-            raw = result.as_numpy("RESULT").reshape(-1)[0]
-            try:
-                payload = json.loads(raw)
-                if payload.get("complete"):
-                    self.summary = StreamSummary(int(payload["duration_ms"]), int(payload["segment_count"]),
-                                                 (received_at - self.chunk_clock.start) * 1000)
-                    return
-                segment = _segment(payload, self.chunk_clock, received_at)
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise StreamError(f"unexpected result from the server ({exc!r}): {raw!r}") from None
-            yield segment
+            item = parse_response(result, self.chunk_clock, received_at)
+            if isinstance(item, StreamSummary):
+                self.summary = item
+                return
+            yield item
         raise StreamError("the server closed the stream before its end-of-stream response")
 
 
@@ -403,6 +384,41 @@ class StreamingClient:
         """Loads any audio file (resampled to 16 kHz mono) and streams it in chunks of `chunk_ms`
         (see split_chunks); `options` are those of stream()."""
         return self.stream(split_chunks(load_audio(path).samples, chunk_ms), **options)
+
+
+def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: bool, end: bool, *,
+                   language: str = "auto", use_itn: bool = False, partial_interval_ms: int = 0, engine: str = "",
+                   with_speaker: bool = True, return_embedding: bool = False) -> dict:
+    """The keyword arguments of one `stream_infer` request (tritonclient's aio and sync clients
+    take the same ones) carrying `samples` of sequence `sequence_id`."""
+    inputs = [_input("AUDIO", samples[np.newaxis, :], "FP32")]
+    if start:
+        # Options go on the START request only, so that the other requests of every stream
+        # carry the same single input and batch together on the server.
+        inputs += [
+            _input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], np.int32), "INT32"),
+            _input("LANGUAGE", np.array([[language.encode()]], np.object_), "BYTES"),
+            _input("USE_ITN", np.array([[use_itn]], np.bool_), "BOOL"),
+            _input("PARTIAL_INTERVAL_MS", np.array([[partial_interval_ms]], np.int32), "INT32"),
+            _input("ENGINE", np.array([[engine.encode()]], np.object_), "BYTES"),
+            _input("WITH_SPEAKER", np.array([[with_speaker]], np.bool_), "BOOL"),
+            _input("RETURN_EMBEDDING", np.array([[return_embedding]], np.bool_), "BOOL"),
+        ]
+    return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
+            "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end}
+
+
+def parse_response(result, clock: ChunkClock, received_at: float) -> StreamSegment | StreamSummary:
+    """One response of `asr_stream` (an InferResult): a segment, or the end-of-stream summary."""
+    raw = result.as_numpy("RESULT").reshape(-1)[0]
+    try:
+        payload = json.loads(raw)
+        if payload.get("complete"):
+            return StreamSummary(int(payload["duration_ms"]), int(payload["segment_count"]),
+                                 (received_at - clock.start) * 1000)
+        return _segment(payload, clock, received_at)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise StreamError(f"unexpected result from the server ({exc!r}): {raw!r}") from None
 
 
 def _segment(payload: dict, clock: ChunkClock, received_at: float) -> StreamSegment:

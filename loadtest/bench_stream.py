@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from tritonasr.loadtest.common import server_url
-from tritonasr.paths import CHECKOUT_ROOT, default_model_repository
+from tritonasr.loadtest.workload import SPEECH_FILES, joined_speech
+from tritonasr.paths import default_model_repository
 
-DATA = CHECKOUT_ROOT / "tests" / "data"
-DEFAULT_FILES = [str(p) for p in sorted((DATA / "speakers").glob("*.wav")) + sorted(DATA.glob("pause_*.wav"))]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partials", type=int, default=0, metavar="MS", help="partial-result interval (0: none)")
     parser.add_argument("--target-ms", type=float, default=1000.0, help="p95 latency target")
     parser.add_argument("--json", type=Path, help="also write the results here")
-
-
-def stream_audio(audios: list[np.ndarray], index: int, seconds: float, gap_ms: int) -> np.ndarray:
-    """Stream `index`'s audio: the files from a different starting point per stream, joined by
-    `gap_ms` of silence, until at least `seconds` long."""
-    gap = np.zeros(gap_ms * 16, np.float32)
-    parts, total, i = [], 0, index
-    while total < seconds * 16000:
-        samples = audios[i % len(audios)]
-        parts += [gap, samples] if parts else [samples]
-        total += samples.size + (gap.size if len(parts) > 1 else 0)
-        i += 1
-    return np.concatenate(parts)
 
 
 def start_offsets(streams: int, stagger_ms: int) -> list[float]:
@@ -79,7 +65,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
 
     async def one(index: int, offset: float, client: StreamingClient) -> None:
         nonlocal partials, segment_count
-        samples = stream_audio(audios, index, args.seconds, args.gap_ms)
+        samples = joined_speech(audios, index, args.seconds, args.gap_ms)
         stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True,
                                partial_interval_ms=args.partials)
         await asyncio.sleep(offset)
@@ -132,7 +118,7 @@ def main(args) -> int:
     from tritonasr.client.stream import StreamError
 
     repository = (args.model_repository or default_model_repository()).resolve()
-    files = args.files or DEFAULT_FILES
+    files = args.files or SPEECH_FILES
     audios = [load_audio(f).samples for f in files]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     levels = []

@@ -21,7 +21,8 @@ from tritonasr.client.stream import (
     validate_chunk,
 )
 from tritonasr.client.stream_cli import Printer, run_stream, segment_json, text_line
-from tritonasr.loadtest.bench_stream import best_streams, render_markdown, start_offsets, stream_audio
+from tritonasr.loadtest.bench_stream import best_streams, render_markdown, start_offsets
+from tritonasr.loadtest.workload import joined_speech
 from tritonasr.server import free_port
 
 
@@ -392,7 +393,7 @@ def test_printer_json_lines_end_with_the_summary():
 
 def test_bench_streams_differ_and_last_long_enough():
     audios = [np.full(16000 * n, n, np.float32) for n in (3, 4, 5)]
-    a, b = stream_audio(audios, 0, 20, 1000), stream_audio(audios, 1, 20, 1000)
+    a, b = joined_speech(audios, 0, 20, 1000), joined_speech(audios, 1, 20, 1000)
     assert a.size >= 20 * 16000 and b.size >= 20 * 16000
     assert a[0] == 3 and b[0] == 4
     assert np.all(a[3 * 16000: 4 * 16000] == 0)  # 1 s of silence between files
