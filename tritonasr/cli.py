@@ -1,4 +1,4 @@
-"""The `tritonasr` command: serve | export | transcribe | stream | bench | demo."""
+"""The `tritonasr` command: serve | export | transcribe | stream | speakers | bench | loadtest | demo."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,11 @@ def cmd_export(args) -> int:
     from tritonasr.repository import install_model_files, models_of_export
 
     repository = _repository(args)
+    if args.model == "sherpa-onnx":  # the load tests' peer server's copy of the served SenseVoice
+        from tritonasr.export.sherpa_onnx import sherpa_model_for
+
+        print(sherpa_model_for(repository))
+        return 0
     install_model_files(repository, models_of_export(args.model))
     if args.model == "vad":
         from tritonasr.export.vad import export_vad
@@ -125,6 +130,18 @@ def cmd_bench_stream(args) -> int:
     from tritonasr.loadtest.bench_stream import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_loadtest_sweep(args) -> int:
+    from tritonasr.loadtest.sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
+def cmd_loadtest_report(args) -> int:
+    from tritonasr.loadtest.sweep import report_main
+
+    return report_main(args)
 
 
 def cmd_demo(args) -> int:
@@ -190,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="export a model to ONNX into the model repository")
-    export.add_argument("model", choices=["vad", "sensevoice", "parakeet", "speaker"])
+    export.add_argument("model", choices=["vad", "sensevoice", "parakeet", "speaker", "sherpa-onnx"],
+                        help="sherpa-onnx: the repository's SenseVoice checkpoint in sherpa-onnx's format "
+                             "(cached; prints its directory)")
     export.add_argument("--model-dir", type=Path,
                         help="checkpoint (FunASR directory: model.pt, config.yaml, am.mvn…; Parakeet: a .nemo "
                              "file; ERes2NetV2: a directory with configuration.json and its .ckpt)")
@@ -256,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stream_arguments(bench_stream)
     bench_stream.set_defaults(func=cmd_bench_stream)
+
+    loadtest = sub.add_parser("loadtest", help="Locust concurrency sweeps against tritonasr and baselines")
+    loadtest_sub = loadtest.add_subparsers(dest="loadtest", required=True)
+    sweep = loadtest_sub.add_parser("sweep", help="start each system, sweep it with Locust, stop it, write the report")
+    from tritonasr.loadtest.sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=cmd_loadtest_sweep)
+    report = loadtest_sub.add_parser("report", help="(re)write a sweep's report: Markdown table and PNG plots")
+    report.add_argument("run_dir", type=Path, help="the sweep's run directory (holds run.json)")
+    report.set_defaults(func=cmd_loadtest_report)
 
     demo = sub.add_parser("demo", help="export what is missing, start the server, transcribe the sample")
     demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")

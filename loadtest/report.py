@@ -1,0 +1,293 @@
+"""`tritonasr loadtest report RUN_DIR`: a sweep's CSVs -> report.md, report.json and PNG plots.
+
+Each level is measured over its hold window (after the settle time, as the sampler recorded it):
+- throughput (QPS, audio seconds per wall second = RTFx of the whole service) counts every
+  request that completed inside the window;
+- latency percentiles count the requests that completed inside the window and started at or
+  after the level began, so each ran entirely at that level's concurrency;
+- the error rate is failed / all requests that completed inside the window.
+Latency percentiles are exact (numpy over every request), not Locust's rounded histogram.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ALL = "all"
+TARGET_LEVEL = 8  # the targets apply at this many callers and more
+TARGETS = ("at least 3x per-session audio throughput", "at least the peer server's throughput",
+           "at least 80% of the raw ceiling", "lower p95 latency than both baselines")
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int
+    users: int
+    start_s: float
+    hold_start_s: float
+    end_s: float
+    client_cpu_s: float
+
+    @property
+    def hold_s(self) -> float:
+        return self.end_s - self.hold_start_s
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def windows(prefix: Path) -> list[Window]:
+    return [Window(int(r["level"]), int(r["users"]), float(r["start_s"]), float(r["hold_start_s"]),
+                   float(r["end_s"]), float(r["client_cpu_s"])) for r in _read_csv(Path(f"{prefix}_levels.csv"))]
+
+
+def requests(prefix: Path) -> list[dict]:
+    rows = _read_csv(Path(f"{prefix}_requests.csv"))
+    for r in rows:
+        for key in ("started_s", "ended_s", "latency_ms", "audio_s"):
+            r[key] = float(r[key])
+        r["ok"] = r["ok"] == "1"
+    return rows
+
+
+def level_figures(rows: list[dict], window: Window, kind: str) -> dict:
+    """The figures of one level for requests of `kind` (already filtered to one name or not)."""
+    done = [r for r in rows if r["kind"] == kind and window.hold_start_s <= r["ended_s"] <= window.end_s]
+    failed = [r for r in done if not r["ok"]]
+    timed = [r["latency_ms"] for r in done if r["ok"] and r["started_s"] >= window.start_s]
+    audio_s = sum(r["audio_s"] for r in done if r["ok"])
+    figures = {"users": window.users, "completed": len(done), "failed": len(failed),
+               "error_rate": len(failed) / len(done) if done else 0.0, "timed": len(timed),
+               "qps": (len(done) - len(failed)) / window.hold_s, "audio_s": audio_s,
+               "rtfx": audio_s / window.hold_s, "client_cpu": window.client_cpu_s / window.hold_s}
+    if timed:
+        p50, p95, p99 = np.percentile(timed, [50, 95, 99])
+        figures.update(mean_ms=float(np.mean(timed)), p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
+                       max_ms=float(max(timed)))
+    else:
+        figures.update(mean_ms=None, p50_ms=None, p95_ms=None, p99_ms=None, max_ms=None)
+    return figures
+
+
+def server_figures(prefix: Path) -> list[dict]:
+    """Per level and model: mean batch size (inferences / executions) and queue time per request."""
+    out = []
+    for r in _read_csv(Path(f"{prefix}_server.csv")):
+        requests_, inferences, executions = float(r["requests"]), float(r["inferences"]), float(r["executions"])
+        out.append({"users": int(r["users"]), "model": r["model"], "requests": int(requests_),
+                    "mean_batch": inferences / executions if executions else None,
+                    "queue_ms": float(r["queue_us"]) / 1000 / requests_ if requests_ else None,
+                    "compute_ms": float(r["compute_us"]) / 1000 / executions if executions else None})
+    return out
+
+
+def system_results(run_dir: Path, system: dict, workload: str) -> dict:
+    """{"levels": {name: [figures per level]}, "server": [...]} for one system of a run."""
+    prefix = run_dir / system["name"]
+    rows, levels = requests(prefix), windows(prefix)
+    if workload == "offline":
+        names = sorted({r["name"] for r in rows if r["kind"] == "offline"}, key=lambda n: float(n.split()[0]))
+        by_name = {name: [level_figures([r for r in rows if r["name"] == name], w, "offline") for w in levels]
+                   for name in names}
+        by_name[ALL] = [level_figures(rows, w, "offline") for w in levels]
+    else:
+        by_name = {kind: [level_figures(rows, w, kind) for w in levels]
+                   for kind in ("final", "first_response", "stream")}
+    return {"levels": by_name, "server": server_figures(prefix)}
+
+
+def build(run_dir: Path) -> dict:
+    run = json.loads((run_dir / "run.json").read_text())
+    results = {s["name"]: system_results(run_dir, s, run["workload"]) for s in run["systems"] if not s.get("skipped")}
+    return {"run": run, "results": results, "targets": targets(run, results)}
+
+
+def targets(run: dict, results: dict) -> list[dict]:
+    """The issue's targets for tritonasr at TARGET_LEVEL callers and more (offline workload)."""
+    if run["workload"] != "offline" or "tritonasr" not in results:
+        return []
+    ours = {f["users"]: f for f in results["tritonasr"]["levels"][ALL]}
+    other = {name: {f["users"]: f for f in r["levels"][ALL]} for name, r in results.items() if name != "tritonasr"}
+    raw = (run.get("raw") or {}).get("best")
+    checks = []
+    for users, mine in sorted(ours.items()):
+        if users < TARGET_LEVEL:
+            continue
+        session, peer = other.get("per-session", {}).get(users), other.get("sherpa-onnx", {}).get(users)
+        checks.append({"users": users, "checks": [
+            _check(session and session["rtfx"] and mine["rtfx"] / session["rtfx"], lambda v: v >= 3, "{:.1f}x"),
+            _check(peer and peer["rtfx"] and mine["rtfx"] / peer["rtfx"], lambda v: v >= 1, "{:.2f}x"),
+            _check(raw and mine["rtfx"] / raw, lambda v: v >= 0.8, "{:.0%}"),
+            _check(_p95_margin(mine, [session, peer]), lambda v: v > 0, "{:.2f} s lower"),
+        ]})
+    return checks
+
+
+def _p95_margin(mine: dict, baselines: list[dict | None]) -> float | None:
+    """How much lower our p95 is than the lower of the baselines' (None without figures)."""
+    theirs = [b["p95_ms"] for b in baselines if b and b["p95_ms"] is not None]
+    if mine["p95_ms"] is None or not theirs:
+        return None
+    return (min(theirs) - mine["p95_ms"]) / 1000
+
+
+def _check(value, passes, fmt: str) -> dict:
+    if value is None or value is False:
+        return {"value": None, "text": "not measured", "met": None}
+    return {"value": value, "text": fmt.format(value), "met": bool(passes(value))}
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+def _s(ms: float | None) -> str:
+    return "–" if ms is None else f"{ms / 1000:.2f}"
+
+
+def _ms(ms: float | None) -> str:
+    return _num(ms, ".0f")
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def render(report: dict) -> str:
+    run, results = report["run"], report["results"]
+    lines = [f"Sweep of {run['date']} on {run['machine']} ({run['cpus']} CPUs{', ' + run['gpu'] if run.get('gpu') else ''}); "
+             f"workload **{run['workload']}**; levels {', '.join(map(str, run['plan']['levels']))} callers, "
+             f"each {run['plan']['settle_s']:g} s settle + {run['plan']['hold_s']:g} s measured.",
+             "", f"Command: `{run['command']}`", ""]
+    for s in run["systems"]:
+        lines.append(f"- **{s['name']}**: {s['description']}" + (f" (skipped: {s['skipped']})" if s.get("skipped") else ""))
+    if run.get("raw"):
+        raw = run["raw"]
+        lines.append(f"- **raw ceiling**: {raw['description']}: best {raw['best']:.1f} audio s / s at batch "
+                     f"{raw['best_batch']} ({', '.join(f'batch {b}: {v:.1f}' for b, v in raw['by_batch'].items())})")
+    lines.append("")
+    lines += _offline_tables(run, results) if run["workload"] == "offline" else _stream_tables(results)
+    if report["targets"]:
+        lines += ["", f"Targets at {TARGET_LEVEL}+ callers (tritonasr against the others, all clip lengths pooled):", "",
+                  "| callers | " + " | ".join(TARGETS) + " |", "|---:|" + "---|" * len(TARGETS)]
+        for row in report["targets"]:
+            cells = [("✅ " if c["met"] else "❌ " if c["met"] is False else "") + c["text"] for c in row["checks"]]
+            lines.append(f"| {row['users']} | " + " | ".join(cells) + " |")
+    server = [(name, r["server"]) for name, r in results.items() if r["server"]]
+    for name, rows in server:
+        lines += ["", f"Server side ({name}, Triton metrics over each hold window): mean batch size = inferences / "
+                  "executions; queue time per request.", "",
+                  "| callers | model | requests | mean batch | queue ms / request | compute ms / execution |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['users']} | {r['model']} | {r['requests']} | {_num(r['mean_batch'], '.2f')} | "
+                         f"{_ms(r['queue_ms'])} | {_ms(r['compute_ms'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _offline_tables(run: dict, results: dict) -> list[str]:
+    lines = ["Per clip length and concurrency (latency in seconds; RTFx = audio seconds transcribed per wall "
+             "second by the whole service; client CPU = the load generator's share of one core):", "",
+             "| system | clip | callers | requests | errors | mean | p50 | p95 | p99 | QPS | RTFx | client CPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        for clip, levels in result["levels"].items():
+            for f in levels:
+                lines.append(f"| {name} | {clip} | {f['users']} | {f['completed']} | {f['error_rate']:.1%} | "
+                             f"{_s(f['mean_ms'])} | {_s(f['p50_ms'])} | {_s(f['p95_ms'])} | {_s(f['p99_ms'])} | "
+                             f"{f['qps']:.2f} | {f['rtfx']:.1f} | {f['client_cpu']:.0%} |")
+    raw = (run.get("raw") or {}).get("best")
+    session = {f["users"]: f for f in results.get("per-session", {}).get("levels", {}).get(ALL, [])}
+    lines += ["", "Throughput side by side (audio s / s, all clip lengths):", "",
+              "| system | callers | audio s / s | vs raw ceiling | vs per-session (x) | p95 latency (s) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        for f in result["levels"][ALL]:
+            base = session.get(f["users"])
+            vs_raw = _num(raw and f["rtfx"] / raw, ".0%")
+            vs_session = _num(base and base["rtfx"] and f["rtfx"] / base["rtfx"], ".2f")
+            lines.append(f"| {name} | {f['users']} | {f['rtfx']:.1f} | {vs_raw} | {vs_session} | {_s(f['p95_ms'])} |")
+    return lines
+
+
+def _stream_tables(results: dict) -> list[str]:
+    lines = ["Per concurrency (callers = live streams; latency in ms; final = end of speech -> final result; "
+             "first = first response after the first chunk):", "",
+             "| system | streams | finals | failed streams | final mean | p50 | p95 | p99 | first p50 | first p95 | "
+             "audio s / s | client CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        for final, first, stream in zip(result["levels"]["final"], result["levels"]["first_response"],
+                                        result["levels"]["stream"]):
+            lines.append(f"| {name} | {final['users']} | {final['completed']} | {stream['failed']} | "
+                         f"{_ms(final['mean_ms'])} | {_ms(final['p50_ms'])} | {_ms(final['p95_ms'])} | "
+                         f"{_ms(final['p99_ms'])} | {_ms(first['p50_ms'])} | {_ms(first['p95_ms'])} | "
+                         f"{final['rtfx']:.1f} | {final['client_cpu']:.0%} |")
+    return lines
+
+
+def plot(report: dict, run_dir: Path) -> list[Path]:
+    """latency.png and throughput.png against concurrency, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run, results = report["run"], report["results"]
+    key = ALL if run["workload"] == "offline" else "final"
+    unit = 1000 if run["workload"] == "offline" else 1
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, result in results.items():
+        levels = [f for f in result["levels"][key] if f["p95_ms"] is not None]
+        users = [f["users"] for f in levels]
+        line, = ax.plot(users, [f["p95_ms"] / unit for f in levels], marker="o", label=f"{name} p95")
+        ax.plot(users, [f["p50_ms"] / unit for f in levels], marker=".", linestyle="--", color=line.get_color(),
+                label=f"{name} p50")
+    ax.set(xscale="log", yscale="log", xlabel="concurrent callers",
+           ylabel="latency (s)" if unit == 1000 else "end of speech -> final (ms)",
+           title=f"Latency against concurrency ({run['workload']})")
+    _finish(ax, run)
+    paths.append(_save(fig, run_dir / "latency.png"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, result in results.items():
+        levels = result["levels"][key]
+        ax.plot([f["users"] for f in levels], [f["rtfx"] for f in levels], marker="o", label=name)
+    if run.get("raw") and run["workload"] == "offline":
+        ax.axhline(run["raw"]["best"], color="grey", linestyle=":", label="raw ceiling")
+    ax.set(xscale="log", xlabel="concurrent callers", ylabel="audio seconds / wall second",
+           title=f"Throughput against concurrency ({run['workload']})")
+    ax.set_ylim(bottom=0)
+    _finish(ax, run)
+    paths.append(_save(fig, run_dir / "throughput.png"))
+    plt.close("all")
+    return paths
+
+
+def _finish(ax, run: dict) -> None:
+    levels = run["plan"]["levels"]
+    ax.set_xticks(levels, [str(n) for n in levels])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_report(run_dir: Path) -> dict:
+    """report.md, report.json, latency.png and throughput.png in `run_dir`; returns the report."""
+    report = build(run_dir)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, run_dir)
+    (run_dir / "report.md").write_text(render(report) + "\n![latency](latency.png)\n![throughput](throughput.png)\n")
+    return report

@@ -1,0 +1,159 @@
+"""The peer server of the load tests: sherpa-onnx's `sherpa-onnx-offline-websocket-server` (from
+the PyPI wheel sherpa-onnx-bin) serving a SenseVoice export (tritonasr.export.sherpa_onnx).
+
+How it works (offline-websocket-server-impl.cc): io threads receive whole files; each complete
+file is queued and a decode job posted to the work-thread pool; a job takes up to
+max_batch_size queued files and runs them as one zero-padded ONNX Runtime batch, with
+num_threads intra-op threads.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tritonasr.server import free_port, port_is_free
+
+BINARY = "sherpa-onnx-offline-websocket-server"
+# 60 s clips plus margin; sherpa closes the connection of a longer file with code 1009.
+DEFAULT_MAX_UTTERANCE_S = 90.0
+
+
+class SherpaServerError(RuntimeError):
+    """The server could not start or died; the message says why, with its log."""
+
+
+def find_binary() -> Path:
+    """The server binary next to this interpreter (the virtualenv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / BINARY
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(BINARY)
+    if found:
+        return Path(found)
+    raise SherpaServerError(f"{BINARY} not found next to {sys.executable} or on PATH: "
+                            f"pip install sherpa-onnx-bin==2.0.1")
+
+
+class SherpaOnnxServer:
+    """Start, wait for and stop one sherpa-onnx offline websocket server.
+
+    >>> with SherpaOnnxServer(sherpa_model_for(repository)) as server:
+    ...     transcribe(server.url, samples)
+
+    model_dir: a directory holding model.onnx and tokens.txt (sherpa-onnx's SenseVoice format).
+    num_threads: ONNX Runtime threads per decode (default: all cores); num_work_threads decodes
+    run at once; max_batch_size files per decode. Defaults otherwise are sherpa's own.
+    """
+
+    def __init__(self, model_dir: Path, port: int | None = None, *, num_threads: int | None = None,
+                 max_batch_size: int = 5, num_work_threads: int = 3, num_io_threads: int = 1,
+                 max_utterance_length: float = DEFAULT_MAX_UTTERANCE_S, language: str = "auto",
+                 use_itn: bool = False, log_path: Path | None = None, extra_args: Sequence[str] = ()):
+        self.model_dir = Path(model_dir)
+        for name in ("model.onnx", "tokens.txt"):
+            if not (self.model_dir / name).is_file():
+                raise FileNotFoundError(f"{self.model_dir / name} not found: export it with "
+                                        f"`tritonasr export sherpa-onnx`")
+        self.port = port or free_port()
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.max_batch_size = max_batch_size
+        self.num_work_threads = num_work_threads
+        self.num_io_threads = num_io_threads
+        self.max_utterance_length = max_utterance_length
+        self.language = language
+        self.use_itn = use_itn
+        self.extra_args = list(extra_args)
+        if log_path is None:
+            handle, name = tempfile.mkstemp(prefix="sherpa-onnx-server-", suffix=".log")
+            os.close(handle)
+            log_path = Path(name)
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(find_binary()),
+            f"--port={self.port}",
+            f"--sense-voice-model={self.model_dir / 'model.onnx'}",
+            f"--tokens={self.model_dir / 'tokens.txt'}",
+            f"--sense-voice-language={self.language}",
+            f"--sense-voice-use-itn={'true' if self.use_itn else 'false'}",
+            f"--num-threads={self.num_threads}",
+            f"--max-batch-size={self.max_batch_size}",
+            f"--num-work-threads={self.num_work_threads}",
+            f"--num-io-threads={self.num_io_threads}",
+            f"--max-utterance-length={self.max_utterance_length:g}",
+            # Its websocket access log (the default is ./log.txt in the working directory);
+            # it also goes to stdout, which is this same file.
+            f"--log-file={os.devnull}",
+            *self.extra_args,
+        ]
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self, timeout_s: float = 120.0) -> "SherpaOnnxServer":
+        command = self.command()
+        # A server already on the port would answer the readiness probe in our server's stead.
+        if not port_is_free(self.port):
+            raise SherpaServerError(f"port {self.port} is already in use")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.log_path.parent, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise SherpaServerError(f"{BINARY} exited ({self.process.returncode}) before it "
+                                        f"served; log {self.log_path}:\n{self.log_tail()}")
+            if self._accepts_websocket():
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SherpaServerError(f"{BINARY} did not accept a websocket connection on port "
+                                        f"{self.port} within {timeout_s:g} s; log {self.log_path}:\n"
+                                        f"{self.log_tail()}")
+            time.sleep(0.1)
+
+    def _accepts_websocket(self) -> bool:
+        from websockets.sync.client import connect
+
+        try:
+            with connect(self.url, open_timeout=2, close_timeout=2):
+                return True
+        except Exception:  # noqa: BLE001 - refused, reset, handshake not ready yet: try again
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited in `timeout_s`."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "SherpaOnnxServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,200 @@
+"""`tritonasr loadtest sweep`: each system started in turn, swept by Locust through the same
+concurrency levels with the same audio, stopped; then the report.
+
+Systems (`--systems`, in this order by default):
+- tritonasr: the embedded Triton server on the model repository (VAD + SenseVoice only; the
+  speaker stage is off in every request, as the baselines have none);
+- per-session: FunASR AutoModel (FSMN-VAD + SenseVoiceSmall, PyTorch) with one worker per session
+  behind a WebSocket front (loadtest/per_session.py), the same weights;
+- sherpa-onnx: sherpa-onnx-offline-websocket-server with the same SenseVoice weights exported in
+  its format (offline workload only: it has no streaming endpoint for SenseVoice).
+The raw ceiling (offline workload) is the served SenseVoice graph alone in-process, at its best
+batch size, over the speech segments of the same clips: measured first, with nothing else running.
+
+Locust runs as a subprocess per system (its gevent patching stays out of this process), on the
+same machine as the system under test: the report gives the load generator's CPU per level.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+
+from tritonasr.loadtest.sweep_plan import SweepPlan, add_plan_arguments
+from tritonasr.paths import default_model_repository
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx")
+# What each system is, for the report.
+DESCRIPTIONS = {
+    "tritonasr": "Triton 2.51 (embedded, Python backend + ONNX Runtime), FSMN-VAD -> SenseVoiceSmall with dynamic "
+                 "batching across callers, speaker stage off; gRPC",
+    "per-session": "FunASR AutoModel (FSMN-VAD + SenseVoiceSmall, PyTorch), one worker thread per session, no "
+                   "batching across sessions; WebSocket",
+    "sherpa-onnx": "sherpa-onnx-offline-websocket-server (C++, ONNX Runtime), the same SenseVoiceSmall weights in "
+                   "sherpa-onnx's format, each clip decoded whole as one utterance (no VAD), batches across "
+                   "connections; WebSocket",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running system: where Locust points, with which user class."""
+
+    url: str
+    user_class: str
+    metrics_url: str = ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)")
+    parser.add_argument("--workload", choices=("offline", "stream"), default="offline",
+                        help="offline: whole clips through each system's file endpoint; stream: real-time "
+                             "streams (tritonasr and per-session)")
+    parser.add_argument("--model-repository", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory (default: loadtest-results/<date-time>)")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw ceiling measurement")
+    parser.add_argument("--raw-batch-sizes", default="1,2,4,8")
+    parser.add_argument("--raw-min-seconds", type=float, default=10.0, help="timed seconds per raw batch size")
+    parser.add_argument("--sherpa-max-batch", type=int, default=8, help="sherpa-onnx's --max-batch-size")
+    add_plan_arguments(parser)
+
+
+def locust_command(target: Target, prefix: Path, args) -> list[str]:
+    """The Locust run for one system: headless, the sweep shape, CSVs under `prefix`."""
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+               "--loglevel", "WARNING", "--csv", str(prefix), "--host", target.url,
+               "--levels", ",".join(map(str, args.levels)), "--settle", str(args.settle), "--hold", str(args.hold),
+               "--clip-seconds", ",".join(f"{s:g}" for s in args.clip_seconds),
+               "--stream-seconds", str(args.stream_seconds), "--chunk-ms", str(args.chunk_ms),
+               "--partials", str(args.partials)]
+    if target.metrics_url:
+        command += ["--metrics-url", target.metrics_url]
+    return command + [target.user_class]
+
+
+@contextmanager
+def start_system(name: str, repository: Path, workload: str, args, log: Callable[[str], None]) -> Iterator[Target]:
+    if name == "tritonasr":
+        from tritonasr.server import ServerConfig, TritonServer, free_port
+
+        models = ["vad", "sensevoice", "asr_offline", "asr_stream"]
+        config = ServerConfig(repository, free_port(), free_port(), free_port(), models=models, asr_engine="sensevoice")
+        with TritonServer(config) as server:
+            user = "TritonOfflineUser" if workload == "offline" else "TritonStreamUser"
+            yield Target(server.grpc_url, user, server.metrics_url)
+    elif name == "per-session":
+        from tritonasr.loadtest.per_session import PerSessionServer, baseline_model_dirs
+
+        sensevoice_dir, vad_dir = baseline_model_dirs(repository)
+        with PerSessionServer(sensevoice_dir, vad_dir) as server:
+            yield Target(server.url, "WebsocketOfflineUser" if workload == "offline" else "WebsocketStreamUser")
+    elif name == "sherpa-onnx":
+        from tritonasr.export.sherpa_onnx import sherpa_model_for
+        from tritonasr.loadtest.sherpa_server import SherpaOnnxServer
+
+        with SherpaOnnxServer(sherpa_model_for(repository, progress=log), max_batch_size=args.sherpa_max_batch) as server:
+            yield Target(server.url, "WebsocketOfflineUser")
+    else:
+        raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def raw_ceiling(repository: Path, args, log: Callable[[str], None]) -> dict:
+    """The SenseVoice graph alone, in-process, over the speech of every clip the users send."""
+    from tritonasr.loadtest import workload
+    from tritonasr.loadtest.bench_offline import raw_throughput
+
+    clips = workload.all_clips(args.clip_seconds)
+    batches = [int(b) for b in args.raw_batch_sizes.split(",") if b]
+    by_batch = raw_throughput(repository, clips, batches, args.raw_min_seconds, log)
+    best = max(by_batch, key=by_batch.get)
+    return {"description": "the served SenseVoice ONNX graph alone in ONNX Runtime, in-process, over the speech "
+                           "segments of the same clips (VAD cut beforehand, features precomputed, neighbours of "
+                           "similar length batched)",
+            "by_batch": {str(b): v for b, v in by_batch.items()}, "best_batch": best, "best": by_batch[best]}
+
+
+def machine() -> tuple[str, str]:
+    """(this machine in words, its GPU or "")."""
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().replace("\n", ", ")
+    except (OSError, subprocess.SubprocessError):
+        gpu = ""
+    return f"{platform.node()} ({platform.processor() or platform.machine()})", gpu
+
+
+def main(args) -> int:
+    from tritonasr.loadtest.report import render, write_report
+
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        log(f"error: unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+        return 2
+    repository = (args.model_repository or default_model_repository()).resolve()
+    if not (repository / "sensevoice" / "1" / "meta.json").exists():
+        log(f"error: no exported SenseVoice in {repository}; run `tritonasr export vad` and "
+            "`tritonasr export sensevoice ...` first")
+        return 2
+    run_dir = (args.out or Path("loadtest-results") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name, gpu = machine()
+    plan = SweepPlan.from_options(args)
+    run = {"date": date.today().isoformat(), "machine": name, "gpu": gpu, "cpus": os.cpu_count(),
+           "command": shlex.join(["tritonasr", "loadtest", "sweep", *sys.argv[3:]]) if sys.argv[1:2] == ["loadtest"]
+           else shlex.join(sys.argv),
+           "workload": args.workload, "repository": str(repository),
+           "plan": {"levels": list(plan.levels), "settle_s": plan.settle_s, "hold_s": plan.hold_s},
+           "clip_seconds": list(args.clip_seconds), "stream_seconds": args.stream_seconds,
+           "systems": [], "raw": None}
+    if args.workload == "offline" and not args.no_raw:
+        log("raw ceiling: the SenseVoice graph alone, in-process…")
+        run["raw"] = raw_ceiling(repository, args, log)
+    log(f"sweeping {', '.join(systems)}: levels {', '.join(map(str, plan.levels))}, "
+        f"{plan.duration_s:.0f} s each; results in {run_dir}")
+    failed = False
+    for system in systems:
+        entry = {"name": system, "description": DESCRIPTIONS[system]}
+        run["systems"].append(entry)
+        if system == "sherpa-onnx" and args.workload == "stream":
+            entry["skipped"] = "sherpa-onnx-offline-websocket-server has no streaming endpoint"
+            continue
+        log(f"{system}: starting…")
+        with start_system(system, repository, args.workload, args, log) as target:
+            log(f"{system}: ready at {target.url}; sweeping ({plan.duration_s:.0f} s)…")
+            code = subprocess.run(locust_command(target, run_dir / system, args)).returncode
+        # Locust exits 1 when any request failed: the report counts those; other codes are crashes.
+        if code not in (0, 1):
+            log(f"error: Locust exited with {code} on {system}")
+            entry["locust_exit_code"] = code
+            failed = True
+        log(f"{system}: stopped")
+        (run_dir / "run.json").write_text(json.dumps(run, indent=2))
+    (run_dir / "run.json").write_text(json.dumps(run, indent=2))
+    report = write_report(run_dir)
+    print(render(report))
+    log(f"report: {run_dir / 'report.md'} (plots: latency.png, throughput.png)")
+    return 1 if failed else 0
+
+
+def report_main(args) -> int:
+    from tritonasr.loadtest.report import render, write_report
+
+    if not (args.run_dir / "run.json").exists():
+        print(f"error: {args.run_dir} holds no run.json (the output of `tritonasr loadtest sweep`)", file=sys.stderr)
+        return 2
+    print(render(write_report(args.run_dir)))
+    return 0
