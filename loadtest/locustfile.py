@@ -233,7 +233,9 @@ class SweepShape(LoadTestShape):
 
     def tick(self):
         plan = SweepPlan.from_options(self.runner.environment.parsed_options)
-        level = plan.level_at(self.get_run_time())
+        elapsed = self.get_run_time()
+        level = plan.level_at(elapsed)
         if level is None:
-            return None
+            # A few seconds past the last level, so that the sampler records its window first.
+            return (plan.levels[-1], plan.levels[-1]) if elapsed < plan.duration_s + 3 else None
         return level, level  # every new caller joins within a second

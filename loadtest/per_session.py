@@ -34,13 +34,10 @@ import argparse
 import copy
 import json
 import logging
-import os
 import re
 import signal
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -49,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, validate_samples
+from tritonasr.loadtest.processes import ServerProcess
 
 log = logging.getLogger("tritonasr.per_session")
 
@@ -151,6 +149,8 @@ class BaselineModels:
     generate() rebuilds them from the read-only baseline snapshot), the same weights, tokenizer
     and frontends. A full model copy per session would not fit 32 sessions in memory.
     """
+
+    name = "per-session-server"
 
     def __init__(self, sensevoice_dir: Path, vad_dir: Path, torch_threads: int = 1):
         import torch
@@ -542,11 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- a server process for the load tests and tests --------------------------------------------
 
-class PerSessionServerError(RuntimeError):
-    """The server could not start or died; the message says why, with its log."""
-
-
-class PerSessionServer:
+class PerSessionServer(ServerProcess):
     """Start, wait for and stop one baseline server process (`python -m tritonasr.loadtest.per_session`).
 
     >>> with PerSessionServer(*baseline_model_dirs(repository)) as server:
@@ -564,12 +560,7 @@ class PerSessionServer:
         self.port = port or free_port()
         self.torch_threads = torch_threads
         self.max_audio_s = max_audio_s
-        if log_path is None:
-            handle, name = tempfile.mkstemp(prefix="per-session-server-", suffix=".log")
-            os.close(handle)
-            log_path = Path(name)
-        self.log_path = Path(log_path)
-        self.process: subprocess.Popen | None = None
+        super().__init__(log_path)
 
     @property
     def url(self) -> str:
@@ -580,50 +571,8 @@ class PerSessionServer:
                 "--vad-dir", str(self.vad_dir), "--host", self.host, "--port", str(self.port),
                 "--torch-threads", str(self.torch_threads), "--max-audio-s", f"{self.max_audio_s:g}"]
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def start(self, timeout_s: float = 120.0) -> PerSessionServer:
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while READY_LINE not in self.log_text():
-            if self.process.poll() is not None:
-                raise PerSessionServerError(f"the per-session server exited ({self.process.returncode}) before it "
-                                            f"served; log {self.log_path}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise PerSessionServerError(f"the per-session server was not ready within {timeout_s:g} s; "
-                                            f"log {self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.1)
-        return self
-
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM (open sessions are closed with 1001), then SIGKILL after `timeout_s`."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def __enter__(self) -> PerSessionServer:
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
+    def ready(self) -> bool:
+        return READY_LINE in self.log_text()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,7 +30,7 @@ class Window:
     start_s: float
     hold_start_s: float
     end_s: float
-    client_cpu_s: float
+    client_cpu_s: float | None  # None: not recorded
 
     @property
     def hold_s(self) -> float:
@@ -46,7 +46,8 @@ def _read_csv(path: Path) -> list[dict]:
 
 def windows(prefix: Path) -> list[Window]:
     return [Window(int(r["level"]), int(r["users"]), float(r["start_s"]), float(r["hold_start_s"]),
-                   float(r["end_s"]), float(r["client_cpu_s"])) for r in _read_csv(Path(f"{prefix}_levels.csv"))]
+                   float(r["end_s"]), float(r["client_cpu_s"]) if r["client_cpu_s"] else None)
+            for r in _read_csv(Path(f"{prefix}_levels.csv"))]
 
 
 def requests(prefix: Path) -> list[dict]:
@@ -67,7 +68,8 @@ def level_figures(rows: list[dict], window: Window, kind: str) -> dict:
     figures = {"users": window.users, "completed": len(done), "failed": len(failed),
                "error_rate": len(failed) / len(done) if done else 0.0, "timed": len(timed),
                "qps": (len(done) - len(failed)) / window.hold_s, "audio_s": audio_s,
-               "rtfx": audio_s / window.hold_s, "client_cpu": window.client_cpu_s / window.hold_s}
+               "rtfx": audio_s / window.hold_s,
+               "client_cpu": None if window.client_cpu_s is None else window.client_cpu_s / window.hold_s}
     if timed:
         p50, p95, p99 = np.percentile(timed, [50, 95, 99])
         figures.update(mean_ms=float(np.mean(timed)), p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
@@ -201,7 +203,7 @@ def _offline_tables(run: dict, results: dict) -> list[str]:
             for f in levels:
                 lines.append(f"| {name} | {clip} | {f['users']} | {f['completed']} | {f['error_rate']:.1%} | "
                              f"{_s(f['mean_ms'])} | {_s(f['p50_ms'])} | {_s(f['p95_ms'])} | {_s(f['p99_ms'])} | "
-                             f"{f['qps']:.2f} | {f['rtfx']:.1f} | {f['client_cpu']:.0%} |")
+                             f"{f['qps']:.2f} | {f['rtfx']:.1f} | {_num(f['client_cpu'], '.0%')} |")
     raw = (run.get("raw") or {}).get("best")
     session = {f["users"]: f for f in results.get("per-session", {}).get("levels", {}).get(ALL, [])}
     lines += ["", "Throughput side by side (audio s / s, all clip lengths):", "",
@@ -228,7 +230,7 @@ def _stream_tables(results: dict) -> list[str]:
             lines.append(f"| {name} | {final['users']} | {final['completed']} | {stream['failed']} | "
                          f"{_ms(final['mean_ms'])} | {_ms(final['p50_ms'])} | {_ms(final['p95_ms'])} | "
                          f"{_ms(final['p99_ms'])} | {_ms(first['p50_ms'])} | {_ms(first['p95_ms'])} | "
-                         f"{final['rtfx']:.1f} | {final['client_cpu']:.0%} |")
+                         f"{final['rtfx']:.1f} | {_num(final['client_cpu'], '.0%')} |")
     return lines
 
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tritonasr.loadtest.processes import ServerProcess, ServerProcessError
 from tritonasr.server import free_port, port_is_free
 
 BINARY = "sherpa-onnx-offline-websocket-server"
@@ -25,8 +22,8 @@ BINARY = "sherpa-onnx-offline-websocket-server"
 DEFAULT_MAX_UTTERANCE_S = 90.0
 
 
-class SherpaServerError(RuntimeError):
-    """The server could not start or died; the message says why, with its log."""
+class SherpaServerError(ServerProcessError):
+    """The server binary is missing, or could not start or died."""
 
 
 def find_binary() -> Path:
@@ -41,7 +38,7 @@ def find_binary() -> Path:
                             f"pip install sherpa-onnx-bin==2.0.1")
 
 
-class SherpaOnnxServer:
+class SherpaOnnxServer(ServerProcess):
     """Start, wait for and stop one sherpa-onnx offline websocket server.
 
     >>> with SherpaOnnxServer(sherpa_model_for(repository)) as server:
@@ -51,6 +48,8 @@ class SherpaOnnxServer:
     num_threads: ONNX Runtime threads per decode (default: all cores); num_work_threads decodes
     run at once; max_batch_size files per decode. Defaults otherwise are sherpa's own.
     """
+
+    name = BINARY
 
     def __init__(self, model_dir: Path, port: int | None = None, *, num_threads: int | None = None,
                  max_batch_size: int = 5, num_work_threads: int = 3, num_io_threads: int = 1,
@@ -70,12 +69,7 @@ class SherpaOnnxServer:
         self.language = language
         self.use_itn = use_itn
         self.extra_args = list(extra_args)
-        if log_path is None:
-            handle, name = tempfile.mkstemp(prefix="sherpa-onnx-server-", suffix=".log")
-            os.close(handle)
-            log_path = Path(name)
-        self.log_path = Path(log_path)
-        self.process: subprocess.Popen | None = None
+        super().__init__(log_path)
 
     @property
     def url(self) -> str:
@@ -100,37 +94,14 @@ class SherpaOnnxServer:
             *self.extra_args,
         ]
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
     def start(self, timeout_s: float = 120.0) -> "SherpaOnnxServer":
-        command = self.command()
         # A server already on the port would answer the readiness probe in our server's stead.
         if not port_is_free(self.port):
             raise SherpaServerError(f"port {self.port} is already in use")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.log_path.parent, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise SherpaServerError(f"{BINARY} exited ({self.process.returncode}) before it "
-                                        f"served; log {self.log_path}:\n{self.log_tail()}")
-            if self._accepts_websocket():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SherpaServerError(f"{BINARY} did not accept a websocket connection on port "
-                                        f"{self.port} within {timeout_s:g} s; log {self.log_path}:\n"
-                                        f"{self.log_tail()}")
-            time.sleep(0.1)
+        return super().start(timeout_s)
 
-    def _accepts_websocket(self) -> bool:
+    def ready(self) -> bool:
+        """It accepts a websocket connection."""
         from websockets.sync.client import connect
 
         try:
@@ -138,22 +109,3 @@ class SherpaOnnxServer:
                 return True
         except Exception:  # noqa: BLE001 - refused, reset, handshake not ready yet: try again
             return False
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited in `timeout_s`."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def __enter__(self) -> "SherpaOnnxServer":
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

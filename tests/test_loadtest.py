@@ -156,3 +156,25 @@ def test_short_sweep_report_matches_what_was_sent(offline_sweep):
         assert abs(int(server[level["users"]]["requests"]) - level["completed"]) <= level["users"]
         assert float(server[level["users"]]["mean batch"]) >= 1
     assert data["run"]["raw"]["best"] > 0
+
+
+@pytest.mark.e2e
+def test_short_stream_sweep_times_every_final(model_repository, tmp_path):
+    """Real-time streams through tritonasr (gRPC) and the per-session baseline (WebSocket):
+    every stream completes, its finals are timed, and sherpa-onnx is reported as skipped."""
+    command = [sys.executable, "-m", "tritonasr.cli", "loadtest", "sweep", "--workload", "stream",
+               "--model-repository", str(model_repository), "--out", str(tmp_path), "--levels", "2",
+               "--settle", "1", "--hold", "14", "--stream-seconds", "8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [s.get("skipped") is not None for s in data["run"]["systems"]] == [False, False, True]
+    rows = _markdown_rows((tmp_path / "report.md").read_text(), "| system | streams |")
+    assert {r["system"] for r in rows} == {"tritonasr", "per-session"}
+    for system in ("tritonasr", "per-session"):
+        levels = data["results"][system]["levels"]
+        final, stream = levels["final"][0], levels["stream"][0]
+        assert stream["failed"] == 0 and stream["completed"] >= 2  # both callers finished a call
+        assert final["completed"] >= stream["completed"]  # each 8 s call holds several sentences
+        assert 0 < final["p50_ms"] <= final["p95_ms"] <= final["p99_ms"] < 10_000
+        assert levels["first_response"][0]["completed"] == stream["completed"]
