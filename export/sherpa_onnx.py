@@ -54,6 +54,7 @@ from tritonasr.export.sensevoice import (
     LOGITS_TOLERANCE,
     QUERY_FRAMES,
     _segments,
+    _sensevoice_feed,
     _torch_reference,
 )
 
@@ -288,16 +289,10 @@ def _parity(model, session, waveform: np.ndarray, frontend_conf: dict, cmvn: Cmv
 
 
 def _feed(items: list[dict]) -> dict[str, np.ndarray]:
-    frames = max(item["x"].shape[0] for item in items)
-    x = np.zeros((len(items), frames, items[0]["x"].shape[1]), np.float32)
-    for b, item in enumerate(items):
-        x[b, :item["x"].shape[0]] = item["x"]
-    return {
-        "x": x,
-        "x_length": np.array([item["x"].shape[0] for item in items], np.int32),
-        "language": np.array([item["language"] for item in items], np.int32),
-        "text_norm": np.array([item["text_norm"] for item in items], np.int32),
-    }
+    """The zero-padded batch of the served graph, under sherpa-onnx's input names."""
+    served = _sensevoice_feed([{"feats": item["x"], "language_id": item["language"], "textnorm_id": item["text_norm"]}
+                               for item in items])
+    return dict(zip(("x", "x_length", "language", "text_norm"), served.values()))
 
 
 # --- the cached export of a model repository's SenseVoice -------------------------------------
