@@ -120,13 +120,12 @@ class OfflineCaller(Caller):
         call = next(self.calls)
         seconds = lengths[call % len(lengths)]
         samples = workload.clip(seconds, call)
-        started = time.monotonic()
+        started, error = time.monotonic(), None
         try:
             self.transcribe(samples)
         except Exception as exc:  # noqa: BLE001 - a failed request, reported as one
-            self.report("offline", f"{seconds:g} s clip", started, (time.monotonic() - started) * 1000, seconds, exc)
-        else:
-            self.report("offline", f"{seconds:g} s clip", started, (time.monotonic() - started) * 1000, seconds)
+            error = exc
+        self.report("offline", f"{seconds:g} s clip", started, (time.monotonic() - started) * 1000, seconds, error)
 
 
 class StreamCaller(Caller):
