@@ -1,5 +1,7 @@
 """The speaker stage's own logic, without models: windows, clustering, the store, identification."""
 import asyncio
+import multiprocessing
+import time
 
 import numpy as np
 import pytest
@@ -125,6 +127,25 @@ def test_store_rejects_bad_names(tmp_path, name, message):
 def test_store_rejects_bad_embeddings(tmp_path, vector):
     with pytest.raises(SpeakerError, match="non-zero vector of finite numbers"):
         SqliteSpeakerStore(tmp_path / "s.db").enroll("alice", vector, speech_ms=1000)
+
+
+def _open_at(path, start_at: float) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+    SqliteSpeakerStore(path)
+
+
+def test_a_new_store_opens_in_many_processes_at_once(tmp_path):
+    """A server's instances all open the store as they load; the first to switch the new file to
+    WAL used to make the others fail with "database is locked" (about 1 load in 2 with 6)."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(10):
+        start_at = time.time() + 0.3
+        processes = [context.Process(target=_open_at, args=(tmp_path / f"{trial}.db", start_at)) for _ in range(6)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+        assert [process.exitcode for process in processes] == [0] * 6
 
 
 def test_open_store_locations(tmp_path):

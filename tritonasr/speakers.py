@@ -72,12 +72,27 @@ class SqliteSpeakerStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         with self.db:
             self.db.execute("CREATE TABLE IF NOT EXISTS speakers (name TEXT PRIMARY KEY, dim INTEGER NOT NULL, "
                             "embedding BLOB NOT NULL, enrolled_at TEXT NOT NULL, speech_ms INTEGER NOT NULL)")
             self.db.execute("CREATE TABLE IF NOT EXISTS state (version INTEGER NOT NULL)")
             self.db.execute("INSERT INTO state SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM state)")
+
+    def _use_wal(self, timeout_s: float = 30.0) -> None:
+        """WAL mode is a property of the file, set once. Switching to it needs the file to itself,
+        and SQLite answers "database is locked" at once, without waiting for the busy timeout,
+        when the server's other instances open the new file at the same moment: retry."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def enroll(self, name: str, embedding: np.ndarray, speech_ms: int, replace: bool = False) -> None:
         name = check_name(name)
