@@ -219,17 +219,22 @@ def test_bad_sources_are_clear_errors(model_dir, tmp_path):
         load_speaker_model(tmp_path)
 
 
-@pytest.mark.parametrize("config_name", ["config.pbtxt", "configs/gpu.pbtxt"])
-def test_served_configs_match_the_graph(exported, repository, config_name):
-    config_file = TEMPLATE / config_name
+@pytest.mark.parametrize("target", ["cpu", "gpu-onnxruntime"])
+def test_served_configs_match_the_graph(exported, repository, target, tmp_path):
+    from google.protobuf import text_format
+
+    from tritonasr.repo_build import BuildOptions, model_config
+
+    config = model_config(parse_config(TEMPLATE / "config.pbtxt"), BuildOptions(target), ["speaker"])
+    config_file = tmp_path / "config.pbtxt"
+    config_file.write_text(text_format.MessageToString(config))
     assert check_model(repository / "speaker", config_file) == []
-    config = parse_config(config_file)
     assert config.name == "speaker" and config.max_batch_size == 32
     assert [(t.name, list(t.dims), t.allow_ragged_batch) for t in config.input] == \
         [("feats", [-1, 80], False)]
     assert [(t.name, list(t.dims)) for t in config.output] == [("embedding", [192])]
     assert config.HasField("dynamic_batching")
-    if config_name == "config.pbtxt":
+    if target == "cpu":
         assert config.backend == "python"
         assert config.parameters["intra_op_threads"].string_value == "2"
         assert [(g.count, g.kind) for g in config.instance_group] == [(1, config.instance_group[0].KIND_CPU)]
@@ -237,4 +242,3 @@ def test_served_configs_match_the_graph(exported, repository, config_name):
         assert config.platform == "onnxruntime_onnx"
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
         assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
-

@@ -1,28 +1,164 @@
-"""Every config in the repository, the GPU variants included (which cannot load here), parses as
-Triton's ModelConfig and matches the exported ONNX graphs."""
+"""`tritonasr repo build` for every target from the tiny exported graphs, and `repo check` on
+what it writes: configs parse as Triton's ModelConfig, tensors match the graphs, BLS targets
+exist. The GPU targets cannot load here (no GPU, no native backends); the cpu target is served."""
+import json
 import shutil
 
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tritonasr.cli import main as cli
+from tritonasr.plans import PlanError, build_plans, shapes_argument, trtexec_command
+from tritonasr.repo_build import GRAPH_MODELS, BuildOptions, build_repository
 from tritonasr.repo_check import check_repository, parse_config
 
+from conftest import DATA
 
-def test_exported_repository_is_consistent(model_repository):
+
+def _set_parameter(config_file, key: str, value: str) -> None:
+    from google.protobuf import text_format
+
+    config = parse_config(config_file)
+    config.parameters[key].string_value = value
+    config_file.write_text(text_format.MessageToString(config))
+
+TARGETS = ["cpu", "gpu-onnxruntime", "gpu-tensorrt"]
+ALL = ["asr_offline", "asr_stream", "parakeet_decoder", "parakeet_encoder", "sensevoice", "speaker",
+       "speaker_registry", "vad"]
+
+
+@pytest.fixture(scope="module")
+def built(model_repository, tmp_path_factory):
+    root = tmp_path_factory.mktemp("built")
+    for target in TARGETS:
+        options = BuildOptions(target, gpus=2, instances=3, max_batch=32)
+        assert build_repository(model_repository, root / target, options) == ALL
+    return root
+
+
+def test_the_exported_repository_is_consistent(model_repository):
     assert check_repository(model_repository) == []
-    gpu = parse_config(model_repository / "sensevoice" / "configs" / "gpu.pbtxt")
-    assert gpu.platform == "onnxruntime_onnx"
-    accelerator = gpu.optimization.execution_accelerators.gpu_execution_accelerator[0]
-    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
 
 
-def test_mismatches_are_reported(model_repository, tmp_path):
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_builds_and_passes_check(built, target):
+    assert check_repository(built / target, require_plans=False) == []
+    assert cli(["repo", "check", str(built / target), "--allow-missing-plans"]) == 0
+
+
+def test_cpu_target_keeps_python_leaf_models(built):
+    config = parse_config(built / "cpu" / "sensevoice" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 32
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 3)]
+    assert config.input[0].allow_ragged_batch
+    assert parse_config(built / "cpu" / "asr_offline" / "config.pbtxt").parameters["pad_segments_ms"].string_value == "0"
+
+
+@pytest.mark.parametrize("target", ["gpu-onnxruntime", "gpu-tensorrt"])
+def test_gpu_targets_put_leaf_graphs_on_native_backends(built, target):
+    for model in GRAPH_MODELS:
+        config = parse_config(built / target / model / "config.pbtxt")
+        assert config.backend == "" and not config.parameters
+        assert config.platform == ("onnxruntime_onnx" if target == "gpu-onnxruntime" else "tensorrt_plan")
+        assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == \
+            [(mc.ModelInstanceGroup.KIND_GPU, 3, [0, 1])]
+        assert not any(t.allow_ragged_batch for t in config.input)  # the pipelines pad instead
+        assert config.max_batch_size == 32
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        if target == "gpu-onnxruntime":
+            assert accelerators[0].name == "tensorrt"
+            assert accelerators[0].parameters["precision_mode"] == "FP16"
+            assert accelerators[0].parameters["trt_engine_cache_path"] == "/cache/trt"
+        else:
+            assert not accelerators and config.default_model_filename == "model.plan"
+    decoder = parse_config(built / target / "parakeet_decoder" / "config.pbtxt")
+    assert decoder.backend == "python" and decoder.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    for bls in ("asr_offline", "asr_stream"):
+        config = parse_config(built / target / bls / "config.pbtxt")
+        assert config.parameters["pad_segments_ms"].string_value == "1000"
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_tensorrt_profiles_cover_every_batch_and_segment_length(built):
+    plans = {plan["model"]: plan for plan in json.loads((built / "gpu-tensorrt" / "plans.json").read_text())["plans"]}
+    assert sorted(plans) == sorted(GRAPH_MODELS)
+    for model, plan in plans.items():
+        for name, shape in plan["max"].items():
+            assert shape[0] == 32 and plan["min"][name][0] == 1
+    # 30 s segments padded to whole seconds: SenseVoice's 60 ms LFR frames, Parakeet's 10 ms mel frames.
+    assert plans["sensevoice"]["max"]["speech"] == [32, 510, 560]
+    assert plans["parakeet_encoder"]["max"]["features"][1] >= 3000
+    assert plans["vad"]["max"]["speech"][1] == 6000 and plans["vad"]["min"]["in_cache0"] == [1, 128, 19, 1]
+    assert plans["speaker"]["max"]["feats"] == [32, 300, 80]
+    command = trtexec_command("trtexec", built / "gpu-tensorrt", plans["sensevoice"])
+    assert f"--maxShapes={shapes_argument(plans['sensevoice']['max'])}" in command
+    assert "--maxShapes=speech:32x510x560,speech_lengths:32,language:32,textnorm:32" in command
+    assert "--fp16" in command
+
+
+def test_plans_are_required_by_a_strict_check_and_need_trtexec(built, tmp_path):
+    problems = check_repository(built / "gpu-tensorrt")
+    assert len(problems) == len(GRAPH_MODELS) and all("repo plans" in p for p in problems)
+    with pytest.raises(PlanError, match="trtexec not found"):
+        build_plans(built / "gpu-tensorrt", trtexec=str(tmp_path / "none"))
+    with pytest.raises(PlanError, match="repo build --target gpu-tensorrt"):
+        build_plans(built / "cpu")
+
+
+def test_models_not_exported_are_left_out_and_their_stages_off(model_repository, tmp_path):
+    source = tmp_path / "source"
+    for model in ("vad", "sensevoice", "asr_offline", "asr_stream"):
+        shutil.copytree(model_repository / model, source / model)
+    models = build_repository(source, tmp_path / "out", BuildOptions("gpu-tensorrt"))
+    assert models == ["asr_offline", "asr_stream", "sensevoice", "vad"]
+    assert check_repository(tmp_path / "out", require_plans=False) == []
+    params = parse_config(tmp_path / "out" / "asr_offline" / "config.pbtxt").parameters
+    assert params["speaker_model"].string_value == "" and params["parakeet_encoder_model"].string_value == ""
+    assert params["sensevoice_model"].string_value == "sensevoice"
+
+
+def test_bad_build_requests_are_refused(model_repository, tmp_path):
+    with pytest.raises(ValueError, match="unknown target"):
+        BuildOptions("tpu")
+    with pytest.raises(ValueError, match="--instances must be at least 1"):
+        BuildOptions("cpu", instances=0)
+    with pytest.raises(ValueError, match="no exported models"):
+        build_repository(tmp_path, tmp_path / "out", BuildOptions())
+    assert cli(["repo", "build", "--target", "cpu", "--source", str(model_repository),
+                "--output", str(model_repository)]) == 2
+
+
+def test_mismatches_are_reported(built, tmp_path):
     repo = tmp_path / "repo"
-    shutil.copytree(model_repository, repo, ignore=shutil.ignore_patterns("*.onnx"))
-    for model in ("vad", "sensevoice"):
-        (repo / model / "1" / "model.onnx").symlink_to(model_repository / model / "1" / "model.onnx")
-    config = repo / "sensevoice" / "configs" / "gpu.pbtxt"
-    config.write_text(config.read_text().replace('"token_ids"', '"token_idz"').replace("dims: [ -1, 560 ]", "dims: [ -1, 80 ]"))
-    bls = repo / "asr_offline" / "config.pbtxt"
-    bls.write_text(bls.read_text().replace('string_value: "vad"', 'string_value: "vad2"'))
+    shutil.copytree(built / "gpu-onnxruntime", repo)
+    config = repo / "sensevoice" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"token_ids"', '"token_idz"').replace("dims: 560", "dims: 80"))
+    _set_parameter(repo / "asr_offline" / "config.pbtxt", "vad_model", "vad2")
+    (repo / "speaker" / "config.pbtxt").write_text("name: speaker\nplatform: [")
     problems = "\n".join(check_repository(repo))
     assert "output 'token_idz' is not in the ONNX graph" in problems
     assert "input 'speech': config dims [-1, 80] do not fit graph dims [None, 560]" in problems
     assert "names model 'vad2'" in problems
+    assert "speaker/config.pbtxt: not a valid ModelConfig" in problems
+    assert cli(["repo", "check", str(repo)]) == 1
+
+
+@pytest.mark.e2e
+def test_cpu_target_serves_and_padding_changes_nothing(built, client):
+    """The built cpu repository, with the GPU targets' segment padding turned on in its pipelines,
+    serves the same segments as the exported repository (which pads nothing)."""
+    from tritonasr.client.offline import OfflineClient
+    from tritonasr.server import ServerConfig, TritonServer, free_port
+
+    repo = built / "cpu"
+    for bls in ("asr_offline", "asr_stream"):
+        _set_parameter(repo / bls / "config.pbtxt", "pad_segments_ms", "1000")
+    files = ["pause_1s.wav", "long_70s.wav"]
+    config = ServerConfig(repo, free_port(), free_port(), free_port(), models=["vad", "sensevoice", "parakeet_encoder",
+                                                                             "parakeet_decoder", "asr_offline"])
+    with TritonServer(config) as server, OfflineClient(server.grpc_url, timeout_s=600) as padded:
+        for name in files:
+            for engine in ("sensevoice", "parakeet"):
+                want = client.transcribe_file(DATA / name, engine=engine, with_speaker=False)["segments"]
+                got = padded.transcribe_file(DATA / name, engine=engine, with_speaker=False)["segments"]
+                assert want and got == want, (name, engine)

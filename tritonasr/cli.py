@@ -1,4 +1,4 @@
-"""The `tritonasr` command: serve | export | transcribe | stream | speakers | bench | loadtest | demo."""
+"""The `tritonasr` command: serve | export | transcribe | stream | speakers | bench | loadtest | repo | demo."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,33 @@ def cmd_loadtest_report(args) -> int:
     return report_main(args)
 
 
+def cmd_repo_build(args) -> int:
+    from tritonasr.repo_build import BuildOptions, build_repository
+
+    try:
+        options = BuildOptions(args.target, args.gpus, args.instances, args.max_batch, args.trt_cache)
+        models = build_repository(args.source or _repository(args), args.output, options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} ({args.target}): {', '.join(models)}")
+    if args.target == "gpu-tensorrt":
+        print(f"next, on the serving GPU: tritonasr repo plans {args.output}")
+    return 0
+
+
+def cmd_repo_check(args) -> int:
+    from tritonasr.repo_check import main as check_main
+
+    return check_main(args)
+
+
+def cmd_repo_plans(args) -> int:
+    from tritonasr.plans import main as plans_main
+
+    return plans_main(args)
+
+
 def cmd_demo(args) -> int:
     """The main job: make sure the models are exported, start the embedded server, transcribe."""
     from tritonasr.client.transcribe import run_transcribe
@@ -286,6 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
     report = loadtest_sub.add_parser("report", help="(re)write a sweep's report: Markdown table and PNG plots")
     report.add_argument("run_dir", type=Path, help="the sweep's run directory (holds run.json)")
     report.set_defaults(func=cmd_loadtest_report)
+
+    repo = sub.add_parser("repo", help="model repositories for a deployment target: build, check, TensorRT plans")
+    repo_sub = repo.add_subparsers(dest="repo", required=True)
+    build = repo_sub.add_parser("build", help="write a complete repository for a target from the exported graphs")
+    build.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], required=True)
+    build.add_argument("--output", type=Path, required=True, help="the repository to write")
+    build.add_argument("--source", type=Path, default=None,
+                       help="the exported repository (default: --model-repository, else the checkout's)")
+    build.add_argument("--gpus", type=int, default=1, help="GPU targets: put instances on GPUs 0..N-1")
+    build.add_argument("--instances", type=int, default=None, help="leaf-model instances per device")
+    build.add_argument("--max-batch", type=int, default=None, help="leaf models' max_batch_size")
+    build.add_argument("--trt-cache", default="/cache/trt",
+                       help="gpu-onnxruntime: directory of the TensorRT engine and timing caches (a volume)")
+    _add_repository(build)
+    build.set_defaults(func=cmd_repo_build)
+    check = repo_sub.add_parser("check", help="validate a repository: configs, tensors against graphs, BLS targets")
+    check.add_argument("repository", type=Path)
+    check.add_argument("--allow-missing-plans", action="store_true",
+                       help="accept gpu-tensorrt plans not built yet")
+    check.set_defaults(func=cmd_repo_check)
+    plans = repo_sub.add_parser("plans", help="build a gpu-tensorrt repository's TensorRT plans on this GPU (trtexec)")
+    plans.add_argument("repository", type=Path)
+    plans.add_argument("--trtexec", default=None, help="trtexec binary (default: PATH, then the NGC image's)")
+    plans.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file to reuse")
+    plans.add_argument("--force", action="store_true", help="rebuild plans that are current")
+    plans.set_defaults(func=cmd_repo_plans)
 
     demo = sub.add_parser("demo", help="export what is missing, start the server, transcribe the sample")
     demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")

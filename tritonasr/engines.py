@@ -7,6 +7,7 @@ VAD, so the same engines run in the Triton BLS models and in-process.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
@@ -26,6 +27,16 @@ RunParakeetEncoder = Callable[[np.ndarray], Awaitable[np.ndarray]]
 RunParakeetDecoder = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
 ENGINES = ("sensevoice", "parakeet")
+
+
+def pad_step(frame_ms: float, pad_ms: int) -> int:
+    """Frames per padding step: segments padded to whole `pad_ms` come in few shapes, which the
+    native backends (no ragged batching) can batch. 0: no padding."""
+    return math.ceil(pad_ms / frame_ms) if pad_ms > 0 else 0
+
+
+def padded_length(frames: int, step: int) -> int:
+    return -(-frames // step) * step if step else frames
 
 
 class AsrEngine(Protocol):
@@ -73,6 +84,11 @@ class SenseVoiceEngine:
         self.spec = spec
         self.run = run
 
+    @property
+    def frame_ms(self) -> float:
+        """The time step of the features the model takes."""
+        return self.spec.frontend.frame_shift * self.spec.frontend.lfr_n
+
     def query(self, language: str, use_itn: bool) -> tuple[int, int]:
         return self.spec.query_ids(language, use_itn)
 
@@ -99,6 +115,11 @@ class ParakeetEngine:
         self.spec = spec
         self.run_encoder = run_encoder
         self.run_decoder = run_decoder
+
+    @property
+    def frame_ms(self) -> float:
+        mel = self.spec.frontend.spec
+        return mel.hop_length * 1000 / mel.sample_rate
 
     def query(self, language: str, use_itn: bool) -> None:
         if language not in ("auto", "en"):

@@ -11,6 +11,15 @@ import onnxruntime as ort
 MAX_PADDING_WASTE = 0.25
 
 
+def instance_providers(args: dict) -> list:
+    """ONNX Runtime providers for a Triton Python-backend instance: its config's instance kind
+    decides (a KIND_GPU instance runs on its own device), not what happens to be installed."""
+    providers: list = ["CPUExecutionProvider"]
+    if args.get("model_instance_kind") == "GPU":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
+    return providers
+
+
 class OnnxModel:
     def __init__(self, path: Path, intra_op_threads: int = 0, ragged_inputs: list[str] = (),
                  providers: list[str] | None = None):

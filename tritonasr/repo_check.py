@@ -52,7 +52,7 @@ def _check_tensor(kind: str, tensor, graph: dict, batched: bool) -> list[str]:
     return problems
 
 
-def check_model(model_dir: Path, config_file: Path) -> list[str]:
+def check_model(model_dir: Path, config_file: Path, require_plans: bool = True) -> list[str]:
     where = f"{config_file}"
     try:
         config = parse_config(config_file)
@@ -62,7 +62,18 @@ def check_model(model_dir: Path, config_file: Path) -> list[str]:
     if config.name and config.name != model_dir.name:
         problems.append(f"{where}: name {config.name!r} differs from its directory {model_dir.name!r}")
     graph_file = model_dir / "1" / "model.onnx"
-    if graph_file.exists() and (config.platform == "onnxruntime_onnx" or config.backend in ("python", "onnxruntime")):
+    if config.platform == "tensorrt_plan":
+        # The plan is built from model.onnx on the serving GPU (`tritonasr repo plans`): its
+        # tensors are the graph's.
+        plan = model_dir / "1" / (config.default_model_filename or "model.plan")
+        if require_plans and not plan.exists():
+            problems.append(f"{where}: {plan} is not built yet: run `tritonasr repo plans {model_dir.parent}` "
+                            f"on the serving GPU")
+        if not graph_file.exists():
+            problems.append(f"{where}: platform tensorrt_plan but {graph_file}, which its plan is built from, "
+                            f"does not exist")
+    if graph_file.exists() and (config.platform in ("onnxruntime_onnx", "tensorrt_plan")
+                                or config.backend in ("python", "onnxruntime")):
         graph = _graph_tensors(graph_file)
         batched = config.max_batch_size > 0
         for tensor in config.input:
@@ -79,10 +90,26 @@ def check_model(model_dir: Path, config_file: Path) -> list[str]:
     return problems
 
 
-def check_repository(repository: Path) -> list[str]:
-    """Problems found (empty when the repository is sound)."""
+def check_repository(repository: Path, require_plans: bool = True) -> list[str]:
+    """Problems found (empty when the repository is sound). `require_plans=False` accepts a
+    gpu-tensorrt repository whose plans are still to be built on the serving GPU."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        return [f"{repository} is not a directory"]
+    model_dirs = sorted(p for p in repository.iterdir() if (p / "config.pbtxt").exists())
+    if not model_dirs:
+        return [f"{repository} holds no models (no */config.pbtxt)"]
     problems = []
-    for model_dir in sorted(p for p in Path(repository).iterdir() if (p / "config.pbtxt").exists()):
+    for model_dir in model_dirs:
         for config_file in [model_dir / "config.pbtxt", *sorted((model_dir / "configs").glob("*.pbtxt"))]:
-            problems += check_model(model_dir, config_file)
+            problems += check_model(model_dir, config_file, require_plans)
     return problems
+
+
+def main(args) -> int:
+    problems = check_repository(args.repository, require_plans=not args.allow_missing_plans)
+    for problem in problems:
+        print(problem)
+    models = sum(1 for p in Path(args.repository).glob("*/config.pbtxt"))
+    print(f"{args.repository}: {models} models, {len(problems)} problems" + ("" if problems else ": OK"))
+    return 1 if problems else 0

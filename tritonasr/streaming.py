@@ -183,6 +183,11 @@ class _Output:
     kind: str  # "final" | "partial" | "complete"
     segment: asyncio.Future | None = None  # of (Segment | None, speaker embedding | None)
     endpoint_ms: int = 0
+    arrived: float = 0.0  # time.monotonic() when the chunk that closed the segment arrived
+
+
+# Told of each final sent: (engine, seconds from the arrival of the chunk that ended its speech).
+OnFinal = Callable[[str, float], None]
 
 
 class LiveStream:
@@ -190,8 +195,10 @@ class LiveStream:
     through its own sink after every earlier chunk's, so the caller sees segments in order."""
 
     def __init__(self, stream_id: int, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
-                 options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS):
+                 options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS,
+                 on_final: OnFinal = lambda engine, latency_s: None):
         self.id = stream_id
+        self.on_final = on_final
         self.options = options
         self.request = recognizer.request(options.engine, options.language, options.use_itn)
         self.recognizer = recognizer
@@ -218,19 +225,19 @@ class LiveStream:
     async def push(self, samples: np.ndarray, final: bool, sink: Sink) -> None:
         """Adds the next chunk (checked by `check_chunk`); `final` ends the stream."""
         self.busy += 1
-        self.last_active = time.monotonic()
+        self.last_active = arrived = time.monotonic()
         try:
             async with self.lock:
                 if self.closed or self.failed:
                     raise StreamError(f"stream {self.id} is closed ({self.closed or self.failed})")
-                outputs = await self._advance(samples, final)
+                outputs = await self._advance(samples, final, arrived)
                 previous = self._delivered
                 self._delivered = asyncio.ensure_future(self._deliver(previous, outputs, sink))
         finally:
             self.busy -= 1
             self.last_active = time.monotonic()
 
-    async def _advance(self, samples: np.ndarray, final: bool) -> list[_Output]:
+    async def _advance(self, samples: np.ndarray, final: bool, arrived: float) -> list[_Output]:
         if samples.size:
             self.audio.append(samples)
             self.endpointer.features.accept(samples)
@@ -243,7 +250,7 @@ class LiveStream:
                 self.open_start_ms = self.last_partial_ms = start_ms
             if end_ms >= 0 and self.open_start_ms is not None:
                 for piece in split_long_segments([(self.open_start_ms, end_ms)], self.max_segment_ms):
-                    outputs.append(_Output("final", self._recognize(*piece, final=True), self.received_ms))
+                    outputs.append(_Output("final", self._recognize(*piece, final=True), self.received_ms, arrived))
                 self.open_start_ms = None
         if self._partial_due():
             position = self.endpointer.position_ms
@@ -291,6 +298,8 @@ class LiveStream:
                     payload["endpoint_ms"] = output.endpoint_ms
                     self.segments_sent += 1
                 sink.send(payload)
+                if output.kind == "final":
+                    self.on_final(self.request.engine.name, time.monotonic() - output.arrived)
         except Exception as exc:  # a failed model call ends this stream, not the server
             self.failed = self.failed or f"recognition failed: {exc}"
             for output in outputs:
@@ -360,5 +369,7 @@ class StreamRegistry:
         return idle
 
 
-def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100) -> StreamFactory:
-    return lambda stream_id, options: LiveStream(stream_id, vad, recognizer, run_vad, options, vad_step_ms)
+def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100,
+                   on_final: OnFinal = lambda engine, latency_s: None) -> StreamFactory:
+    return lambda stream_id, options: LiveStream(stream_id, vad, recognizer, run_vad, options, vad_step_ms,
+                                                 on_final=on_final)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonasr.onnx_runner import OnnxModel
+from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.tdt import DECODER_GRAPH, OnnxDecoderJoint, TdtSpec, decode_padded
 
 log = logging.getLogger("tritonasr")
@@ -28,13 +28,8 @@ class TdtDecoderModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        # The instance kind (config instance_group) decides where the steps run.
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU":
-            device = {"device_id": int(args["model_instance_device_id"])}
-            providers = [("CUDAExecutionProvider", device), *providers]
         runner = OnnxModel(version_dir / DECODER_GRAPH, intra_op_threads=int(params.get("intra_op_threads", "1")),
-                           providers=providers)
+                           providers=instance_providers(args))
         meta = json.loads((version_dir / "meta.json").read_text())
         self.decoder_joint = OnnxDecoderJoint(runner)
         self.spec = TdtSpec.from_meta(meta)

@@ -17,8 +17,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import AudioError, validate_samples
-from tritonasr.onnx_runner import OnnxModel
-from tritonasr.engines import EngineModels, build_engines
+from tritonasr.onnx_runner import OnnxModel, instance_providers
+from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.speakers import SpeakerError, SpeakerRegistry, SpeakerSettings, build_speaker_stage
 from tritonasr.streaming import StreamError, StreamOptions, StreamRegistry, check_chunk, stream_factory
@@ -46,6 +46,7 @@ class OnnxLeafModel:
             _version_dir(args) / "model.onnx",
             intra_op_threads=int(params.get("intra_op_threads", "0")),
             ragged_inputs=[name for name in params.get("ragged_inputs", "").split(",") if name],
+            providers=instance_providers(args),
         )
         self.output_names = [o["name"] for o in json.loads(args["model_config"])["output"]]
 
@@ -64,6 +65,68 @@ class OnnxLeafModel:
                 for result in results]
 
 
+class PipelineMetrics:
+    """The pipelines' own Prometheus metrics, on Triton's /metrics beside its per-model counters
+    (the Python backend's custom metrics API). Labelled by model and instance: every instance is
+    its own process, and two processes may not register the same labels."""
+
+    # End of speech -> final: most finals should land in the first buckets on a GPU server.
+    LATENCY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+
+    def __init__(self, model: str, instance: str):
+        self.labels = {"model": model, "instance": instance}
+        # Families must outlive their metrics: both are kept here.
+        self.families = {
+            "open_streams": pb_utils.MetricFamily(
+                name="tritonasr_open_streams", kind=pb_utils.MetricFamily.GAUGE,
+                description="Live streams holding state in asr_stream"),
+            "segments": pb_utils.MetricFamily(
+                name="tritonasr_segments_total", kind=pb_utils.MetricFamily.COUNTER,
+                description="Final segments transcribed, by ASR engine"),
+            "audio": pb_utils.MetricFamily(
+                name="tritonasr_audio_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
+                description="Seconds of audio received (whole files and stream chunks)"),
+            "latency": pb_utils.MetricFamily(
+                name="tritonasr_final_latency_seconds", kind=pb_utils.MetricFamily.HISTOGRAM,
+                description="Streams: from the arrival of the chunk that ended a segment's speech to its final"),
+            "errors": pb_utils.MetricFamily(
+                name="tritonasr_errors_total", kind=pb_utils.MetricFamily.COUNTER,
+                description="Failed requests and streams, by kind"),
+        }
+        self.open_streams = self.families["open_streams"].Metric(labels=self.labels)
+        self.audio = self.families["audio"].Metric(labels=self.labels)
+        self.latency = self.families["latency"].Metric(labels=self.labels, buckets=self.LATENCY_BUCKETS)
+        self._by_label: dict[tuple[str, str], object] = {}
+
+    def _labelled(self, family: str, key: str, value: str):
+        metric = self._by_label.get((family, value))
+        if metric is None:
+            metric = self.families[family].Metric(labels={**self.labels, key: value})
+            self._by_label[(family, value)] = metric
+        return metric
+
+    def segments(self, engine: str, count: int = 1) -> None:
+        self._labelled("segments", "engine", engine).increment(count)
+
+    def audio_received(self, samples: int) -> None:
+        self.audio.increment(samples / SAMPLE_RATE)
+
+    def final_sent(self, engine: str, latency_s: float) -> None:
+        self.segments(engine)
+        self.latency.observe(latency_s)
+
+    def error(self, kind: str) -> None:
+        self._labelled("errors", "kind", kind).increment(1)
+
+
+# The kind label of tritonasr_errors_total for each failure the models report.
+ERROR_KINDS = ((AudioError, "bad_audio"), (StreamError, "bad_stream"), (SpeakerError, "bad_request"))
+
+
+def error_kind(exc: Exception) -> str:
+    return next((kind for cls, kind in ERROR_KINDS if isinstance(exc, cls)), "internal")
+
+
 class _PipelineModel:
     """What the BLS models share: the leaf models they call (vad, ASR engines, speaker) and how."""
 
@@ -77,6 +140,7 @@ class _PipelineModel:
         self.speaker_model = settings.model
         self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker)
         self.engine_models = EngineModels.from_parameters(self.params)
+        self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"])
 
     def _recognizer(self) -> Recognizer:
         """The exported engines; the default is the config's default_asr_engine, else the one
@@ -84,7 +148,16 @@ class _PipelineModel:
         engines = build_engines(self.repository, self.engine_models, self._run_sensevoice,
                                 self._run_parakeet_encoder, self._run_parakeet_decoder)
         default = self.params.get("default_asr_engine") or os.environ.get("TRITONASR_ASR_ENGINE", "")
+        pad_ms = int(self.params.get("pad_segments_ms", "0"))
+        self.pad_steps = {name: pad_step(engine.frame_ms, pad_ms) for name, engine in engines.items()}
         return Recognizer(engines, default, self.speakers)
+
+    def _padded(self, feats: np.ndarray, engine: str) -> np.ndarray:
+        """[1, T, F] features zero-padded to the engine's padding step (GPU targets; the true
+        length travels beside them and the graph masks by it)."""
+        frames = feats.shape[1]
+        extra = padded_length(frames, self.pad_steps.get(engine, 0)) - frames
+        return np.pad(feats, ((0, 0), (0, extra), (0, 0))) if extra else feats
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
@@ -105,7 +178,7 @@ class _PipelineModel:
 
     async def _run_sensevoice(self, feats, language, textnorm):
         inputs = {
-            "speech": feats,
+            "speech": self._padded(feats, "sensevoice"),
             "speech_lengths": np.array([[feats.shape[1]]], dtype=np.int32),
             "language": np.array([[language]], dtype=np.int32),
             "textnorm": np.array([[textnorm]], dtype=np.int32),
@@ -114,7 +187,7 @@ class _PipelineModel:
         return token_ids[0], int(lengths.reshape(-1)[0])
 
     async def _run_parakeet_encoder(self, feats):
-        inputs = {"features": feats, "length": np.array([[feats.shape[1]]], dtype=np.int64)}
+        inputs = {"features": self._padded(feats, "parakeet"), "length": np.array([[feats.shape[1]]], dtype=np.int64)}
         encoded, lengths = await self._infer(self.engine_models.parakeet_encoder, inputs, ["encoded", "encoded_lengths"])
         return encoded[0, :int(lengths.reshape(-1)[0])]
 
@@ -140,18 +213,22 @@ class OfflineAsrModel(_PipelineModel):
 
     async def _handle(self, request) -> dict:
         audio = _input(request, "AUDIO")
-        return await self.pipeline.transcribe(
+        engine = _text(_input(request, "ENGINE"), "")
+        result = await self.pipeline.transcribe(
             audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
             language=_text(_input(request, "LANGUAGE"), "auto"),
             use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
             sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
             with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
             return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
-            engine=_text(_input(request, "ENGINE"), ""),
+            engine=engine,
         )
+        self.metrics.audio_received(audio.size)
+        self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
+        return result
 
     async def execute(self, requests):
-        return list(await asyncio.gather(*(_respond("asr_offline", self._handle(r)) for r in requests)))
+        return list(await asyncio.gather(*(_respond("asr_offline", self._handle(r), self.metrics) for r in requests)))
 
 
 class SpeakerRegistryModel(_PipelineModel):
@@ -191,7 +268,7 @@ class SpeakerRegistryModel(_PipelineModel):
         raise SpeakerError(f"unknown ACTION {action!r}: use embed, enroll, remove or list")
 
     async def execute(self, requests):
-        return [await _respond("speaker_registry", self._handle(r)) for r in requests]
+        return [await _respond("speaker_registry", self._handle(r), self.metrics) for r in requests]
 
 
 class StreamingAsrModel(_PipelineModel):
@@ -201,20 +278,15 @@ class StreamingAsrModel(_PipelineModel):
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
+        self.metrics.open_streams.set(0)
         factory = stream_factory(self.vad_spec, self._recognizer(), self._run_vad,
-                                 vad_step_ms=int(self.params.get("vad_step_ms", "100")))
+                                 vad_step_ms=int(self.params.get("vad_step_ms", "100")),
+                                 on_final=self.metrics.final_sent)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
         self.max_chunk_samples = int(self.params.get("max_chunk_ms", "2000")) * SAMPLE_RATE // 1000
-        # The family must outlive its metrics, so both are kept on the model.
-        self.metric_family = pb_utils.MetricFamily(
-            name="tritonasr_open_streams", kind=pb_utils.MetricFamily.GAUGE,
-            description="Live streams holding state in asr_stream")
-        self.open_streams = self.metric_family.Metric(labels={"model": args["model_name"],
-                                                              "instance": args["model_instance_name"]})
-        self.open_streams.set(0)
         self.streams = StreamRegistry(factory, idle_us / 1e6, int(self.params.get("max_streams", "2000")),
-                                      on_change=self.open_streams.set)
+                                      on_change=self.metrics.open_streams.set)
         self._sweeper: asyncio.Future | None = None
 
     async def execute(self, requests):
@@ -222,7 +294,7 @@ class StreamingAsrModel(_PipelineModel):
             self._sweeper = asyncio.ensure_future(self._close_idle_streams())
         # Returns once each chunk is taken in (its VAD step done); segments are sent later by
         # the stream. The backend runs the next execute() meanwhile.
-        await asyncio.gather(*(self._handle(_Chunk.read(request), _ResponseSink(request.get_response_sender()))
+        await asyncio.gather(*(self._handle(_Chunk.read(request), _ResponseSink(request.get_response_sender(), self.metrics))
                                for request in requests))
         return None
 
@@ -238,19 +310,20 @@ class StreamingAsrModel(_PipelineModel):
                 stream = self.streams.get(chunk.stream_id)
             samples = check_chunk(chunk.audio, self.max_chunk_samples,
                                   int(_scalar(chunk.sample_rate, SAMPLE_RATE)))
+            self.metrics.audio_received(samples.size)
             await stream.push(samples, chunk.end, sink)
             if chunk.end:
                 self.streams.close(chunk.stream_id, "ended")
         except (AudioError, StreamError) as exc:
-            self._fail(chunk, sink, str(exc))
+            self._fail(chunk, sink, str(exc), error_kind(exc))
         except Exception as exc:
             log.error("asr_stream failed: %s", traceback.format_exc())
-            self._fail(chunk, sink, f"internal error: {exc}")
+            self._fail(chunk, sink, f"internal error: {exc}", "internal")
 
-    def _fail(self, chunk: "_Chunk", sink: "_ResponseSink", message: str) -> None:
+    def _fail(self, chunk: "_Chunk", sink: "_ResponseSink", message: str, kind: str) -> None:
         # The stream ends here: its state is freed and its later chunks are told why.
         try:
-            sink.fail(message)
+            sink.fail(message, kind)
             sink.finish()
         finally:
             self.streams.close(chunk.stream_id, f"closed after an error: {message}")
@@ -260,6 +333,7 @@ class StreamingAsrModel(_PipelineModel):
             await asyncio.sleep(1.0)
             for stream_id in self.streams.expire():
                 log.warning("asr_stream: closed idle stream %d", stream_id)
+                self.metrics.error("idle_timeout")
 
     def finalize(self) -> None:
         if self._sweeper is not None:
@@ -291,27 +365,32 @@ class _Chunk:
 class _ResponseSink:
     """A request's response sender as a `Sink`."""
 
-    def __init__(self, sender):
+    def __init__(self, sender, metrics: PipelineMetrics):
         self.sender = sender
+        self.metrics = metrics
 
     def send(self, payload: dict) -> None:
         self.sender.send(_json_response(payload))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, kind: str = "recognition") -> None:
+        # The stream's own failures (a model call during recognition) come without a kind.
+        self.metrics.error(kind)
         self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
 
     def finish(self) -> None:
         self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-async def _respond(model: str, work) -> "pb_utils.InferenceResponse":
+async def _respond(model: str, work, metrics: PipelineMetrics) -> "pb_utils.InferenceResponse":
     """The JSON result of `work`, or the error a bad request earned (only that request fails)."""
     try:
         return _json_response(await work)
     except (AudioError, SpeakerError) as exc:
+        metrics.error(error_kind(exc))
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
     except Exception as exc:
         log.error("%s failed: %s", model, traceback.format_exc())
+        metrics.error("internal")
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
 
 

@@ -1,0 +1,207 @@
+"""`tritonasr repo build`: a complete model repository for one deployment target, from the
+exported graphs.
+
+- `cpu`: the embedded default; leaf models are Python-backend models running their ONNX graphs
+  with ONNX Runtime, which pad the segments a batch holds itself (allow_ragged_batch).
+- `gpu-onnxruntime`: leaf graphs on Triton's native ONNX Runtime backend with the TensorRT
+  execution accelerator (FP16; engine and timing caches on a volume), KIND_GPU instances.
+- `gpu-tensorrt`: leaf graphs as TensorRT plans, built on the serving GPU at deploy time by
+  `tritonasr repo plans` (trtexec) from the ONNX graph kept beside them, with one optimization
+  profile covering batch 1..max and every segment length the pipeline sends.
+
+Native backends batch only requests of equal shape, so on the GPU targets the pipelines pad each
+segment's features up to a whole number of `pad_segments_ms` (they pass the true length, which
+the graphs mask by). Parakeet's decoder loop stays a Python-backend model on every target (a
+native backend cannot loop over its own outputs); on GPU targets its instances are KIND_GPU and
+run ONNX Runtime's CUDA provider. The BLS models stay KIND_CPU: they coordinate, the leaf models
+compute.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tritonasr.engines import pad_step, padded_length
+from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
+from tritonasr.repo_check import BLS_TARGET_PARAMETERS, parse_config
+from tritonasr.repository import PIPELINES, exported_models, install_model_files
+from tritonasr.vad import VAD_CHUNK_FRAMES
+
+TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
+# Leaf models whose whole computation is one ONNX graph (1/model.onnx): the native backends serve them.
+GRAPH_MODELS = ("vad", "sensevoice", "parakeet_encoder", "speaker")
+PLANS_FILE = "plans.json"
+DEFAULT_TRT_CACHE = "/cache/trt"
+# GPU targets: segments padded to whole seconds, so the batcher sees at most 30 shapes per model.
+GPU_PAD_SEGMENTS_MS = 1000
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: str = "cpu"
+    gpus: int = 1  # GPU targets: instances go on GPUs 0..gpus-1
+    instances: int | None = None  # leaf-model instances per device; None: the shipped count
+    max_batch: int | None = None  # leaf models' max_batch_size; None: the shipped value
+    trt_cache: str = DEFAULT_TRT_CACHE  # gpu-onnxruntime: TensorRT engine and timing caches
+    pad_segments_ms: int = GPU_PAD_SEGMENTS_MS
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}")
+        for name in ("gpus", "instances", "max_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.target != "cpu"
+
+
+def build_repository(source: Path, output: Path, options: BuildOptions) -> list[str]:
+    """Writes `output` from the exports in `source`; returns the models written."""
+    source, output = Path(source).resolve(), Path(output).resolve()
+    models = exported_models(source)
+    if not models:
+        raise ValueError(f"{source} holds no exported models: run `tritonasr export vad` and an ASR engine first")
+    if output == source:
+        raise ValueError("--output must differ from the source repository")
+    install_model_files(source, models)  # a repository exported before its configs changed
+    output.mkdir(parents=True, exist_ok=True)
+    plans = []
+    for model in models:
+        template = parse_config(source / model / "config.pbtxt")
+        config = model_config(template, options, models)
+        _copy_model(source / model, output / model)
+        shutil.rmtree(output / model / "configs", ignore_errors=True)  # the build's config is the one
+        (output / model / "config.pbtxt").unlink(missing_ok=True)
+        (output / model / "config.pbtxt").write_text(
+            f"# Written by `tritonasr repo build --target {options.target}` from {source / model}.\n"
+            f"# The shipped, commented template is model_repository/{model}/config.pbtxt.\n"
+            + text_format.MessageToString(config))
+        if options.target == "gpu-tensorrt" and model in GRAPH_MODELS:
+            plans.append(plan_spec(output, model, config, options.pad_segments_ms))
+    if options.target == "gpu-tensorrt":
+        (output / PLANS_FILE).write_text(json.dumps({"plans": plans}, indent=2) + "\n")
+    return models
+
+
+def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[str]) -> mc.ModelConfig:
+    config = mc.ModelConfig()
+    config.CopyFrom(template)
+    name = config.name
+    for key in BLS_TARGET_PARAMETERS:  # a stage whose model was not exported is off ("")
+        if key in config.parameters and config.parameters[key].string_value not in models:
+            config.parameters[key].string_value = ""
+    if name in PIPELINES:
+        if options.on_gpu:
+            config.parameters["pad_segments_ms"].string_value = str(options.pad_segments_ms)
+        return config
+    if config.max_batch_size and options.max_batch:
+        config.max_batch_size = options.max_batch
+    if options.instances:
+        for group in config.instance_group:
+            group.count = options.instances
+    if not options.on_gpu or name not in GRAPH_MODELS and name != "parakeet_decoder":
+        return config
+    _on_gpus(config, options.gpus)
+    if name == "parakeet_decoder":
+        return config  # Python backend: model.py picks the CUDA provider on a KIND_GPU instance
+    config.ClearField("backend")
+    config.ClearField("parameters")  # the Python leaf model's own (threads, ragged inputs)
+    for tensor in config.input:
+        tensor.allow_ragged_batch = False  # the pipelines pad instead (pad_segments_ms)
+    if options.target == "gpu-onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
+        accelerator.name = "tensorrt"
+        accelerator.parameters.update({
+            "precision_mode": "FP16",
+            "max_workspace_size_bytes": str(4 << 30),
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": options.trt_cache,
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": options.trt_cache,
+        })
+    else:
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = "model.plan"
+    return config
+
+
+def _on_gpus(config: mc.ModelConfig, gpus: int) -> None:
+    count = max((group.count for group in config.instance_group), default=1) or 1
+    config.ClearField("instance_group")
+    group = config.instance_group.add()
+    group.kind = mc.ModelInstanceGroup.KIND_GPU
+    group.count = count  # on each of the GPUs
+    group.gpus.extend(range(gpus))
+
+
+# Files at least this big are hard-linked where the file system allows (Parakeet's graph is
+# 2.4 GB); smaller ones are copied, so editing the output never edits the source.
+LINK_BYTES = 64 << 20
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """The model's files but its configs (written by the build)."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if (path.is_dir() or path.name.startswith(".") or "__pycache__" in path.parts
+                or relative == Path("config.pbtxt") or relative.parts[0] == "configs"):
+            continue
+        destination = target / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.exists():
+            destination.unlink()
+        if path.stat().st_size >= LINK_BYTES:
+            try:
+                os.link(path, destination)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(path, destination)
+
+
+def segment_frames(model: str, model_dir: Path, pad_ms: int = GPU_PAD_SEGMENTS_MS) -> tuple[int, int, int]:
+    """(min, typical, max) length along the variable time axis of what the pipelines send `model`."""
+    meta = json.loads((model_dir / "1" / "meta.json").read_text())
+    if model == "vad":  # stream steps (100 ms = 10 frames) .. whole-file chunks
+        return 1, 10, VAD_CHUNK_FRAMES
+    if model == "speaker":  # windows of whole 500 ms steps up to the 3 s window (speaker_window_ms)
+        return max(int(meta.get("min_frames", 1)), 1), 300, 300
+    frame_ms = _frame_ms(model, meta)
+    # The longest segment (MAX_ASR_SEGMENT_MS, one frame to spare), padded as the pipelines pad it.
+    longest = padded_length(math.ceil(MAX_ASR_SEGMENT_MS / frame_ms) + 1, pad_step(frame_ms, pad_ms))
+    return 1, math.ceil(8000 / frame_ms), longest
+
+
+def _frame_ms(model: str, meta: dict) -> float:
+    if model == "sensevoice":
+        frontend = meta["frontend"]
+        return frontend.get("frame_shift", 10) * frontend.get("lfr_n", 1)
+    return 10.0  # parakeet_encoder: NeMo mel features, 10 ms hop
+
+
+def plan_spec(repository: Path, model: str, config: mc.ModelConfig, pad_ms: int = GPU_PAD_SEGMENTS_MS) -> dict:
+    """What trtexec needs for `model`: the ONNX graph, the plan to write, and one optimization
+    profile covering batch 1..max_batch_size and every length `segment_frames` allows."""
+    graph = onnx.load(str(repository / model / "1" / "model.onnx"), load_external_data=False)
+    shortest, typical, longest = segment_frames(model, repository / model, pad_ms)
+    batch = config.max_batch_size
+    shapes = {"min": {}, "opt": {}, "max": {}}
+    for tensor in graph.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.type.tensor_type.shape.dim]
+        for profile, n, length in (("min", 1, shortest), ("opt", max(1, batch // 2), typical), ("max", batch, longest)):
+            shape = [n] + [length if d is None else d for d in dims[1:]]
+            shapes[profile][tensor.name] = shape
+    return {"model": model, "onnx": f"{model}/1/model.onnx", "plan": f"{model}/1/model.plan", "fp16": True,
+            **shapes}
