@@ -27,7 +27,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--model-config-name", default=None,
-                        help="use <model>/configs/NAME.pbtxt where present (e.g. gpu)")
+                        help="use <model>/configs/NAME.pbtxt where present (your own config variants)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--asr-engine", choices=ENGINES, default="",
                         help="the default ASR engine of requests that name none (default: sensevoice if "
