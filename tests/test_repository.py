@@ -109,8 +109,10 @@ def test_models_not_exported_are_left_out_and_their_stages_off(model_repository,
     source = tmp_path / "source"
     for model in ("vad", "sensevoice", "asr_offline", "asr_stream"):
         shutil.copytree(model_repository / model, source / model)
+    build_repository(model_repository, tmp_path / "out", BuildOptions("gpu-tensorrt"))
     models = build_repository(source, tmp_path / "out", BuildOptions("gpu-tensorrt"))
     assert models == ["asr_offline", "asr_stream", "sensevoice", "vad"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*models, "plans.json"])  # the others pruned
     assert check_repository(tmp_path / "out", require_plans=False) == []
     params = parse_config(tmp_path / "out" / "asr_offline" / "config.pbtxt").parameters
     assert params["speaker_model"].string_value == "" and params["parakeet_encoder_model"].string_value == ""

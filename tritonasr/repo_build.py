@@ -76,6 +76,10 @@ def build_repository(source: Path, output: Path, options: BuildOptions) -> list[
         raise ValueError("--output must differ from the source repository")
     install_model_files(source, models)  # a repository exported before its configs changed
     output.mkdir(parents=True, exist_ok=True)
+    # A model left from an earlier build would still load (model control mode none): remove it.
+    for stale in sorted(p for p in output.iterdir() if (p / "config.pbtxt").exists() and p.name not in models):
+        shutil.rmtree(stale)
+    (output / PLANS_FILE).unlink(missing_ok=True)
     plans = []
     for model in models:
         template = parse_config(source / model / "config.pbtxt")

@@ -67,14 +67,15 @@ class OnnxLeafModel:
 
 class PipelineMetrics:
     """The pipelines' own Prometheus metrics, on Triton's /metrics beside its per-model counters
-    (the Python backend's custom metrics API). Labelled by model and instance: every instance is
-    its own process, and two processes may not register the same labels."""
+    (the Python backend's custom metrics API). Labelled by model and model_instance (not
+    `instance`, which Prometheus sets to the scrape target): every instance is its own process,
+    and two processes may not register the same labels."""
 
     # End of speech -> final: most finals should land in the first buckets on a GPU server.
     LATENCY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
 
     def __init__(self, model: str, instance: str):
-        self.labels = {"model": model, "instance": instance}
+        self.labels = {"model": model, "model_instance": instance}
         # Families must outlive their metrics: both are kept here.
         self.families = {
             "open_streams": pb_utils.MetricFamily(

@@ -1,0 +1,120 @@
+"""The pipelines' own metrics on Triton's /metrics (the Python backend's custom metrics API), and
+every metric the Grafana dashboard queries, after a short run against the real tritonserver."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tritonasr.audio import load_audio
+from tritonasr.client.offline import TranscriptionError, tensor_input
+from tritonasr.client.stream import StreamingClient, split_chunks
+
+from conftest import DATA
+
+
+def _scrape(server) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        return response.read().decode()
+
+
+def _sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, flags=re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def _names(text: str) -> set[str]:
+    return set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{| )", text, flags=re.M))
+
+
+async def _stream(url: str, samples: np.ndarray):
+    async with StreamingClient(url) as client:
+        stream = client.stream(split_chunks(samples, 200))
+        return [segment async for segment in stream]
+
+
+def _wait_for(condition, timeout_s: float = 10.0):
+    """Triton refreshes the custom metrics on scrape, but a stream's last final may still be on its way."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return result
+
+
+def _offline_run(client) -> tuple[dict, str]:
+    """A file through asr_offline, and a request at 8 kHz (sent raw: the client would resample)."""
+    offline = client.transcribe_file(DATA / "pause_1s.wav")
+    try:
+        client.infer([tensor_input("AUDIO", np.zeros((1, 8000), np.float32), "FP32"),
+                      tensor_input("SAMPLE_RATE", np.array([[8000]], np.int32), "INT32")])
+    except TranscriptionError as exc:
+        return offline, str(exc)
+    return offline, "(accepted)"
+
+
+@pytest.fixture(scope="module")
+def short_run(server):
+    """A whole file, a stream of another, and one bad request; /metrics before and after."""
+    from tritonasr.client.offline import OfflineClient
+
+    before = _scrape(server)
+    with OfflineClient(server.grpc_url, timeout_s=600) as client:
+        offline, bad = _offline_run(client)
+    assert "16000 Hz" in bad
+    streamed = load_audio(DATA / "pause_3s.wav").samples
+    results = asyncio.run(_stream(server.grpc_url, streamed))
+    finals = [segment for segment in results if segment.final]
+
+    def settled():
+        text = _scrape(server)
+        done = _sum(text, "tritonasr_final_latency_seconds_count", model="asr_stream") - \
+            _sum(before, "tritonasr_final_latency_seconds_count", model="asr_stream")
+        return text if done >= len(finals) else None
+
+    after = _wait_for(settled) or _scrape(server)
+    return {"before": before, "after": after, "offline": offline, "finals": finals,
+            "offline_s": load_audio(DATA / "pause_1s.wav").samples.size / 16000, "stream_s": streamed.size / 16000}
+
+
+def _delta(run, name: str, **labels: str) -> float:
+    return _sum(run["after"], name, **labels) - _sum(run["before"], name, **labels)
+
+
+def test_pipeline_metrics_count_what_was_served(short_run):
+    run = short_run
+    assert run["offline"]["segments"] and run["finals"], "both files have speech"
+    assert _delta(run, "tritonasr_segments_total", model="asr_offline", engine="sensevoice") == \
+        len(run["offline"]["segments"])
+    assert _delta(run, "tritonasr_segments_total", model="asr_stream", engine="sensevoice") == len(run["finals"])
+    assert _delta(run, "tritonasr_audio_seconds_total", model="asr_offline") == pytest.approx(run["offline_s"], abs=1e-3)
+    assert _delta(run, "tritonasr_audio_seconds_total", model="asr_stream") == pytest.approx(run["stream_s"], abs=1e-3)
+    # One latency observation per final, each no longer than the whole stream took.
+    assert _delta(run, "tritonasr_final_latency_seconds_count", model="asr_stream") == len(run["finals"])
+    latency_sum = _delta(run, "tritonasr_final_latency_seconds_sum", model="asr_stream")
+    assert 0 < latency_sum < 60 * len(run["finals"])
+    assert _delta(run, "tritonasr_final_latency_seconds_bucket", model="asr_stream", le="+Inf") == len(run["finals"])
+    assert _delta(run, "tritonasr_errors_total", model="asr_offline", kind="bad_audio") == 1
+    assert _sum(run["after"], "tritonasr_open_streams", model="asr_stream") == 0
+
+
+def test_every_metric_the_dashboard_queries_is_served(short_run):
+    from tritonasr.dashboard import DASHBOARD, metric_names
+
+    queried = metric_names(DASHBOARD)
+    assert {"tritonasr_open_streams", "tritonasr_segments_total", "tritonasr_audio_seconds_total",
+            "tritonasr_final_latency_seconds_bucket", "tritonasr_errors_total"} <= queried
+    # The GPU's own metrics exist only where Triton sees a GPU (DCGM); this server has none.
+    gpu_only = {name for name in queried if name.startswith("nv_gpu_")}
+    assert gpu_only <= {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
+                        "nv_gpu_power_usage"}
+    missing = queried - gpu_only - _names(short_run["after"])
+    assert not missing, f"the dashboard queries metrics /metrics does not have: {sorted(missing)}"
