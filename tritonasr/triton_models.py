@@ -71,29 +71,24 @@ class PipelineMetrics:
     `instance`, which Prometheus sets to the scrape target): every instance is its own process,
     and two processes may not register the same labels."""
 
+    FAMILIES = {
+        "open_streams": ("tritonasr_open_streams", "GAUGE", "Live streams holding state in asr_stream"),
+        "segments": ("tritonasr_segments_total", "COUNTER", "Final segments transcribed, by ASR engine"),
+        "audio": ("tritonasr_audio_seconds_total", "COUNTER",
+                  "Seconds of audio received (whole files and stream chunks)"),
+        "latency": ("tritonasr_final_latency_seconds", "HISTOGRAM",
+                    "Streams: from the arrival of the chunk that ended a segment's speech to its final"),
+        "errors": ("tritonasr_errors_total", "COUNTER", "Failed requests and streams, by kind"),
+    }
     # End of speech -> final: most finals should land in the first buckets on a GPU server.
     LATENCY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
 
     def __init__(self, model: str, instance: str):
         self.labels = {"model": model, "model_instance": instance}
         # Families must outlive their metrics: both are kept here.
-        self.families = {
-            "open_streams": pb_utils.MetricFamily(
-                name="tritonasr_open_streams", kind=pb_utils.MetricFamily.GAUGE,
-                description="Live streams holding state in asr_stream"),
-            "segments": pb_utils.MetricFamily(
-                name="tritonasr_segments_total", kind=pb_utils.MetricFamily.COUNTER,
-                description="Final segments transcribed, by ASR engine"),
-            "audio": pb_utils.MetricFamily(
-                name="tritonasr_audio_seconds_total", kind=pb_utils.MetricFamily.COUNTER,
-                description="Seconds of audio received (whole files and stream chunks)"),
-            "latency": pb_utils.MetricFamily(
-                name="tritonasr_final_latency_seconds", kind=pb_utils.MetricFamily.HISTOGRAM,
-                description="Streams: from the arrival of the chunk that ended a segment's speech to its final"),
-            "errors": pb_utils.MetricFamily(
-                name="tritonasr_errors_total", kind=pb_utils.MetricFamily.COUNTER,
-                description="Failed requests and streams, by kind"),
-        }
+        self.families = {key: pb_utils.MetricFamily(name=name, kind=getattr(pb_utils.MetricFamily, kind),
+                                                    description=description)
+                         for key, (name, kind, description) in self.FAMILIES.items()}
         self.open_streams = self.families["open_streams"].Metric(labels=self.labels)
         self.audio = self.families["audio"].Metric(labels=self.labels)
         self.latency = self.families["latency"].Metric(labels=self.labels, buckets=self.LATENCY_BUCKETS)
