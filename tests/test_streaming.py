@@ -33,28 +33,39 @@ def _random_sizes(total: int, rng: np.random.Generator, low: int = 1, high: int 
 
 @pytest.mark.parametrize("frontend", [VAD_FRONTEND, SENSEVOICE_FRONTEND], ids=["vad", "sensevoice"])
 @pytest.mark.parametrize("step", [1, 10])
-def test_online_features_equal_whole_file_features(frontend, step):
+@pytest.mark.parametrize("served", [False, True], ids=["online-fbank", "served-fbank"])
+def test_online_features_equal_whole_file_features(frontend, step, served):
+    """Served: each step's fbank comes from a front end that sees only the step's samples (here
+    the whole-file fbank function, as a served front-end model would compute it)."""
     samples = load_audio(DATA / "pause_0.3s.wav").samples
     expected = frontend.features(samples)
     rng = np.random.default_rng(step)
-    online = OnlineFeatures(frontend)
+    calls = []
+
+    async def fbank(waveform):
+        calls.append(waveform.size)
+        return frontend.fbank(waveform)
+
+    online = OnlineFeatures(frontend, fbank if served else None)
     parts, pos = [], 0
     for size in _random_sizes(samples.size, rng):
         online.accept(samples[pos:pos + size])
         pos += size
-        got = online.take(step)
+        got = asyncio.run(online.take(step))
         assert got.shape[0] % step == 0
         parts.append(got)
     online.finish()
-    parts.append(online.take(step))
+    parts.append(asyncio.run(online.take(step)))
     np.testing.assert_array_equal(np.concatenate(parts), expected)
+    if served:  # every sample was sent once, plus the 240-sample overlap of each call
+        assert sum(calls) - 240 * (len(calls) - 1) <= samples.size and max(calls) < samples.size
 
 
 def test_online_features_of_audio_shorter_than_a_window():
     online = OnlineFeatures(VAD_FRONTEND)
     online.accept(np.zeros(100, dtype=np.float32))
     online.finish()
-    assert online.take(10).shape == (0, 400)
+    assert asyncio.run(online.take(10)).shape == (0, 400)
 
 
 def test_sample_buffer_keeps_absolute_addresses_while_dropping_and_shrinking():

@@ -1,9 +1,11 @@
 """Pure logic: features, CTC collapse, rich tags, segment splitting, batching of ragged requests."""
+import asyncio
+
 import numpy as np
 import pytest
 from funasr_onnx.utils.frontend import WavFrontend
 
-from tritonasr.features import Frontend
+from tritonasr.features import Frontend, in_pieces
 from tritonasr.transcript import ctc_greedy, parse_rich_text
 from tritonasr.vad import chunk_bounds, split_long_segments
 
@@ -39,6 +41,22 @@ def test_fbank_of_a_slice_equals_slice_of_fbank():
     seg = wave[start_ms * 16: end_ms * 16]
     frame0 = start_ms // 10
     np.testing.assert_array_equal(frontend.fbank(seg), whole[frame0: frame0 + frontend.num_frames(seg.size)])
+
+
+@pytest.mark.parametrize("seconds", [0.01, 3.0, 7.0, 12.345])
+def test_fbank_in_pieces_equals_the_whole(seconds):
+    """How the served fbank takes long recordings: in 3 s pieces here (60 s when served)."""
+    frontend = Frontend()
+    wave = (np.random.default_rng(2).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+    sizes = []
+
+    async def fbank(samples):
+        sizes.append(samples.size)
+        return frontend.fbank(samples)
+
+    got = asyncio.run(in_pieces(fbank, frontend, piece_s=3.0)(wave))
+    np.testing.assert_array_equal(got, frontend.fbank(wave))
+    assert max(sizes) <= 3 * 16000 + 240 and len(sizes) == max(1, -(-got.shape[0] // 300))
 
 
 def test_ctc_greedy_uses_own_length():

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Protocol
 import numpy as np
 
 from tritonasr.audio import AudioError
-from tritonasr.features import Frontend
+from tritonasr.features import Extract, Frontend, in_process
 from tritonasr.tdt import ParakeetSpec, TdtResult
 from tritonasr.transcript import Segment, Tokenizer
 
@@ -80,9 +80,10 @@ class SenseVoiceEngine:
 
     name = "sensevoice"
 
-    def __init__(self, spec: SenseVoiceSpec, run: RunSenseVoice):
+    def __init__(self, spec: SenseVoiceSpec, run: RunSenseVoice, fbank: Extract | None = None):
         self.spec = spec
         self.run = run
+        self.fbank = fbank or in_process(spec.frontend.fbank)
 
     @property
     def frame_ms(self) -> float:
@@ -97,8 +98,7 @@ class SenseVoiceEngine:
 
     async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query: tuple[int, int],
                          fbank: np.ndarray | None = None) -> Segment | None:
-        frontend = self.spec.frontend
-        feats = frontend.lfr(frontend.fbank(samples) if fbank is None else fbank)
+        feats = self.spec.frontend.lfr(await self.fbank(samples) if fbank is None else fbank)
         if feats.shape[0] == 0:  # shorter than one 25 ms window
             return None
         token_ids, length = await self.run(feats[None], *query)
@@ -111,10 +111,12 @@ class ParakeetEngine:
 
     name = "parakeet"
 
-    def __init__(self, spec: ParakeetSpec, run_encoder: RunParakeetEncoder, run_decoder: RunParakeetDecoder):
+    def __init__(self, spec: ParakeetSpec, run_encoder: RunParakeetEncoder, run_decoder: RunParakeetDecoder,
+                 mel: Extract | None = None):
         self.spec = spec
         self.run_encoder = run_encoder
         self.run_decoder = run_decoder
+        self.mel = mel or in_process(spec.frontend.features)
 
     @property
     def frame_ms(self) -> float:
@@ -132,7 +134,7 @@ class ParakeetEngine:
 
     async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query: None,
                          fbank: np.ndarray | None = None) -> Segment | None:
-        feats = self.spec.frontend.features(samples)
+        feats = await self.mel(samples)
         if feats.shape[0] == 0:
             return None
         encoded = await self.run_encoder(feats[None])
@@ -159,15 +161,16 @@ class EngineModels:
 
 
 def build_engines(repository: Path, models: EngineModels, run_sensevoice: RunSenseVoice,
-                  run_parakeet_encoder: RunParakeetEncoder, run_parakeet_decoder: RunParakeetDecoder
-                  ) -> dict[str, AsrEngine]:
-    """The engines whose models are exported in `repository` (their meta.json is there)."""
+                  run_parakeet_encoder: RunParakeetEncoder, run_parakeet_decoder: RunParakeetDecoder,
+                  fbank: Extract | None = None, mel: Extract | None = None) -> dict[str, AsrEngine]:
+    """The engines whose models are exported in `repository` (their meta.json is there).
+    fbank, mel: served front ends (default: in-process); `fbank` must compute SenseVoice's fbank."""
     repository = Path(repository)
     engines: dict[str, AsrEngine] = {}
     if (repository / models.sensevoice / "1" / "meta.json").is_file():
         spec = SenseVoiceSpec.load(repository / models.sensevoice / "1")
-        engines["sensevoice"] = SenseVoiceEngine(spec, run_sensevoice)
+        engines["sensevoice"] = SenseVoiceEngine(spec, run_sensevoice, fbank)
     if (repository / models.parakeet_decoder / "1" / "meta.json").is_file():
         spec = ParakeetSpec.load(repository / models.parakeet_decoder / "1")
-        engines["parakeet"] = ParakeetEngine(spec, run_parakeet_encoder, run_parakeet_decoder)
+        engines["parakeet"] = ParakeetEngine(spec, run_parakeet_encoder, run_parakeet_decoder, mel)
     return engines

@@ -4,10 +4,44 @@ CMVN is not here: the exported graphs apply it themselves, so the server ships n
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import kaldi_native_fbank as knf
 import numpy as np
+
+
+# A front end as the pipelines call it: one waveform in [-1, 1] -> its features [frames, bins].
+# On CPU it runs in-process (kaldi-native-fbank, numpy); on GPU targets it is a served front-end
+# model, which batches the waveforms of many requests on the device.
+Extract = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+def in_process(compute: Callable[[np.ndarray], np.ndarray]) -> Extract:
+    async def extract(samples: np.ndarray) -> np.ndarray:
+        return compute(samples)
+
+    return extract
+
+
+def in_pieces(extract: Extract, frontend: "Frontend", piece_s: float = 60.0) -> Extract:
+    """A served kaldi fbank for long audio: a kaldi frame (snip_edges) depends only on its own
+    window, so a recording's fbank is its pieces' fbanks end to end, each piece reaching one
+    window past its last frame's start. Pieces of equal length batch together on the device,
+    and a two-hour file never travels, or sits on the GPU, in one piece."""
+    hop, window = frontend.samples_per_frame, frontend.samples_per_window
+    piece_frames = max(1, int(piece_s * frontend.fs) // hop)
+
+    async def extract_in_pieces(samples: np.ndarray) -> np.ndarray:
+        total = frontend.num_frames(samples.size)
+        if total <= piece_frames:
+            return await extract(samples)
+        pieces = [samples[first * hop:(min(first + piece_frames, total) - 1) * hop + window]
+                  for first in range(0, total, piece_frames)]
+        return np.concatenate(await asyncio.gather(*(extract(piece) for piece in pieces)))
+
+    return extract_in_pieces
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.engines import AsrEngine
+from tritonasr.features import Extract, in_process
 from tritonasr.speakers import SpeakerSession, SpeakerStage
 from tritonasr.transcript import Segment
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_bounds, chunk_samples, split_long_segments
@@ -98,9 +99,11 @@ async def detect_speech(vad: VadSpec, run_vad: RunVad, samples: np.ndarray,
 
 class OfflinePipeline:
     def __init__(self, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
-                 max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS):
+                 max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS,
+                 fbank: Extract | None = None):
         self.vad = vad
         self.run_vad = run_vad
+        self.fbank = fbank or in_process(vad.frontend.fbank)  # the VAD's, which SenseVoice shares
         self.recognizer = recognizer
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
@@ -120,7 +123,7 @@ class OfflinePipeline:
         engine: the ASR engine ("" for the deployment's default)."""
         samples = self.check_audio(samples, sample_rate)
         request = self.recognizer.request(engine, language, use_itn)
-        fbank = self.vad.frontend.fbank(samples)
+        fbank = await self.fbank(samples)
         speech = await detect_speech(self.vad, self.run_vad, samples, fbank)
         pieces = split_long_segments(speech, self.max_asr_segment_ms)
         # All segments go out at once so the leaf models' batchers can batch them.

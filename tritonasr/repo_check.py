@@ -18,7 +18,7 @@ _ONNX_TO_TRITON = {
 
 # Parameters through which a BLS model names the models it calls.
 BLS_TARGET_PARAMETERS = ("vad_model", "sensevoice_model", "parakeet_encoder_model", "parakeet_decoder_model",
-                         "speaker_model")
+                         "speaker_model", "fbank_model", "speaker_fbank_model", "mel_model")
 
 
 def parse_config(path: Path) -> mc.ModelConfig:

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from tritonasr.features import Frontend
+from tritonasr.features import Extract, Frontend, in_process
 
 # (features [1, T, n_mels], utterance mean removed) -> embedding [D]
 RunSpeaker = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -66,11 +66,12 @@ class Embedder:
     """One segment's audio -> its unit-length speaker embedding (None when too short)."""
 
     def __init__(self, spec: SpeakerSpec, run_speaker: RunSpeaker, min_segment_ms: int = 1000,
-                 window_ms: int = 3000):
+                 window_ms: int = 3000, fbank: Extract | None = None):
         if min_segment_ms < WINDOW_STEP_MS or window_ms < WINDOW_STEP_MS:
             raise ValueError(f"speaker segments and windows must be at least {WINDOW_STEP_MS} ms")
         self.spec = spec
         self.run_speaker = run_speaker
+        self.fbank = fbank or in_process(spec.frontend.fbank)
         self.min_segment_ms = min_segment_ms
         shift = spec.frontend.frame_shift
         self.min_frames = min_segment_ms // shift
@@ -84,7 +85,7 @@ class Embedder:
         return [(start, start + window) for start in window_starts(frames, window)]
 
     async def embed(self, samples: np.ndarray) -> np.ndarray | None:
-        fbank = self.spec.frontend.fbank(samples)
+        fbank = await self.fbank(samples)
         windows = self.windows(fbank.shape[0])
         if not windows:
             return None

@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Protocol
 import numpy as np
 
 from tritonasr.clustering import OnlineClusters
+from tritonasr.features import Extract
 from tritonasr.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
 
 log = logging.getLogger("tritonasr")
@@ -192,14 +193,16 @@ class SpeakerSettings:
                    float(params.get("speaker_cluster_threshold", default.cluster_threshold)))
 
 
-def build_speaker_stage(repository: Path, settings: SpeakerSettings, run_speaker: RunSpeaker) -> "SpeakerStage | None":
-    """The stage, or None when it is turned off or the speaker model was not exported."""
+def build_speaker_stage(repository: Path, settings: SpeakerSettings, run_speaker: RunSpeaker,
+                        fbank: Extract | None = None) -> "SpeakerStage | None":
+    """The stage, or None when it is turned off or the speaker model was not exported.
+    fbank: a served speaker front end (default: in-process)."""
     model_dir = Path(repository) / settings.model / "1"
     if not settings.model or not (model_dir / "meta.json").is_file():
         return None
     spec = SpeakerSpec.load(model_dir)
     store = open_store(settings.store or Path(repository) / "speaker_registry" / "speakers.db")
-    return SpeakerStage(Embedder(spec, run_speaker, settings.min_segment_ms, settings.window_ms),
+    return SpeakerStage(Embedder(spec, run_speaker, settings.min_segment_ms, settings.window_ms, fbank),
                         SpeakerIdentifier(store, spec.embedding_dim, settings.threshold), settings.cluster_threshold)
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
-from tritonasr.features import Frontend
+from tritonasr.features import Extract, Frontend
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
 
@@ -106,32 +106,59 @@ class SampleBuffer:
 
 
 class OnlineFeatures:
-    """LFR fbank frames of a growing waveform: exactly `Frontend.features` of the whole of it."""
+    """LFR fbank frames of a growing waveform: exactly `Frontend.features` of the whole of it.
 
-    def __init__(self, frontend: Frontend):
+    The fbank runs in-process (kaldi-native-fbank's online fbank), or, given `fbank`, in a served
+    front end: each step sends the samples from the next frame's start on (at 100 ms chunks, the
+    same 1840 samples from every stream, which batch together on the device). Kaldi frames with
+    snip_edges depend only on their own 400 samples, so both give the same frames."""
+
+    def __init__(self, frontend: Frontend, fbank: Extract | None = None):
         self.frontend = frontend
-        self._fbank = frontend.online_fbank()
+        self._served = fbank
+        self._online = frontend.online_fbank() if fbank is None else None
+        self._pending = np.zeros(0, dtype=np.float32)  # served: samples from the next frame's start
+        self._ready = 0  # fbank frames computed
         self._frames = np.zeros((0, frontend.n_mels), dtype=np.float32)  # fbank frames from _first on
         self._first = 0
         self.taken = 0  # LFR frames handed out
         self.finished = False
 
     def accept(self, samples: np.ndarray) -> None:
-        self._fbank.accept_waveform(self.frontend.fs, samples * self.frontend.scale)
+        if self._online is not None:
+            self._online.accept_waveform(self.frontend.fs, samples * self.frontend.scale)
+        else:
+            self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
 
     def finish(self) -> None:
-        self._fbank.input_finished()
+        if self._online is not None:
+            self._online.input_finished()
         self.finished = True
 
-    def take(self, step: int) -> np.ndarray:
+    async def _new_frames(self) -> np.ndarray:
+        if self._online is not None:
+            ready = self._online.num_frames_ready
+            if ready == self._ready:
+                return np.zeros((0, self.frontend.n_mels), dtype=np.float32)
+            new = np.stack([self._online.get_frame(i) for i in range(self._ready, ready)])
+            self._online.pop(ready - self._ready)
+            return new.astype(np.float32, copy=False)
+        count = self.frontend.num_frames(self._pending.size)
+        if count == 0:
+            return np.zeros((0, self.frontend.n_mels), dtype=np.float32)
+        hop, window = self.frontend.samples_per_frame, self.frontend.samples_per_window
+        new = await self._served(self._pending[:(count - 1) * hop + window])
+        self._pending = self._pending[count * hop:]
+        return new
+
+    async def take(self, step: int) -> np.ndarray:
         """The next LFR frames: all of them once finished, else whole `step`s of those ready,
         always keeping one back so the final call has a frame to close the stream on."""
-        ready = self._fbank.num_frames_ready
-        have = self._first + len(self._frames)
-        if ready > have:
-            new = np.stack([self._fbank.get_frame(i) for i in range(have, ready)])
-            self._frames = np.concatenate([self._frames, new.astype(np.float32, copy=False)])
-            self._fbank.pop(ready - have)
+        new = await self._new_frames()
+        if new.shape[0]:
+            self._frames = np.concatenate([self._frames, new])
+            self._ready += new.shape[0]
+        ready = self._ready
         if self.finished:
             count = self.frontend.num_lfr_frames(ready) - self.taken
         else:
@@ -153,11 +180,11 @@ class Endpointer:
     """FSMN-VAD over a live stream: scores new frames a step at a time with the stream's caches
     and feeds them to FunASR's state machine in online mode."""
 
-    def __init__(self, spec: VadSpec, run_vad: RunVad, step_frames: int):
+    def __init__(self, spec: VadSpec, run_vad: RunVad, step_frames: int, fbank: Extract | None = None):
         self.spec = spec
         self.run_vad = run_vad
         self.step_frames = step_frames
-        self.features = OnlineFeatures(spec.frontend)
+        self.features = OnlineFeatures(spec.frontend, fbank)
         self.caches = spec.zero_caches()
         self.tracker = SegmentTracker(spec, online=True)
         self.frames_scored = 0
@@ -168,7 +195,7 @@ class Endpointer:
 
     async def advance(self, audio: SampleBuffer, final: bool) -> list[tuple[int, int]]:
         """Scores what the audio received so far allows; returns the state machine's decisions."""
-        feats = self.features.take(self.step_frames)
+        feats = await self.features.take(self.step_frames)
         if feats.shape[0] == 0:
             return []
         scores, self.caches = await self.run_vad(feats[None], self.caches)
@@ -196,7 +223,7 @@ class LiveStream:
 
     def __init__(self, stream_id: int, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS,
-                 on_final: OnFinal = lambda engine, latency_s: None):
+                 on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None):
         self.id = stream_id
         self.on_final = on_final
         self.options = options
@@ -205,7 +232,7 @@ class LiveStream:
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
         frame_ms = vad.frontend.frame_shift * vad.frontend.lfr_n
-        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // frame_ms))
+        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // frame_ms), fbank)
         self.audio = SampleBuffer()
         self.lock = asyncio.Lock()
         self.open_start_ms: int | None = None  # start of the segment being spoken, once decided
@@ -370,6 +397,6 @@ class StreamRegistry:
 
 
 def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100,
-                   on_final: OnFinal = lambda engine, latency_s: None) -> StreamFactory:
+                   on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None) -> StreamFactory:
     return lambda stream_id, options: LiveStream(stream_id, vad, recognizer, run_vad, options, vad_step_ms,
-                                                 on_final=on_final)
+                                                 on_final=on_final, fbank=fbank)

@@ -18,6 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.onnx_runner import OnnxModel, instance_providers
+from tritonasr.features import Extract, in_pieces
 from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.speakers import SpeakerError, SpeakerRegistry, SpeakerSettings, build_speaker_stage
@@ -134,7 +135,12 @@ class _PipelineModel:
         self.vad_spec = VadSpec.load(self.repository / self.vad_model / "1")
         settings = SpeakerSettings.from_parameters(self.params)
         self.speaker_model = settings.model
-        self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker)
+        # The front ends: served models where the repository build put them (GPU targets), else
+        # computed here, per request, on the CPU.
+        served_fbank = self._served_frontend("fbank_model")
+        self.vad_fbank = served_fbank and in_pieces(served_fbank, self.vad_spec.frontend)
+        self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker,
+                                            self._served_frontend("speaker_fbank_model"))
         self.engine_models = EngineModels.from_parameters(self.params)
         self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"])
 
@@ -142,7 +148,8 @@ class _PipelineModel:
         """The exported engines; the default is the config's default_asr_engine, else the one
         `tritonasr serve --asr-engine` put in TRITONASR_ASR_ENGINE, else the first exported."""
         engines = build_engines(self.repository, self.engine_models, self._run_sensevoice,
-                                self._run_parakeet_encoder, self._run_parakeet_decoder)
+                                self._run_parakeet_encoder, self._run_parakeet_decoder,
+                                fbank=self.vad_fbank, mel=self._served_frontend("mel_model"))
         default = self.params.get("default_asr_engine") or os.environ.get("TRITONASR_ASR_ENGINE", "")
         pad_ms = int(self.params.get("pad_segments_ms", "0"))
         self.pad_steps = {name: pad_step(engine.frame_ms, pad_ms) for name, engine in engines.items()}
@@ -154,6 +161,20 @@ class _PipelineModel:
         frames = feats.shape[1]
         extra = padded_length(frames, self.pad_steps.get(engine, 0)) - frames
         return np.pad(feats, ((0, 0), (0, extra), (0, 0))) if extra else feats
+
+    def _served_frontend(self, parameter: str) -> Extract | None:
+        """The front-end model a parameter names ("": none) as an `Extract`."""
+        model = self.params.get(parameter, "")
+        if not model:
+            return None
+
+        async def extract(samples: np.ndarray) -> np.ndarray:
+            inputs = {"waveform": np.asarray(samples, dtype=np.float32)[None],
+                      "lengths": np.array([[samples.size]], dtype=np.int64)}
+            features, frames = await self._infer(model, inputs, ["features", "frames"])
+            return features[0, :int(frames.reshape(-1)[0])]
+
+        return extract
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
@@ -204,7 +225,7 @@ class OfflineAsrModel(_PipelineModel):
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
-        self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self._run_vad,
+        self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
                                         max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
 
     async def _handle(self, request) -> dict:
@@ -239,7 +260,8 @@ class SpeakerRegistryModel(_PipelineModel):
         self.registry = SpeakerRegistry(self.speakers, self._detect_speech, SAMPLE_RATE)
 
     async def _detect_speech(self, samples: np.ndarray) -> list[tuple[int, int]]:
-        return await detect_speech(self.vad_spec, self._run_vad, samples)
+        fbank = await self.vad_fbank(samples) if self.vad_fbank else None
+        return await detect_speech(self.vad_spec, self._run_vad, samples, fbank)
 
     async def _handle(self, request) -> dict:
         action = _text(_input(request, "ACTION"), "")
@@ -275,7 +297,7 @@ class StreamingAsrModel(_PipelineModel):
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         self.metrics.open_streams.set(0)
-        factory = stream_factory(self.vad_spec, self._recognizer(), self._run_vad,
+        factory = stream_factory(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
                                  vad_step_ms=int(self.params.get("vad_step_ms", "100")),
                                  on_final=self.metrics.final_sent)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
