@@ -1,10 +1,11 @@
 """Front-end graphs: batches of waveforms in, features out, for the server's GPU.
 
-Today the BLS computes features per request on the CPU: kaldi fbank with kaldi-native-fbank
-(`tritonasr.features.Frontend`, for SenseVoice, the VAD and the speaker model) and NeMo's
-log-mel in numpy (`tritonasr.mel.MelFrontend`, for Parakeet). The modules here compute the
-same features for a padded batch, as a graph of standard ONNX ops that a dynamic batcher can
-feed and ONNX Runtime or TensorRT can run:
+On the embedded CPU server the pipelines compute features in process: kaldi fbank with
+kaldi-native-fbank (`tritonasr.features.Frontend`, for SenseVoice, the VAD and the speaker
+model) and NeMo's log-mel in numpy (`tritonasr.mel.MelFrontend`, for Parakeet). On the GPU
+targets of `tritonasr repo build` these modules serve instead, as front-end models: the same
+features for a padded batch, as a graph of standard ONNX ops that a dynamic batcher can feed
+and ONNX Runtime or TensorRT can run:
 
     waveform [B, S] float32 in [-1, 1], lengths [B] int64 (valid samples per row)
       -> features [B, T, n_mels] float32 (time-major), frames [B] int64

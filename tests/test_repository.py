@@ -25,6 +25,7 @@ def _set_parameter(config_file, key: str, value: str) -> None:
 TARGETS = ["cpu", "gpu-onnxruntime", "gpu-tensorrt"]
 ALL = ["asr_offline", "asr_stream", "parakeet_decoder", "parakeet_encoder", "sensevoice", "speaker",
        "speaker_registry", "vad"]
+FRONTENDS = ["fbank", "parakeet_mel", "speaker_fbank"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,11 @@ def built(model_repository, tmp_path_factory):
     root = tmp_path_factory.mktemp("built")
     for target in TARGETS:
         options = BuildOptions(target, gpus=2, instances=3, max_batch=32)
-        assert build_repository(model_repository, root / target, options) == ALL
+        expected = ALL if target == "cpu" else sorted(ALL + FRONTENDS)
+        assert build_repository(model_repository, root / target, options) == expected
+    # The front ends served on a CPU too, so that this path of the GPU targets can run here.
+    assert build_repository(model_repository, root / "cpu-frontends", BuildOptions("cpu", served_frontends=True)) == \
+        sorted(ALL + FRONTENDS)
     return root
 
 
@@ -40,13 +45,14 @@ def test_the_exported_repository_is_consistent(model_repository):
     assert check_repository(model_repository) == []
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", TARGETS + ["cpu-frontends"])
 def test_every_target_builds_and_passes_check(built, target):
     assert check_repository(built / target, require_plans=False) == []
     assert cli(["repo", "check", str(built / target), "--allow-missing-plans"]) == 0
 
 
 def test_cpu_target_keeps_python_leaf_models(built):
+    assert not any((built / "cpu" / frontend).exists() for frontend in FRONTENDS)
     config = parse_config(built / "cpu" / "sensevoice" / "config.pbtxt")
     assert config.backend == "python" and config.max_batch_size == 32
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 3)]
@@ -77,6 +83,16 @@ def test_gpu_targets_put_leaf_graphs_on_native_backends(built, target):
         config = parse_config(built / target / bls / "config.pbtxt")
         assert config.parameters["pad_segments_ms"].string_value == "1000"
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        # Feature extraction runs in the served front ends, on the GPUs, batched across requests.
+        assert {key: config.parameters[key].string_value for key in ("fbank_model", "speaker_fbank_model", "mel_model")} \
+            == {"fbank_model": "fbank", "speaker_fbank_model": "speaker_fbank", "mel_model": "parakeet_mel"}
+    for frontend in FRONTENDS:
+        config = parse_config(built / target / frontend / "config.pbtxt")
+        assert config.backend == "python" and config.input[0].allow_ragged_batch
+        assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == \
+            [(mc.ModelInstanceGroup.KIND_GPU, 3, [0, 1])]
+        meta = json.loads((built / target / frontend / "1" / "meta.json").read_text())
+        assert meta["parity"]["speech_vs_reference"]["max_abs_diff"] < 1e-2
 
 
 def test_tensorrt_profiles_cover_every_batch_and_segment_length(built):
@@ -111,12 +127,13 @@ def test_models_not_exported_are_left_out_and_their_stages_off(model_repository,
         shutil.copytree(model_repository / model, source / model)
     build_repository(model_repository, tmp_path / "out", BuildOptions("gpu-tensorrt"))
     models = build_repository(source, tmp_path / "out", BuildOptions("gpu-tensorrt"))
-    assert models == ["asr_offline", "asr_stream", "sensevoice", "vad"]
+    assert models == ["asr_offline", "asr_stream", "fbank", "sensevoice", "vad"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*models, "plans.json"])  # the others pruned
     assert check_repository(tmp_path / "out", require_plans=False) == []
     params = parse_config(tmp_path / "out" / "asr_offline" / "config.pbtxt").parameters
     assert params["speaker_model"].string_value == "" and params["parakeet_encoder_model"].string_value == ""
     assert params["sensevoice_model"].string_value == "sensevoice"
+    assert params["fbank_model"].string_value == "fbank" and params["mel_model"].string_value == ""
 
 
 def test_bad_build_requests_are_refused(model_repository, tmp_path):
@@ -164,3 +181,47 @@ def test_cpu_target_serves_and_padding_changes_nothing(built, client):
                 want = client.transcribe_file(DATA / name, engine=engine, with_speaker=False)["segments"]
                 got = padded.transcribe_file(DATA / name, engine=engine, with_speaker=False)["segments"]
                 assert want and got == want, (name, engine)
+
+
+@pytest.mark.e2e
+def test_served_front_ends_give_the_in_process_results(built, client):
+    """The pipelines with every front end served (fbank, speaker fbank, Parakeet mel as batched
+    models, as on the GPU targets) against the exported repository's, which computes them in
+    process with kaldi-native-fbank and numpy: the same segments, text and speaker labels, and
+    embeddings equal to float32 rounding; a stream, whose VAD fbank is served step by step, too."""
+    import asyncio
+
+    import numpy as np
+
+    from tritonasr.audio import load_audio
+    from tritonasr.client.offline import OfflineClient
+    from tritonasr.client.stream import StreamingClient, split_chunks
+    from tritonasr.server import ServerConfig, TritonServer, free_port
+
+    async def finals(url, samples):
+        async with StreamingClient(url) as streaming:
+            stream = streaming.stream(split_chunks(samples, 100))
+            return [(s.start_ms, s.end_ms, s.text) for s in [segment async for segment in stream] if s.final]
+
+    from tritonasr.repository import exported_models
+
+    repo = built / "cpu-frontends"
+    assert exported_models(repo) == sorted(ALL + FRONTENDS)  # what `tritonasr serve` loads
+    config = ServerConfig(repo, free_port(), free_port(), free_port(), models=exported_models(repo))
+    with TritonServer(config) as server, OfflineClient(server.grpc_url, timeout_s=600) as served:
+        for name in ("pause_1s.wav", "lead_trail_silence.wav", "long_70s.wav"):
+            for engine in ("sensevoice", "parakeet"):
+                want = client.transcribe_file(DATA / name, engine=engine, return_embedding=True)["segments"]
+                got = served.transcribe_file(DATA / name, engine=engine, return_embedding=True)["segments"]
+                assert want and len(got) == len(want), (name, engine)
+                for a, b in zip(got, want):
+                    assert abs(a["start_ms"] - b["start_ms"]) <= 20 and abs(a["end_ms"] - b["end_ms"]) <= 20
+                    assert a["text"] == b["text"] and a["words"] == b["words"]
+                    assert (a["speaker"] is None) == (b["speaker"] is None)
+                    if a["speaker"]:
+                        u, v = np.array(a["speaker"]["embedding"]), np.array(b["speaker"]["embedding"])
+                        assert u @ v / np.linalg.norm(u) / np.linalg.norm(v) > 0.9999
+                        assert a["speaker"]["label"] == b["speaker"]["label"]
+        samples = load_audio(DATA / "pause_3s.wav").samples
+        streamed = asyncio.run(finals(server.grpc_url, samples))
+        assert streamed and streamed == asyncio.run(finals(client.url, samples))

@@ -148,7 +148,8 @@ def cmd_repo_build(args) -> int:
     from tritonasr.repo_build import BuildOptions, build_repository
 
     try:
-        options = BuildOptions(args.target, args.gpus, args.instances, args.max_batch, args.trt_cache)
+        options = BuildOptions(args.target, args.gpus, args.instances, args.max_batch, args.trt_cache,
+                               served_frontends=args.served_frontends)
         models = build_repository(args.source or _repository(args), args.output, options)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--gpus", type=int, default=1, help="GPU targets: put instances on GPUs 0..N-1")
     build.add_argument("--instances", type=int, default=None, help="leaf-model instances per device")
     build.add_argument("--max-batch", type=int, default=None, help="leaf models' max_batch_size")
+    build.add_argument("--served-frontends", action=argparse.BooleanOptionalAction, default=None,
+                       help="front ends (fbank, mel) as served models batched on the device "
+                            "(default: on for the GPU targets, off for cpu)")
     build.add_argument("--trt-cache", default="/cache/trt",
                        help="gpu-onnxruntime: directory of the TensorRT engine and timing caches (a volume)")
     _add_repository(build)

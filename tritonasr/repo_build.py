@@ -32,7 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonasr.engines import pad_step, padded_length
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
 from tritonasr.repo_check import BLS_TARGET_PARAMETERS, parse_config
-from tritonasr.repository import PIPELINES, exported_models, install_model_files
+from tritonasr.repository import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
 from tritonasr.vad import VAD_CHUNK_FRAMES
 
 TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
@@ -44,6 +44,43 @@ DEFAULT_TRT_CACHE = "/cache/trt"
 GPU_PAD_SEGMENTS_MS = 1000
 
 
+# The served front ends (waveform -> features, batched across requests): the model, what it
+# computes, and the pipeline parameter that names it.
+FRONTENDS = {
+    "fbank": ("kaldi fbank of the VAD and SenseVoice", "fbank_model"),
+    "speaker_fbank": ("kaldi fbank of the speaker model", "speaker_fbank_model"),
+    "parakeet_mel": ("NeMo log-mel of Parakeet", "mel_model"),
+}
+assert list(FRONTENDS) == SERVED_FRONTENDS
+FRONTEND_CONFIG = """\
+# A served front end ({what}): waveforms of many requests in, their features out, batched on the
+# instance's device. Float32 throughout (kaldi's int16-scale power spectrum overflows FP16).
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+input [
+  {{ name: "waveform" data_type: TYPE_FP32  dims: [ -1 ] allow_ragged_batch: true }},
+  {{ name: "lengths"  data_type: TYPE_INT64 dims: [ 1 ] reshape: {{ shape: [ ] }} }}
+]
+output [
+  {{ name: "features" data_type: TYPE_FP32  dims: [ -1, {bins} ] }},
+  {{ name: "frames"   data_type: TYPE_INT64 dims: [ 1 ] reshape: {{ shape: [ ] }} }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 1000 }}
+instance_group [ {{ count: {count} kind: {kind}{gpus} }} ]
+parameters {{ key: "ragged_inputs" value: {{ string_value: "waveform" }} }}
+parameters {{ key: "intra_op_threads" value: {{ string_value: "1" }} }}
+"""
+FRONTEND_MODEL_PY = '''"""A served front end: the ONNX graph of `tritonasr.export.frontend` through ONNX Runtime, the
+waveforms of the batch zero-padded into one call (their lengths say what is valid)."""
+from tritonasr.triton_models import OnnxLeafModel
+
+
+class TritonPythonModel(OnnxLeafModel):
+    pass
+'''
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     target: str = "cpu"
@@ -52,6 +89,9 @@ class BuildOptions:
     max_batch: int | None = None  # leaf models' max_batch_size; None: the shipped value
     trt_cache: str = DEFAULT_TRT_CACHE  # gpu-onnxruntime: TensorRT engine and timing caches
     pad_segments_ms: int = GPU_PAD_SEGMENTS_MS
+    # Front ends as served models, batched on the device; None: on the GPU targets only (on a
+    # CPU, computing them in the pipelines' own processes costs less than a round trip).
+    served_frontends: bool | None = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -65,25 +105,31 @@ class BuildOptions:
     def on_gpu(self) -> bool:
         return self.target != "cpu"
 
+    @property
+    def frontends(self) -> bool:
+        return self.on_gpu if self.served_frontends is None else self.served_frontends
+
 
 def build_repository(source: Path, output: Path, options: BuildOptions) -> list[str]:
     """Writes `output` from the exports in `source`; returns the models written."""
     source, output = Path(source).resolve(), Path(output).resolve()
-    models = exported_models(source)
+    models = [model for model in exported_models(source) if model not in SERVED_FRONTENDS]  # rebuilt below
     if not models:
         raise ValueError(f"{source} holds no exported models: run `tritonasr export vad` and an ASR engine first")
     if output == source:
         raise ValueError("--output must differ from the source repository")
     install_model_files(source, models)  # a repository exported before its configs changed
+    frontends = frontend_models(source, models) if options.frontends else {}
     output.mkdir(parents=True, exist_ok=True)
     # A model left from an earlier build would still load (model control mode none): remove it.
-    for stale in sorted(p for p in output.iterdir() if (p / "config.pbtxt").exists() and p.name not in models):
+    for stale in sorted(p for p in output.iterdir()
+                        if (p / "config.pbtxt").exists() and p.name not in models and p.name not in frontends):
         shutil.rmtree(stale)
     (output / PLANS_FILE).unlink(missing_ok=True)
     plans = []
     for model in models:
         template = parse_config(source / model / "config.pbtxt")
-        config = model_config(template, options, models)
+        config = model_config(template, options, models, list(frontends))
         _copy_model(source / model, output / model)
         shutil.rmtree(output / model / "configs", ignore_errors=True)  # the build's config is the one
         (output / model / "config.pbtxt").unlink(missing_ok=True)
@@ -95,16 +141,22 @@ def build_repository(source: Path, output: Path, options: BuildOptions) -> list[
             plans.append(plan_spec(output, model, config, options.pad_segments_ms))
     if options.target == "gpu-tensorrt":
         (output / PLANS_FILE).write_text(json.dumps({"plans": plans}, indent=2) + "\n")
-    return models
+    for name, module in frontends.items():
+        write_frontend(output, name, module, options)
+    return sorted(models + list(frontends))
 
 
-def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[str]) -> mc.ModelConfig:
+def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[str],
+                 frontends: list[str] = ()) -> mc.ModelConfig:
     config = mc.ModelConfig()
     config.CopyFrom(template)
     name = config.name
     for key in BLS_TARGET_PARAMETERS:  # a stage whose model was not exported is off ("")
         if key in config.parameters and config.parameters[key].string_value not in models:
             config.parameters[key].string_value = ""
+    if "vad_model" in config.parameters:  # a BLS model: it calls the served front ends
+        for frontend in frontends:
+            config.parameters[FRONTENDS[frontend][1]].string_value = frontend
     if name in PIPELINES:
         if options.on_gpu:
             config.parameters["pad_segments_ms"].string_value = str(options.pad_segments_ms)
@@ -209,3 +261,41 @@ def plan_spec(repository: Path, model: str, config: mc.ModelConfig, pad_ms: int 
             shapes[profile][tensor.name] = shape
     return {"model": model, "onnx": f"{model}/1/model.onnx", "plan": f"{model}/1/model.plan", "fp16": True,
             **shapes}
+
+
+def frontend_models(source: Path, models: list[str]) -> dict:
+    """{front-end model: its torch module} for the exports in `models` (see FRONTENDS)."""
+    from tritonasr.engines import SenseVoiceSpec
+    from tritonasr.export.frontend import KaldiFbank, NemoMel
+    from tritonasr.speaker import SpeakerSpec
+    from tritonasr.tdt import ParakeetSpec
+    from tritonasr.vad import VadSpec
+
+    modules = {}
+    if "vad" in models:
+        vad = VadSpec.load(source / "vad" / "1").frontend
+        if "sensevoice" in models:
+            sensevoice = SenseVoiceSpec.load(source / "sensevoice" / "1").frontend
+            if not vad.fbank_options_equal(sensevoice):  # one served fbank feeds both
+                raise ValueError(f"the VAD's fbank ({vad}) differs from SenseVoice's ({sensevoice}): "
+                                 "one served front end cannot feed both")
+        modules["fbank"] = KaldiFbank(vad)
+    if "speaker" in models:
+        modules["speaker_fbank"] = KaldiFbank(SpeakerSpec.load(source / "speaker" / "1").frontend)
+    if "parakeet_decoder" in models:
+        modules["parakeet_mel"] = NemoMel(ParakeetSpec.load(source / "parakeet_decoder" / "1").frontend.spec)
+    return modules
+
+
+def write_frontend(output: Path, name: str, module, options: BuildOptions) -> None:
+    """The front end's graph (exported and checked against the CPU front end), config, model.py."""
+    from tritonasr.export.frontend import export_frontend_graph
+
+    model_dir = output / name
+    shutil.rmtree(model_dir, ignore_errors=True)
+    export_frontend_graph(module, model_dir / "1" / "model.onnx")
+    (model_dir / "1" / "model.py").write_text(FRONTEND_MODEL_PY)
+    gpus = f" gpus: {list(range(options.gpus))}" if options.on_gpu else ""
+    (model_dir / "config.pbtxt").write_text(FRONTEND_CONFIG.format(
+        what=FRONTENDS[name][0], name=name, bins=module.mel.shape[1], max_batch=options.max_batch or 64,
+        count=options.instances or 1, kind="KIND_GPU" if options.on_gpu else "KIND_CPU", gpus=gpus))

@@ -15,6 +15,8 @@ LEAF_MODELS = {"vad": ["vad"], "sensevoice": ["sensevoice"], "parakeet": ["parak
 PIPELINES = ["asr_offline", "asr_stream"]
 BLS_OF_EXPORT = {"sensevoice": PIPELINES, "parakeet": PIPELINES, "speaker": ["speaker_registry"]}
 ALL_MODELS = [m for models in LEAF_MODELS.values() for m in models] + PIPELINES + ["speaker_registry"]
+# Front ends served as models (`tritonasr repo build`, GPU targets): written by the build, not by an export.
+SERVED_FRONTENDS = ["fbank", "speaker_fbank", "parakeet_mel"]
 
 
 def models_of_export(export: str) -> list[str]:
@@ -22,12 +24,14 @@ def models_of_export(export: str) -> list[str]:
 
 
 def exported_models(repository: Path) -> list[str]:
-    """The served models whose export has been run: those a server of `repository` can load.
-    (The checkout's repository holds every model's config, exported or not.)"""
+    """The served models whose export has been run, and the front ends a build added: those a
+    server of `repository` can load. (The checkout's repository holds every model's config,
+    exported or not.)"""
     repository = Path(repository)
     done = [export for export, leaves in LEAF_MODELS.items()
             if all((repository / model / "1" / "meta.json").exists() for model in leaves)]
-    return sorted({model for export in done for model in models_of_export(export)})
+    frontends = [model for model in SERVED_FRONTENDS if (repository / model / "1" / "meta.json").exists()]
+    return sorted({model for export in done for model in models_of_export(export)} | set(frontends))
 
 
 def install_model_files(repository: Path, models: list[str]) -> None:
