@@ -104,6 +104,8 @@ def test_pipeline_metrics_count_what_was_served(short_run):
     assert _delta(run, "tritonasr_final_latency_seconds_bucket", model="asr_stream", le="+Inf") == len(run["finals"])
     assert _delta(run, "tritonasr_errors_total", model="asr_offline", kind="bad_audio") == 1
     assert _sum(run["after"], "tritonasr_open_streams", model="asr_stream") == 0
+    # Each instance is its own process with its own series; the label is not Prometheus's `instance`.
+    assert re.search(r'^tritonasr_open_streams\{[^}]*model_instance="asr_stream_0_0"', run["after"], re.M)
 
 
 def test_every_metric_the_dashboard_queries_is_served(short_run):
