@@ -17,9 +17,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import AudioError, validate_samples
-from tritonasr.onnx_runner import OnnxModel, instance_providers
-from tritonasr.features import Extract, in_pieces
 from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
+from tritonasr.features import Extract, in_pieces
+from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.speakers import SpeakerError, SpeakerRegistry, SpeakerSettings, build_speaker_stage
 from tritonasr.streaming import StreamError, StreamOptions, StreamRegistry, check_chunk, stream_factory
