@@ -88,7 +88,7 @@ class SenseVoiceEngine:
     @property
     def frame_ms(self) -> float:
         """The time step of the features the model takes."""
-        return self.spec.frontend.frame_shift * self.spec.frontend.lfr_n
+        return self.spec.frontend.frame_ms
 
     def query(self, language: str, use_itn: bool) -> tuple[int, int]:
         return self.spec.query_ids(language, use_itn)
@@ -120,8 +120,7 @@ class ParakeetEngine:
 
     @property
     def frame_ms(self) -> float:
-        mel = self.spec.frontend.spec
-        return mel.hop_length * 1000 / mel.sample_rate
+        return self.spec.frontend.spec.hop_ms
 
     def query(self, language: str, use_itn: bool) -> None:
         if language not in ("auto", "en"):

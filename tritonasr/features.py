@@ -64,6 +64,11 @@ class Frontend:
         return cls(**{k: v for k, v in conf.items() if k in known})
 
     @property
+    def frame_ms(self) -> int:
+        """The time step of the (LFR) features: what one row the models take stands for."""
+        return self.frame_shift * self.lfr_n
+
+    @property
     def samples_per_frame(self) -> int:
         return self.fs * self.frame_shift // 1000
 

@@ -59,6 +59,10 @@ class MelSpec:
     def to_config(self) -> dict:
         return asdict(self)
 
+    @property
+    def hop_ms(self) -> float:
+        return self.hop_length * 1000 / self.sample_rate
+
 
 class MelFrontend:
     def __init__(self, spec: MelSpec = MelSpec()):

@@ -30,9 +30,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonasr.engines import pad_step, padded_length
+from tritonasr.features import Frontend
+from tritonasr.mel import MelSpec
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
 from tritonasr.repo_check import BLS_TARGET_PARAMETERS, parse_config
 from tritonasr.repository import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
+from tritonasr.speakers import SpeakerSettings
 from tritonasr.vad import VAD_CHUNK_FRAMES
 
 TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
@@ -44,14 +47,6 @@ DEFAULT_TRT_CACHE = "/cache/trt"
 GPU_PAD_SEGMENTS_MS = 1000
 
 
-# The served front ends (waveform -> features, batched across requests): the model, what it
-# computes, and the pipeline parameter that names it.
-FRONTENDS = {
-    "fbank": ("kaldi fbank of the VAD and SenseVoice", "fbank_model"),
-    "speaker_fbank": ("kaldi fbank of the speaker model", "speaker_fbank_model"),
-    "parakeet_mel": ("NeMo log-mel of Parakeet", "mel_model"),
-}
-assert list(FRONTENDS) == SERVED_FRONTENDS
 FRONTEND_CONFIG = """\
 # A served front end ({what}): waveforms of many requests in, their features out, batched on the
 # instance's device. Float32 throughout (kaldi's int16-scale power spectrum overflows FP16).
@@ -156,7 +151,7 @@ def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[s
             config.parameters[key].string_value = ""
     if "vad_model" in config.parameters:  # a BLS model: it calls the served front ends
         for frontend in frontends:
-            config.parameters[FRONTENDS[frontend][1]].string_value = frontend
+            config.parameters[SERVED_FRONTENDS[frontend][1]].string_value = frontend
     if name in PIPELINES:
         if options.on_gpu:
             config.parameters["pad_segments_ms"].string_value = str(options.pad_segments_ms)
@@ -232,8 +227,9 @@ def segment_frames(model: str, model_dir: Path, pad_ms: int = GPU_PAD_SEGMENTS_M
     meta = json.loads((model_dir / "1" / "meta.json").read_text())
     if model == "vad":  # stream steps (100 ms = 10 frames) .. whole-file chunks
         return 1, 10, VAD_CHUNK_FRAMES
-    if model == "speaker":  # windows of whole 500 ms steps up to the 3 s window (speaker_window_ms)
-        return max(int(meta.get("min_frames", 1)), 1), 300, 300
+    if model == "speaker":  # windows of whole 500 ms steps up to the shipped speaker_window_ms
+        window = SpeakerSettings().window_ms // Frontend.from_config(meta["frontend"]).frame_shift
+        return max(int(meta.get("min_frames", 1)), 1), window, window
     frame_ms = _frame_ms(model, meta)
     # The longest segment (MAX_ASR_SEGMENT_MS, one frame to spare), padded as the pipelines pad it.
     longest = padded_length(math.ceil(MAX_ASR_SEGMENT_MS / frame_ms) + 1, pad_step(frame_ms, pad_ms))
@@ -241,10 +237,9 @@ def segment_frames(model: str, model_dir: Path, pad_ms: int = GPU_PAD_SEGMENTS_M
 
 
 def _frame_ms(model: str, meta: dict) -> float:
-    if model == "sensevoice":
-        frontend = meta["frontend"]
-        return frontend.get("frame_shift", 10) * frontend.get("lfr_n", 1)
-    return 10.0  # parakeet_encoder: NeMo mel features, 10 ms hop
+    if model == "sensevoice":  # LFR frames of kaldi fbank
+        return Frontend.from_config(meta["frontend"]).frame_ms
+    return MelSpec.from_config(meta["preprocessor"]).hop_ms  # parakeet_encoder: NeMo mel frames
 
 
 def plan_spec(repository: Path, model: str, config: mc.ModelConfig, pad_ms: int = GPU_PAD_SEGMENTS_MS) -> dict:
@@ -264,7 +259,7 @@ def plan_spec(repository: Path, model: str, config: mc.ModelConfig, pad_ms: int 
 
 
 def frontend_models(source: Path, models: list[str]) -> dict:
-    """{front-end model: its torch module} for the exports in `models` (see FRONTENDS)."""
+    """{front-end model: its torch module} for the exports in `models` (see SERVED_FRONTENDS)."""
     from tritonasr.engines import SenseVoiceSpec
     from tritonasr.export.frontend import KaldiFbank, NemoMel
     from tritonasr.speaker import SpeakerSpec
@@ -297,5 +292,5 @@ def write_frontend(output: Path, name: str, module, options: BuildOptions) -> No
     (model_dir / "1" / "model.py").write_text(FRONTEND_MODEL_PY)
     gpus = f" gpus: {list(range(options.gpus))}" if options.on_gpu else ""
     (model_dir / "config.pbtxt").write_text(FRONTEND_CONFIG.format(
-        what=FRONTENDS[name][0], name=name, bins=module.mel.shape[1], max_batch=options.max_batch or 64,
+        what=SERVED_FRONTENDS[name][0], name=name, bins=module.mel.shape[1], max_batch=options.max_batch or 64,
         count=options.instances or 1, kind="KIND_GPU" if options.on_gpu else "KIND_CPU", gpus=gpus))

@@ -15,8 +15,14 @@ LEAF_MODELS = {"vad": ["vad"], "sensevoice": ["sensevoice"], "parakeet": ["parak
 PIPELINES = ["asr_offline", "asr_stream"]
 BLS_OF_EXPORT = {"sensevoice": PIPELINES, "parakeet": PIPELINES, "speaker": ["speaker_registry"]}
 ALL_MODELS = [m for models in LEAF_MODELS.values() for m in models] + PIPELINES + ["speaker_registry"]
-# Front ends served as models (`tritonasr repo build`, GPU targets): written by the build, not by an export.
-SERVED_FRONTENDS = ["fbank", "speaker_fbank", "parakeet_mel"]
+# Front ends served as models (`tritonasr repo build`, GPU targets), written by the build, not
+# by an export: waveforms in, features out, batched across requests. What each computes, and
+# the pipelines' parameter that names it.
+SERVED_FRONTENDS = {
+    "fbank": ("kaldi fbank of the VAD and SenseVoice", "fbank_model"),
+    "speaker_fbank": ("kaldi fbank of the speaker model", "speaker_fbank_model"),
+    "parakeet_mel": ("NeMo log-mel of Parakeet", "mel_model"),
+}
 
 
 def models_of_export(export: str) -> list[str]:

@@ -191,7 +191,7 @@ class Endpointer:
 
     @property
     def position_ms(self) -> int:
-        return self.frames_scored * self.spec.frontend.frame_shift * self.spec.frontend.lfr_n
+        return self.frames_scored * self.spec.frontend.frame_ms
 
     async def advance(self, audio: SampleBuffer, final: bool) -> list[tuple[int, int]]:
         """Scores what the audio received so far allows; returns the state machine's decisions."""
@@ -231,8 +231,7 @@ class LiveStream:
         self.recognizer = recognizer
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
-        frame_ms = vad.frontend.frame_shift * vad.frontend.lfr_n
-        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // frame_ms), fbank)
+        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // vad.frontend.frame_ms), fbank)
         self.audio = SampleBuffer()
         self.lock = asyncio.Lock()
         self.open_start_ms: int | None = None  # start of the segment being spoken, once decided
