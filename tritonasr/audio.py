@@ -9,11 +9,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from tritonasr.errors import AudioError
+
 SAMPLE_RATE = 16000
-
-
-class AudioError(ValueError):
-    """Audio that cannot be transcribed: unreadable, empty or not finite."""
+# Largest |sample| accepted: full scale and a little overshoot (float files, resampling filters).
+# Far beyond it the samples are not audio in [-1, 1] (unscaled integer PCM, garbage), and huge
+# values overflow the features.
+MAX_ABS_SAMPLE = 1.01
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ def validate_samples(samples: np.ndarray, allow_empty: bool = False) -> np.ndarr
     bad = np.count_nonzero(~np.isfinite(samples))
     if bad:
         raise AudioError(f"audio contains {bad} NaN or infinite samples")
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(f"audio samples must be in [-1, 1]; got one of magnitude {peak:.4g} "
+                         "(scale integer PCM by 1/32768)")
     return samples.astype(np.float32, copy=False)
 
 
@@ -53,7 +59,8 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     """Resamples mono float audio from `rate` to SAMPLE_RATE; a no-op at SAMPLE_RATE."""
     if rate == SAMPLE_RATE:
         return samples
-    return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    # The filter can overshoot full scale on loud input.
+    return np.clip(soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ"), -1.0, 1.0).astype(np.float32, copy=False)
 
 
 def load_audio(path: str | os.PathLike) -> Audio:
@@ -77,9 +84,8 @@ def load_audio(path: str | os.PathLike) -> Audio:
     channels = data.shape[1]
     mono = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
     try:
-        mono = validate_samples(mono)
+        # Float files can go past full scale (NaN stays NaN and is refused).
+        mono = validate_samples(np.clip(mono, -1.0, 1.0))
     except AudioError as e:
         raise AudioError(f"{path}: {e}") from None
-    # Float files, and the resampling filter on loud input, can go past full scale.
-    samples = np.clip(resample(mono, rate), -1.0, 1.0)
-    return Audio(samples, SAMPLE_RATE, rate, channels)
+    return Audio(resample(mono, rate), SAMPLE_RATE, rate, channels)
