@@ -116,6 +116,14 @@ def test_store_enroll_list_remove_and_survive_reopening(tmp_path):
     assert [s.name for s in store.speakers()] == ["alice"]
 
 
+def test_names_are_one_name_however_they_are_composed(tmp_path):
+    store = SqliteSpeakerStore(tmp_path / "s.db")
+    store.enroll("Zoe\u0308", np.ones(4), speech_ms=1000)  # e + combining diaeresis
+    assert [s.name for s in store.speakers()] == ["Zo\u00eb"]
+    store.remove(" Zo\u00eb ")
+    assert store.speakers() == []
+
+
 @pytest.mark.parametrize("name, message", [("", "must not be empty"), ("  ", "must not be empty"),
                                            ("x" * 101, "at most 100 characters"), ("a\nb", "control characters")])
 def test_store_rejects_bad_names(tmp_path, name, message):

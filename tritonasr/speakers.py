@@ -20,16 +20,15 @@ from typing import Awaitable, Callable, Protocol
 import numpy as np
 
 from tritonasr.clustering import OnlineClusters
+from tritonasr.errors import SpeakerError, shown
 from tritonasr.features import Extract
 from tritonasr.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
 
 log = logging.getLogger("tritonasr")
 
 MAX_NAME_CHARS = 100
-
-
-class SpeakerError(ValueError):
-    """A registry request that cannot be done (unknown name, duplicate, bad embedding)."""
+# Recordings one enroll call may combine (the client sends one embedding per file).
+MAX_ENROLL_RECORDINGS = 100
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,8 @@ class SpeakerStore(Protocol):
 
 
 def check_name(name: str) -> str:
+    """The name as stored: stripped and NFC-normalised (every action goes through here, so
+    "é" typed either way is one speaker)."""
     name = unicodedata.normalize("NFC", name.strip())
     if not name:
         raise SpeakerError("a speaker name must not be empty")
@@ -106,15 +107,17 @@ class SqliteSpeakerStore:
             self.db.execute("BEGIN IMMEDIATE")
             exists = self.db.execute("SELECT 1 FROM speakers WHERE name = ?", (name,)).fetchone()
             if exists and not replace:
-                raise SpeakerError(f"speaker {name!r} is already enrolled; remove it first or replace it")
+                raise SpeakerError(f"speaker {name!r} is already enrolled; remove it first or replace it",
+                                   code="ALREADY_EXISTS")
             self.db.execute("INSERT OR REPLACE INTO speakers VALUES (?, ?, ?, ?, ?)", row)
             self.db.execute("UPDATE state SET version = version + 1")
 
     def remove(self, name: str) -> None:
+        name = check_name(name)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            if self.db.execute("DELETE FROM speakers WHERE name = ?", (name.strip(),)).rowcount == 0:
-                raise SpeakerError(f"no speaker named {name!r} is enrolled")
+            if self.db.execute("DELETE FROM speakers WHERE name = ?", (name,)).rowcount == 0:
+                raise SpeakerError(f"no speaker named {name!r} is enrolled", code="NOT_FOUND")
             self.db.execute("UPDATE state SET version = version + 1")
 
     def speakers(self) -> list[EnrolledSpeaker]:
@@ -139,7 +142,7 @@ def open_store(location: str | Path) -> SpeakerStore:
     scheme, _, rest = location.partition("://")
     if scheme == "sqlite":
         return SqliteSpeakerStore(Path(rest))
-    raise SpeakerError(f"unknown speaker store {location!r}: use sqlite:///PATH or a file path")
+    raise SpeakerError(f"unknown speaker store {shown(location)}: use sqlite:///PATH or a file path")
 
 
 class SpeakerIdentifier:
@@ -276,19 +279,26 @@ class SpeakerRegistry:
 
     def enroll(self, name: str, embeddings: np.ndarray, speech_ms: np.ndarray, replace: bool = False) -> dict:
         """Enrolls `name` with the speech-weighted mean of `embeddings` [N, D] (one per recording)."""
+        name = check_name(name)
         dim = self.stage.identifier.dim
         embeddings = np.asarray(embeddings, dtype=np.float32)
-        embeddings = embeddings.reshape(-1, dim) if embeddings.size % dim == 0 else embeddings
+        if embeddings.ndim == 1:
+            embeddings = embeddings[None]  # one recording
         speech_ms = np.asarray(speech_ms, dtype=np.float64).reshape(-1)
-        if embeddings.ndim != 2 or len(speech_ms) != len(embeddings) or len(embeddings) == 0:
-            raise SpeakerError(f"enroll needs N embeddings of {dim} values and N speech durations; got "
-                               f"{list(embeddings.shape)} and {len(speech_ms)}")
+        # Another model's (or a truncated) embedding would be stored and never match anyone.
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim or len(speech_ms) != len(embeddings) \
+                or len(embeddings) == 0:
+            raise SpeakerError(f"enroll needs N embeddings of this server's {dim} values and N speech "
+                               f"durations; got {list(embeddings.shape)} and {len(speech_ms)}")
+        if len(embeddings) > MAX_ENROLL_RECORDINGS:
+            raise SpeakerError(f"enroll combines at most {MAX_ENROLL_RECORDINGS} recordings; got {len(embeddings)}")
         if not np.all(speech_ms > 0):
             raise SpeakerError("speech durations must be positive")
         self.store.enroll(name, combine(embeddings, speech_ms), int(speech_ms.sum()), replace)
-        return {"enrolled": check_name(name), "speech_ms": int(speech_ms.sum()), "recordings": len(embeddings)}
+        return {"enrolled": name, "speech_ms": int(speech_ms.sum()), "recordings": len(embeddings)}
 
     def remove(self, name: str) -> dict:
+        name = check_name(name)
         self.store.remove(name)
         return {"removed": name}
 
