@@ -35,6 +35,7 @@ from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
 from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, TranscriptionError
+from tritonasr.errors import split_status
 
 MAX_CHUNK_MS = 2000  # the server refuses longer chunks (`max_chunk_ms` in asr_stream/config.pbtxt)
 MAX_CHUNK_SAMPLES = MAX_CHUNK_MS * SAMPLE_RATE // 1000
@@ -43,7 +44,13 @@ Chunks = Iterable[np.ndarray] | AsyncIterable[np.ndarray]
 
 
 class StreamError(TranscriptionError):
-    """The server refused or aborted a stream (and has closed it); the message says why."""
+    """The server refused or aborted a stream (and has closed it); the message says why.
+    `code`: the gRPC status the server gave it (INVALID_ARGUMENT: bad input; UNAVAILABLE: a full
+    server; CANCELLED: closed after the server's idle timeout without audio), or None."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,9 @@ class LiveStream:
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
         self.sequence_id = secrets.randbits(63) or 1  # 0 would mean "no sequence" to Triton
+        # Sent with every chunk: the server refuses chunks on this id without it, so nobody
+        # else can add audio to this stream or receive its segments.
+        self.token = secrets.token_urlsafe(16)
         self.language = language
         self.use_itn = use_itn
         self.partial_interval_ms = partial_interval_ms
@@ -236,7 +246,7 @@ class LiveStream:
     def _request(self, samples: np.ndarray, start: bool, end: bool) -> dict:
         options = dict(language=self.language, use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms,
                        engine=self.engine, with_speaker=self.with_speaker, return_embedding=self.return_embedding)
-        return stream_request(self.client.model, self.sequence_id, samples, start, end, **options)
+        return stream_request(self.client.model, self.sequence_id, samples, start, end, token=self.token, **options)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -318,7 +328,7 @@ class LiveStream:
         async for result, error in responses:
             received_at = self._now()
             if error is not None:
-                raise StreamError(error.message())
+                raise StreamError(*split_status(error.message()))
             item = parse_response(result, self.chunk_clock, received_at)
             if isinstance(item, StreamSummary):
                 self.summary = item
@@ -388,9 +398,10 @@ class StreamingClient:
 
 def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: bool, end: bool, *,
                    language: str = "auto", use_itn: bool = False, partial_interval_ms: int = 0, engine: str = "",
-                   with_speaker: bool = True, return_embedding: bool = False) -> dict:
+                   with_speaker: bool = True, return_embedding: bool = False, token: str = "") -> dict:
     """The keyword arguments of one `stream_infer` request (tritonclient's aio and sync clients
-    take the same ones) carrying `samples` of sequence `sequence_id`."""
+    take the same ones) carrying `samples` of sequence `sequence_id`; `token`: the stream's
+    secret, the same on every chunk ("" for none)."""
     inputs = [_input("AUDIO", samples[np.newaxis, :], "FP32")]
     if start:
         # Options go on the START request only, so that the other requests of every stream
@@ -405,7 +416,8 @@ def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: boo
             _input("RETURN_EMBEDDING", np.array([[return_embedding]], np.bool_), "BOOL"),
         ]
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
-            "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end}
+            "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,
+            "parameters": {"stream_token": token} if token else None}
 
 
 def parse_response(result, clock: ChunkClock, received_at: float) -> StreamSegment | StreamSummary:

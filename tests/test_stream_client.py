@@ -149,6 +149,8 @@ def test_requests_start_with_options_end_with_an_empty_chunk():
     assert len(requests) == 3
     assert 0 < stream.sequence_id < 2 ** 63
     assert {r["sequence_id"] for r in requests} == {stream.sequence_id}
+    # Every chunk carries the stream's secret, which nobody else knows.
+    assert [r["parameters"] for r in requests] == [{"stream_token": stream.token}] * 3 and len(stream.token) >= 20
     assert {r["model_name"] for r in requests} == {"asr_stream"}
     assert [(r["sequence_start"], r["sequence_end"]) for r in requests] == [(True, False), (False, False),
                                                                             (False, True)]

@@ -9,13 +9,15 @@ import pytest
 
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.features import Frontend
+from tritonasr.errors import OverloadError, StreamError
 from tritonasr.streaming import (
     OnlineFeatures,
     SampleBuffer,
-    StreamError,
+    StreamKey,
     StreamOptions,
     StreamRegistry,
     check_chunk,
+    check_sequence_id,
 )
 
 from conftest import DATA
@@ -98,42 +100,137 @@ def test_check_chunk_rejects_bad_chunks_with_clear_words():
 
 
 class _Stub:
-    """A stand-in LiveStream for registry bookkeeping (the registry only reads these fields)."""
+    """A stand-in LiveStream for registry bookkeeping (the registry reads these fields and calls
+    close and hung_up)."""
 
-    def __init__(self):
-        self.busy, self.last_active, self.closed = 0, 0.0, None
+    def __init__(self, key):
+        self.key, self.id, self.token = key, key.id, ""
+        self.busy, self.last_active, self.closed, self.notice, self.gone = 0, 0.0, None, None, False
+
+    def close(self, reason, failed=False, notice=None):
+        self.closed = self.closed or reason
+        self.notice = self.notice or notice
+
+    def hung_up(self):
+        return self.gone
+
+
+def _registry(**kwargs) -> StreamRegistry:
+    return StreamRegistry(lambda key, opts: _Stub(key), **{"idle_timeout_s": 5, "max_streams": 4, **kwargs})
 
 
 def test_registry_limits_expires_and_explains_closed_streams():
     counts = []
-    registry = StreamRegistry(lambda sid, opts: _Stub(), idle_timeout_s=5, max_streams=2, on_change=counts.append)
-    first = registry.open(1, StreamOptions())
-    registry.open(2, StreamOptions())
-    with pytest.raises(StreamError, match="limit of 2 open streams"):
-        registry.open(3, StreamOptions())
+    registry = _registry(max_streams=2, on_change=counts.append)
+    first = registry.open(StreamKey(1), StreamOptions())
+    registry.open(StreamKey(2), StreamOptions())
+    with pytest.raises(OverloadError, match="limit of 2 open streams") as refused:
+        registry.open(StreamKey(3), StreamOptions())
+    assert refused.value.code == "UNAVAILABLE"
     with pytest.raises(StreamError, match="must carry sequence_start"):
-        registry.get(3)
-    registry.streams[2].last_active = 100.0
+        registry.get(StreamKey(3))
+    second = registry.streams[StreamKey(2)]
+    second.last_active = 100.0
     first.last_active, first.busy = 0.0, 1  # a stream with a chunk in hand is never idle
-    assert registry.expire(now=106.0) == [2]
-    with pytest.raises(StreamError, match="no audio for 5 s"):
-        registry.get(2)
-    registry.close(1, "ended")
+    [(expired, error)] = registry.expire(now=106.0)
+    assert expired is second and error.kind == "idle_timeout" and second.notice is error
+    assert str(error) == "stream 2 was closed: no audio for 5 s"
+    with pytest.raises(StreamError, match=r"stream 2 is closed \(no audio for 5 s\)") as late:
+        registry.get(StreamKey(2))
+    assert late.value.kind is None  # the stream's failure was counted when it closed
+    registry.close(first, "ended")
     assert first.closed == "ended" and len(registry) == 0 and counts == [1, 2, 1, 0]
+    with pytest.raises(StreamError, match=r"closed \(ended\)") as after_end:
+        registry.get(StreamKey(1))
+    assert after_end.value.kind == "bad_stream"  # a chunk after END is a new mistake
+
+
+def test_a_second_start_on_a_live_id_is_refused_and_the_first_stream_goes_on():
+    registry = _registry()
+    first = registry.open(StreamKey(7), StreamOptions(), token="a")
+    with pytest.raises(StreamError, match="stream 7 is already open") as refused:
+        registry.open(StreamKey(7), StreamOptions(), token="b")
+    assert refused.value.code == "ALREADY_EXISTS"
+    registry.refused(StreamKey(7), "b", "refused at its start")  # what the model does: no effect
+    assert registry.get(StreamKey(7), "a") is first and first.closed is None
+
+
+def test_chunks_with_another_token_are_refused_without_touching_the_stream():
+    registry = _registry()
+    stream = registry.open(StreamKey(7), StreamOptions(), token="secret")
+    for token in ("", "guess"):
+        with pytest.raises(StreamError, match="belongs to another caller"):
+            registry.get(StreamKey(7), token)
+    assert registry.get(StreamKey(7), "secret") is stream and stream.closed is None
+    registry.close(stream, "closed after an error: NaN", failed=True)
+    # Why it closed is told to its own caller only.
+    with pytest.raises(StreamError, match="is not open"):
+        registry.get(StreamKey(7), "guess")
+    with pytest.raises(StreamError, match="closed after an error: NaN"):
+        registry.get(StreamKey(7), "secret")
+
+
+def test_principals_key_streams_apart():
+    registry = _registry()
+    alice, bob = registry.open(StreamKey(1, "alice"), StreamOptions()), registry.open(StreamKey(1, "bob"), StreamOptions())
+    assert alice is not bob and registry.get(StreamKey(1, "bob")) is bob
+    with pytest.raises(StreamError, match="is not open"):
+        registry.get(StreamKey(1))
+
+
+def test_closing_an_old_stream_object_never_closes_a_newer_one_on_the_same_id():
+    registry = _registry()
+    old = registry.open(StreamKey(5), StreamOptions())
+    registry.close(old, "ended")
+    new = registry.open(StreamKey(5), StreamOptions())
+    registry.close(old, "closed after an error: late chunk of the old stream", failed=True)
+    assert registry.get(StreamKey(5)) is new and new.closed is None and len(registry) == 1
+
+
+def test_a_refused_start_tells_its_later_chunks_why_without_counting_them_again():
+    registry = _registry()
+    registry.refused(StreamKey(9), "t", "refused at its start: unknown language 'xx'")
+    with pytest.raises(StreamError, match="unknown language 'xx'") as late:
+        registry.get(StreamKey(9), "t")
+    assert late.value.kind is None
+
+
+def test_a_hang_up_is_closed_at_once_and_is_not_an_error():
+    registry = _registry(idle_timeout_s=60)
+    stream = registry.open(StreamKey(3), StreamOptions())
+    stream.gone = True
+    stream.last_active = 100.0
+    assert registry.expire(now=100.5) == []  # not silent long enough to ask
+    [(closed, error)] = registry.expire(now=101.5)
+    assert closed is stream and error.kind is None and not error.notify and stream.notice is None
+    assert len(registry) == 0
+
+
+@pytest.mark.parametrize("value, message", [("caller-0", "string ids are refused"), (0, "needs a sequence id"),
+                                            (2 ** 64, "needs a sequence id")])
+def test_sequence_ids_must_be_integers(value, message):
+    with pytest.raises(StreamError, match=message):
+        check_sequence_id(value)
+    assert check_sequence_id(2 ** 64 - 1) == 2 ** 64 - 1
 
 
 class _Collect:
     def __init__(self, out: list):
         self.out = out
+        self.finished = False
 
     def send(self, payload):
         self.out.append(payload)
 
-    def fail(self, message):
-        self.out.append({"error": message})
+    def fail(self, error):
+        self.out.append({"error": str(error)})
 
     def finish(self):
-        pass
+        assert not self.finished, "finished twice"
+        self.finished = True
+
+    def cancelled(self):
+        return False
 
 
 async def _stream_in_process(local, samples, sizes, options=StreamOptions()):
@@ -196,3 +293,23 @@ def test_a_long_stream_keeps_only_recent_state(local):
 
     asyncio.run(feed())
     assert len(out) == 7  # every segment but the last, which only END closes
+
+
+def test_the_last_chunk_keeps_its_sender_open_to_tell_why_the_stream_closed(local):
+    """Each chunk's sink is finished once the next chunk's responses are out; the last one is
+    held, so a stream closed for idleness can still tell its caller."""
+    from tritonasr.errors import IdleTimeout
+
+    samples = load_audio(DATA / "pause_1s.wav").samples
+    stream = local.open_stream()
+    sinks = [_Collect([]) for _ in range(3)]
+
+    async def feed():
+        for i, sink in enumerate(sinks):
+            await stream.push(samples[i * 1600:(i + 1) * 1600], False, sink)
+        await stream._delivered
+
+    asyncio.run(feed())
+    assert [sink.finished for sink in sinks] == [True, True, False]
+    stream.close("no audio for 5 s", failed=True, notice=IdleTimeout("stream 0 was closed: no audio for 5 s"))
+    assert sinks[-1].finished and sinks[-1].out == [{"error": "stream 0 was closed: no audio for 5 s"}]

@@ -11,7 +11,7 @@ from tritonasr.onnx_runner import OnnxModel
 from tritonasr.engines import EngineModels, build_engines
 from tritonasr.pipeline import OfflinePipeline, Recognizer, detect_speech
 from tritonasr.speakers import SpeakerSettings, build_speaker_stage
-from tritonasr.streaming import LiveStream, StreamOptions, stream_factory
+from tritonasr.streaming import LiveStream, StreamKey, StreamOptions, stream_factory
 from tritonasr.vad import VadSpec
 
 
@@ -79,7 +79,7 @@ class LocalPipeline:
 
     def open_stream(self, options: StreamOptions = StreamOptions()) -> LiveStream:
         """A live stream whose `push` must be awaited inside one event loop."""
-        return self._new_stream(0, options)
+        return self._new_stream(StreamKey(0), options)
 
     def speech_segments(self, samples: np.ndarray) -> list[tuple[int, int]]:
         return asyncio.run(detect_speech(self.vad, self._run_vad, samples))

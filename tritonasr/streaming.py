@@ -11,6 +11,7 @@ and in-process. Nothing here knows about Triton: results leave through a `Sink`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
+from tritonasr.errors import IdleTimeout, OverloadError, RecognitionError, ServiceError, StreamError
 from tritonasr.features import Extract, Frontend
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
@@ -28,10 +30,8 @@ from tritonasr.vad import SegmentTracker, VadSpec, chunk_samples, split_long_seg
 RETAIN_MS = 1000
 # Closed stream ids remembered, so a late chunk is told why its stream is gone.
 CLOSED_REMEMBERED = 10_000
-
-
-class StreamError(ValueError):
-    """A request that does not fit its stream's state (never started, closed, over capacity)."""
+# A stream silent this long is asked whether its caller hung up (one call to the backend each).
+HANGUP_CHECK_S = 1.0
 
 
 class Sink(Protocol):
@@ -39,9 +39,32 @@ class Sink(Protocol):
 
     def send(self, payload: dict) -> None: ...
 
-    def fail(self, message: str) -> None: ...
+    def fail(self, error: ServiceError) -> None: ...
 
     def finish(self) -> None: ...
+
+    def cancelled(self) -> bool:
+        """The caller hung up (its gRPC stream is gone)."""
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    """What a stream is known by. Triton routes chunks by sequence id alone, so anyone who knows
+    an id can send chunks on it; the principal (the authenticated caller, "" without
+    authentication) keeps callers' streams apart, and a stream's token (below) its chunks."""
+
+    id: int
+    principal: str = ""
+
+
+def check_sequence_id(value: object) -> int:
+    """Triton passes string sequence ids through, but the sequence batcher's CORRID is a uint64:
+    every string id would be one stream. Only integers are streams here."""
+    if isinstance(value, str):
+        raise StreamError("sequence ids must be integers (1 .. 2**64-1); string ids are refused")
+    if not isinstance(value, (int, np.integer)) or not 0 < int(value) < 2 ** 64:
+        raise StreamError("a stream needs a sequence id (an integer, 1 .. 2**64-1)")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -217,15 +240,27 @@ class _Output:
 OnFinal = Callable[[str, float], None]
 
 
+# Told when recognition fails on a stream: the model counts it and closes that stream.
+OnFailure = Callable[["LiveStream", ServiceError], None]
+
+
 class LiveStream:
     """One caller's stream. `push` takes chunks in arrival order; each chunk's responses leave
-    through its own sink after every earlier chunk's, so the caller sees segments in order."""
+    through its own sink after every earlier chunk's, so the caller sees segments in order.
 
-    def __init__(self, stream_id: int, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
+    The last chunk's sink stays open (unfinished) until the next chunk's responses are sent or
+    the stream closes: a stream closed for idleness still has a sender to tell its caller why,
+    and a caller who hung up shows as that sender cancelled."""
+
+    def __init__(self, key: StreamKey, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS,
-                 on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None):
-        self.id = stream_id
+                 on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None,
+                 on_failure: OnFailure = lambda stream, error: None):
+        self.key = key
+        self.id = key.id
+        self.token = ""  # set by StreamRegistry.open
         self.on_final = on_final
+        self.on_failure = on_failure
         self.options = options
         self.request = recognizer.request(options.engine, options.language, options.use_itn)
         self.recognizer = recognizer
@@ -243,6 +278,30 @@ class LiveStream:
         self.busy = 0  # chunks being handled
         self.last_active = time.monotonic()
         self._delivered: asyncio.Future | None = None
+        self._held: Sink | None = None  # the last delivered chunk's sink, still open
+        self._notice: ServiceError | None = None  # why it closed, for the held sink
+
+    def close(self, reason: str, failed: bool = False, notice: ServiceError | None = None) -> None:
+        """Marks the stream closed; `notice` goes to its caller through the held sink. Chunks
+        still being delivered are sent (an ended stream) or dropped (a failed one)."""
+        if self.closed is None:
+            self._notice = notice
+        self.closed = self.closed or reason
+        if failed:
+            self.failed = self.failed or reason
+        if self._delivered is None or self._delivered.done():
+            self._release()
+
+    def hung_up(self) -> bool:
+        return self._held is not None and self._held.cancelled()
+
+    def _release(self) -> None:
+        sink, self._held = self._held, None
+        if sink is not None:
+            if self._notice is not None:
+                sink.fail(self._notice)
+                self._notice = None
+            sink.finish()
 
     @property
     def received_ms(self) -> int:
@@ -255,10 +314,11 @@ class LiveStream:
         try:
             async with self.lock:
                 if self.closed or self.failed:
-                    raise StreamError(f"stream {self.id} is closed ({self.closed or self.failed})")
+                    raise StreamError(f"stream {self.id} is closed ({self.closed or self.failed})",
+                                      kind=None if self.failed else "")  # a failure counts once
                 outputs = await self._advance(samples, final, arrived)
                 previous = self._delivered
-                self._delivered = asyncio.ensure_future(self._deliver(previous, outputs, sink))
+                self._delivered = asyncio.ensure_future(self._deliver(previous, outputs, sink, final))
         finally:
             self.busy -= 1
             self.last_active = time.monotonic()
@@ -304,9 +364,11 @@ class LiveStream:
         return asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
                                                              with_speaker=final and self.speakers is not None))
 
-    async def _deliver(self, previous: asyncio.Future | None, outputs: list[_Output], sink: Sink) -> None:
+    async def _deliver(self, previous: asyncio.Future | None, outputs: list[_Output], sink: Sink,
+                       last: bool) -> None:
         if previous is not None:
             await previous  # never raises: errors are caught below
+        self._release()  # the previous chunk's sink: this one takes its place
         try:
             for output in outputs:
                 if output.kind == "complete":
@@ -327,75 +389,137 @@ class LiveStream:
                 if output.kind == "final":
                     self.on_final(self.request.engine.name, time.monotonic() - output.arrived)
         except Exception as exc:  # a failed model call ends this stream, not the server
-            self.failed = self.failed or f"recognition failed: {exc}"
+            error = exc if isinstance(exc, ServiceError) else RecognitionError(f"recognition failed: {exc}")
+            self.failed = self.failed or str(error)
             for output in outputs:
                 if output.segment is not None:
                     output.segment.cancel()
-            sink.fail(f"stream {self.id}: {self.failed}")
+            sink.fail(error)
+            last = True
+            self.on_failure(self, error)
         finally:
-            sink.finish()
+            if last or self.closed:
+                if self._notice is not None:
+                    sink.fail(self._notice)
+                    self._notice = None
+                sink.finish()
+            else:
+                self._held = sink
 
 
-StreamFactory = Callable[[int, StreamOptions], LiveStream]
+StreamFactory = Callable[[StreamKey, StreamOptions], LiveStream]
+
+
+@dataclass(frozen=True)
+class _Closed:
+    reason: str
+    token: str
+    failed: bool  # closed by an error (already counted) rather than by its END
 
 
 class StreamRegistry:
-    """The live streams of one model instance, by id; closes idle ones and enforces a limit."""
+    """The live streams of one model instance, by key; refuses a second START on a live key,
+    checks each chunk's token against its stream's, closes idle streams and enforces a limit.
+
+    A stream's token is what its START carried ("" for none). Chunks with another token are
+    refused and leave the stream alone: they can neither add audio to it nor receive its
+    segments. `require_token` refuses streams without one."""
 
     def __init__(self, factory: StreamFactory, idle_timeout_s: float, max_streams: int,
-                 on_change: Callable[[int], None] = lambda count: None):
+                 on_change: Callable[[int], None] = lambda count: None, require_token: bool = False):
         self.factory = factory
         self.idle_timeout_s = idle_timeout_s
         self.max_streams = max_streams
         self.on_change = on_change
-        self.streams: dict[int, LiveStream] = {}
-        self._closed: OrderedDict[int, str] = OrderedDict()
+        self.require_token = require_token
+        self.streams: dict[StreamKey, LiveStream] = {}
+        self._closed: OrderedDict[StreamKey, _Closed] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.streams)
 
-    def open(self, stream_id: int, options: StreamOptions) -> LiveStream:
-        if stream_id in self.streams:  # a new START on a live id begins a new stream
-            self.close(stream_id, "restarted by a new start")
+    def open(self, key: StreamKey, options: StreamOptions, token: str = "") -> LiveStream:
+        if key in self.streams:
+            # Restarting it would hand the live caller's stream to whoever sent this START.
+            raise StreamError(f"stream {key.id} is already open: a START on a live sequence id is refused "
+                              "(start a new stream with a new id)", code="ALREADY_EXISTS")
+        if self.require_token and not token:
+            raise StreamError("this server requires a stream_token request parameter on every chunk of a stream")
         if len(self.streams) >= self.max_streams:
-            raise StreamError(f"this server instance is at its limit of {self.max_streams} open streams; "
-                              "retry later or add instances")
-        stream = self.factory(stream_id, options)
-        self.streams[stream_id] = stream
-        self._closed.pop(stream_id, None)
+            raise OverloadError(f"this server instance is at its limit of {self.max_streams} open streams; "
+                                "retry later or elsewhere")
+        stream = self.factory(key, options)
+        stream.token = token
+        self.streams[key] = stream
+        self._closed.pop(key, None)
         self.on_change(len(self.streams))
         return stream
 
-    def get(self, stream_id: int) -> LiveStream:
-        stream = self.streams.get(stream_id)
+    def get(self, key: StreamKey, token: str = "", end: bool = False) -> LiveStream:
+        """The stream a chunk belongs to; `end`: the chunk carries END."""
+        stream = self.streams.get(key)
         if stream is not None:
+            if not hmac.compare_digest(stream.token.encode(), token.encode()):
+                if end:
+                    # Triton's sequence batcher ended the sequence before the model saw this END:
+                    # the stream gets no more chunks. Tell its caller now rather than at idle.
+                    self.close(stream, "ended by an END from another caller", failed=True, notice=StreamError(
+                        f"stream {key.id} was ended by an END request without its stream_token "
+                        "(Triton ends a sequence on any END for its id)", kind=None))
+                raise StreamError(f"stream {key.id} belongs to another caller: this chunk's stream_token "
+                                  "is not the one its START carried")
             return stream
-        reason = self._closed.get(stream_id)
-        if reason:
-            raise StreamError(f"stream {stream_id} is closed ({reason})")
-        raise StreamError(f"stream {stream_id} is not open: its first request must carry sequence_start")
+        closed = self._closed.get(key)
+        if closed is not None and hmac.compare_digest(closed.token.encode(), token.encode()):
+            # Its failure was counted when it closed; the caller's late chunks are not new errors.
+            raise StreamError(f"stream {key.id} is closed ({closed.reason})", kind=None if closed.failed else "")
+        raise StreamError(f"stream {key.id} is not open: its first request must carry sequence_start")
 
-    def close(self, stream_id: int, reason: str) -> None:
-        stream = self.streams.pop(stream_id, None)
-        if stream is None:
+    def refused(self, key: StreamKey, token: str, reason: str) -> None:
+        """Remembers a START that failed, so its caller's next chunks are told why."""
+        if key not in self.streams:
+            self._remember(key, _Closed(reason, token, True))
+
+    def close(self, stream: LiveStream, reason: str, failed: bool = False,
+              notice: ServiceError | None = None) -> None:
+        """Closes this stream object, and only it: a chunk of an old stream can never close a
+        newer one on the same id."""
+        stream.close(reason, failed, notice)
+        if self.streams.get(stream.key) is not stream:
             return
-        stream.closed = reason
-        self._closed[stream_id] = reason
-        while len(self._closed) > CLOSED_REMEMBERED:
-            self._closed.popitem(last=False)
+        del self.streams[stream.key]
+        self._remember(stream.key, _Closed(reason, stream.token, failed))
         self.on_change(len(self.streams))
 
-    def expire(self, now: float | None = None) -> list[int]:
-        """Closes streams that sent nothing for `idle_timeout_s` (a client that vanished)."""
+    def _remember(self, key: StreamKey, closed: _Closed) -> None:
+        self._closed[key] = closed
+        self._closed.move_to_end(key)
+        while len(self._closed) > CLOSED_REMEMBERED:
+            self._closed.popitem(last=False)
+
+    def expire(self, now: float | None = None) -> list[tuple[LiveStream, ServiceError]]:
+        """Closes streams whose caller hung up, and streams that sent nothing for
+        `idle_timeout_s` (a caller that stalled: told why, if it still listens). Returns them,
+        each with its error (one that does not `notify` for a hang-up)."""
         now = time.monotonic() if now is None else now
-        idle = [sid for sid, s in self.streams.items()
-                if s.busy == 0 and now - s.last_active > self.idle_timeout_s]
-        for stream_id in idle:
-            self.close(stream_id, f"no audio for {self.idle_timeout_s:g} s")
-        return idle
+        closing = []
+        for stream in list(self.streams.values()):
+            idle_s = now - stream.last_active
+            if stream.busy or idle_s < HANGUP_CHECK_S:
+                continue
+            if stream.hung_up():
+                closing.append((stream, "the caller hung up",
+                                ServiceError("the caller hung up", code="CANCELLED", kind=None, notify=False)))
+            elif idle_s > self.idle_timeout_s:
+                reason = f"no audio for {self.idle_timeout_s:g} s"
+                closing.append((stream, reason, IdleTimeout(f"stream {stream.id} was closed: {reason}")))
+        for stream, reason, error in closing:
+            self.close(stream, reason, failed=True, notice=error if error.notify else None)
+        return [(stream, error) for stream, _, error in closing]
 
 
 def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100,
-                   on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None) -> StreamFactory:
-    return lambda stream_id, options: LiveStream(stream_id, vad, recognizer, run_vad, options, vad_step_ms,
-                                                 on_final=on_final, fbank=fbank)
+                   on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None,
+                   on_failure: OnFailure = lambda stream, error: None) -> StreamFactory:
+    return lambda key, options: LiveStream(key, vad, recognizer, run_vad, options, vad_step_ms,
+                                           on_final=on_final, fbank=fbank, on_failure=on_failure)

@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonasr.audio import AudioError, validate_samples
+from tritonasr.audio import validate_samples
 from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
+from tritonasr.errors import (GRPC_STATUS, AudioError, InputError, RecognitionError, ServiceError, SpeakerError,
+                             bounded, classify, shown, with_status)
 from tritonasr.features import Extract, in_pieces
 from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
-from tritonasr.speakers import SpeakerError, SpeakerRegistry, SpeakerSettings, build_speaker_stage
-from tritonasr.streaming import StreamError, StreamOptions, StreamRegistry, check_chunk, stream_factory
+from tritonasr.speakers import SpeakerRegistry, SpeakerSettings, build_speaker_stage
+from tritonasr.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry, check_chunk,
+                                 check_sequence_id, stream_factory)
 from tritonasr.vad import VadSpec
 
 log = logging.getLogger("tritonasr")
@@ -60,7 +63,7 @@ class OnnxLeafModel:
             results = self.model.run_batch(feeds, self.output_names)
         except Exception as exc:  # one bad batch must not take the model down
             log.error("onnx run failed: %s", traceback.format_exc())
-            error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+            error = _triton_error(classify(exc))
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         return [pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in result.items()])
                 for result in results]
@@ -112,16 +115,16 @@ class PipelineMetrics:
         self.segments(engine)
         self.latency.observe(latency_s)
 
-    def error(self, kind: str) -> None:
-        self._labelled("errors", "kind", kind).increment(1)
-
-
-# The kind label of tritonasr_errors_total for each failure the models report.
-ERROR_KINDS = ((AudioError, "bad_audio"), (StreamError, "bad_stream"), (SpeakerError, "bad_request"))
-
-
-def error_kind(exc: Exception) -> str:
-    return next((kind for cls, kind in ERROR_KINDS if isinstance(exc, cls)), "internal")
+    def failed(self, exc: BaseException, model: str) -> ServiceError:
+        """The error to report for `exc`, counted once under its kind (internal faults logged)."""
+        error = classify(exc)
+        if error is not exc:
+            log.error("%s failed: %s", model, "".join(traceback.format_exception(exc)))
+        elif isinstance(error, RecognitionError):
+            log.error("%s: %s", model, error)
+        if error.kind:
+            self._labelled("errors", "kind", error.kind).increment(1)
+        return error
 
 
 class _PipelineModel:
@@ -183,8 +186,9 @@ class _PipelineModel:
             requested_output_names=outputs,
         )
         response = await request.async_exec()
-        if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
+        if response.has_error():  # keeps the leaf model's code: UNAVAILABLE stays UNAVAILABLE
+            error = response.error()
+            raise RecognitionError(f"{model}: {error.message()}", code=_code_name(error.code()))
         return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
     async def _run_vad(self, feats, caches):
@@ -229,11 +233,11 @@ class OfflineAsrModel(_PipelineModel):
                                         max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
 
     async def _handle(self, request) -> dict:
-        audio = _input(request, "AUDIO")
-        engine = _text(_input(request, "ENGINE"), "")
+        audio = _required(request, "AUDIO")
+        engine = _text(request, "ENGINE", "")
         result = await self.pipeline.transcribe(
             audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
-            language=_text(_input(request, "LANGUAGE"), "auto"),
+            language=_text(request, "LANGUAGE", "auto"),
             use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
             sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
             with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
@@ -264,26 +268,28 @@ class SpeakerRegistryModel(_PipelineModel):
         return await detect_speech(self.vad_spec, self._run_vad, samples, fbank)
 
     async def _handle(self, request) -> dict:
-        action = _text(_input(request, "ACTION"), "")
-        name = _text(_input(request, "NAME"), "")
-        if action in ("enroll", "remove") and not name:
-            raise SpeakerError(f"{action} needs a NAME")
-        if action == "embed":
-            check_sample_rate(int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)))
-            samples = validate_samples(_input(request, "AUDIO").reshape(-1))
-            if samples.size > self.max_samples:
-                raise AudioError(f"enrollment audio is limited to {self.max_samples // SAMPLE_RATE} s")
-            return await self.registry.embed(samples)
-        if action == "enroll":
-            embeddings, speech_ms = _input(request, "EMBEDDINGS"), _input(request, "SPEECH_MS")
-            if embeddings is None or speech_ms is None:
-                raise SpeakerError("enroll needs EMBEDDINGS and SPEECH_MS (from embed)")
-            return self.registry.enroll(name, embeddings, speech_ms, bool(_scalar(_input(request, "REPLACE"), False)))
-        if action == "remove":
-            return self.registry.remove(name)
-        if action == "list":
-            return self.registry.list()
-        raise SpeakerError(f"unknown ACTION {action!r}: use embed, enroll, remove or list")
+        action = _text(request, "ACTION", "")
+        handler = {"embed": self._embed, "enroll": self._enroll, "remove": self._remove, "list": self._list}.get(action)
+        if handler is None:
+            raise SpeakerError(f"unknown ACTION {shown(action)}: use embed, enroll, remove or list")
+        return await handler(request)
+
+    async def _embed(self, request) -> dict:
+        check_sample_rate(int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)))
+        samples = validate_samples(_required(request, "AUDIO").reshape(-1))
+        if samples.size > self.max_samples:
+            raise AudioError(f"enrollment audio is limited to {self.max_samples // SAMPLE_RATE} s")
+        return await self.registry.embed(samples)
+
+    async def _enroll(self, request) -> dict:
+        return self.registry.enroll(_name(request, "enroll"), _required(request, "EMBEDDINGS"),
+                                    _required(request, "SPEECH_MS"), bool(_scalar(_input(request, "REPLACE"), False)))
+
+    async def _remove(self, request) -> dict:
+        return self.registry.remove(_name(request, "remove"))
+
+    async def _list(self, request) -> dict:
+        return self.registry.list()
 
     async def execute(self, requests):
         return [await _respond("speaker_registry", self._handle(r), self.metrics) for r in requests]
@@ -299,12 +305,13 @@ class StreamingAsrModel(_PipelineModel):
         self.metrics.open_streams.set(0)
         factory = stream_factory(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
                                  vad_step_ms=int(self.params.get("vad_step_ms", "100")),
-                                 on_final=self.metrics.final_sent)
+                                 on_final=self.metrics.final_sent, on_failure=self._stream_failed)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
         self.max_chunk_samples = int(self.params.get("max_chunk_ms", "2000")) * SAMPLE_RATE // 1000
         self.streams = StreamRegistry(factory, idle_us / 1e6, int(self.params.get("max_streams", "2000")),
-                                      on_change=self.metrics.open_streams.set)
+                                      on_change=self.metrics.open_streams.set,
+                                      require_token=self.params.get("require_stream_token", "false") == "true")
         self._sweeper: asyncio.Future | None = None
 
     async def execute(self, requests):
@@ -312,46 +319,47 @@ class StreamingAsrModel(_PipelineModel):
             self._sweeper = asyncio.ensure_future(self._close_idle_streams())
         # Returns once each chunk is taken in (its VAD step done); segments are sent later by
         # the stream. The backend runs the next execute() meanwhile.
-        await asyncio.gather(*(self._handle(_Chunk.read(request), _ResponseSink(request.get_response_sender(), self.metrics))
-                               for request in requests))
+        await asyncio.gather(*(self._handle(request) for request in requests))
         return None
 
-    async def _handle(self, chunk: "_Chunk", sink: "_ResponseSink") -> None:
+    def _caller(self, request) -> str:
+        """Who sent the request, as streams are keyed ("" while callers are not authenticated)."""
+        return ""
+
+    async def _handle(self, request) -> None:
+        sink = _ResponseSink(request.get_response_sender())
+        chunk = stream = None
         try:
+            chunk = _Chunk.read(request, self._caller(request))
             if chunk.start:
-                options = StreamOptions(_text(chunk.language, "auto"), bool(_scalar(chunk.use_itn, False)),
-                                        int(_scalar(chunk.partial_interval_ms, 0)), _text(chunk.engine, ""),
-                                        bool(_scalar(chunk.with_speaker, True)),
-                                        bool(_scalar(chunk.return_embedding, False)))
-                stream = self.streams.open(chunk.stream_id, options)
+                stream = self.streams.open(chunk.key, chunk.options(), chunk.token)
             else:
-                stream = self.streams.get(chunk.stream_id)
-            samples = check_chunk(chunk.audio, self.max_chunk_samples,
-                                  int(_scalar(chunk.sample_rate, SAMPLE_RATE)))
+                stream = self.streams.get(chunk.key, chunk.token, chunk.end)
+            samples = check_chunk(chunk.audio, self.max_chunk_samples, int(_scalar(chunk.sample_rate, SAMPLE_RATE)))
             self.metrics.audio_received(samples.size)
             await stream.push(samples, chunk.end, sink)
             if chunk.end:
-                self.streams.close(chunk.stream_id, "ended")
-        except (AudioError, StreamError) as exc:
-            self._fail(chunk, sink, str(exc), error_kind(exc))
+                self.streams.close(stream, "ended")
         except Exception as exc:
-            log.error("asr_stream failed: %s", traceback.format_exc())
-            self._fail(chunk, sink, f"internal error: {exc}", "internal")
-
-    def _fail(self, chunk: "_Chunk", sink: "_ResponseSink", message: str, kind: str) -> None:
-        # The stream ends here: its state is freed and its later chunks are told why.
-        try:
-            sink.fail(message, kind)
+            error = self.metrics.failed(exc, "asr_stream")
+            sink.fail(error)
             sink.finish()
-        finally:
-            self.streams.close(chunk.stream_id, f"closed after an error: {message}")
+            # Only the stream this chunk belongs to ends (never one it was refused entry to).
+            if stream is not None:
+                self.streams.close(stream, f"closed after an error: {error}", failed=True)
+            elif chunk is not None and chunk.start:
+                self.streams.refused(chunk.key, chunk.token, f"refused at its start: {error}")
+
+    def _stream_failed(self, stream: LiveStream, error: ServiceError) -> None:
+        self.metrics.failed(error, "asr_stream")
+        self.streams.close(stream, f"closed after an error: {error}", failed=True)
 
     async def _close_idle_streams(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            for stream_id in self.streams.expire():
-                log.warning("asr_stream: closed idle stream %d", stream_id)
-                self.metrics.error("idle_timeout")
+            for stream, error in self.streams.expire():
+                log.info("asr_stream: closed stream %d: %s", stream.id, error)
+                self.metrics.failed(error, "asr_stream")
 
     def finalize(self) -> None:
         if self._sweeper is not None:
@@ -360,56 +368,69 @@ class StreamingAsrModel(_PipelineModel):
 
 @dataclass
 class _Chunk:
-    stream_id: int
+    key: StreamKey
+    token: str  # the stream_token request parameter ("" when not sent)
     start: bool
     end: bool
-    audio: np.ndarray
+    audio: np.ndarray | None
     sample_rate: np.ndarray | None
-    language: np.ndarray | None
-    use_itn: np.ndarray | None
-    partial_interval_ms: np.ndarray | None
-    engine: np.ndarray | None
-    with_speaker: np.ndarray | None
-    return_embedding: np.ndarray | None
+    request: object
 
     @classmethod
-    def read(cls, request) -> "_Chunk":
-        names = ("AUDIO", "SAMPLE_RATE", "LANGUAGE", "USE_ITN", "PARTIAL_INTERVAL_MS", "ENGINE",
-                 "WITH_SPEAKER", "RETURN_EMBEDDING")
-        return cls(int(_scalar(_input(request, "CORRID"), 0)), bool(_scalar(_input(request, "START"), 0)),
-                   bool(_scalar(_input(request, "END"), 0)), *(_input(request, name) for name in names))
+    def read(cls, request, caller: str) -> "_Chunk":
+        # The correlation id as the client sent it (an int, or a str for string ids); the CORRID
+        # control tensor would turn every string id into one number.
+        key = StreamKey(check_sequence_id(request.correlation_id()), caller)
+        token = json.loads(request.parameters() or "{}").get("stream_token", "")
+        if not isinstance(token, str) or len(token) > 256:
+            raise InputError("stream_token must be a string of at most 256 characters")
+        return cls(key, token, bool(_scalar(_input(request, "START"), 0)), bool(_scalar(_input(request, "END"), 0)),
+                   _input(request, "AUDIO"), _input(request, "SAMPLE_RATE"), request)
+
+    def options(self) -> StreamOptions:
+        """The stream's options, which its START carries."""
+        request = self.request
+        return StreamOptions(_text(request, "LANGUAGE", "auto"), bool(_scalar(_input(request, "USE_ITN"), False)),
+                             int(_scalar(_input(request, "PARTIAL_INTERVAL_MS"), 0)), _text(request, "ENGINE", ""),
+                             bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
+                             bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)))
 
 
 class _ResponseSink:
     """A request's response sender as a `Sink`."""
 
-    def __init__(self, sender, metrics: PipelineMetrics):
+    def __init__(self, sender):
         self.sender = sender
-        self.metrics = metrics
 
     def send(self, payload: dict) -> None:
         self.sender.send(_json_response(payload))
 
-    def fail(self, message: str, kind: str = "recognition") -> None:
-        # The stream's own failures (a model call during recognition) come without a kind.
-        self.metrics.error(kind)
-        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+    def fail(self, error: ServiceError) -> None:
+        self.sender.send(pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(with_status(error), getattr(pb_utils.TritonError, error.code))))
 
     def finish(self) -> None:
         self.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+
+def _code_name(code) -> str:
+    """The name of a pb_utils.TritonError code (which exists only once the stub has started)."""
+    return next((name for name in GRPC_STATUS if getattr(pb_utils.TritonError, name) == code), "INTERNAL")
+
+
+def _triton_error(error: ServiceError) -> "pb_utils.TritonError":
+    return pb_utils.TritonError(bounded(str(error)), getattr(pb_utils.TritonError, error.code))
 
 
 async def _respond(model: str, work, metrics: PipelineMetrics) -> "pb_utils.InferenceResponse":
     """The JSON result of `work`, or the error a bad request earned (only that request fails)."""
     try:
         return _json_response(await work)
-    except (AudioError, SpeakerError) as exc:
-        metrics.error(error_kind(exc))
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
     except Exception as exc:
-        log.error("%s failed: %s", model, traceback.format_exc())
-        metrics.error("internal")
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}"))
+        return pb_utils.InferenceResponse(error=_triton_error(metrics.failed(exc, model)))
 
 
 def _json_response(payload: dict):
@@ -422,10 +443,39 @@ def _input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
+def _required(request, name: str) -> np.ndarray:
+    value = _input(request, name)
+    if value is None:
+        raise InputError(f"this request needs the {name} input")
+    return value
+
+
 def _scalar(value: np.ndarray | None, default):
-    return default if value is None else value.reshape(-1)[0]
+    if value is None:
+        return default
+    if value.size == 0:
+        raise InputError("an option tensor is empty")
+    return value.reshape(-1)[0]
 
 
-def _text(value: np.ndarray | None, default: str) -> str:
-    value = _scalar(value, default)
-    return value.decode() if isinstance(value, bytes) else str(value)
+# Longest text option (LANGUAGE, ENGINE, ACTION, NAME), in bytes.
+MAX_TEXT_BYTES = 1024
+
+
+def _text(request, name: str, default: str) -> str:
+    value = _scalar(_input(request, name), default)
+    if not isinstance(value, bytes):
+        return str(value)
+    if len(value) > MAX_TEXT_BYTES:
+        raise InputError(f"{name} is {len(value)} bytes long; at most {MAX_TEXT_BYTES}")
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise InputError(f"{name} is not valid UTF-8 text") from None
+
+
+def _name(request, action: str) -> str:
+    name = _text(request, "NAME", "")
+    if not name:
+        raise SpeakerError(f"{action} needs a NAME")
+    return name
