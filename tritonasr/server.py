@@ -8,6 +8,7 @@ resolves `python3` there, which is how model.py files see our virtualenv).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -120,6 +121,29 @@ class ServerConfig:
         return args + list(self.extra_args)
 
 
+STUB_EXECUTABLE = "triton_python_backend_stub"
+
+
+def stub_processes(server_pid: int) -> dict[int, list[str]]:
+    """The live Python-backend model processes (stubs) of the tritonserver `server_pid`: pid ->
+    command line. The Python backend runs each stub as `STUB MODEL_PY SHM_REGION DEFAULT GROWTH
+    SERVER_PID LIB IPC_HANDLE INSTANCE_NAME MODEL_DIR`, so a stub is known by the server pid on its
+    command line, even orphaned. A dead stub not yet reaped (a zombie) has an empty command line
+    and is not listed."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = [arg.decode(errors="replace") for arg in f.read().split(b"\0")]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if len(argv) > 8 and argv[0].endswith(STUB_EXECUTABLE) and argv[5] == str(server_pid):
+            found[int(entry.name)] = argv
+    return found
+
+
 _FAILED_MODEL = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
 _FAILED_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|?$")
 
@@ -137,6 +161,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._reader: threading.Thread | None = None
+        self._shm_regions: set[str] = set()  # the model processes' regions in /dev/shm
 
     @property
     def grpc_url(self) -> str:
@@ -229,19 +254,43 @@ class TritonServer:
             return f"tritonserver exited ({code}): a port is already in use\n{self.log_tail(15)}"
         return f"tritonserver exited ({code}) before it was ready:\n{self.log_tail()}"
 
+    def stub_processes(self) -> dict[int, list[str]]:
+        """This server's live model processes: pid -> command line (see `stub_processes`)."""
+        stubs = stub_processes(self.process.pid) if self.process else {}
+        # Remembered while they live: a killed stub's region, or a killed server's, is freed at stop().
+        self._shm_regions.update(argv[2].lstrip("/") for argv in stubs.values())
+        return stubs
+
     def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM, then SIGKILL if the server has not drained in `timeout_s`."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """SIGTERM, then SIGKILL if the server has not drained in `timeout_s`. Model processes
+        left behind (a killed or crashed server cannot stop them) are killed and their shared
+        memory freed."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.stub_processes()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        for pid in self.stub_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        # Unlinking a region the server already removed is a no-op.
+        for region in self._shm_regions:
+            with contextlib.suppress(OSError):
+                os.unlink(Path("/dev/shm") / region)
+        self._shm_regions.clear()
         if self._reader:
             self._reader.join(timeout=5)
         return self.process.returncode
+
+    def restart(self, drain_s: float = 1.0, timeout_s: float = 600.0) -> "TritonServer":
+        """Stop (in-flight requests get `drain_s`) and start again with the same config."""
+        self.stop(timeout_s=drain_s)
+        return self.start(timeout_s)
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self

@@ -1,0 +1,299 @@
+"""Keeps the embedded Triton server serving when one of its model processes dies.
+
+Triton 2.51's Python backend neither restarts a dead model process (its stub) nor reports it:
+the restart of non-decoupled stubs went in python_backend#364 (r24.07), and the stub's health
+only reaches readiness with TRITONBACKEND_ModelInstanceReady (python_backend#423, 2025-12).
+So after a crash, an OOM kill or `kill -9`, every request the instance gets fails with
+"Stub process ... is not healthy" while /v2/health/ready stays 200; unload+load through the
+repository API orphans the instance. The supervisor watches the stubs itself, says not-ready
+on its own health endpoint at once, and restarts the whole server (the one restore that leaves
+nothing behind), a bounded number of times: past that it gives up, not live, and `serve` exits
+non-zero so that the orchestrator takes over.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tritonasr.server import ServerConfig, ServerError, TritonServer
+
+STARTING, READY, NOT_READY, RESTARTING, FAILED, STOPPED = (
+    "starting", "ready", "not_ready", "restarting", "failed", "stopped")
+
+
+class Supervisor:
+    """Watches a TritonServer, restarts it when a model process dies or the server stops
+    answering, and serves `GET /health/ready` and `GET /health/live` (200 or 503, JSON).
+
+    >>> supervisor = Supervisor(TritonServer(config), health_port=8003).start()
+    >>> failure = supervisor.run(stop_event)   # None once stop_event is set
+    >>> supervisor.stop()
+    """
+
+    def __init__(self, server: TritonServer, health_host: str = "127.0.0.1", health_port: int | None = None,
+                 poll_s: float = 0.25, drain_s: float = 1.0, unresponsive_s: float = 15.0,
+                 max_restarts: int = 3, restart_window_s: float = 600.0, start_timeout_s: float = 600.0):
+        self.server = server
+        self.poll_s = poll_s
+        # In-flight requests get this long on a server already failing some of them: the restart
+        # is mostly the server's cold start (13-14 s for the test models on 2 busy cores).
+        self.drain_s = drain_s
+        # How long Triton may fail its own readiness probe before it is restarted.
+        self.unresponsive_s = unresponsive_s
+        # More restarts than this within restart_window_s is a crash loop: give up.
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
+        self.start_timeout_s = start_timeout_s
+        self.restarts: list[float] = []  # monotonic times of the restarts in the window
+        self.restart_count = 0
+        self._state, self._reason = STARTING, "tritonserver is starting"
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._failed = threading.Event()
+        self._stubs: dict[int, str] = {}  # pid -> "instance (model)" of the processes being watched
+        self._last_ready = time.monotonic()
+        self._monitor: threading.Thread | None = None
+        self._http: ThreadingHTTPServer | None = None
+        if health_port is not None:
+            self._http = ThreadingHTTPServer((health_host, health_port), _handler(self))
+            self._http.daemon_threads = True
+
+    @property
+    def health_url(self) -> str | None:
+        if self._http is None:
+            return None
+        host, port = self._http.server_address[:2]
+        return f"http://{'localhost' if host in ('0.0.0.0', '::') else host}:{port}"
+
+    def health(self) -> dict:
+        """What the health endpoint answers: ready, live, the state and why."""
+        with self._lock:
+            state, reason = self._state, self._reason
+        monitoring = self._monitor is not None and self._monitor.is_alive()
+        return {"ready": state == READY and monitoring,
+                "live": state in (STARTING, STOPPED) or (state != FAILED and monitoring),
+                "state": state, "reason": reason, "restarts": self.restart_count,
+                "model_processes": len(self._stubs)}
+
+    def start(self) -> "Supervisor":
+        """Serves health (not ready while starting), starts the server (a ServerError if it does
+        not come up: a first start that fails is a configuration problem, not a crash) and
+        watches it."""
+        if self._http is not None:
+            threading.Thread(target=self._http.serve_forever, name="health", daemon=True).start()
+        if self.server.process is None:
+            try:
+                self.server.start(self.start_timeout_s)
+            except ServerError as exc:
+                self._set(FAILED, f"tritonserver did not start: {exc}")
+                self._close_http()
+                raise
+        self._watch_new_server()
+        self._monitor = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._monitor.start()
+        return self
+
+    def run(self, stop: threading.Event) -> str | None:
+        """Blocks until `stop` is set (None) or the supervisor gave up (the reason)."""
+        while not stop.wait(0.5):
+            if self._failed.is_set():
+                return self._reason
+        return None
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """Stops watching and stops the server (SIGTERM, then SIGKILL after `timeout_s`)."""
+        self._closing.set()
+        code = self.server.stop(timeout_s)  # also ends a restart that is still waiting for ready
+        if self._monitor is not None:
+            self._monitor.join()
+        code = self.server.stop(timeout_s) if self.server.process and self.server.process.poll() is None else code
+        self._set(STOPPED, "stopped")
+        self._close_http()
+        return code
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def _set(self, state: str, reason: str) -> None:
+        with self._lock:
+            self._state, self._reason = state, reason
+
+    def _watch_new_server(self) -> None:
+        self._stubs = {pid: _describe(argv) for pid, argv in self.server.stub_processes().items()}
+        self._last_ready = time.monotonic()
+        self._set(READY, f"serving; {len(self._stubs)} model processes")
+
+    def _loop(self) -> None:
+        while not self._closing.wait(self.poll_s):
+            problem = self._check()
+            if problem and not self._closing.is_set():
+                self._recover(problem)
+            if self._failed.is_set():
+                return
+
+    def _check(self) -> str | None:
+        """Why the server must be restarted, or None. Sets not-ready while Triton is."""
+        process = self.server.process
+        if process is None or process.poll() is not None:
+            return f"tritonserver exited ({process.returncode if process else None})"
+        alive = self.server.stub_processes()
+        for pid in [pid for pid in self._stubs if pid not in alive]:
+            name = self._stubs.pop(pid)
+            # A stub also goes when its model is unloaded (explicit model control): only a dead
+            # process under a model Triton still serves, or under a server no longer ready, is a fault.
+            if self._model_ready(_model_of(name)) or not self._triton_ready():
+                return f"model process {name} (pid {pid}) died"
+        for pid, argv in alive.items():  # models loaded since (explicit model control)
+            self._stubs.setdefault(pid, _describe(argv))
+        if self._triton_ready():
+            self._last_ready = time.monotonic()
+            self._set(READY, f"serving; {len(self._stubs)} model processes")
+            return None
+        silent = time.monotonic() - self._last_ready
+        if silent > self.unresponsive_s:
+            return f"tritonserver not ready for {silent:.0f} s"
+        self._set(NOT_READY, "tritonserver reports not ready, or does not answer")
+        return None
+
+    def _recover(self, problem: str) -> None:
+        self._set(RESTARTING, problem)
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.restart_window_s]
+        if len(self.restarts) >= self.max_restarts:
+            reason = (f"{problem}; {len(self.restarts)} restarts in the last {self.restart_window_s:.0f} s: "
+                      "giving up")
+            print(f"tritonasr: {reason}", file=sys.stderr, flush=True)
+            self.server.stop(self.drain_s)
+            self._set(FAILED, reason)
+            self._failed.set()
+            return
+        self.restarts.append(now)
+        self.restart_count += 1
+        print(f"tritonasr: {problem}: restarting tritonserver", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            self.server.restart(self.drain_s, self.start_timeout_s)
+        except ServerError as exc:
+            # The next check sees the server down and tries again, within the restart budget.
+            self._set(RESTARTING, f"{problem}; the restart failed: {exc}")
+            return
+        if self._closing.is_set():
+            return
+        self._watch_new_server()
+        print(f"tritonasr: ready again after {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+
+    def _triton_ready(self) -> bool:
+        return _http_ok(f"{self.server.http_url}/v2/health/ready")
+
+    def _model_ready(self, model: str) -> bool:
+        return _http_ok(f"{self.server.http_url}/v2/models/{model}/ready")
+
+
+def _describe(argv: list[str]) -> str:
+    """`instance (model)` from a stub's command line (see tritonasr.server.stub_processes)."""
+    return f"{argv[8]} ({Path(argv[1]).parent.parent.name})"
+
+
+def _model_of(described: str) -> str:
+    return described[described.rindex("(") + 1:-1]
+
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:  # refused, timed out, or an HTTP error status
+        return False
+
+
+def _handler(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            kind = {"/health/ready": "ready", "/health/live": "live", "/health": "ready"}.get(self.path)
+            if kind is None:
+                self.send_error(404, "GET /health/ready or /health/live")
+                return
+            health = supervisor.health()
+            body = json.dumps(health).encode()
+            self.send_response(200 if health[kind] else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # probes every few seconds: no access log
+            pass
+
+    return Health
+
+
+class CommandServer(TritonServer):
+    """A tritonserver command line given whole (the NGC container's own server and backends),
+    started, watched and stopped like the embedded one."""
+
+    def __init__(self, argv: list[str], echo_log: bool = True):
+        super().__init__(ServerConfig(Path("."), http_port=_http_port(argv)), echo_log=echo_log)
+        self.argv = argv
+
+    def start(self, timeout_s: float = 600.0) -> "CommandServer":
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        errors="replace", start_new_session=True)
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        self._wait_ready(timeout_s)
+        return self
+
+
+def _http_port(argv: list[str]) -> int:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--http-port="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--http-port" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return 8000
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tritonasr.supervisor [options] -- tritonserver ARGS…`: the container's entry
+    point. Exits 1 when the server does not start or the supervisor gives up."""
+    parser = argparse.ArgumentParser(prog="python -m tritonasr.supervisor", description=main.__doc__)
+    parser.add_argument("--health-host", default="127.0.0.1")
+    parser.add_argument("--health-port", type=int, default=8003)
+    parser.add_argument("--max-restarts", type=int, default=3)
+    parser.add_argument("--restart-window", type=float, default=600.0, help="seconds")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver ARGS…")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the server's command line after --")
+    supervisor = Supervisor(CommandServer(command), args.health_host, args.health_port,
+                            max_restarts=args.max_restarts, restart_window_s=args.restart_window)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        supervisor.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tritonasr: ready; health {supervisor.health_url}/health/ready", file=sys.stderr, flush=True)
+    failure = supervisor.run(stop)
+    supervisor.stop()
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
