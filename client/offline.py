@@ -10,6 +10,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, load_audio, resample, validate_samples
+from tritonasr.client.connection import Credentials, access_denied, resolve
 
 LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko")
 
@@ -26,13 +27,18 @@ class ModelClient:
     """A synchronous gRPC client for one model taking tensors and answering JSON in RESULT;
     not thread-safe, use one per thread."""
 
+    sends_admin_key = False  # the model has calls that need the admin key
+
     def __init__(self, url: str = "localhost:8001", model: str = "asr_offline",
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, credentials: Credentials | None = None):
+        """credentials: TLS and keys (None: from the $TRITONASR_* environment variables)."""
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
+        self.credentials = resolve(credentials)
+        self.headers = self.credentials.headers(admin=self.sends_admin_key)
         # tritonclient already raises gRPC's message limits to 2 GiB (a 30-minute file is 115 MB).
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, **self.credentials.grpc_options())
 
     def close(self) -> None:
         self._client.close()
@@ -46,7 +52,7 @@ class ModelClient:
     def check_ready(self) -> None:
         """Raises ServerUnavailableError unless the server answers and the model is ready."""
         try:
-            ready = self._client.is_model_ready(self.model, client_timeout=self.timeout_s)
+            ready = self._client.is_model_ready(self.model, headers=self.headers, client_timeout=self.timeout_s)
         except InferenceServerException as e:
             raise ServerUnavailableError(
                 f"cannot reach the Triton server at {self.url} ({e.message()})"
@@ -61,12 +67,12 @@ class ModelClient:
         try:
             response = self._client.infer(
                 self.model, inputs, outputs=[grpcclient.InferRequestedOutput("RESULT")],
-                client_timeout=self.timeout_s,
+                headers=self.headers, client_timeout=self.timeout_s,
             )
         except InferenceServerException as e:
             # Connection and model problems are told apart from a rejected request.
             self.check_ready()
-            raise TranscriptionError(e.message()) from None
+            raise access_denied(e.message()) or TranscriptionError(e.message()) from None
         return json.loads(response.as_numpy("RESULT").item())
 
 

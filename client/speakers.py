@@ -9,13 +9,24 @@ import sys
 import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio
+from tritonasr.client.connection import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    AccessDeniedError,
+    Credentials,
+)
 from tritonasr.client.offline import ModelClient, ServerUnavailableError, TranscriptionError, server_audio, tensor_input
 
 
 class SpeakerRegistryClient(ModelClient):
+    sends_admin_key = True  # enroll, replace and remove
+
     def __init__(self, url: str = "localhost:8001", model: str = "speaker_registry",
-                 timeout_s: float | None = 600):
-        super().__init__(url, model, timeout_s)
+                 timeout_s: float | None = 600, credentials: Credentials | None = None):
+        """credentials: enroll, replace and remove need its admin key."""
+        super().__init__(url, model, timeout_s, credentials)
 
     def voiceprint(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict:
         """{"embedding", "speech_ms", "segments"} of a recording's speech."""
@@ -59,11 +70,11 @@ def _action(action: str):
 
 
 def run_speakers(action: str, url: str, name: str | None = None, files: list[str] = (),
-                 replace: bool = False, fmt: str = "text") -> int:
+                 replace: bool = False, fmt: str = "text", credentials: Credentials | None = None) -> int:
     """`tritonasr speakers enroll|list|remove`; returns the exit code (0 ok, 1 refused,
-    2 server unreachable or registry not loaded)."""
+    2 server unreachable or registry not loaded, 3 access denied)."""
     try:
-        with SpeakerRegistryClient(url) as client:
+        with SpeakerRegistryClient(url, credentials=credentials) as client:
             client.check_ready()
             if action == "enroll":
                 result = client.enroll(name, files, replace)
@@ -80,8 +91,11 @@ def run_speakers(action: str, url: str, name: str | None = None, files: list[str
                 print(f"{len(speakers)} speaker(s) enrolled", file=sys.stderr)
     except ServerUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_UNREACHABLE
+    except AccessDeniedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DENIED
     except TranscriptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

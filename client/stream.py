@@ -34,6 +34,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
+from tritonasr.client.connection import Credentials, access_denied, resolve
 from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, TranscriptionError
 from tritonasr.errors import split_status
 
@@ -252,7 +253,7 @@ class LiveStream:
 
     async def _results(self) -> AsyncIterator[StreamSegment]:
         try:
-            self._call = self.client._grpc.stream_infer(self.requests())
+            self._call = self.client._grpc.stream_infer(self.requests(), headers=self.client.headers)
         except InferenceServerException as exc:
             raise StreamError(exc.message()) from None
         try:
@@ -328,7 +329,8 @@ class LiveStream:
         async for result, error in responses:
             received_at = self._now()
             if error is not None:
-                raise StreamError(*split_status(error.message()))
+                message, code = split_status(error.message())
+                raise access_denied(message) or StreamError(message, code)
             item = parse_response(result, self.chunk_clock, received_at)
             if isinstance(item, StreamSummary):
                 self.summary = item
@@ -341,12 +343,15 @@ class StreamingClient:
     """An asyncio gRPC client for `asr_stream`; create it inside the event loop that uses it."""
 
     def __init__(self, url: str = "localhost:8001", model: str = "asr_stream",
-                 finish_timeout_s: float | None = 120.0):
+                 finish_timeout_s: float | None = 120.0, credentials: Credentials | None = None):
+        """credentials: TLS and keys (None: from the $TRITONASR_* environment variables)."""
         self.url = url
         self.model = model
+        self.credentials = resolve(credentials)
+        self.headers = self.credentials.headers()
         # After the last chunk is sent, the longest silence from the server before giving up.
         self.finish_timeout_s = finish_timeout_s
-        self._grpc = grpcaio.InferenceServerClient(url)
+        self._grpc = grpcaio.InferenceServerClient(url, **self.credentials.grpc_options())
 
     async def close(self) -> None:
         await self._grpc.close()
@@ -360,7 +365,7 @@ class StreamingClient:
     async def check_ready(self, timeout_s: float | None = 10.0) -> None:
         """Raises ServerUnavailableError unless the server answers and the model is ready."""
         try:
-            ready = await self._grpc.is_model_ready(self.model, client_timeout=timeout_s)
+            ready = await self._grpc.is_model_ready(self.model, headers=self.headers, client_timeout=timeout_s)
         except InferenceServerException as exc:
             raise ServerUnavailableError(
                 f"cannot reach the Triton server at {self.url} ({exc.message()})") from None

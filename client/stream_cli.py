@@ -12,19 +12,27 @@ from typing import TextIO
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.formats import clock, line_prefix
 from tritonasr.client.offline import LANGUAGES, ServerUnavailableError
+from tritonasr.client.connection import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    AccessDeniedError,
+    Credentials,
+)
 from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
 
-EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 STREAM_FORMATS = ("text", "json")
 
 
 def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, realtime: bool = False,
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
-               fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True) -> int:
+               fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True,
+               credentials: Credentials | None = None) -> int:
     """Streams one audio file and prints each result as it arrives; returns the exit code.
 
     0: the stream completed; 1: the file or the stream failed (reported on stderr);
-    2: the server is unreachable or the model is not loaded.
+    2: the server is unreachable or the model is not loaded; 3: the server refused the caller's key.
     """
     if fmt not in STREAM_FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STREAM_FORMATS)}")
@@ -36,13 +44,14 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
         print(f"error: {exc}", file=sys.stderr)  # load_audio's messages start with the path
         return EXIT_FAILED
     printer = Printer(fmt, output)
-    return asyncio.run(_stream(path, url, chunks, printer, realtime=realtime,
+    return asyncio.run(_stream(path, url, credentials, chunks, printer, realtime=realtime,
                                partial_interval_ms=partial_interval_ms, language=language, use_itn=use_itn,
                                engine=engine, with_speaker=with_speaker))
 
 
-async def _stream(path: str, url: str, chunks: list, printer: Printer, **options) -> int:
-    async with StreamingClient(url) as client:
+async def _stream(path: str, url: str, credentials: Credentials | None, chunks: list, printer: Printer,
+                  **options) -> int:
+    async with StreamingClient(url, credentials=credentials) as client:
         try:
             await client.check_ready()
             async with client.stream(chunks, **options) as stream:
@@ -52,6 +61,10 @@ async def _stream(path: str, url: str, chunks: list, printer: Printer, **options
             printer.clear()
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
+        except AccessDeniedError as exc:
+            printer.clear()
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DENIED
         except (StreamError, AudioError) as exc:
             printer.clear()
             print(f"error: {path}: {exc}", file=sys.stderr)

@@ -10,6 +10,15 @@ from typing import TextIO
 from tqdm import tqdm
 
 from tritonasr.audio import AudioError
+from tritonasr.client.connection import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    AccessDeniedError,
+    Credentials,
+    resolve,
+)
 from tritonasr.client.formats import FORMATS, render
 from tritonasr.client.offline import (
     LANGUAGES,
@@ -18,23 +27,24 @@ from tritonasr.client.offline import (
     TranscriptionError,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 2
 
 
 def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
                    concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False,
-                   engine: str = "", with_speaker: bool = True) -> int:
+                   engine: str = "", with_speaker: bool = True, credentials: Credentials | None = None) -> int:
     """Transcribes `files` with `concurrency` requests in flight; returns the exit code.
 
     0: every file transcribed; 1: some failed (each reported on stderr); 2: the server is
-    unreachable or the model is not loaded (reported once, remaining files skipped).
+    unreachable or the model is not loaded, 3: the server refused the caller's key (both
+    reported once, remaining files skipped).
     """
+    credentials = resolve(credentials)
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
     try:
-        with OfflineClient(url) as probe:
+        with OfflineClient(url, credentials=credentials) as probe:
             probe.check_ready()
     except ServerUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -45,7 +55,7 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
 
     def transcribe(path: str) -> dict:
         if not hasattr(local, "client"):
-            local.client = OfflineClient(url)
+            local.client = OfflineClient(url, credentials=credentials)
             clients.append(local.client)
         return local.client.transcribe_file(path, language=language, return_embedding=return_embedding,
                                             engine=engine, with_speaker=with_speaker)
@@ -62,10 +72,10 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
         for path, future in zip(files, futures):
             try:
                 result = future.result()
-            except ServerUnavailableError as e:
+            except (ServerUnavailableError, AccessDeniedError) as e:
                 tqdm.write(f"error: {e}", file=sys.stderr)
                 pool.shutdown(cancel_futures=True)
-                code = EXIT_UNREACHABLE
+                code = EXIT_DENIED if isinstance(e, AccessDeniedError) else EXIT_UNREACHABLE
                 break
             except AudioError as e:
                 # load_audio's messages already start with the file's name.

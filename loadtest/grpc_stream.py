@@ -41,15 +41,19 @@ class StreamResult:
 
 def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *, chunk_ms: int = 100,
                realtime: bool = True, on_segment: Callable[[StreamSegment], None] | None = None,
-               finish_timeout_s: float = 120.0, model: str = "asr_stream", **options) -> StreamResult:
+               finish_timeout_s: float = 120.0, model: str = "asr_stream", headers: dict | None = None,
+               **options) -> StreamResult:
     """Streams `samples` (16 kHz float32) through `model` on `client` (one stream at a time per
     client), calling `on_segment` for each final as it arrives. `options` are those of
-    `stream_request` (language, use_itn, partial_interval_ms, engine, with_speaker, ...).
+    `stream_request` (language, use_itn, partial_interval_ms, engine, with_speaker, ...);
+    `headers`: the caller's keys (`Credentials.headers()`).
     Raises StreamError when the server refuses or aborts the stream, or stays silent for
     `finish_timeout_s` after the last chunk."""
     responses: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error, time.monotonic())))
+    client.start_stream(callback=lambda result, error: responses.put((result, error, time.monotonic())),
+                        headers=headers)
     sequence_id = secrets.randbits(63) or 1
+    token = secrets.token_urlsafe(16)  # binds the chunks to this stream (see client.stream.LiveStream)
     clock = ChunkClock(time.monotonic())
     finals: list[StreamSegment] = []
     first_response: list[float] = []
@@ -85,11 +89,12 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
                 # A chunk covering audio [a, b) leaves at start + b, as if recorded live.
                 time.sleep(max(0.0, clock.start + (clock.samples + chunk.size) / SAMPLE_RATE - time.monotonic()))
             clock.record(chunk.size, time.monotonic())
-            client.async_stream_infer(**stream_request(model, sequence_id, chunk, i == 0, False, **options))
+            client.async_stream_infer(**stream_request(model, sequence_id, chunk, i == 0, False, token=token,
+                                                       **options))
         # The END flag travels on an empty chunk after the last one.
         clock.record(0, time.monotonic())
         client.async_stream_infer(**stream_request(model, sequence_id, np.zeros(0, np.float32),
-                                                   not chunks, True, **options))
+                                                   not chunks, True, token=token, **options))
         deadline = time.monotonic() + finish_timeout_s
         while summary is None:
             if time.monotonic() >= deadline:

@@ -186,8 +186,12 @@ class TritonStreamUser(StreamCaller):
     def on_start(self) -> None:
         import tritonclient.grpc as grpcclient
 
+        from tritonasr.client.connection import Credentials
+
         super().on_start()
-        self.client = grpcclient.InferenceServerClient(self.host)
+        # TLS and keys from the $TRITONASR_* variables, as for every client.
+        self.credentials = Credentials.from_environment()
+        self.client = grpcclient.InferenceServerClient(self.host, **self.credentials.grpc_options())
 
     def on_stop(self) -> None:
         self.client.close()
@@ -197,6 +201,7 @@ class TritonStreamUser(StreamCaller):
 
         options = _options()
         result = run_stream(self.client, samples, chunk_ms=options.chunk_ms, realtime=True,
+                            headers=self.credentials.headers(),
                             partial_interval_ms=options.partials, with_speaker=False,
                             on_segment=lambda s: on_final(s.start_ms, s.end_ms, s.latency_ms))
         return result.first_response_ms

@@ -15,6 +15,17 @@ DATA = Path(__file__).parent / "data"
 # speech score 0.93-0.98 cosine similarity with the tiny model, the same recording 1.0. So the
 # test repository identifies and clusters only (near-)identical audio.
 TEST_SPEAKER_THRESHOLD = "0.995"
+# The session server's admin key: speaker changes and Triton's statistics need it. Clients read
+# it from $TRITONASR_ADMIN_KEY (set for the whole session below).
+TEST_ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def admin_key_in_environment():
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITONASR_ADMIN_KEY", TEST_ADMIN_KEY)
+    yield TEST_ADMIN_KEY
+    patch.undo()
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
@@ -80,8 +91,10 @@ def server(model_repository):
 
     # Triton 2.51 keeps a model loaded until its exit timeout once it has rejected a chunk sent
     # without START (the bad-input tests do): 5 s instead of 30 s keeps the teardown short.
-    config = ServerConfig(model_repository, free_port(), free_port(), free_port(),
-                          extra_args=["--exit-timeout-secs=5"])
+    # Leaf models open: tests compare them with in-process runs (tests/test_e2e_access.py checks
+    # the closed default).
+    config = ServerConfig(model_repository, free_port(), free_port(), free_port(), admin_key=TEST_ADMIN_KEY,
+                          open_leaf_models=True, extra_args=["--exit-timeout-secs=5"])
     # TRITONASR_ECHO_SERVER_LOG=1 pytest -s … shows the server's log while the tests run.
     with TritonServer(config, echo_log=bool(os.environ.get("TRITONASR_ECHO_SERVER_LOG"))) as running:
         yield running

@@ -17,11 +17,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import load_audio
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 from tritonasr.errors import MAX_MESSAGE_CHARS
 
-from conftest import DATA
+from conftest import DATA, TEST_ADMIN_KEY
+
+# Raw calls show the session server's admin key: registry changes need it.
+ADMIN = {ADMIN_HEADER: TEST_ADMIN_KEY}
 
 GOOD = DATA / "one_phrase.wav"
 
@@ -57,7 +61,7 @@ def _audio(samples: np.ndarray) -> grpcclient.InferInput:
 def _refusal(server, model: str, inputs) -> InferenceServerException:
     with grpcclient.InferenceServerClient(server.grpc_url) as raw:
         with pytest.raises(InferenceServerException) as refused:
-            raw.infer(model, inputs)
+            raw.infer(model, inputs, headers=ADMIN)
     return refused.value
 
 
@@ -128,7 +132,7 @@ def _registry(server, inputs) -> dict:
     import json
 
     with grpcclient.InferenceServerClient(server.grpc_url) as raw:
-        return json.loads(raw.infer("speaker_registry", inputs).as_numpy("RESULT").item())
+        return json.loads(raw.infer("speaker_registry", inputs, headers=ADMIN).as_numpy("RESULT").item())
 
 
 def test_registry_refusals_say_what_is_wrong(server, embedding):

@@ -10,9 +10,12 @@ import pytest
 import soundfile as sf
 import tritonclient.grpc as grpcclient
 
+from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
 from tritonasr.vad import split_long_segments
+
+from conftest import TEST_ADMIN_KEY
 
 SPEECH_FILES = ["one_phrase.wav", "pause_0.3s.wav", "pause_1s.wav", "pause_3s.wav",
                 "lead_trail_silence.wav", "long_70s.wav"]
@@ -114,7 +117,8 @@ def test_batched_segments_equal_single(server, model_repository):
 
 
 def _model_stats(server, model: str) -> dict:
-    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(model, as_json=True)
+    stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(
+        model, headers={ADMIN_HEADER: TEST_ADMIN_KEY}, as_json=True)
     entry = stats["model_stats"][0]
     return {"execution_count": int(entry.get("execution_count", 0)),
             "inference_count": int(entry.get("inference_count", 0))}

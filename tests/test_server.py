@@ -58,7 +58,7 @@ def test_serve_cli_reports_ready_and_stops_on_sigterm(vad_only_repository):
             lines.append(line)
             if "ready" in line or time.monotonic() > deadline:
                 break
-        assert "ready; gRPC localhost:" in "".join(lines), lines
+        assert "ready; gRPC 127.0.0.1:" in "".join(lines), lines
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()
         assert process.wait(timeout=90) == 0

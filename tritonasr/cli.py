@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from tritonasr.client.connection import add_arguments as _add_connection_args
+from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.engines import ENGINES
 from tritonasr.paths import default_model_repository, sample_audio
+from tritonasr.server import MODEL_CONTROL_MODES
 
 
 def _add_repository(parser: argparse.ArgumentParser) -> None:
@@ -32,26 +36,78 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asr-engine", choices=ENGINES, default="",
                         help="the default ASR engine of requests that name none (default: sensevoice if "
                              "exported, else parakeet)")
+    network = parser.add_argument_group("network and access (README: Security)")
+    network.add_argument("--host", default="127.0.0.1",
+                         help="address of the gRPC port, the callers' port (default 127.0.0.1: this machine "
+                              "only; 0.0.0.0 exposes it, and then needs --api-key)")
+    network.add_argument("--http-host", default="127.0.0.1",
+                         help="address of the HTTP port (health; plain-text inference)")
+    network.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus metrics port")
+    network.add_argument("--tls-cert", type=Path, default=None, help="gRPC TLS: the server's certificate chain (PEM)")
+    network.add_argument("--tls-key", type=Path, default=None, help="gRPC TLS: its private key (PEM)")
+    network.add_argument("--tls-client-ca", type=Path, default=None,
+                         help="mutual TLS: callers must present a certificate signed by this CA")
+    network.add_argument("--api-key", action="append", default=None,
+                         help="a key callers must send on every call; repeat for several "
+                              "(default: $TRITONASR_API_KEY, comma-separated)")
+    network.add_argument("--admin-key", default=None,
+                         help="the key for speaker changes and Triton's admin APIs (default: $TRITONASR_ADMIN_KEY; "
+                              "none: those stay closed)")
+    network.add_argument("--allow-unauthenticated", action="store_true",
+                         help="let a non-loopback --host serve callers without an API key")
+    network.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default="none",
+                         help="none (default): the exported models, fixed at start; explicit: load/unload "
+                              "over Triton's repository API, with the admin key")
+    network.add_argument("--open-leaf-models", action="store_true",
+                         help="let callers reach the leaf models (vad, sensevoice, …) directly, not only "
+                              "through the pipelines")
+    triton = parser.add_argument_group("Triton build (default: the nvidia-pytriton wheel's)")
+    triton.add_argument("--tritonserver", type=Path, default=os.environ.get("TRITONASR_TRITONSERVER") or None,
+                        help="another tritonserver binary, e.g. NVIDIA's container's ($TRITONASR_TRITONSERVER)")
+    triton.add_argument("--backend-directory", type=Path,
+                        default=os.environ.get("TRITONASR_BACKEND_DIRECTORY") or None,
+                        help="its backends ($TRITONASR_BACKEND_DIRECTORY)")
+    triton.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
+                        help="one more tritonserver argument, e.g. --triton-arg=--allow-gpu-metrics=true")
 
 
 def _server_config(args):
+    from tritonasr.access import is_loopback, split_keys
     from tritonasr.repository import exported_models
-    from tritonasr.server import ServerConfig
+    from tritonasr.server import ServerConfig, ServerError, TlsFiles
 
     repository = _repository(args)
+    api_keys = [key for value in (args.api_key or [os.environ.get("TRITONASR_API_KEY", "")])
+                for key in split_keys(value)]
+    if not is_loopback(args.host) and not api_keys and not args.allow_unauthenticated:
+        raise ServerError(f"--host {args.host} lets other machines call this server: give it --api-key "
+                          "(or $TRITONASR_API_KEY), or --allow-unauthenticated on a network you trust")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ServerError("TLS needs both --tls-cert and --tls-key")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ServerError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if tls is None and not is_loopback(args.host):
+        print(f"WARNING: gRPC on {args.host} without TLS: keys and audio cross the network in plain text "
+              "(--tls-cert/--tls-key)", file=sys.stderr)
     return ServerConfig(repository, args.grpc_port, args.http_port, args.metrics_port,
                         args.log_verbose, args.model_config_name, models=exported_models(repository),
-                        asr_engine=args.asr_engine)
+                        asr_engine=args.asr_engine, grpc_host=args.host, http_host=args.http_host,
+                        metrics_host=args.metrics_host, tls=tls, api_keys=api_keys,
+                        admin_key=args.admin_key or os.environ.get("TRITONASR_ADMIN_KEY") or None,
+                        model_control=args.model_control, open_leaf_models=args.open_leaf_models,
+                        tritonserver=args.tritonserver, backend_directory=args.backend_directory,
+                        extra_args=args.triton_arg)
 
 
 def cmd_serve(args) -> int:
     from tritonasr.server import ServerError, TritonServer
 
-    server = TritonServer(_server_config(args), echo_log=not args.quiet)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        server = TritonServer(_server_config(args), echo_log=not args.quiet)
         server.start()
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -102,7 +158,7 @@ def cmd_transcribe(args) -> int:
 
     return run_transcribe(args.files, args.url, args.format, language=args.language,
                           concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
-                          with_speaker=not args.no_speaker)
+                          with_speaker=not args.no_speaker, credentials=_credentials(args))
 
 
 def cmd_stream(args) -> int:
@@ -110,14 +166,15 @@ def cmd_stream(args) -> int:
 
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
-                      fmt=args.format, engine=args.engine, with_speaker=not args.no_speaker)
+                      fmt=args.format, engine=args.engine, with_speaker=not args.no_speaker,
+                      credentials=_credentials(args))
 
 
 def cmd_speakers(args) -> int:
     from tritonasr.client.speakers import run_speakers
 
     return run_speakers(args.action, args.url, getattr(args, "name", None), getattr(args, "files", []),
-                        getattr(args, "replace", False), getattr(args, "format", "text"))
+                        getattr(args, "replace", False), getattr(args, "format", "text"), _credentials(args))
 
 
 def cmd_bench(args) -> int:
@@ -174,6 +231,7 @@ def cmd_repo_plans(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job: make sure the models are exported, start the embedded server, transcribe."""
+    from tritonasr.client.connection import Credentials
     from tritonasr.client.transcribe import run_transcribe
     from tritonasr.server import ServerError, TritonServer
 
@@ -203,9 +261,11 @@ def cmd_demo(args) -> int:
                   file=sys.stderr, flush=True)
     print("tritonasr: starting the embedded Triton server…", file=sys.stderr, flush=True)
     try:
-        with TritonServer(_server_config(args)) as server:
+        config = _server_config(args)
+        credentials = Credentials.from_environment(api_key=next(iter(config.api_keys), None))
+        with TritonServer(config) as server:
             print(f"tritonasr: server ready on {server.grpc_url}", file=sys.stderr, flush=True)
-            return run_transcribe(files, server.grpc_url, args.format)
+            return run_transcribe(files, server.grpc_url, args.format, credentials=credentials)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -260,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
                             help="each segment's speaker embedding in the JSON output")
+    _add_connection_args(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)
 
     stream = sub.add_parser("stream", help="stream an audio file through asr_stream, results as they arrive")
@@ -275,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--no-speaker", action="store_true",
                         help="skip the server's speaker stage (finals arrive sooner on a CPU server)")
     stream.add_argument("--format", choices=["text", "json"], default="text")
+    _add_connection_args(stream)
     stream.set_defaults(func=cmd_stream)
 
     speakers = sub.add_parser("speakers", help="enrolled speakers: enroll, list, remove")
@@ -289,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name")
     for action in (enroll, listing, remove):
         action.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
+        _add_connection_args(action)
         action.set_defaults(func=cmd_speakers)
 
     bench = sub.add_parser("bench", help="benchmarks")

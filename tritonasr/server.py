@@ -14,8 +14,10 @@ import re
 import shutil
 import signal
 import socket
+import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -23,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonasr import access
 from tritonasr.paths import cache_dir
 
 LOG_TAIL_LINES = 400
@@ -83,6 +86,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+MODEL_CONTROL_MODES = ("none", "explicit")
+
+
+@dataclass
+class TlsFiles:
+    """gRPC TLS: the server's certificate chain and key; with `client_ca`, mutual TLS (callers
+    must present a certificate signed by it)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def check(self) -> None:
+        for what, path in (("certificate", self.cert), ("key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"TLS {what} file {path} does not exist")
+
+
 @dataclass
 class ServerConfig:
     model_repository: Path
@@ -96,29 +117,96 @@ class ServerConfig:
     models: list[str] | None = None
     # The pipelines' default ASR engine where their configs leave it open ("": the first exported).
     asr_engine: str = ""
+    # Where each port listens. Only gRPC is for callers (it alone has TLS); HTTP (health, and
+    # inference in plain text) and metrics stay on loopback unless the operator opens them.
+    grpc_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
+    tls: TlsFiles | None = None
+    # Keys callers must show on every inference call; none: anyone who reaches the port.
+    api_keys: list[str] = field(default_factory=list)
+    # Needed for speaker changes and Triton's admin APIs; none: those stay closed to everyone
+    # (on a server without any key, speaker changes are open to its local callers).
+    admin_key: str | None = None
+    # "none": the models are fixed at start; "explicit": load/unload over the (admin-only)
+    # repository API.
+    model_control: str = "none"
+    # Leaf models (vad, sensevoice, …) callable by outside callers, not only by the pipelines.
+    open_leaf_models: bool = False
+    # Another Triton build than the wheel's (NVIDIA's container, with its native ONNX Runtime and
+    # TensorRT backends): its tritonserver binary and backends directory.
+    tritonserver: Path | None = None
+    backend_directory: Path | None = None
     extra_args: list[str] = field(default_factory=list)
 
-    def command(self, backend_directory: Path) -> list[str]:
+    def __post_init__(self):
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ServerError(f"model control must be one of {', '.join(MODEL_CONTROL_MODES)}, "
+                              f"got {self.model_control!r}")
+
+    def environment(self) -> dict[str, str]:
+        """What the model processes learn of the access settings, and the default engine."""
+        env = access.server_environment(self.api_keys, self.admin_key, self.open_leaf_models)
+        if self.asr_engine:
+            env["TRITONASR_ASR_ENGINE"] = self.asr_engine
+        return env
+
+    def command(self, backend_directory: Path, model_repository: Path | None = None) -> list[str]:
+        """tritonserver's command line; `model_repository` replaces the configured one (the
+        view of the loaded models that `TritonServer` serves under model control "none")."""
+        # Without an admin key the admin APIs get a key nobody knows: closed, not open.
+        admin_key = self.admin_key or secrets.token_hex(32)
+        admin_apis = ",".join(access.ADMIN_APIS)
         args = [
-            str(_pytriton_dist() / "bin" / "tritonserver"),
-            f"--model-repository={self.model_repository}",
+            str(self.tritonserver or _pytriton_dist() / "bin" / "tritonserver"),
+            f"--model-repository={model_repository or self.model_repository}",
             f"--backend-directory={backend_directory}",
+            f"--grpc-address={self.grpc_host}",
             f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.http_host}",
             f"--http-port={self.http_port}",
+            f"--metrics-address={self.metrics_host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            *(["--model-control-mode=none"] if self.models is None else
-              ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]),
+            # Our configs are complete: without this Triton starts a second process per Python
+            # model just to ask it (a cold start, which the supervisor's restarts pay, takes
+            # a third longer).
+            "--disable-auto-complete-config",
+            f"--grpc-restricted-protocol={admin_apis}:{access.ADMIN_KEY}={admin_key}",
+            f"--http-restricted-api={admin_apis}:{access.ADMIN_KEY}={admin_key}",
+            f"--grpc-header-forward-pattern={access.HEADER_FORWARD_PATTERN}",
+            f"--http-header-forward-pattern={access.HEADER_FORWARD_PATTERN}",
+            *(["--model-control-mode=none"] if self.model_control == "none" else
+              ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models or ["*"])]),
             # Large offline requests travel through the Python backend's shared memory:
             # grow it in big steps instead of 1 MB at a time.
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=67108864",
         ]
+        if self.tls:
+            args += [f"--grpc-server-cert={self.tls.cert}", f"--grpc-server-key={self.tls.key}"]
+            if self.tls.client_ca:
+                args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.tls.client_ca}"]
+            else:
+                args.append("--grpc-use-ssl=true")
         if self.model_config_name:
             args.append(f"--model-config-name={self.model_config_name}")
         return args + list(self.extra_args)
+
+
+def repository_view(repository: Path, models: list[str], into: Path) -> Path:
+    """A directory of links to `models` of `repository`: what Triton loads under model control
+    "none", which loads every model it finds (the checkout's repository holds every model's
+    config, exported or not)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        source = Path(repository).resolve() / model
+        if not source.is_dir():
+            raise ServerError(f"model {model!r} is not in the repository {repository}")
+        (into / model).symlink_to(source, target_is_directory=True)
+    return into
 
 
 STUB_EXECUTABLE = "triton_python_backend_stub"
@@ -144,6 +232,13 @@ def stub_processes(server_pid: int) -> dict[int, list[str]]:
     return found
 
 
+def _reach(host: str) -> str:
+    """The address a local client uses for a server bound to `host`."""
+    if host in ("0.0.0.0", "::", ""):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
 _FAILED_MODEL = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
 _FAILED_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\d+\s*\|\s*UNAVAILABLE: (.*?)\s*\|?$")
 
@@ -159,21 +254,22 @@ class TritonServer:
         self.config = config
         self.echo_log = echo_log
         self.process: subprocess.Popen | None = None
+        self._view_dir: Path | None = None
         self._log: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._reader: threading.Thread | None = None
         self._shm_regions: set[str] = set()  # the model processes' regions in /dev/shm
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.config.grpc_port}"
+        return f"{_reach(self.config.grpc_host)}:{self.config.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://localhost:{self.config.http_port}"
+        return f"http://{_reach(self.config.http_host)}:{self.config.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.config.metrics_port}/metrics"
+        return f"http://{_reach(self.config.metrics_host)}:{self.config.metrics_port}/metrics"
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(list(self._log)[-lines:])
@@ -189,16 +285,23 @@ class TritonServer:
         ):
             if not port_is_free(port):
                 raise ServerError(f"{name} port {port} is already in use; pick another with --{name.lower()}-port")
-        backend_dir = prepare_backend_directory()
-        env = os.environ.copy()
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH", "")) if p
-        )
+        if self.config.tls:
+            self.config.tls.check()
+        backend_dir = self.config.backend_directory or prepare_backend_directory()
+        view = None
+        if self.config.model_control == "none" and self.config.models is not None:
+            self._view_dir = Path(tempfile.mkdtemp(prefix="tritonasr-models-"))
+            view = repository_view(repo, self.config.models, self._view_dir / "models")
+        # The keys themselves stay here: the model processes get digests (config.environment()).
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITONASR_API_KEY", "TRITONASR_ADMIN_KEY")}
+        if self.config.tritonserver is None:  # the wheel's server needs the wheel's libraries
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH", "")) if p
+            )
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-        if self.config.asr_engine:
-            env["TRITONASR_ASR_ENGINE"] = self.config.asr_engine
+        env.update(self.config.environment())
         self.process = subprocess.Popen(
-            self.config.command(backend_dir),
+            self.config.command(backend_dir, view),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -232,6 +335,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 if self._reader:
                     self._reader.join(timeout=5)
+                self._remove_view()
                 raise ServerError(self._explain_exit())
             if self.is_ready():
                 return
@@ -266,6 +370,7 @@ class TritonServer:
         left behind (a killed or crashed server cannot stop them) are killed and their shared
         memory freed."""
         if self.process is None:
+            self._remove_view()
             return None
         if self.process.poll() is None:
             self.stub_processes()
@@ -285,7 +390,13 @@ class TritonServer:
         self._shm_regions.clear()
         if self._reader:
             self._reader.join(timeout=5)
+        self._remove_view()
         return self.process.returncode
+
+    def _remove_view(self) -> None:
+        if self._view_dir is not None:
+            shutil.rmtree(self._view_dir, ignore_errors=True)
+            self._view_dir = None
 
     def restart(self, drain_s: float = 1.0, timeout_s: float = 600.0) -> "TritonServer":
         """Stop (in-flight requests get `drain_s`) and start again with the same config."""

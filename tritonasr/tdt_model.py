@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonasr.access import Access
 from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.tdt import DECODER_GRAPH, OnnxDecoderJoint, TdtSpec, decode_padded
+from tritonasr.triton_models import refuse_outsiders, with_refusals
 
 log = logging.getLogger("tritonasr")
 
@@ -34,8 +36,13 @@ class TdtDecoderModel:
         self.decoder_joint = OnnxDecoderJoint(runner)
         self.spec = TdtSpec.from_meta(meta)
         self.d_model = int(meta["d_model"])
+        self.access = Access.from_environment()
 
     def execute(self, requests):
+        refusals, requests = refuse_outsiders(self.access, requests)
+        return with_refusals(refusals, self._decode(requests) if requests else [])
+
+    def _decode(self, requests) -> list:
         responses: list = [None] * len(requests)
         encoded, rows = [], []
         for i, request in enumerate(requests):

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonasr.access import Access, parameters_of
 from tritonasr.audio import validate_samples
 from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
-from tritonasr.errors import (GRPC_STATUS, AudioError, InputError, RecognitionError, ServiceError, SpeakerError,
-                             bounded, classify, shown, with_status)
+from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, RecognitionError, ServiceError,
+                             SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.features import Extract, in_pieces
 from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
@@ -53,8 +54,13 @@ class OnnxLeafModel:
             providers=instance_providers(args),
         )
         self.output_names = [o["name"] for o in json.loads(args["model_config"])["output"]]
+        self.access = Access.from_environment()
 
     def execute(self, requests):
+        refusals, requests = refuse_outsiders(self.access, requests)
+        return with_refusals(refusals, self._run(requests) if requests else [])
+
+    def _run(self, requests) -> list:
         feeds = []
         for request in requests:
             feeds.append({name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
@@ -67,6 +73,25 @@ class OnnxLeafModel:
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         return [pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in result.items()])
                 for result in results]
+
+
+def refuse_outsiders(access: Access, requests) -> tuple[list, list]:
+    """A leaf model's batch split in two: by position, the error response of each request that
+    did not come from a pipeline (None for the others), and the others."""
+    refusals = []
+    for request in requests:
+        try:
+            access.check_internal(parameters_of(request.parameters()))
+            refusals.append(None)
+        except AccessDenied as exc:
+            refusals.append(pb_utils.InferenceResponse(error=_triton_error(exc)))
+    return refusals, [request for request, refused in zip(requests, refusals) if refused is None]
+
+
+def with_refusals(refusals: list, responses: list) -> list:
+    """The batch's responses in order: the refusals, and `responses` to the others."""
+    answered = iter(responses)
+    return [refused or next(answered) for refused in refusals]
 
 
 class PipelineMetrics:
@@ -146,6 +171,11 @@ class _PipelineModel:
                                             self._served_frontend("speaker_fbank_model"))
         self.engine_models = EngineModels.from_parameters(self.params)
         self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"])
+        self.access = Access.from_environment()
+
+    def _caller(self, request) -> str:
+        """Who sent the request (a digest of its API key); refuses callers without a valid key."""
+        return self.access.caller(parameters_of(request.parameters()))
 
     def _recognizer(self) -> Recognizer:
         """The exported engines; the default is the config's default_asr_engine, else the one
@@ -184,6 +214,7 @@ class _PipelineModel:
             model_name=model,
             inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
             requested_output_names=outputs,
+            parameters=self.access.internal_parameters(),
         )
         response = await request.async_exec()
         if response.has_error():  # keeps the leaf model's code: UNAVAILABLE stays UNAVAILABLE
@@ -233,6 +264,7 @@ class OfflineAsrModel(_PipelineModel):
                                         max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
 
     async def _handle(self, request) -> dict:
+        self._caller(request)
         audio = _required(request, "AUDIO")
         engine = _text(request, "ENGINE", "")
         result = await self.pipeline.transcribe(
@@ -268,10 +300,13 @@ class SpeakerRegistryModel(_PipelineModel):
         return await detect_speech(self.vad_spec, self._run_vad, samples, fbank)
 
     async def _handle(self, request) -> dict:
+        self._caller(request)
         action = _text(request, "ACTION", "")
         handler = {"embed": self._embed, "enroll": self._enroll, "remove": self._remove, "list": self._list}.get(action)
         if handler is None:
             raise SpeakerError(f"unknown ACTION {shown(action)}: use embed, enroll, remove or list")
+        if action in ("enroll", "remove"):  # changes who segments are attributed to
+            self.access.check_admin(parameters_of(request.parameters()), action)
         return await handler(request)
 
     async def _embed(self, request) -> dict:
@@ -321,10 +356,6 @@ class StreamingAsrModel(_PipelineModel):
         # the stream. The backend runs the next execute() meanwhile.
         await asyncio.gather(*(self._handle(request) for request in requests))
         return None
-
-    def _caller(self, request) -> str:
-        """Who sent the request, as streams are keyed ("" while callers are not authenticated)."""
-        return ""
 
     async def _handle(self, request) -> None:
         sink = _ResponseSink(request.get_response_sender())
@@ -381,7 +412,7 @@ class _Chunk:
         # The correlation id as the client sent it (an int, or a str for string ids); the CORRID
         # control tensor would turn every string id into one number.
         key = StreamKey(check_sequence_id(request.correlation_id()), caller)
-        token = json.loads(request.parameters() or "{}").get("stream_token", "")
+        token = parameters_of(request.parameters()).get("stream_token", "")
         if not isinstance(token, str) or len(token) > 256:
             raise InputError("stream_token must be a string of at most 256 characters")
         return cls(key, token, bool(_scalar(_input(request, "START"), 0)), bool(_scalar(_input(request, "END"), 0)),
