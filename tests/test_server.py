@@ -1,12 +1,14 @@
 """The embedded server launcher: ready, clear failures, clean stop on SIGTERM."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -48,9 +50,10 @@ def test_missing_repository_is_a_clear_error(tmp_path):
 
 
 def test_serve_cli_reports_ready_and_stops_on_sigterm(vad_only_repository):
+    health_port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "tritonasr.cli", "serve", "--quiet", "--model-repository", str(vad_only_repository),
-         *_ports()], stderr=subprocess.PIPE, text=True)
+         *_ports(), "--health-port", str(health_port)], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         lines = []
@@ -59,6 +62,8 @@ def test_serve_cli_reports_ready_and_stops_on_sigterm(vad_only_repository):
             if "ready" in line or time.monotonic() > deadline:
                 break
         assert "ready; gRPC 127.0.0.1:" in "".join(lines), lines
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/health/ready", timeout=5) as health:
+            assert json.load(health)["ready"] is True
         process.send_signal(signal.SIGTERM)
         rest = process.stderr.read()
         assert process.wait(timeout=90) == 0

@@ -101,25 +101,39 @@ def _server_config(args):
 
 
 def cmd_serve(args) -> int:
+    """The server under its supervisor: restarted when a model process dies, its health on
+    --health-port; exits 1 when it cannot start or the supervisor gives up."""
     from tritonasr.server import ServerError, TritonServer
+    from tritonasr.supervisor import Supervisor
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        server = TritonServer(_server_config(args), echo_log=not args.quiet)
-        server.start()
+        config = _server_config(args)
+        server = TritonServer(config, echo_log=not args.quiet)
+        supervisor = Supervisor(server, args.health_host or config.http_host, args.health_port,
+                                max_restarts=args.max_restarts)
+    except OSError as exc:
+        print(f"error: health port {args.health_port}: {exc.strerror}; pick another with --health-port", file=sys.stderr)
+        return 1
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"tritonasr: ready; gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url} "
-          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
-    while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            print(f"error: tritonserver exited ({server.process.returncode})\n{server.log_tail(20)}", file=sys.stderr)
-            return 1
+    try:
+        supervisor.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tritonasr: ready; gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}, "
+          f"health {supervisor.health_url}/health/ready (Ctrl-C stops)", file=sys.stderr, flush=True)
+    failure = supervisor.run(stop)
+    if failure:
+        print(f"error: {failure}\n{server.log_tail(20)}", file=sys.stderr)
+        supervisor.stop()
+        return 1
     print("tritonasr: stopping…", file=sys.stderr, flush=True)
-    code = server.stop()
+    code = supervisor.stop()
     print(f"tritonasr: stopped ({code})", file=sys.stderr)
     return 0
 
@@ -187,6 +201,18 @@ def cmd_bench_stream(args) -> int:
     from tritonasr.loadtest.bench_stream import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_bench_memory(args) -> int:
+    from tritonasr.loadtest.bench_memory import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_loadtest_soak(args) -> int:
+    from tritonasr.loadtest.soak import main as soak_main
+
+    return soak_main(args)
 
 
 def cmd_loadtest_sweep(args) -> int:
@@ -292,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the embedded Triton server on the model repository")
     _add_server_args(serve)
     serve.add_argument("--quiet", action="store_true", help="do not echo the server log")
+    serve.add_argument("--health-port", type=int, default=8003,
+                       help="GET /health/ready and /health/live: 503 the moment a model process dies, "
+                            "200 again once the server is restarted")
+    serve.add_argument("--health-host", default=None, help="address of the health port (default: --http-host)")
+    serve.add_argument("--max-restarts", type=int, default=3,
+                       help="automatic restarts within 10 minutes before serve gives up and exits 1")
     serve.set_defaults(func=cmd_serve)
 
     export = sub.add_parser("export", help="export a model to ONNX into the model repository")
@@ -366,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stream_arguments(bench_stream)
     bench_stream.set_defaults(func=cmd_bench_stream)
+    bench_memory = bench_sub.add_parser("memory", help="RSS after 2-hour requests, an oversized one, abandoned streams")
+    from tritonasr.loadtest.bench_memory import add_arguments as add_memory_arguments
+
+    add_memory_arguments(bench_memory)
+    bench_memory.set_defaults(func=cmd_bench_memory)
 
     loadtest = sub.add_parser("loadtest", help="Locust concurrency sweeps against tritonasr and baselines")
     loadtest_sub = loadtest.add_subparsers(dest="loadtest", required=True)
@@ -374,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_arguments(sweep)
     sweep.set_defaults(func=cmd_loadtest_sweep)
+    soak = loadtest_sub.add_parser("soak", help="N minutes of mixed offline requests and live streams: RSS of "
+                                   "every process, errors, open streams (CSV + Markdown)")
+    from tritonasr.loadtest.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(soak)
+    soak.set_defaults(func=cmd_loadtest_soak)
     report = loadtest_sub.add_parser("report", help="(re)write a sweep's report: Markdown table and PNG plots")
     report.add_argument("run_dir", type=Path, help="the sweep's run directory (holds run.json)")
     report.set_defaults(func=cmd_loadtest_report)

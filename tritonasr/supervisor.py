@@ -12,10 +12,7 @@ non-zero so that the orchestrator takes over.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tritonasr.server import ServerConfig, ServerError, TritonServer
+from tritonasr.server import ServerError, TritonServer
 
 STARTING, READY, NOT_READY, RESTARTING, FAILED, STOPPED = (
     "starting", "ready", "not_ready", "restarting", "failed", "stopped")
@@ -235,65 +232,3 @@ def _handler(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Health
-
-
-class CommandServer(TritonServer):
-    """A tritonserver command line given whole (the NGC container's own server and backends),
-    started, watched and stopped like the embedded one."""
-
-    def __init__(self, argv: list[str], echo_log: bool = True):
-        super().__init__(ServerConfig(Path("."), http_port=_http_port(argv)), echo_log=echo_log)
-        self.argv = argv
-
-    def start(self, timeout_s: float = 600.0) -> "CommandServer":
-        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", start_new_session=True)
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        self._wait_ready(timeout_s)
-        return self
-
-
-def _http_port(argv: list[str]) -> int:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--http-port="):
-            return int(arg.split("=", 1)[1])
-        if arg == "--http-port" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return 8000
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tritonasr.supervisor [options] -- tritonserver ARGS…`: the container's entry
-    point. Exits 1 when the server does not start or the supervisor gives up."""
-    parser = argparse.ArgumentParser(prog="python -m tritonasr.supervisor", description=main.__doc__)
-    parser.add_argument("--health-host", default="127.0.0.1")
-    parser.add_argument("--health-port", type=int, default=8003)
-    parser.add_argument("--max-restarts", type=int, default=3)
-    parser.add_argument("--restart-window", type=float, default=600.0, help="seconds")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- tritonserver ARGS…")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("give the server's command line after --")
-    supervisor = Supervisor(CommandServer(command), args.health_host, args.health_port,
-                            max_restarts=args.max_restarts, restart_window_s=args.restart_window)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        supervisor.start()
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"tritonasr: ready; health {supervisor.health_url}/health/ready", file=sys.stderr, flush=True)
-    failure = supervisor.run(stop)
-    supervisor.stop()
-    if failure:
-        print(f"error: {failure}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
