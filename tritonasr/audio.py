@@ -16,6 +16,9 @@ SAMPLE_RATE = 16000
 # Far beyond it the samples are not audio in [-1, 1] (unscaled integer PCM, garbage), and huge
 # values overflow the features.
 MAX_ABS_SAMPLE = 1.01
+# Source rates a file may declare. Resampling multiplies the samples by 16000/rate, so a header
+# claiming 1 Hz turned a 115 KB file into 3.7 GB; one claiming 2**31 Hz into no samples at all.
+MIN_SOURCE_RATE, MAX_SOURCE_RATE = 4000, 768000
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,12 @@ def load_audio(path: str | os.PathLike) -> Audio:
         if os.fstat(f.fileno()).st_size == 0:
             raise AudioError(f"{path} is an empty file (0 bytes)")
         try:
-            data, rate = sf.read(f, dtype="float32", always_2d=True)
+            with sf.SoundFile(f) as sound:
+                rate = sound.samplerate
+                if not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:  # checked before anything is read
+                    raise AudioError(f"{path}: a sample rate of {rate} Hz is outside {MIN_SOURCE_RATE} .. "
+                                     f"{MAX_SOURCE_RATE} Hz (a damaged header?)")
+                data = sound.read(dtype="float32", always_2d=True)
         except sf.LibsndfileError as e:
             reason = e.error_string.rstrip(".")
             raise AudioError(f"{path} is not a readable audio file ({reason})") from None
