@@ -92,8 +92,9 @@ def load_audio(path: str | os.PathLike) -> Audio:
     channels = data.shape[1]
     mono = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
     try:
-        # Float files can go past full scale (NaN stays NaN and is refused).
-        mono = validate_samples(np.clip(mono, -1.0, 1.0))
+        # Float files can go past full scale: clipped; NaN and infinities are refused (clipping
+        # would have passed an infinity as full scale).
+        mono = validate_samples(np.clip(mono, -1.0, 1.0, out=mono, where=np.isfinite(mono)))
     except AudioError as e:
         raise AudioError(f"{path}: {e}") from None
     return Audio(resample(mono, rate), SAMPLE_RATE, rate, channels)
