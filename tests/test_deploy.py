@@ -31,6 +31,9 @@ LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 # The variables docker-compose.yml reads; cleared so that the tests see the defaults.
 _VARIABLE = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)")
 COMPOSE_VARIABLES = sorted(set(_VARIABLE.findall(COMPOSE_FILE.read_text())))
+# The secrets the file insists on (no defaults): given to every `config` unless a test says otherwise.
+REQUIRED = {"TRITONASR_API_KEY": "test-api-key", "GRAFANA_ADMIN_PASSWORD": "test-grafana-password"}
+MAKE_CERTS = ROOT / "deploy" / "tls" / "make-certs.sh"
 
 EXPECTED_METRICS = {
     "nv_inference_request_success", "nv_inference_request_failure",
@@ -55,14 +58,15 @@ def compose_bin() -> str:
     return path
 
 
-def compose(compose_bin: str, *args: str, env: dict[str, str] | None = None) -> str:
+def compose(compose_bin: str, *args: str, env: dict[str, str] | None = None, required: dict = REQUIRED,
+            ok: bool = True) -> str:
     environment = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
-    environment.update(env or {})
+    environment.update({**required, **(env or {})})
     result = subprocess.run(
         [compose_bin, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), *args],
         cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"docker-compose {' '.join(args)} failed:\n{result.stderr}"
-    return result.stdout
+    assert (result.returncode == 0) == ok, f"docker-compose {' '.join(args)}: {result.returncode}\n{result.stderr}"
+    return result.stdout if ok else result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,19 @@ def _bytes(size) -> int:
 
 def _gpu_devices(service: dict) -> list[dict]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def _ports(service: dict) -> list[tuple[str | None, int, int]]:
+    """(host address, published, target) of each port; `config` prints "IP:PUB:TARGET/tcp" for
+    ports bound to an address, a mapping otherwise."""
+    ports = []
+    for port in service["ports"]:
+        if isinstance(port, str):
+            host, published, target = port.split("/")[0].rsplit(":", 2)
+            ports.append((host, int(published), int(target)))
+        else:
+            ports.append((port.get("host_ip"), int(port["published"]), int(port["target"])))
+    return ports
 
 
 def _mounts(service: dict) -> dict[str, str]:
@@ -139,22 +156,61 @@ def test_gpu_reserved(services, name):
 
 
 def test_triton_service(services):
+    from tritonasr.cli import build_parser
+
     triton = services["triton"]
     command = triton["command"]
-    assert command[0] == "tritonserver"
-    for flag in ("--model-repository=/models", "--model-control-mode=none",
-                 "--backend-config=python,shm-default-byte-size=16777216",
-                 "--backend-config=python,shm-growth-byte-size=67108864",
-                 "--allow-metrics=true", "--allow-gpu-metrics=true", "--metrics-interval-ms=1000"):
-        assert flag in command
+    assert command[:2] == ["tritonasr", "serve"]
+    # The command parses as `tritonasr serve` takes it, and says what a secure server needs.
+    args = build_parser().parse_args(command[1:])
+    assert args.model_repository == Path("/models") and args.model_control == "none"
+    assert args.host == "0.0.0.0" and args.http_host == "127.0.0.1" and args.metrics_host == "0.0.0.0"
+    assert (args.tls_cert, args.tls_key) == (Path("/tls/server.crt"), Path("/tls/server.key"))
+    assert not args.allow_unauthenticated and not args.open_leaf_models
+    assert args.health_port == 8003
+    assert {"--allow-gpu-metrics=true", "--metrics-interval-ms=1000"} <= set(args.triton_arg)
+    # The image runs its own tritonserver (native backends), named once, in the Dockerfile.
+    dockerfile = DOCKERFILE.read_text()
+    assert "TRITONASR_TRITONSERVER=/opt/tritonserver/bin/tritonserver" in dockerfile
+    assert "TRITONASR_BACKEND_DIRECTORY=/opt/tritonserver/backends" in dockerfile
+    assert triton["environment"]["TRITONASR_API_KEY"] == REQUIRED["TRITONASR_API_KEY"]
+    assert triton["init"] is True
     assert _bytes(triton["shm_size"]) >= 1024 ** 3, triton["shm_size"]
-    assert {int(p["target"]) for p in triton["ports"]} == {8000, 8001, 8002}
+    # Only gRPC leaves the host: HTTP (plain text) stays in the container, metrics on the network.
+    assert {target for _, _, target in _ports(triton)} == {8001}
     health = triton["healthcheck"]
-    assert health["test"][0] == "CMD" and "http://localhost:8000/v2/health/ready" in health["test"]
+    assert health["test"][0] == "CMD" and "http://localhost:8003/health/ready" in health["test"]
     assert "start_period" in health
     assert triton["depends_on"] == {"export": {"condition": "service_completed_successfully"}}
     mounts = _mounts(triton)
     assert mounts["/models"] == "models" and mounts["/cache/trt"] == "trt-cache"
+    assert Path(mounts["/tls"]) == MAKE_CERTS.parent
+
+
+def test_secrets_have_no_defaults(compose_bin):
+    for missing in REQUIRED:
+        given = {name: value for name, value in REQUIRED.items() if name != missing}
+        assert missing in compose(compose_bin, "config", required=given, ok=False)
+
+
+def test_make_certs_names_the_service_and_verifies(tmp_path):
+    result = subprocess.run(["bash", str(MAKE_CERTS), "asr.example.com", "10.1.2.3"], env={**os.environ,
+                            "TLS_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    names = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.crt"), "-noout", "-ext",
+                            "subjectAltName"], capture_output=True, text=True).stdout
+    for name in ("DNS:triton", "DNS:localhost", "IP Address:127.0.0.1", "DNS:asr.example.com",
+                 "IP Address:10.1.2.3"):
+        assert name in names
+    for key in ("ca.key", "server.key"):
+        assert (tmp_path / key).stat().st_mode & 0o077 == 0, f"{key} is readable by others"
+    # It never overwrites a server's certificate.
+    again = subprocess.run(["bash", str(MAKE_CERTS)], env={**os.environ, "TLS_DIR": str(tmp_path)},
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "delete them" in again.stderr
 
 
 def test_export_service(services, resolved):
@@ -178,7 +234,7 @@ def test_environment_overrides(compose_bin):
         "TARGET": "gpu-onnxruntime", "INSTANCES": "4", "TRITON_GRPC_PORT": "9001"}))["services"]
     assert services["export"]["environment"]["TARGET"] == "gpu-onnxruntime"
     assert services["export"]["environment"]["INSTANCES"] == "4"
-    assert {(int(p["published"]), int(p["target"])) for p in services["triton"]["ports"]} >= {(9001, 8001)}
+    assert {(published, target) for _, published, target in _ports(services["triton"])} >= {(9001, 8001)}
 
 
 def test_prometheus_scrapes_triton(services):
@@ -196,9 +252,10 @@ def test_prometheus_scrapes_triton(services):
 def test_grafana_provisioning(services):
     grafana = services["grafana"]
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
-    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
-    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
-    assert {int(p["target"]) for p in grafana["ports"]} == {3000}
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["environment"]["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED["GRAFANA_ADMIN_PASSWORD"]
+    assert {target for _, _, target in _ports(grafana)} == {3000}
     mounts = {target: Path(source) for target, source in _mounts(grafana).items() if source.startswith("/")}
     assert mounts["/etc/grafana/provisioning/datasources"] == DATASOURCES.parent
     assert mounts["/etc/grafana/provisioning/dashboards"] == DASHBOARD_PROVIDERS.parent
@@ -228,7 +285,13 @@ def test_loadtest_services(services):
     assert "--master" in master["command"].split()
     assert "--host triton:8001" in master["command"]
     assert "--metrics-url http://triton:8002/metrics" in master["command"]
-    assert {int(p["target"]) for p in master["ports"]} == {8089}
+    assert {target for _, _, target in _ports(master)} == {8089}
+    # Services without authentication of their own listen on this host only.
+    for service in (master, services["prometheus"]):
+        assert {host for host, _, _ in _ports(service)} == {"127.0.0.1"}, service["ports"]
+    for service in (master, worker):
+        assert service["environment"]["TRITONASR_TLS_CA"] == "/tls/ca.crt"
+        assert service["environment"]["TRITONASR_API_KEY"] == REQUIRED["TRITONASR_API_KEY"]
     assert "--worker --master-host locust-master" in worker["command"]
     assert master["depends_on"]["triton"]["condition"] == "service_healthy"
     users = master["environment"]["LOCUST_USER_CLASSES"].split()
