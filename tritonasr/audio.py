@@ -19,6 +19,7 @@ MAX_ABS_SAMPLE = 1.01
 # Source rates a file may declare. Resampling multiplies the samples by 16000/rate, so a header
 # claiming 1 Hz turned a 115 KB file into 3.7 GB; one claiming 2**31 Hz into no samples at all.
 MIN_SOURCE_RATE, MAX_SOURCE_RATE = 4000, 768000
+SFE_BAD_FILE = 7  # libsndfile: "File does not exist or is not a regular file (possibly a pipe?)"
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def load_audio(path: str | os.PathLike) -> Audio:
                                      f"{MAX_SOURCE_RATE} Hz (a damaged header?)")
                 data = sound.read(dtype="float32", always_2d=True)
         except sf.LibsndfileError as e:
-            reason = e.error_string.rstrip(".")
+            # libsndfile's MP3 probe reports garbage that looks like an MPEG frame as a file that
+            # "does not exist or is not a regular file": this one was opened above, its data is at fault.
+            reason = "Format not recognised" if e.code == SFE_BAD_FILE else e.error_string.rstrip(".")
             raise AudioError(f"{path} is not a readable audio file ({reason})") from None
     channels = data.shape[1]
     mono = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
