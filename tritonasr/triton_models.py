@@ -366,6 +366,7 @@ class StreamingAsrModel(_PipelineModel):
                 stream = self.streams.open(chunk.key, chunk.options(), chunk.token)
             else:
                 stream = self.streams.get(chunk.key, chunk.token, chunk.end)
+                chunk.check_no_options()
             samples = check_chunk(chunk.audio, self.max_chunk_samples, int(_scalar(chunk.sample_rate, SAMPLE_RATE)))
             self.metrics.audio_received(samples.size)
             await stream.push(samples, chunk.end, sink)
@@ -397,6 +398,10 @@ class StreamingAsrModel(_PipelineModel):
             self._sweeper.cancel()
 
 
+# The inputs of asr_stream read from a START request only (see _Chunk.options).
+STREAM_OPTIONS = ("LANGUAGE", "ENGINE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER", "RETURN_EMBEDDING")
+
+
 @dataclass
 class _Chunk:
     key: StreamKey
@@ -418,11 +423,21 @@ class _Chunk:
         return cls(key, token, bool(_scalar(_input(request, "START"), 0)), bool(_scalar(_input(request, "END"), 0)),
                    _input(request, "AUDIO"), _input(request, "SAMPLE_RATE"), request)
 
+    def check_no_options(self) -> None:
+        """Options count on a START only: one sent later would be silently ignored."""
+        sent = [name for name in STREAM_OPTIONS if _input(self.request, name) is not None]
+        if sent:
+            raise InputError(f"{', '.join(sent)} can only be set on a stream's START request; "
+                             "later requests carry AUDIO (and SAMPLE_RATE) only")
+
     def options(self) -> StreamOptions:
         """The stream's options, which its START carries."""
         request = self.request
+        partial_interval_ms = int(_scalar(_input(request, "PARTIAL_INTERVAL_MS"), 0))
+        if partial_interval_ms < 0:  # (the client library refuses it too)
+            raise InputError(f"PARTIAL_INTERVAL_MS must be >= 0 (0: no partials), got {partial_interval_ms}")
         return StreamOptions(_text(request, "LANGUAGE", "auto"), bool(_scalar(_input(request, "USE_ITN"), False)),
-                             int(_scalar(_input(request, "PARTIAL_INTERVAL_MS"), 0)), _text(request, "ENGINE", ""),
+                             partial_interval_ms, _text(request, "ENGINE", ""),
                              bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
                              bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)))
 
