@@ -80,6 +80,8 @@ class StreamOptions:
 def check_chunk(samples: np.ndarray, max_samples: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """A chunk as the stream takes it: 16 kHz, 1-D, finite floats, at most `max_samples`."""
     check_sample_rate(sample_rate)
+    if samples is None:  # (Triton 2.51 checks required inputs only by their number)
+        raise AudioError("this request needs the AUDIO input (an END request may carry an empty one)")
     samples = np.asarray(samples)
     if samples.ndim == 2 and samples.shape[0] == 1:
         samples = samples[0]

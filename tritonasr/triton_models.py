@@ -301,6 +301,7 @@ class SpeakerRegistryModel(_PipelineModel):
 
     async def _handle(self, request) -> dict:
         self._caller(request)
+        _required(request, "ACTION")  # (Triton 2.51 checks required inputs only by their number)
         action = _text(request, "ACTION", "")
         handler = {"embed": self._embed, "enroll": self._enroll, "remove": self._remove, "list": self._list}.get(action)
         if handler is None:
