@@ -23,6 +23,24 @@ class ServerUnavailableError(TranscriptionError):
     """The server cannot be reached, or the model is not loaded on it."""
 
 
+class ServerBusyError(TranscriptionError):
+    """The server refused the request for lack of room now (UNAVAILABLE): retry later or on
+    another server."""
+
+
+# What Triton 2.51 answers (UNAVAILABLE) when asr_offline's queue policy refuses a request.
+_QUEUE_REFUSALS = {"Exceeds maximum queue size": "its queue is full",
+                   "Request timeout expired": "the request waited in its queue past the queue timeout"}
+
+
+def busy(model: str, message: str) -> ServerBusyError:
+    """A refusal for lack of room, Triton's own queue refusals said in words."""
+    why = next((why for text, why in _QUEUE_REFUSALS.items() if text in message), None)
+    if why is None:  # the pipeline's own refusal says why already
+        return ServerBusyError(message)
+    return ServerBusyError(f"{model} is at capacity: {why} (Triton: {message}); retry later or on another server")
+
+
 class ModelClient:
     """A synchronous gRPC client for one model taking tensors and answering JSON in RESULT;
     not thread-safe, use one per thread."""
@@ -72,6 +90,8 @@ class ModelClient:
         except InferenceServerException as e:
             # Connection and model problems are told apart from a rejected request.
             self.check_ready()
+            if e.status() == "StatusCode.UNAVAILABLE":
+                raise busy(self.model, e.message()) from None
             raise access_denied(e.message()) or TranscriptionError(e.message()) from None
         return json.loads(response.as_numpy("RESULT").item())
 

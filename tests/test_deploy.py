@@ -41,7 +41,7 @@ EXPECTED_METRICS = {
     "nv_inference_count", "nv_inference_exec_count",
     "nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
     "tritonasr_open_streams", "tritonasr_segments_total", "tritonasr_audio_seconds_total",
-    "tritonasr_final_latency_seconds_bucket", "tritonasr_errors_total",
+    "tritonasr_final_latency_seconds_bucket", "tritonasr_errors_total", "tritonasr_rejected_total",
 }
 
 

@@ -104,6 +104,9 @@ def test_pipeline_metrics_count_what_was_served(short_run):
     assert _delta(run, "tritonasr_final_latency_seconds_bucket", model="asr_stream", le="+Inf") == len(run["finals"])
     assert _delta(run, "tritonasr_errors_total", model="asr_offline", kind="bad_audio") == 1
     assert _sum(run["after"], "tritonasr_open_streams", model="asr_stream") == 0
+    # Refusals by limit are on /metrics, at 0, before the first one.
+    for reason in ("max_streams", "max_streams_per_client"):
+        assert re.search(rf'^tritonasr_rejected_total\{{[^}}]*reason="{reason}"[^}}]*\}} 0$', run["after"], re.M)
     # Each instance is its own process with its own series; the label is not Prometheus's `instance`.
     assert re.search(r'^tritonasr_open_streams\{[^}]*model_instance="asr_stream_0_0"', run["after"], re.M)
 
@@ -113,7 +116,7 @@ def test_every_metric_the_dashboard_queries_is_served(short_run):
 
     queried = metric_names(DASHBOARD)
     assert {"tritonasr_open_streams", "tritonasr_segments_total", "tritonasr_audio_seconds_total",
-            "tritonasr_final_latency_seconds_bucket", "tritonasr_errors_total"} <= queried
+            "tritonasr_final_latency_seconds_bucket", "tritonasr_errors_total", "tritonasr_rejected_total"} <= queried
     # The GPU's own metrics exist only where Triton sees a GPU (DCGM); this server has none.
     gpu_only = {name for name in queried if name.startswith("nv_gpu_")}
     assert gpu_only <= {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",

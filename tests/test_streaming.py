@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from tritonasr.admission import Admission
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.features import Frontend
 from tritonasr.errors import OverloadError, StreamError
@@ -115,13 +116,15 @@ class _Stub:
         return self.gone
 
 
-def _registry(**kwargs) -> StreamRegistry:
-    return StreamRegistry(lambda key, opts: _Stub(key), **{"idle_timeout_s": 5, "max_streams": 4, **kwargs})
+def _registry(slots, max_streams: int = 4, **kwargs) -> StreamRegistry:
+    """A registry over a stand-in stream factory; `slots`: the admission control's directory."""
+    return StreamRegistry(lambda key, opts: _Stub(key),
+                          **{"idle_timeout_s": 5, "admission": Admission(slots, max_streams), **kwargs})
 
 
-def test_registry_limits_expires_and_explains_closed_streams():
+def test_registry_limits_expires_and_explains_closed_streams(tmp_path):
     counts = []
-    registry = _registry(max_streams=2, on_change=counts.append)
+    registry = _registry(tmp_path, max_streams=2, on_change=counts.append)
     first = registry.open(StreamKey(1), StreamOptions())
     registry.open(StreamKey(2), StreamOptions())
     with pytest.raises(OverloadError, match="limit of 2 open streams") as refused:
@@ -145,8 +148,8 @@ def test_registry_limits_expires_and_explains_closed_streams():
     assert after_end.value.kind == "bad_stream"  # a chunk after END is a new mistake
 
 
-def test_a_second_start_on_a_live_id_is_refused_and_the_first_stream_goes_on():
-    registry = _registry()
+def test_a_second_start_on_a_live_id_is_refused_and_the_first_stream_goes_on(tmp_path):
+    registry = _registry(tmp_path)
     first = registry.open(StreamKey(7), StreamOptions(), token="a")
     with pytest.raises(StreamError, match="stream 7 is already open") as refused:
         registry.open(StreamKey(7), StreamOptions(), token="b")
@@ -155,8 +158,8 @@ def test_a_second_start_on_a_live_id_is_refused_and_the_first_stream_goes_on():
     assert registry.get(StreamKey(7), "a") is first and first.closed is None
 
 
-def test_chunks_with_another_token_are_refused_without_touching_the_stream():
-    registry = _registry()
+def test_chunks_with_another_token_are_refused_without_touching_the_stream(tmp_path):
+    registry = _registry(tmp_path)
     stream = registry.open(StreamKey(7), StreamOptions(), token="secret")
     for token in ("", "guess"):
         with pytest.raises(StreamError, match="belongs to another caller"):
@@ -170,16 +173,16 @@ def test_chunks_with_another_token_are_refused_without_touching_the_stream():
         registry.get(StreamKey(7), "secret")
 
 
-def test_principals_key_streams_apart():
-    registry = _registry()
+def test_principals_key_streams_apart(tmp_path):
+    registry = _registry(tmp_path)
     alice, bob = registry.open(StreamKey(1, "alice"), StreamOptions()), registry.open(StreamKey(1, "bob"), StreamOptions())
     assert alice is not bob and registry.get(StreamKey(1, "bob")) is bob
     with pytest.raises(StreamError, match="is not open"):
         registry.get(StreamKey(1))
 
 
-def test_closing_an_old_stream_object_never_closes_a_newer_one_on_the_same_id():
-    registry = _registry()
+def test_closing_an_old_stream_object_never_closes_a_newer_one_on_the_same_id(tmp_path):
+    registry = _registry(tmp_path)
     old = registry.open(StreamKey(5), StreamOptions())
     registry.close(old, "ended")
     new = registry.open(StreamKey(5), StreamOptions())
@@ -187,16 +190,16 @@ def test_closing_an_old_stream_object_never_closes_a_newer_one_on_the_same_id():
     assert registry.get(StreamKey(5)) is new and new.closed is None and len(registry) == 1
 
 
-def test_a_refused_start_tells_its_later_chunks_why_without_counting_them_again():
-    registry = _registry()
+def test_a_refused_start_tells_its_later_chunks_why_without_counting_them_again(tmp_path):
+    registry = _registry(tmp_path)
     registry.refused(StreamKey(9), "t", "refused at its start: unknown language 'xx'")
     with pytest.raises(StreamError, match="unknown language 'xx'") as late:
         registry.get(StreamKey(9), "t")
     assert late.value.kind is None
 
 
-def test_a_hang_up_is_closed_at_once_and_is_not_an_error():
-    registry = _registry(idle_timeout_s=60)
+def test_a_hang_up_is_closed_at_once_and_is_not_an_error(tmp_path):
+    registry = _registry(tmp_path, idle_timeout_s=60)
     stream = registry.open(StreamKey(3), StreamOptions())
     stream.gone = True
     stream.last_active = 100.0

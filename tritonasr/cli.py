@@ -61,6 +61,13 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--open-leaf-models", action="store_true",
                          help="let callers reach the leaf models (vad, sensevoice, …) directly, not only "
                               "through the pipelines")
+    limits = parser.add_argument_group("admission control (README: Admission control)")
+    limits.add_argument("--max-streams", type=int, default=None, metavar="N",
+                        help="open live streams on this server; a START beyond them is refused at once "
+                             "(0: no limit; default: asr_stream's max_streams parameter)")
+    limits.add_argument("--max-streams-per-client", type=int, default=None, metavar="N",
+                        help="open live streams per API key (0: no limit; default: asr_stream's "
+                             "max_streams_per_client parameter)")
     triton = parser.add_argument_group("Triton build (default: the nvidia-pytriton wheel's)")
     triton.add_argument("--tritonserver", type=Path, default=os.environ.get("TRITONASR_TRITONSERVER") or None,
                         help="another tritonserver binary, e.g. NVIDIA's container's ($TRITONASR_TRITONSERVER)")
@@ -96,6 +103,7 @@ def _server_config(args):
                         metrics_host=args.metrics_host, tls=tls, api_keys=api_keys,
                         admin_key=args.admin_key or os.environ.get("TRITONASR_ADMIN_KEY") or None,
                         model_control=args.model_control, open_leaf_models=args.open_leaf_models,
+                        max_streams=args.max_streams, max_streams_per_client=args.max_streams_per_client,
                         tritonserver=args.tritonserver, backend_directory=args.backend_directory,
                         extra_args=args.triton_arg)
 

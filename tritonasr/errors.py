@@ -87,10 +87,15 @@ class AccessDenied(InputError):
 
 
 class OverloadError(ServiceError):
-    """This server has no room now; retry later or elsewhere."""
+    """This server has no room now; retry later or elsewhere. `reason` names the limit that
+    refused it: refusals are counted in tritonasr_rejected_total{reason}, not as errors."""
 
     code = "UNAVAILABLE"
-    kind = "overload"
+    kind = None
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class RecognitionError(ServiceError):

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tritonasr import access
+from tritonasr import access, admission
 from tritonasr.paths import cache_dir
 
 LOG_TAIL_LINES = 400
@@ -133,6 +133,9 @@ class ServerConfig:
     model_control: str = "none"
     # Leaf models (vad, sensevoice, …) callable by outside callers, not only by the pipelines.
     open_leaf_models: bool = False
+    # Open streams on this server and per caller (0: no limit); None: asr_stream's config decides.
+    max_streams: int | None = None
+    max_streams_per_client: int | None = None
     # Another Triton build than the wheel's (NVIDIA's container, with its native ONNX Runtime and
     # TensorRT backends): its tritonserver binary and backends directory.
     tritonserver: Path | None = None
@@ -143,10 +146,16 @@ class ServerConfig:
         if self.model_control not in MODEL_CONTROL_MODES:
             raise ServerError(f"model control must be one of {', '.join(MODEL_CONTROL_MODES)}, "
                               f"got {self.model_control!r}")
+        try:
+            admission.server_environment(self.max_streams, self.max_streams_per_client)
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
 
     def environment(self) -> dict[str, str]:
-        """What the model processes learn of the access settings, and the default engine."""
+        """What the model processes learn of the access settings, the stream limits and the
+        default engine."""
         env = access.server_environment(self.api_keys, self.admin_key, self.open_leaf_models)
+        env.update(admission.server_environment(self.max_streams, self.max_streams_per_client))
         if self.asr_engine:
             env["TRITONASR_ASR_ENGINE"] = self.asr_engine
         return env
@@ -388,6 +397,7 @@ class TritonServer:
             with contextlib.suppress(OSError):
                 os.unlink(Path("/dev/shm") / region)
         self._shm_regions.clear()
+        shutil.rmtree(admission.slot_directory(self.process.pid), ignore_errors=True)
         if self._reader:
             self._reader.join(timeout=5)
         self._remove_view()

@@ -19,8 +19,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from tritonasr.admission import Admission, Ticket
 from tritonasr.audio import AudioError, validate_samples
-from tritonasr.errors import IdleTimeout, OverloadError, RecognitionError, ServiceError, StreamError
+from tritonasr.errors import IdleTimeout, RecognitionError, ServiceError, StreamError
 from tritonasr.features import Extract, Frontend
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
 from tritonasr.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
@@ -421,20 +422,22 @@ class _Closed:
 
 class StreamRegistry:
     """The live streams of one model instance, by key; refuses a second START on a live key,
-    checks each chunk's token against its stream's, closes idle streams and enforces a limit.
+    checks each chunk's token against its stream's, closes idle streams, and admits a stream only
+    with a ticket from `admission` (the server's limits), which it gives back when the stream closes.
 
     A stream's token is what its START carried ("" for none). Chunks with another token are
     refused and leave the stream alone: they can neither add audio to it nor receive its
     segments. `require_token` refuses streams without one."""
 
-    def __init__(self, factory: StreamFactory, idle_timeout_s: float, max_streams: int,
+    def __init__(self, factory: StreamFactory, idle_timeout_s: float, admission: Admission,
                  on_change: Callable[[int], None] = lambda count: None, require_token: bool = False):
         self.factory = factory
         self.idle_timeout_s = idle_timeout_s
-        self.max_streams = max_streams
+        self.admission = admission
         self.on_change = on_change
         self.require_token = require_token
         self.streams: dict[StreamKey, LiveStream] = {}
+        self._tickets: dict[StreamKey, Ticket] = {}
         self._closed: OrderedDict[StreamKey, _Closed] = OrderedDict()
 
     def __len__(self) -> int:
@@ -447,12 +450,15 @@ class StreamRegistry:
                               "(start a new stream with a new id)", code="ALREADY_EXISTS")
         if self.require_token and not token:
             raise StreamError("this server requires a stream_token request parameter on every chunk of a stream")
-        if len(self.streams) >= self.max_streams:
-            raise OverloadError(f"this server instance is at its limit of {self.max_streams} open streams; "
-                                "retry later or elsewhere")
-        stream = self.factory(key, options)
+        ticket = self.admission.admit(key.principal)  # first: a full server refuses at once
+        try:
+            stream = self.factory(key, options)
+        except BaseException:
+            ticket.release()
+            raise
         stream.token = token
         self.streams[key] = stream
+        self._tickets[key] = ticket
         self._closed.pop(key, None)
         self.on_change(len(self.streams))
         return stream
@@ -490,6 +496,7 @@ class StreamRegistry:
         if self.streams.get(stream.key) is not stream:
             return
         del self.streams[stream.key]
+        self._tickets.pop(stream.key).release()
         self._remember(stream.key, _Closed(reason, stream.token, failed))
         self.on_change(len(self.streams))
 

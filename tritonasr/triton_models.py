@@ -17,10 +17,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.access import Access, parameters_of
+from tritonasr.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.audio import validate_samples
 from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
-from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, RecognitionError, ServiceError,
-                             SpeakerError, bounded, classify, shown, with_status)
+from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
+                             ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.features import Extract, in_pieces
 from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
@@ -108,11 +109,13 @@ class PipelineMetrics:
         "latency": ("tritonasr_final_latency_seconds", "HISTOGRAM",
                     "Streams: from the arrival of the chunk that ended a segment's speech to its final"),
         "errors": ("tritonasr_errors_total", "COUNTER", "Failed requests and streams, by kind"),
+        "rejected": ("tritonasr_rejected_total", "COUNTER",
+                     "Streams and requests refused for lack of room, by the limit that refused them"),
     }
     # End of speech -> final: most finals should land in the first buckets on a GPU server.
     LATENCY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
 
-    def __init__(self, model: str, instance: str):
+    def __init__(self, model: str, instance: str, reasons: tuple[str, ...] = ()):
         self.labels = {"model": model, "model_instance": instance}
         # Families must outlive their metrics: both are kept here.
         self.families = {key: pb_utils.MetricFamily(name=name, kind=getattr(pb_utils.MetricFamily, kind),
@@ -122,6 +125,8 @@ class PipelineMetrics:
         self.audio = self.families["audio"].Metric(labels=self.labels)
         self.latency = self.families["latency"].Metric(labels=self.labels, buckets=self.LATENCY_BUCKETS)
         self._by_label: dict[tuple[str, str], object] = {}
+        for reason in reasons:  # on /metrics from the start, at 0, so rates and alerts see them
+            self._labelled("rejected", "reason", reason)
 
     def _labelled(self, family: str, key: str, value: str):
         metric = self._by_label.get((family, value))
@@ -141,7 +146,8 @@ class PipelineMetrics:
         self.latency.observe(latency_s)
 
     def failed(self, exc: BaseException, model: str) -> ServiceError:
-        """The error to report for `exc`, counted once under its kind (internal faults logged)."""
+        """The error to report for `exc`, counted once: under its kind, or a refusal under its
+        reason (internal faults logged)."""
         error = classify(exc)
         if error is not exc:
             log.error("%s failed: %s", model, "".join(traceback.format_exception(exc)))
@@ -149,11 +155,15 @@ class PipelineMetrics:
             log.error("%s: %s", model, error)
         if error.kind:
             self._labelled("errors", "kind", error.kind).increment(1)
+        if isinstance(error, OverloadError):
+            self._labelled("rejected", "reason", error.reason).increment(1)
         return error
 
 
 class _PipelineModel:
     """What the BLS models share: the leaf models they call (vad, ASR engines, speaker) and how."""
+
+    REJECTION_REASONS: tuple[str, ...] = ()  # the limits that may refuse this model's requests
 
     def initialize(self, args: dict) -> None:
         self.params = _parameters(args)
@@ -170,7 +180,7 @@ class _PipelineModel:
         self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker,
                                             self._served_frontend("speaker_fbank_model"))
         self.engine_models = EngineModels.from_parameters(self.params)
-        self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"])
+        self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"], self.REJECTION_REASONS)
         self.access = Access.from_environment()
 
     def _caller(self, request) -> str:
@@ -336,6 +346,8 @@ class StreamingAsrModel(_PipelineModel):
     batcher. Requests are handled as tasks, so chunks of many streams overlap on one instance
     while each stream's own chunks are taken in order (`LiveStream.push`)."""
 
+    REJECTION_REASONS = (SERVER_LIMIT, CLIENT_LIMIT)
+
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         self.metrics.open_streams.set(0)
@@ -345,7 +357,7 @@ class StreamingAsrModel(_PipelineModel):
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
         self.max_chunk_samples = int(self.params.get("max_chunk_ms", "2000")) * SAMPLE_RATE // 1000
-        self.streams = StreamRegistry(factory, idle_us / 1e6, int(self.params.get("max_streams", "2000")),
+        self.streams = StreamRegistry(factory, idle_us / 1e6, Admission.for_this_server(self.params),
                                       on_change=self.metrics.open_streams.set,
                                       require_token=self.params.get("require_stream_token", "false") == "true")
         self._sweeper: asyncio.Future | None = None

@@ -1,0 +1,157 @@
+"""Admission control without Triton: slots shared between real processes (as asr_stream's
+instances share them), freed when a process dies, per-client caps, the settings' precedence,
+and a stream registry that gives its slot back however a stream ends."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tritonasr.admission import (CLIENT_LIMIT, ENV_MAX_STREAMS, ENV_MAX_STREAMS_PER_CLIENT, SERVER_LIMIT, Admission,
+                                 limits, server_environment)
+from tritonasr.cli import _server_config, build_parser
+from tritonasr.errors import OverloadError, ServiceError
+from tritonasr.server import ServerConfig, ServerError
+from tritonasr.streaming import StreamKey, StreamOptions, StreamRegistry
+
+
+def _other_process(directory, max_streams: int, per_client: int, principals: list[str]) -> subprocess.Popen:
+    """Another process (as another asr_stream instance) admitting one stream per principal given,
+    then holding them until killed; prints what it was refused."""
+    code = textwrap.dedent(f"""
+        import sys
+        from tritonasr.admission import Admission
+        from tritonasr.errors import OverloadError
+        admission, tickets = Admission({str(directory)!r}, {max_streams}, {per_client}), []
+        for principal in {principals!r}:
+            try:
+                tickets.append(admission.admit(principal))
+            except OverloadError as exc:
+                print(exc.reason, flush=True)
+        print("holding", flush=True)
+        sys.stdin.read()
+    """)
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    while (line := process.stdout.readline().strip()) != "holding":
+        assert line, "the other process died"
+        lines.append(line)
+    process.refused = lines
+    return process
+
+
+def _admit_all(admission: Admission, principal: str = "anonymous") -> tuple[list, OverloadError]:
+    tickets = []
+    while True:
+        try:
+            tickets.append(admission.admit(principal))
+        except OverloadError as exc:
+            return tickets, exc
+
+
+def test_the_limit_holds_across_processes_and_a_dead_process_frees_its_slots(tmp_path):
+    other = _other_process(tmp_path, 5, 0, ["a", "b", "c"])
+    try:
+        admission = Admission(tmp_path, 5)
+        tickets, refused = _admit_all(admission)
+        assert len(tickets) == 2  # 5 on the server, 3 of them in the other process
+        assert refused.reason == SERVER_LIMIT and refused.code == "UNAVAILABLE"
+        assert str(refused) == "this server is at its limit of 5 open streams: retry later or on another server"
+        tickets[0].release()
+        tickets[0].release()  # a second release gives nothing back twice
+        assert len(_admit_all(admission)[0]) == 1
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+    # The kernel dropped the killed process's locks: its three slots are free.
+    assert len(_admit_all(admission)[0]) == 3
+
+
+def test_each_client_has_its_own_cap_within_the_servers(tmp_path):
+    other = _other_process(tmp_path, 4, 2, ["alice", "alice", "alice", "bob"])
+    try:
+        assert other.refused == [CLIENT_LIMIT]  # alice's third, in the same process
+        admission = Admission(tmp_path, 4, 2)
+        with pytest.raises(OverloadError, match="already has 2 open streams") as refused:
+            admission.admit("alice")  # her two are held by the other process
+        assert refused.value.reason == CLIENT_LIMIT
+        bob = admission.admit("bob")
+        with pytest.raises(OverloadError) as full:  # carol has room of her own, the server has none
+            admission.admit("carol")
+        assert full.value.reason == SERVER_LIMIT
+        bob.release()
+        admission.admit("carol")  # carol's own slot, given back when the server refused her, is free
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+
+
+def test_zero_means_no_limit(tmp_path):
+    admission = Admission(tmp_path, 0, 0)
+    assert len([admission.admit("a") for _ in range(100)]) == 100
+
+
+def test_serve_settings_override_the_config_and_bad_values_are_refused(tmp_path):
+    args = build_parser().parse_args(["serve", "--model-repository", str(tmp_path), "--max-streams", "8"])
+    config = _server_config(args)
+    assert config.environment()[ENV_MAX_STREAMS] == "8" and ENV_MAX_STREAMS_PER_CLIENT not in config.environment()
+    with pytest.raises(ServerError, match="0 \\(no limit\\) or more"):
+        ServerConfig(tmp_path, max_streams_per_client=-2)
+    config = {"max_streams": "16", "max_streams_per_client": "4"}
+    assert limits(config, environ={}) == (16, 4)
+    assert limits({}, environ={}) == (0, 0)
+    assert limits(config, environ={ENV_MAX_STREAMS: "100", ENV_MAX_STREAMS_PER_CLIENT: "0"}) == (100, 0)
+    assert server_environment(None, None) == {}
+    assert server_environment(8, 0) == {ENV_MAX_STREAMS: "8", ENV_MAX_STREAMS_PER_CLIENT: "0"}
+    with pytest.raises(ValueError, match="0 \\(no limit\\) or more"):
+        server_environment(-1, None)
+    with pytest.raises(ValueError, match="whole number"):
+        limits({"max_streams": "lots"}, environ={})
+
+
+class _Stream:
+    """What the registry reads of a live stream."""
+
+    def __init__(self, key):
+        self.key, self.id, self.token = key, key.id, ""
+        self.busy, self.last_active, self.gone = 0, 0.0, False
+
+    def close(self, reason, failed=False, notice=None):
+        pass
+
+    def hung_up(self):
+        return self.gone
+
+
+def test_every_way_a_stream_ends_gives_its_slot_back(tmp_path):
+    def factory(key, options):
+        if options.language == "xx":
+            raise ServiceError("unknown language")
+        return _Stream(key)
+
+    registry = StreamRegistry(factory, idle_timeout_s=5, admission=Admission(tmp_path, 3, 2))
+    full = lambda: [registry.open(StreamKey(i, "p"), StreamOptions()) for i in range(1, 3)] + [  # noqa: E731
+        registry.open(StreamKey(3, "q"), StreamOptions())]
+
+    def assert_full():
+        with pytest.raises(OverloadError):
+            registry.open(StreamKey(99, "r"), StreamOptions())
+
+    ended, failed, idle = full()
+    assert_full()
+    registry.close(ended, "ended")
+    registry.close(failed, "closed after an error", failed=True)
+    idle.last_active = 100.0
+    registry.expire(now=106.0)
+    hung_up, *_ = full()
+    assert_full()
+    hung_up.gone = True
+    registry.expire(now=hung_up.last_active + 2)
+    with pytest.raises(ServiceError, match="unknown language"):  # a START that fails after admission
+        registry.open(StreamKey(1, "p"), StreamOptions(language="xx"))
+    registry.open(StreamKey(1, "p"), StreamOptions())  # the two above gave their slots back
+    assert len(registry) == 3
+    assert_full()

@@ -1,0 +1,152 @@
+"""Admission control for live streams: at most `max_streams` open on one server and at most
+`max_streams_per_client` per caller (per API key), counted across all of asr_stream's instances.
+
+Triton runs each model instance in its own process and gives a new sequence to whichever instance
+it picks, so a share per instance (N / instances) would refuse a stream while another instance
+has room. The instances share slots instead: a slot is one byte of a file, held with an exclusive
+fcntl record lock. Taking or giving back a slot is one system call, and the kernel drops a
+process's locks when it dies, so a killed or crashed instance cannot leak slots and there is no
+counter to repair. The files live in a directory named after the tritonserver process (every
+model process's parent), so each server start has its own and instances of one server find it
+without being told; `TritonServer.stop` removes it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tritonasr.errors import OverloadError
+
+# `tritonasr serve --max-streams/--max-streams-per-client` reach the model processes through
+# these; unset, asr_stream's config parameters of the same names decide.
+ENV_MAX_STREAMS = "TRITONASR_MAX_STREAMS"
+ENV_MAX_STREAMS_PER_CLIENT = "TRITONASR_MAX_STREAMS_PER_CLIENT"
+# The label values of tritonasr_rejected_total{reason}: the setting that refused the stream.
+SERVER_LIMIT = "max_streams"
+CLIENT_LIMIT = "max_streams_per_client"
+
+
+def slot_directory(server_pid: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"tritonasr-slots-{server_pid}"
+
+
+def server_environment(max_streams: int | None, max_streams_per_client: int | None) -> dict[str, str]:
+    """The limits `serve` was given, for the model processes (None: the config decides)."""
+    env = {}
+    for name, value in ((ENV_MAX_STREAMS, max_streams), (ENV_MAX_STREAMS_PER_CLIENT, max_streams_per_client)):
+        if value is not None:
+            env[name] = str(check_limit(name, value))
+    return env
+
+
+def check_limit(name: str, value: int | str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number (0: no limit), got {value!r}") from None
+    if limit < 0:
+        raise ValueError(f"{name} must be 0 (no limit) or more, got {limit}")
+    return limit
+
+
+def limits(parameters: dict[str, str], environ=os.environ) -> tuple[int, int]:
+    """(max_streams, max_streams_per_client): serve's settings where given, else the config's."""
+    return tuple(check_limit(key, environ.get(env) or parameters.get(key, "0"))
+                 for key, env in ((SERVER_LIMIT, ENV_MAX_STREAMS), (CLIENT_LIMIT, ENV_MAX_STREAMS_PER_CLIENT)))
+
+
+class SlotFile:
+    """`size` slots shared by every process that opens `path`: slot i is byte i, held by an
+    exclusive fcntl lock. A process must open a path once (closing any descriptor of a file drops
+    all of the process's locks on it)."""
+
+    def __init__(self, path: Path, size: int):
+        self.size = size
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._held: set[int] = set()
+        self._next = 0  # where the next search starts: past the slots this process just took
+
+    def take(self) -> int | None:
+        """A free slot, or None when every slot is held (by any process)."""
+        for step in range(self.size):
+            slot = (self._next + step) % self.size
+            if slot in self._held:  # a process's own locks never conflict with each other
+                continue
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):  # held by another process
+                    continue
+                raise
+            self._held.add(slot)
+            self._next = slot + 1
+            return slot
+        return None
+
+    def give_back(self, slot: int) -> None:
+        if slot in self._held:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, slot)
+            self._held.discard(slot)
+
+
+@dataclass
+class Ticket:
+    """The slots one open stream holds; `release` gives them back (once)."""
+
+    slots: list[tuple[SlotFile, int]] = field(default_factory=list)
+
+    def release(self) -> None:
+        slots, self.slots = self.slots, []
+        for slots_file, slot in slots:
+            slots_file.give_back(slot)
+
+
+class Admission:
+    """The stream limits of one server (0: no limit), shared by the processes that use the same
+    `directory`. `admit(principal)` returns the new stream's Ticket or raises OverloadError."""
+
+    def __init__(self, directory: Path, max_streams: int, max_streams_per_client: int = 0):
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.max_streams = max_streams
+        self.max_streams_per_client = max_streams_per_client
+        self._server = SlotFile(self.directory / "streams", max_streams) if max_streams else None
+        self._clients: dict[str, SlotFile] = {}  # one per principal: a few API keys' digests
+
+    @classmethod
+    def for_this_server(cls, parameters: dict[str, str]) -> "Admission":
+        """In a model process: the limits of `limits`, shared with the server's other instances."""
+        return cls(slot_directory(os.getppid()), *limits(parameters))
+
+    def _client(self, principal: str) -> SlotFile | None:
+        if not self.max_streams_per_client:
+            return None
+        if principal not in self._clients:
+            # Principals are key digests or "anonymous"; anything else must not name a path.
+            name = principal if re.fullmatch(r"[0-9A-Za-z_-]{1,64}", principal) else "other"
+            self._clients[principal] = SlotFile(self.directory / f"client-{name}", self.max_streams_per_client)
+        return self._clients[principal]
+
+    def admit(self, principal: str) -> Ticket:
+        ticket = Ticket()
+        client = self._client(principal)
+        if client is not None:
+            slot = client.take()
+            if slot is None:
+                raise OverloadError(f"this caller already has {self.max_streams_per_client} open streams, the most "
+                                    "one client may hold on this server: end one, or retry later",
+                                    reason=CLIENT_LIMIT)
+            ticket.slots.append((client, slot))
+        if self._server is not None:
+            slot = self._server.take()
+            if slot is None:
+                ticket.release()
+                raise OverloadError(f"this server is at its limit of {self.max_streams} open streams: "
+                                    "retry later or on another server", reason=SERVER_LIMIT)
+            ticket.slots.append((self._server, slot))
+        return ticket
