@@ -42,3 +42,11 @@ def counter_deltas(before: dict[str, dict[str, float]], after: dict[str, dict[st
         if delta["requests"] > 0 or delta["executions"] > 0:
             deltas[model] = delta
     return deltas
+
+
+def gauge_sum(url: str, name: str, timeout_s: float = 5.0) -> float:
+    """The sum over all label sets of one metric (e.g. tritonasr_open_streams of every instance)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - a URL the user gave
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
