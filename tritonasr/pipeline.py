@@ -23,6 +23,9 @@ SAMPLE_RATE = 16000
 # SenseVoice is trained on utterances of at most 30 s; Parakeet's full attention grows with the
 # square of the length.
 MAX_ASR_SEGMENT_MS = 30_000
+# Segments of one request in the ASR and speaker models at once: twice the largest batch the
+# shipped leaf models take (sensevoice 16), so batches still fill.
+SEGMENTS_IN_FLIGHT = 32
 
 # (features [1,T,400], caches) -> (scores [1,T,C], caches)
 RunVad = Callable[[np.ndarray, list[np.ndarray]], Awaitable[tuple[np.ndarray, list[np.ndarray]]]]
@@ -108,13 +111,15 @@ class OfflinePipeline:
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
 
-    def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-        check_sample_rate(sample_rate)
-        samples = validate_samples(samples)
+    def check_length(self, samples: np.ndarray) -> None:
         if samples.size > self.max_audio_s * SAMPLE_RATE:
             raise AudioError(f"audio is {samples.size / SAMPLE_RATE:.0f} s long; this server accepts at most "
                              f"{self.max_audio_s:.0f} s per request: split the file")
-        return samples
+
+    def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        check_sample_rate(sample_rate)
+        self.check_length(samples)  # first: validating a huge input costs several copies of it
+        return validate_samples(samples)
 
     async def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
                          sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,
@@ -126,10 +131,17 @@ class OfflinePipeline:
         fbank = await self.fbank(samples)
         speech = await detect_speech(self.vad, self.run_vad, samples, fbank)
         pieces = split_long_segments(speech, self.max_asr_segment_ms)
-        # All segments go out at once so the leaf models' batchers can batch them.
+        # Many segments go out at once so the leaf models' batchers can batch them, but not all of
+        # a long file's: their inputs all sit in the Python backend's shared memory, which never
+        # shrinks once grown.
         speakers = self.recognizer.speaker_session(with_speaker, return_embedding)
-        results = await asyncio.gather(*(self.analyse(request, samples, fbank, s, e, speakers is not None)
-                                         for s, e in pieces))
+        in_flight = asyncio.Semaphore(SEGMENTS_IN_FLIGHT)
+
+        async def analyse(start_ms: int, end_ms: int):
+            async with in_flight:
+                return await self.analyse(request, samples, fbank, start_ms, end_ms, speakers is not None)
+
+        results = await asyncio.gather(*(analyse(s, e) for s, e in pieces))
         segments = []
         for segment, embedding in results:  # in order: speaker labels are given in order of speech
             if segment is not None:

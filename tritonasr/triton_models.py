@@ -23,6 +23,7 @@ from tritonasr.engines import EngineModels, build_engines, pad_step, padded_leng
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                              ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.features import Extract, in_pieces
+from tritonasr.memory import MB, AudioBudget, release_memory
 from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.speakers import SpeakerRegistry, SpeakerSettings, build_speaker_stage
@@ -31,6 +32,8 @@ from tritonasr.streaming import (LiveStream, StreamKey, StreamOptions, StreamReg
 from tritonasr.vad import VadSpec
 
 log = logging.getLogger("tritonasr")
+# Requests at least this large give their freed memory back to the system when they are done.
+TRIM_AFTER_BYTES = 16 * MB
 
 
 def _parameters(args: dict) -> dict[str, str]:
@@ -272,10 +275,20 @@ class OfflineAsrModel(_PipelineModel):
         super().initialize(args)
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
                                         max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
+        self.budget = AudioBudget(int(float(self.params.get("max_inflight_audio_mb", "1024")) * MB))
 
     async def _handle(self, request) -> dict:
         self._caller(request)
         audio = _required(request, "AUDIO")
+        self.pipeline.check_length(audio)  # before anything is computed on it
+        with self.budget.reserve(audio.nbytes):
+            try:
+                return await self._transcribe(request, audio)
+            finally:
+                if audio.nbytes >= TRIM_AFTER_BYTES:
+                    release_memory()
+
+    async def _transcribe(self, request, audio: np.ndarray) -> dict:
         engine = _text(request, "ENGINE", "")
         result = await self.pipeline.transcribe(
             audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
@@ -402,9 +415,12 @@ class StreamingAsrModel(_PipelineModel):
     async def _close_idle_streams(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            for stream, error in self.streams.expire():
+            expired = self.streams.expire()
+            for stream, error in expired:
                 log.info("asr_stream: closed stream %d: %s", stream.id, error)
                 self.metrics.failed(error, "asr_stream")
+            if expired:  # abandoned streams come in crowds: give their memory back
+                release_memory()
 
     def finalize(self) -> None:
         if self._sweeper is not None:
