@@ -9,6 +9,11 @@ Per N it reports, over every final segment of every stream: `latency_ms` (the ch
 end of the speech was sent -> the final result arrived) and `after_endpoint_ms` (the chunk that
 let the server decide the segment had ended was sent -> arrived), p50/p95/p99; segments; errors;
 and the largest N whose p95 latency stays under the target (1 s) with no errors.
+
+`--overload F` then measures admission control: a server limited to that largest N (the capacity,
+or `--capacity N`) is offered N streams, then F x N; streams it refuses at their start are counted
+apart, with the time from their first chunk to the refusal. The target (issue 14): at 3x, the
+accepted streams' p95 latency at most twice its value at capacity, every refusal within 100 ms.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tritonasr.loadtest.common import server_url
+from tritonasr.loadtest.common import served
 from tritonasr.loadtest.workload import SPEECH_FILES, joined_speech
 from tritonasr.paths import default_model_repository
 
@@ -42,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partials", type=int, default=0, metavar="MS", help="partial-result interval (0: none)")
     parser.add_argument("--target-ms", type=float, default=1000.0, help="p95 latency target")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--overload", type=float, default=0, metavar="F",
+                        help="then offer capacity and F x capacity streams to a server limited to the capacity "
+                             "(--max-streams): accepted streams' latency, refusals and how fast they come")
+    parser.add_argument("--capacity", type=int, default=None, metavar="N",
+                        help="with --overload: this capacity instead of the sweep's largest N under --target-ms "
+                             "(skips the sweep; with --url, the server's --max-streams)")
 
 
 def start_offsets(streams: int, stagger_ms: int) -> list[float]:
@@ -58,9 +69,10 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=print) -> dict:
     """`streams` concurrent real-time streams; latency figures over all their final segments."""
-    from tritonasr.client.stream import StreamingClient, split_chunks
+    from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 
     latencies, after_endpoint, errors, partials = [], [], [], 0
+    refusals = []  # ms from a refused stream's first chunk to its refusal
     segment_count = 0
 
     async def one(index: int, offset: float, client: StreamingClient) -> None:
@@ -69,9 +81,11 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
         stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True,
                                partial_interval_ms=args.partials)
         await asyncio.sleep(offset)
+        received = 0
         try:
             async with stream:
                 async for segment in stream:
+                    received += 1
                     if not segment.final:
                         partials += 1
                         continue
@@ -80,6 +94,11 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
                         latencies.append(segment.latency_ms)
                     if segment.after_endpoint_ms is not None:
                         after_endpoint.append(segment.after_endpoint_ms)
+        except StreamError as exc:
+            if exc.code == "UNAVAILABLE" and stream.summary is None and not received:
+                refusals.append((time.monotonic() - stream.chunk_clock.sent_at(0)) * 1000)
+            else:
+                errors.append(f"stream {index}: {exc}")
         except Exception as exc:  # noqa: BLE001 - counted and reported, the other streams go on
             errors.append(f"stream {index}: {type(exc).__name__}: {exc}")
 
@@ -91,7 +110,9 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
     for message in errors[:5]:
         log(f"  {message}")
     return {"streams": streams, "segments": segment_count, "partials": partials, "errors": len(errors),
-            "wall_s": wall, "latency_ms": percentiles(latencies), "after_endpoint_ms": percentiles(after_endpoint)}
+            "refused": len(refusals), "wall_s": wall, "latency_ms": percentiles(latencies),
+            "after_endpoint_ms": percentiles(after_endpoint),
+            "refusal_ms": {**percentiles(refusals), "max": max(refusals, default=None)}}
 
 
 async def warm_up(url: str, samples: np.ndarray) -> None:
@@ -105,11 +126,23 @@ async def warm_up(url: str, samples: np.ndarray) -> None:
 
 
 def best_streams(levels: list[dict], target_ms: float) -> int | None:
-    """The largest N whose p95 latency is under the target, with no errors."""
+    """The largest N whose p95 latency is under the target, with no errors or refusals."""
     good = [level["streams"] for level in levels
-            if not level["errors"] and level["latency_ms"]["p95"] is not None
+            if not level["errors"] and not level["refused"] and level["latency_ms"]["p95"] is not None
             and level["latency_ms"]["p95"] < target_ms]
     return max(good, default=None)
+
+
+def _run_levels(url: str, audios: list[np.ndarray], counts: list[int], args, log) -> list[dict]:
+    levels = []
+    for streams in counts:
+        log(f"{streams} streams of ~{args.seconds:g} s, real time…")
+        level = asyncio.run(run_level(url, audios, streams, args, log))
+        lat, refusal = level["latency_ms"], level["refusal_ms"]
+        log(f"  {level['segments']} segments, {level['errors']} errors, {level['refused']} refused "
+            f"(slowest refusal {_ms(refusal['max'])}), latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])}")
+        levels.append(level)
+    return levels
 
 
 def main(args) -> int:
@@ -121,29 +154,36 @@ def main(args) -> int:
     files = args.files or SPEECH_FILES
     audios = [load_audio(f).samples for f in files]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    levels = []
-    with server_url(args.url, repository, log) as url:
-        try:
-            asyncio.run(warm_up(url, audios[0]))
-        except ServerUnavailableError as exc:
-            log(f"error: {exc}")
-            return 2
-        except StreamError as exc:
-            log(f"error: the warm-up stream failed: {exc}")
-            return 1
-        for streams in [int(x) for x in args.streams.split(",") if x]:
-            log(f"{streams} streams of ~{args.seconds:g} s, real time…")
-            level = asyncio.run(run_level(url, audios, streams, args, log))
-            lat = level["latency_ms"]
-            log(f"  {level['segments']} segments, {level['errors']} errors, latency p50 "
-                f"{_ms(lat['p50'])} p95 {_ms(lat['p95'])}")
-            levels.append(level)
+    if args.overload and args.url and not args.capacity:
+        log("error: --overload against --url needs --capacity N, the server's --max-streams")
+        return 2
+
+    def measure(max_streams: int, counts: list[int]) -> list[dict]:
+        """`counts` streams at a time, on a server limited to `max_streams` (0: no limit)."""
+        with served(args.url, repository, log, server_args={"max_streams": max_streams}) as target:
+            asyncio.run(warm_up(target.url, audios[0]))
+            return _run_levels(target.url, audios, counts, args, log)
+
+    levels, admitted, capacity = [], [], args.capacity
+    try:
+        if capacity is None:  # the machine's capacity: the sweep runs without a limit
+            levels = measure(0, [int(x) for x in args.streams.split(",") if x])
+            capacity = best_streams(levels, args.target_ms)
+        if args.overload and capacity:
+            admitted = measure(capacity, [capacity, round(args.overload * capacity)])
+    except ServerUnavailableError as exc:
+        log(f"error: {exc}")
+        return 2
+    except StreamError as exc:
+        log(f"error: the warm-up stream failed: {exc}")
+        return 1
     report = {"date": date.today().isoformat(),
               "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "cpus": os.cpu_count(), "url": args.url or "embedded", "repository": str(repository),
               "files": len(files), "seconds_per_stream": args.seconds, "chunk_ms": args.chunk_ms,
               "partial_interval_ms": args.partials, "target_ms": args.target_ms, "levels": levels,
-              "best_streams": best_streams(levels, args.target_ms)}
+              "best_streams": best_streams(levels, args.target_ms) if levels else None,
+              "capacity": capacity, "overload": args.overload, "admission": admitted}
     print(render_markdown(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
@@ -151,17 +191,35 @@ def main(args) -> int:
 
 
 def render_markdown(report: dict) -> str:
-    lines = ["| streams | segments | errors | latency p50 | p95 | p99 | after endpoint p50 | p95 | p99 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for level in report["levels"]:
-        lat, end = level["latency_ms"], level["after_endpoint_ms"]
-        figures = [lat["p50"], lat["p95"], lat["p99"], end["p50"], end["p95"], end["p99"]]
-        lines.append(f"| {level['streams']} | {level['segments']} | {level['errors']} | "
-                     + " | ".join(_ms(v) for v in figures) + " |")
-    best = report["best_streams"]
-    lines.append("")
-    lines.append(f"Largest number of streams with p95 latency under {report['target_ms']:.0f} ms and no errors: "
-                 + (f"**{best}**" if best is not None else "none of those tried"))
+    lines = []
+    if report["levels"]:
+        lines += ["| streams | segments | errors | latency p50 | p95 | p99 | after endpoint p50 | p95 | p99 |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for level in report["levels"]:
+            lat, end = level["latency_ms"], level["after_endpoint_ms"]
+            figures = [lat["p50"], lat["p95"], lat["p99"], end["p50"], end["p95"], end["p99"]]
+            lines.append(f"| {level['streams']} | {level['segments']} | {level['errors']} | "
+                         + " | ".join(_ms(v) for v in figures) + " |")
+        best = report["best_streams"]
+        lines.append("")
+        lines.append(f"Largest number of streams with p95 latency under {report['target_ms']:.0f} ms and no "
+                     "errors: " + (f"**{best}**" if best is not None else "none of those tried"))
+    if report["admission"]:
+        lines += ["", f"Admission control, `--max-streams {report['capacity']}`:", "",
+                  "| streams offered | accepted | refused | errors | accepted latency p50 | p95 | p99 "
+                  "| refusal p50 | p95 | slowest |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for level in report["admission"]:
+            lat, refusal = level["latency_ms"], level["refusal_ms"]
+            accepted = level["streams"] - level["refused"] - level["errors"]
+            figures = [lat["p50"], lat["p95"], lat["p99"], refusal["p50"], refusal["p95"], refusal["max"]]
+            lines.append(f"| {level['streams']} | {accepted} | {level['refused']} | {level['errors']} | "
+                         + " | ".join(_ms(v) for v in figures) + " |")
+        at_capacity, overloaded = (level["latency_ms"]["p95"] for level in report["admission"])
+        if at_capacity and overloaded:
+            lines += ["", f"Accepted streams' p95 latency at {report['overload']:g}x capacity: "
+                          f"{overloaded / at_capacity:.2f}x its value at capacity (target: at most 2x); "
+                          f"slowest refusal {_ms(report['admission'][-1]['refusal_ms']['max'])} (target: 100 ms)"]
     return "\n".join(lines)
 
 

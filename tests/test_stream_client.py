@@ -403,13 +403,20 @@ def test_bench_streams_differ_and_last_long_enough():
 
 
 def test_bench_best_streams_and_table():
-    def level(n, p95, errors=0):
-        return {"streams": n, "segments": 10 * n, "partials": 0, "errors": errors, "wall_s": 30.0,
+    def level(n, p95, errors=0, refused=0, slowest=None):
+        return {"streams": n, "segments": 10 * n, "partials": 0, "errors": errors, "refused": refused, "wall_s": 30.0,
                 "latency_ms": {"p50": p95 / 2, "p95": p95, "p99": p95 * 1.1},
-                "after_endpoint_ms": {"p50": 50.0, "p95": 80.0, "p99": None}}
+                "after_endpoint_ms": {"p50": 50.0, "p95": 80.0, "p99": None},
+                "refusal_ms": {"p50": slowest, "p95": slowest, "p99": slowest, "max": slowest}}
 
-    levels = [level(1, 400), level(4, 700), level(8, 900, errors=1), level(16, 2500)]
-    assert best_streams(levels, 1000) == 4
-    table = render_markdown({"levels": levels, "best_streams": 4, "target_ms": 1000})
+    levels = [level(1, 400), level(4, 700), level(8, 900, errors=1), level(12, 800, refused=2, slowest=20.0),
+              level(16, 2500)]
+    assert best_streams(levels, 1000) == 4  # a level with errors or refusals is past the capacity
+    table = render_markdown({"levels": levels, "best_streams": 4, "target_ms": 1000, "admission": []})
     assert "| 4 | 40 | 0 | 350 ms | 700 ms | 770 ms | 50 ms | 80 ms | – |" in table
     assert table.endswith("under 1000 ms and no errors: **4**")
+    admitted = render_markdown({"levels": [], "admission": [level(4, 700), level(12, 910, refused=8, slowest=31.0)],
+                                "capacity": 4, "overload": 3})
+    assert "| 12 | 4 | 8 | 0 | 455 ms | 910 ms | 1001 ms | 31 ms | 31 ms | 31 ms |" in admitted
+    assert admitted.endswith("3x capacity: 1.30x its value at capacity (target: at most 2x); "
+                             "slowest refusal 31 ms (target: 100 ms)")
