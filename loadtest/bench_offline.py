@@ -8,6 +8,10 @@ audio seconds (the files' durations) as the served figure. With `--engine parake
 baseline is NeMo's own batched transcribe() of the same segments instead. Each concurrency runs with the
 speaker stage and without it (WITH_SPEAKER=false), one after the other on the same server, so
 the stage's cost is a ratio from one run.
+
+`--burst N` instead sends N requests of `--burst-seconds` of speech at once and reports how many
+were served and how long they took, and how many were refused (asr_offline's queue policy) and
+how fast.
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speaker-stage", choices=["both", "on", "off"], default="both",
                         help="served runs with the speaker stage, without it, or both (default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="only send N requests at once (overload: served vs refused, and how fast)")
+    parser.add_argument("--burst-seconds", type=float, default=60.0, help="speech per burst request")
 
 
 def _ints(text: str) -> list[int]:
@@ -152,6 +159,34 @@ def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, roun
             "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
 
 
+def burst(url: str, audios: list[np.ndarray], count: int, seconds: float) -> dict:
+    """`count` requests of `seconds` of speech each, all sent at once."""
+    from tritonasr.client.offline import OfflineClient, ServerBusyError
+    from tritonasr.loadtest.workload import joined_speech
+
+    samples = joined_speech(audios, 0, seconds, 1000)
+
+    def one(_) -> tuple[str, float]:
+        with OfflineClient(url) as client:
+            began = time.perf_counter()
+            try:
+                client.transcribe(samples)
+                outcome = "served"
+            except ServerBusyError as exc:
+                outcome = "refused: " + ("queue full" if "queue is full" in str(exc) else "queue timeout"
+                                         if "queue timeout" in str(exc) else str(exc))
+            return outcome, time.perf_counter() - began
+
+    with ThreadPoolExecutor(count) as pool:
+        outcomes = list(pool.map(one, range(count)))
+    result = {"requests": count, "seconds": samples.size / 16000, "outcomes": {}}
+    for outcome in sorted({o for o, _ in outcomes}):
+        took = sorted(t for o, t in outcomes if o == outcome)
+        result["outcomes"][outcome] = {"count": len(took), "p50_s": statistics.median(took),
+                                       "p95_s": took[min(len(took) - 1, int(0.95 * len(took)))], "max_s": took[-1]}
+    return result
+
+
 def main(args) -> int:
     from tritonasr.audio import load_audio
 
@@ -159,6 +194,16 @@ def main(args) -> int:
     files = args.files or DEFAULT_FILES
     audios = [load_audio(f).samples for f in files]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.burst:
+        with server_url(args.url, repository, log) as url:
+            result = burst(url, audios, args.burst, args.burst_seconds)
+        print(f"{result['requests']} requests of {result['seconds']:.0f} s at once:\n\n"
+              "| outcome | requests | p50 | p95 | slowest |\n|---|---:|---:|---:|---:|")
+        for outcome, r in result["outcomes"].items():
+            print(f"| {outcome} | {r['count']} | {r['p50_s']:.2f} s | {r['p95_s']:.2f} s | {r['max_s']:.2f} s |")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return 0
     baseline = nemo_throughput if args.engine == "parakeet" else raw_throughput
     raw = baseline(repository, audios, _ints(args.raw_batch_sizes), args.min_seconds, log)
     best_batch = max(raw, key=raw.get)

@@ -126,11 +126,11 @@ class Admission:
     def _client(self, principal: str) -> SlotFile | None:
         if not self.max_streams_per_client:
             return None
-        if principal not in self._clients:
-            # Principals are key digests or "anonymous"; anything else must not name a path.
-            name = principal if re.fullmatch(r"[0-9A-Za-z_-]{1,64}", principal) else "other"
-            self._clients[principal] = SlotFile(self.directory / f"client-{name}", self.max_streams_per_client)
-        return self._clients[principal]
+        # Principals are key digests or "anonymous"; anything else must not name a path.
+        name = principal if re.fullmatch(r"[0-9A-Za-z_-]{1,64}", principal) else "other"
+        if name not in self._clients:  # one SlotFile per file: see SlotFile
+            self._clients[name] = SlotFile(self.directory / f"client-{name}", self.max_streams_per_client)
+        return self._clients[name]
 
     def admit(self, principal: str) -> Ticket:
         ticket = Ticket()
