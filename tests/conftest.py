@@ -92,9 +92,10 @@ def server(model_repository):
     # Triton 2.51 keeps a model loaded until its exit timeout once it has rejected a chunk sent
     # without START (the bad-input tests do): 5 s instead of 30 s keeps the teardown short.
     # Leaf models open: tests compare them with in-process runs (tests/test_e2e_access.py checks
-    # the closed default).
+    # the closed default). Room for the 32 concurrent streams of test_e2e_stream (the shipped
+    # limit, 16, is tested in test_e2e_admission on servers of its own).
     config = ServerConfig(model_repository, free_port(), free_port(), free_port(), admin_key=TEST_ADMIN_KEY,
-                          open_leaf_models=True, extra_args=["--exit-timeout-secs=5"])
+                          open_leaf_models=True, max_streams=64, extra_args=["--exit-timeout-secs=5"])
     # TRITONASR_ECHO_SERVER_LOG=1 pytest -s … shows the server's log while the tests run.
     with TritonServer(config, echo_log=bool(os.environ.get("TRITONASR_ECHO_SERVER_LOG"))) as running:
         yield running
