@@ -130,7 +130,9 @@ def test_module_matches_reference_on_speech(module, speech):
 
 def test_module_batch_equals_single_exactly(module, speech):
     """Each row of a garbage-padded batch equals the row alone, bit for bit (PyTorch), and past
-    its frames the output is zero."""
+    its frames the output is zero. The mel's per-utterance normalisation sums over the padded
+    frame axis, whose vectorised reduction order follows the padded length on some CPUs (AMD
+    EPYC: 1.4e-6 on 32% of the values): there, within TOLERANCE["batch"] as for ONNX Runtime."""
     rows, (batch, lengths) = speech_batch(speech, np.random.default_rng(1))
     features, frames = run_module(module, batch, lengths)
     assert frames.tolist() == [module.num_frames(len(r)) for r in rows]
@@ -139,7 +141,10 @@ def test_module_batch_equals_single_exactly(module, speech):
         if frames[b] < 2:  # (one frame alone goes through torch's GEMV, not its GEMM)
             continue
         single, _ = run_module(module, *pad_batch([row]))
-        np.testing.assert_array_equal(valid(features, frames, b), single[0])
+        if isinstance(module, NemoMel):
+            np.testing.assert_allclose(valid(features, frames, b), single[0], rtol=0, atol=TOLERANCE["batch"])
+        else:
+            np.testing.assert_array_equal(valid(features, frames, b), single[0])
         assert_matches_reference(module, row, valid(features, frames, b))
 
 
