@@ -36,6 +36,33 @@ def set_parameter(config: Path, key: str, value: str) -> None:
     config.write_text(text[:start] + value + text[text.index('"', start):])
 
 
+async def raw_stream(url: str, requests, results: list | None = None) -> tuple[list[dict], list[str]]:
+    """Sends `requests` (stream_infer request dicts: a list, or an async iterable that may also
+    wait) on one gRPC stream; returns (results, error messages) once the server has closed the
+    call. `results` fills as they arrive."""
+    import tritonclient.grpc.aio as grpcaio
+
+    async def each():
+        if isinstance(requests, list):
+            for request in requests:
+                yield request
+        else:
+            async for request in requests:
+                yield request
+
+    client = grpcaio.InferenceServerClient(url)
+    results, errors = [] if results is None else results, []
+    try:
+        async for result, error in client.stream_infer(each()):
+            if error is not None:
+                errors.append(error.message())
+            else:
+                results.append(json.loads(result.as_numpy("RESULT").reshape(-1)[0]))
+    finally:
+        await client.close()
+    return results, errors
+
+
 def conversation(order: list[int], utterances: list[np.ndarray], gap_s: float) -> np.ndarray:
     """The utterances in `order`, with `gap_s` of silence before, between and after."""
     gap = np.zeros(int(gap_s * 16000), dtype=np.float32)

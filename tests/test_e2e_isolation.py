@@ -6,7 +6,6 @@ finals must equal an undisturbed run's."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonasr.audio import load_audio
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 
-from conftest import DATA
+from conftest import DATA, raw_stream
 
 GOOD = ["pause_1s.wav", "pause_0.3s.wav"]
 VICTIM = "pause_3s.wav"
@@ -75,23 +74,6 @@ def _request(sequence_id, audio: np.ndarray, token: str = "", start=False, end=F
             "parameters": {"stream_token": token} if token else None}
 
 
-async def _raw(url: str, steps, results: list | None = None) -> tuple[list[dict], list[str]]:
-    """Sends the requests of `steps` (an async iterable that may also wait) on one gRPC stream;
-    returns (results, error messages) once the server has closed the call. `results` fills as
-    they arrive."""
-    client = grpcaio.InferenceServerClient(url)
-    results, errors = [] if results is None else results, []
-    try:
-        async for result, error in client.stream_infer(steps):
-            if error is not None:
-                errors.append(error.message())
-            else:
-                results.append(json.loads(result.as_numpy("RESULT").reshape(-1)[0]))
-    finally:
-        await client.close()
-    return results, errors
-
-
 async def _victim_chunks(speech: np.ndarray, live: asyncio.Event, intruder_done: asyncio.Event):
     """The victim's chunks, pausing mid-stream while the intruder acts."""
     for i, chunk in enumerate(split_chunks(speech, 100)):
@@ -102,18 +84,13 @@ async def _victim_chunks(speech: np.ndarray, live: asyncio.Event, intruder_done:
         yield chunk
 
 
-async def _each(requests):
-    for request in requests:
-        yield request
-
-
 def test_string_sequence_ids_are_refused(server, undisturbed):
     chunk = _samples(VICTIM)[:16000]
 
     async def run():
-        callers = [_raw(server.grpc_url, _each([_request(f"caller-{i}", chunk, start=True),
+        callers = [raw_stream(server.grpc_url, [_request(f"caller-{i}", chunk, start=True),
                                                 _request(f"caller-{i}", chunk),
-                                                _request(f"caller-{i}", chunk[:0], end=True)])) for i in range(4)]
+                                                _request(f"caller-{i}", chunk[:0], end=True)]) for i in range(4)]
         return await asyncio.gather(asyncio.gather(*callers), _good_streams(server.grpc_url))
 
     callers, good = asyncio.run(asyncio.wait_for(run(), 120))
@@ -139,7 +116,7 @@ def test_a_second_caller_on_a_live_id_gets_nothing_and_changes_nothing(server, u
 
     async def intruder():
         try:
-            return await _raw(server.grpc_url, intruder_steps())
+            return await raw_stream(server.grpc_url, intruder_steps())
         finally:
             intruder_done.set()
 
@@ -169,7 +146,7 @@ def test_an_end_from_another_caller_is_reported_to_the_stream_it_ended(server, u
             await live.wait()
             yield _request(sequence_id, speech[:0], token="intruder", end=True)
         try:
-            return await _raw(server.grpc_url, steps())
+            return await raw_stream(server.grpc_url, steps())
         finally:
             intruder_done.set()
 
@@ -214,7 +191,7 @@ def test_a_second_start_and_an_error_close_only_the_stream_they_belong_to(server
             yield request
 
     async def run():
-        return await asyncio.gather(_raw(server.grpc_url, steps(), results), _good_streams(server.grpc_url))
+        return await asyncio.gather(raw_stream(server.grpc_url, steps(), results), _good_streams(server.grpc_url))
 
     (_, errors), good = asyncio.run(asyncio.wait_for(run(), 180))
     summaries = [i for i, r in enumerate(results) if r.get("complete")]

@@ -38,7 +38,7 @@ from tritonasr.client.offline import OfflineClient
 from tritonasr.client.stream import StreamingClient, split_chunks
 from tritonasr.errors import MAX_MESSAGE_CHARS, split_status
 
-from conftest import DATA, TEST_ADMIN_KEY
+from conftest import DATA, TEST_ADMIN_KEY, raw_stream
 
 pytestmark = pytest.mark.e2e
 
@@ -216,12 +216,17 @@ OFFLINE_CASES = [
 @pytest.mark.parametrize("make_inputs, status, pattern, by_triton",
                          [pytest.param(*case[1:], id=case[0]) for case in OFFLINE_CASES])
 def test_offline_malformed_requests(server, reference, make_inputs, status, pattern, by_triton):
+    _check_refused(server, "asr_offline", make_inputs(), status, pattern, by_triton)
+    _healthy_and_unchanged(server, reference)
+
+
+def _check_refused(server, model: str, inputs: list, status: str, pattern: str, by_triton: bool) -> None:
+    """One request to `model` is refused with `status` and a message matching `pattern`."""
     with grpcclient.InferenceServerClient(server.grpc_url) as raw:
         with pytest.raises(InferenceServerException) as refused:
-            raw.infer("asr_offline", make_inputs(), headers=ADMIN, client_timeout=60)
+            raw.infer(model, inputs, headers=ADMIN, client_timeout=60)
     assert refused.value.status() == f"StatusCode.{status}", refused.value
     _check_message(refused.value.message(), pattern, TRITON_MESSAGE_CHARS if by_triton else MAX_MESSAGE_CHARS)
-    _healthy_and_unchanged(server, reference)
 
 
 @pytest.mark.parametrize("samples", [1, 10, 400], ids=lambda n: f"{n}-samples")
@@ -313,30 +318,11 @@ STREAM_CASES = [
 ]
 
 
-async def _raw_stream(url: str, requests: list[dict]) -> tuple[list[dict], list[str]]:
-    client = grpcaio.InferenceServerClient(url)
-
-    async def send():
-        for request in requests:
-            yield request
-
-    results, errors = [], []
-    try:
-        async for result, error in client.stream_infer(send()):
-            if error is not None:
-                errors.append(error.message())
-            else:
-                results.append(json.loads(result.as_numpy("RESULT").reshape(-1)[0]))
-    finally:
-        await client.close()
-    return results, errors
-
-
 @pytest.mark.parametrize("make_requests, status, pattern, count",
                          [pytest.param(*case[1:], id=case[0]) for case in STREAM_CASES])
 def test_stream_malformed_requests(server, reference, make_requests, status, pattern, count):
     sequence_id = secrets.randbits(40) + 1
-    results, errors = asyncio.run(asyncio.wait_for(_raw_stream(server.grpc_url, make_requests(sequence_id)), 60))
+    results, errors = asyncio.run(asyncio.wait_for(raw_stream(server.grpc_url, make_requests(sequence_id)), 60))
     assert errors, results
     message, got_status = split_status(errors[0])
     assert got_status == status, errors[0]
@@ -441,11 +427,7 @@ REGISTRY_CASES = [
 @pytest.mark.parametrize("make_inputs, status, pattern, by_triton",
                          [pytest.param(*case[1:], id=case[0]) for case in REGISTRY_CASES])
 def test_registry_malformed_requests(server, reference, make_inputs, status, pattern, by_triton):
-    with grpcclient.InferenceServerClient(server.grpc_url) as raw:
-        with pytest.raises(InferenceServerException) as refused:
-            raw.infer("speaker_registry", make_inputs(), headers=ADMIN, client_timeout=60)
-    assert refused.value.status() == f"StatusCode.{status}", refused.value
-    _check_message(refused.value.message(), pattern, TRITON_MESSAGE_CHARS if by_triton else MAX_MESSAGE_CHARS)
+    _check_refused(server, "speaker_registry", make_inputs(), status, pattern, by_triton)
     assert _speakers(server.grpc_url) == reference.speakers, "nothing enrolled or removed"
     _healthy_and_unchanged(server, reference)
 
