@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, load_audio, resample, validate_samples
-from tritonasr.client.connection import Credentials, access_denied, resolve
+from tritonasr.client.connection import (
+    EXIT_DENIED,
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    AccessDeniedError,
+    Credentials,
+    access_denied,
+    resolve,
+)
 
 LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko")
+# Longer recordings go in pieces: one request holds a file whole in the server's shared memory,
+# which never shrinks (10 minutes: 38 MB). Below this, one request is simpler and batches better.
+PIECES_ABOVE_S = 600.0
 
 
 class TranscriptionError(RuntimeError):
@@ -26,6 +38,13 @@ class ServerUnavailableError(TranscriptionError):
 class ServerBusyError(TranscriptionError):
     """The server refused the request for lack of room now (UNAVAILABLE): retry later or on
     another server."""
+
+
+def exit_code(error: Exception) -> int:
+    """A client command's exit code for the error that ended it (see connection.EXIT_*)."""
+    if isinstance(error, ServerUnavailableError):
+        return EXIT_UNREACHABLE
+    return EXIT_DENIED if isinstance(error, AccessDeniedError) else EXIT_FAILED
 
 
 # What Triton 2.51 answers (UNAVAILABLE) when asr_offline's queue policy refuses a request.
@@ -55,7 +74,6 @@ class ModelClient:
         self.timeout_s = timeout_s
         self.credentials = resolve(credentials)
         self.headers = self.credentials.headers(admin=self.sends_admin_key)
-        # tritonclient already raises gRPC's message limits to 2 GiB (a 30-minute file is 115 MB).
         self._client = grpcclient.InferenceServerClient(url, **self.credentials.grpc_options())
 
     def close(self) -> None:
@@ -97,18 +115,33 @@ class ModelClient:
 
 
 class OfflineClient(ModelClient):
-    """Whole recordings through asr_offline."""
+    """Whole recordings: up to `pieces_above_s` in one asr_offline request, longer ones in pieces
+    through `stream_model` (client/pieces.py), with the same result."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "asr_offline", timeout_s: float | None = None,
+                 credentials: Credentials | None = None, stream_model: str = "asr_stream",
+                 pieces_above_s: float = PIECES_ABOVE_S):
+        super().__init__(url, model, timeout_s, credentials)
+        self.stream_model = stream_model
+        self.pieces_above_s = pieces_above_s
 
     def transcribe(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
                    language: str = "auto", use_itn: bool = False, with_speaker: bool = True,
-                   return_embedding: bool = False, engine: str = "") -> dict:
+                   return_embedding: bool = False, engine: str = "",
+                   on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Transcribes mono float samples in [-1, 1]; returns the server's result JSON.
-        engine: sensevoice or parakeet; "" for the server's default."""
+        engine: sensevoice or parakeet; "" for the server's default.
+        on_progress: for recordings sent in pieces, told (ms done, ms in all) as the server goes."""
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
-        audio = server_audio(samples, sample_rate)[np.newaxis, :]
+        audio = server_audio(samples, sample_rate)
+        if audio.size > self.pieces_above_s * SAMPLE_RATE:
+            from tritonasr.client.pieces import transcribe_in_pieces  # (it imports this module)
+
+            return transcribe_in_pieces(self, audio, on_progress, language=language, use_itn=use_itn,
+                                        engine=engine, with_speaker=with_speaker, return_embedding=return_embedding)
         return self.infer([
-            tensor_input("AUDIO", audio, "FP32"),
+            tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
             tensor_input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
             tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
             tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
@@ -119,25 +152,18 @@ class OfflineClient(ModelClient):
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",
-                        with_speaker: bool = True) -> dict:
+                        with_speaker: bool = True, on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
         audio = load_audio(path)
-        result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn,
-                                 with_speaker=with_speaker, return_embedding=return_embedding, engine=engine)
+        result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn, with_speaker=with_speaker,
+                                 return_embedding=return_embedding, engine=engine, on_progress=on_progress)
         return {"file": str(path), "duration_ms": audio.duration_ms,
                 "segments": result["segments"]}
 
 
 def server_audio(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Checked samples at the server's 16 kHz (other rates are converted here), within gRPC's
-    message limit."""
-    audio = resample(validate_samples(samples), sample_rate)
-    if audio.nbytes > grpcclient.MAX_GRPC_MESSAGE_SIZE:
-        raise TranscriptionError(
-            f"audio of {audio.size / SAMPLE_RATE / 3600:.1f} h is over gRPC's 2 GiB "
-            "message limit; split it into shorter files"
-        )
-    return audio
+    """Checked samples at the server's 16 kHz (other rates are converted here)."""
+    return resample(validate_samples(samples), sample_rate)
 
 
 def tensor_input(name: str, data: np.ndarray, datatype: str) -> grpcclient.InferInput:

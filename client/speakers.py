@@ -9,15 +9,15 @@ import sys
 import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio
-from tritonasr.client.connection import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    AccessDeniedError,
-    Credentials,
+from tritonasr.client.connection import EXIT_OK, AccessDeniedError, Credentials
+from tritonasr.client.offline import (
+    ModelClient,
+    ServerUnavailableError,
+    TranscriptionError,
+    exit_code,
+    server_audio,
+    tensor_input,
 )
-from tritonasr.client.offline import ModelClient, ServerUnavailableError, TranscriptionError, server_audio, tensor_input
 
 
 class SpeakerRegistryClient(ModelClient):
@@ -89,13 +89,7 @@ def run_speakers(action: str, url: str, name: str | None = None, files: list[str
                 for s in speakers:
                     print(f"{s['name']}\t{s['speech_ms'] / 1000:.1f} s of speech\tenrolled {s['enrolled_at']}")
                 print(f"{len(speakers)} speaker(s) enrolled", file=sys.stderr)
-    except ServerUnavailableError as exc:
+    except (AccessDeniedError, TranscriptionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except AccessDeniedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DENIED
-    except TranscriptionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exit_code(exc)
     return EXIT_OK

@@ -169,10 +169,7 @@ class LiveStream:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
-        self.sequence_id = secrets.randbits(63) or 1  # 0 would mean "no sequence" to Triton
-        # Sent with every chunk: the server refuses chunks on this id without it, so nobody
-        # else can add audio to this stream or receive its segments.
-        self.token = secrets.token_urlsafe(16)
+        self.sequence_id, self.token = new_stream_identity()
         self.language = language
         self.use_itn = use_itn
         self.partial_interval_ms = partial_interval_ms
@@ -399,6 +396,13 @@ class StreamingClient:
         """Loads any audio file (resampled to 16 kHz mono) and streams it in chunks of `chunk_ms`
         (see split_chunks); `options` are those of stream()."""
         return self.stream(split_chunks(load_audio(path).samples, chunk_ms), **options)
+
+
+def new_stream_identity() -> tuple[int, str]:
+    """A new stream's (sequence id, token). The token is sent with every chunk: the server refuses
+    chunks on the id without it, so nobody else can add audio to the stream or receive its
+    segments."""
+    return secrets.randbits(63) or 1, secrets.token_urlsafe(16)  # sequence id 0: "no sequence"
 
 
 def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: bool, end: bool, *,

@@ -11,15 +11,8 @@ from typing import TextIO
 
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.formats import clock, line_prefix
-from tritonasr.client.offline import LANGUAGES, ServerUnavailableError
-from tritonasr.client.connection import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    AccessDeniedError,
-    Credentials,
-)
+from tritonasr.client.connection import EXIT_FAILED, EXIT_OK, AccessDeniedError, Credentials
+from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, exit_code
 from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
 
 STREAM_FORMATS = ("text", "json")
@@ -57,18 +50,11 @@ async def _stream(path: str, url: str, credentials: Credentials | None, chunks: 
             async with client.stream(chunks, **options) as stream:
                 async for segment in stream:
                     printer.segment(segment)
-        except ServerUnavailableError as exc:
+        except (ServerUnavailableError, AccessDeniedError, StreamError, AudioError) as exc:
             printer.clear()
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
-        except AccessDeniedError as exc:
-            printer.clear()
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_DENIED
-        except (StreamError, AudioError) as exc:
-            printer.clear()
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            about = "" if isinstance(exc, (ServerUnavailableError, AccessDeniedError)) else f"{path}: "
+            print(f"error: {about}{exc}", file=sys.stderr)
+            return exit_code(exc)
     printer.summary(stream.summary)
     return EXIT_OK
 

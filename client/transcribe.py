@@ -10,22 +10,9 @@ from typing import TextIO
 from tqdm import tqdm
 
 from tritonasr.audio import AudioError
-from tritonasr.client.connection import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    AccessDeniedError,
-    Credentials,
-    resolve,
-)
+from tritonasr.client.connection import EXIT_FAILED, EXIT_OK, AccessDeniedError, Credentials, resolve
 from tritonasr.client.formats import FORMATS, render
-from tritonasr.client.offline import (
-    LANGUAGES,
-    OfflineClient,
-    ServerUnavailableError,
-    TranscriptionError,
-)
+from tritonasr.client.offline import LANGUAGES, OfflineClient, ServerUnavailableError, TranscriptionError, exit_code
 
 
 
@@ -48,17 +35,19 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
             probe.check_ready()
     except ServerUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return exit_code(e)
 
     local = threading.local()
     clients: list[OfflineClient] = []
+
+    progress = _AudioProgress() if len(files) == 1 else None
 
     def transcribe(path: str) -> dict:
         if not hasattr(local, "client"):
             local.client = OfflineClient(url, credentials=credentials)
             clients.append(local.client)
         return local.client.transcribe_file(path, language=language, return_embedding=return_embedding,
-                                            engine=engine, with_speaker=with_speaker)
+                                            engine=engine, with_speaker=with_speaker, on_progress=progress)
 
     headers = fmt != "json" and len(files) > 1
     code = EXIT_OK
@@ -75,7 +64,7 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
             except (ServerUnavailableError, AccessDeniedError) as e:
                 tqdm.write(f"error: {e}", file=sys.stderr)
                 pool.shutdown(cancel_futures=True)
-                code = EXIT_DENIED if isinstance(e, AccessDeniedError) else EXIT_UNREACHABLE
+                code = exit_code(e)
                 break
             except AudioError as e:
                 # load_audio's messages already start with the file's name.
@@ -92,6 +81,24 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
             tqdm.write(text, file=output, end="")
             output.flush()
             printed += 1
+    if progress:
+        progress.close()
     for client in clients:
         client.close()
     return code
+
+
+class _AudioProgress:
+    """A bar of the audio done so far, for one long recording (sent in pieces)."""
+
+    def __init__(self):
+        self.bar: tqdm | None = None
+
+    def __call__(self, done_ms: int, total_ms: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=round(total_ms / 1000), unit="s", desc="audio done", file=sys.stderr)
+        self.bar.update(round(done_ms / 1000) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

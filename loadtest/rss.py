@@ -3,6 +3,11 @@
 RSS counts a process's touched shared memory too (the Python backend's /dev/shm regions, mapped by
 tritonserver and by the stub), so `anon` (private heap) and `shmem` are given apart; the regions'
 own size in /dev/shm is `shm_files`.
+
+Summed RSS overstates what the server takes from the machine: a region's pages count in every
+process that maps it, and again for each of its mappings (the backend maps a region anew each time
+it grows). PSS counts each page once, shared pages split between their mappers: the sum of PSS is
+the server's footprint, what a container's memory limit sees.
 """
 from __future__ import annotations
 
@@ -20,27 +25,34 @@ class Usage:
     rss_kb: int = 0
     anon_kb: int = 0
     shmem_kb: int = 0
+    pss_kb: int = 0
 
     def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.rss_kb + other.rss_kb, self.anon_kb + other.anon_kb, self.shmem_kb + other.shmem_kb)
+        return Usage(self.rss_kb + other.rss_kb, self.anon_kb + other.anon_kb, self.shmem_kb + other.shmem_kb,
+                     self.pss_kb + other.pss_kb)
 
     @property
     def rss_mb(self) -> float:
         return self.rss_kb / 1024
 
+    @property
+    def pss_mb(self) -> float:
+        return self.pss_kb / 1024
+
 
 def process_usage(pid: int) -> Usage:
-    """RSS of one process (zero if it is gone)."""
+    """RSS and PSS of one process (zero if it is gone)."""
     fields = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssShmem"):
-                    fields[key] = int(value.split()[0])
+        for name in ("status", "smaps_rollup"):
+            with open(f"/proc/{pid}/{name}") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("VmRSS", "RssAnon", "RssShmem", "Pss"):
+                        fields[key] = int(value.split()[0])
     except OSError:
         return Usage()
-    return Usage(fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssShmem", 0))
+    return Usage(fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssShmem", 0), fields.get("Pss", 0))
 
 
 def model_of(argv: list[str]) -> str:

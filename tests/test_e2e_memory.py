@@ -1,5 +1,6 @@
 """Bounded memory, against the real tritonserver: requests over max_audio_seconds are refused
-fast and tritonserver does not keep their buffers, requests past the
+fast and tritonserver does not keep their buffers, longer recordings go in pieces without growing
+the shared-memory regions, requests past the
 in-flight audio budget are refused at once with UNAVAILABLE while the admitted one completes, and
 freed heap goes back to the system. A short soak runs the `loadtest soak` command end to end.
 
@@ -21,9 +22,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.client.offline import tensor_input
+from tritonasr.client.offline import OfflineClient, tensor_input
 from tritonasr.loadtest import soak
-from tritonasr.loadtest.rss import process_usage
+from tritonasr.loadtest.rss import process_usage, snapshot
 from tritonasr.loadtest.workload import clip
 from tritonasr.memory import release_memory
 from tritonasr.server import ServerConfig, TritonServer, free_port
@@ -39,7 +40,7 @@ BUDGET_MB = 4  # a 50 s request is 3.05 MB: two at once are over it
 @pytest.fixture(scope="module")
 def limited_server(model_repository, tmp_path_factory):
     """A server whose asr_offline takes at most 60 s per request and 4 MB of audio at once, on one
-    instance (so concurrent requests meet in the same process)."""
+    instance (so concurrent requests meet in the same process), and asr_stream."""
     repo = tmp_path_factory.mktemp("limited")
     for model in ("vad", "sensevoice"):
         (repo / model).symlink_to(model_repository / model, target_is_directory=True)
@@ -49,6 +50,8 @@ def limited_server(model_repository, tmp_path_factory):
     set_parameter(config, "max_inflight_audio_mb", str(BUDGET_MB))
     set_parameter(config, "speaker_model", "")
     config.write_text(config.read_text().replace("{ count: 2 kind: KIND_CPU }", "{ count: 1 kind: KIND_CPU }"))
+    shutil.copytree(model_repository / "asr_stream", repo / "asr_stream", symlinks=True)
+    set_parameter(repo / "asr_stream" / "config.pbtxt", "speaker_model", "")
     with TritonServer(ServerConfig(repo, free_port(), free_port(), free_port(),
                                    extra_args=["--exit-timeout-secs=5"])) as server:
         yield server
@@ -99,6 +102,19 @@ def test_audio_past_the_budget_is_refused_at_once(limited_server):
     for outcome, _ in refused:
         assert outcome.startswith("StatusCode.UNAVAILABLE") and f"limit {BUDGET_MB} MB" in outcome
     assert _transcribe(limited_server, audio) == "ok"  # the budget was given back
+
+
+def test_recordings_past_the_request_limit_go_in_pieces_and_grow_no_shared_memory(limited_server):
+    """The client sends long recordings through asr_stream in chunks: any length is taken, and the
+    Python backend's shared-memory regions, which never shrink, stay as they were."""
+    audio = clip(3 * MAX_AUDIO_S, 0)
+    with OfflineClient(limited_server.grpc_url, timeout_s=300, pieces_above_s=MAX_AUDIO_S) as client:
+        first = client.transcribe(audio)  # the first sets the stream path's working size
+        regions_kb = snapshot(limited_server.process.pid).shm_files_kb
+        for _ in range(2):
+            assert client.transcribe(audio) == first
+        assert snapshot(limited_server.process.pid).shm_files_kb == regions_kb
+    assert first["duration_ms"] == 3 * MAX_AUDIO_S * 1000 and first["segments"]
 
 
 def test_release_memory_returns_freed_heap():

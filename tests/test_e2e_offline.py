@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import tritonclient.grpc as grpcclient
 
 from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import AudioError, load_audio
+from tritonasr.client.offline import OfflineClient, TranscriptionError
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
 from tritonasr.vad import split_long_segments
 
@@ -193,13 +195,22 @@ def test_other_rates_and_stereo_transcribe_like_16k_mono(client, tmp_path, rate,
     assert all(abs(a - b) <= 100 for g, e in zip(got, expected) for a, b in zip(g, e)), (got, expected)
 
 
-def test_thirty_minutes_of_silence(client):
-    result = client.transcribe(np.zeros(16000 * 1800, np.float32))
+@pytest.fixture()
+def one_request_client(server):
+    """Sends every recording in one asr_offline request, however long (the limit's own test)."""
+    with OfflineClient(server.grpc_url, timeout_s=900, pieces_above_s=math.inf) as offline:
+        yield offline
+
+
+def test_thirty_minutes_of_silence(one_request_client):
+    result = one_request_client.transcribe(np.zeros(16000 * 1800, np.float32))
     assert result == {"duration_ms": 1_800_000, "segments": []}
 
 
-def test_thirty_minutes_of_continuous_speech(client, layout):
-    """No pause long enough to end a segment: VAD cuts at 60 s, the pipeline at 30 s."""
+def test_thirty_minutes_of_continuous_speech(one_request_client, layout):
+    """No pause long enough to end a segment: VAD cuts at 60 s, the pipeline at 30 s. 30 minutes
+    is the most asr_offline takes in one request."""
+    client = one_request_client
     samples = load_audio(DATA / "one_phrase.wav").samples
     speech = layout["one_phrase.wav"]["speech"][0]
     phrase = samples[speech["start_ms"] * 16: speech["end_ms"] * 16]
@@ -211,3 +222,25 @@ def test_thirty_minutes_of_continuous_speech(client, layout):
     assert all(s["end_ms"] - s["start_ms"] <= 30_000 for s in segments)
     assert sum(s["end_ms"] - s["start_ms"] for s in segments) >= 0.9 * 1_800_000
     _still_serving(client)
+
+
+@pytest.mark.parametrize("name", ["long_70s.wav", "pause_3s.wav"])
+def test_recordings_sent_in_pieces_equal_one_request(server, one_request_client, name):
+    """Past `pieces_above_s` the client sends a recording through asr_stream in chunks; the result
+    is asr_offline's for one request: the same segments, texts and speaker labels."""
+    expected = one_request_client.transcribe_file(DATA / name)
+    progress = []
+    with OfflineClient(server.grpc_url, timeout_s=900, pieces_above_s=1) as pieces:
+        got = pieces.transcribe_file(DATA / name, on_progress=lambda done, total: progress.append((done, total)))
+    assert got["segments"] and got == expected
+    total = expected["duration_ms"]
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+    assert progress[-1] == (total, total)
+
+
+def test_a_recording_refused_in_pieces_is_a_clear_error(server):
+    with OfflineClient(server.grpc_url, timeout_s=60, pieces_above_s=1) as pieces:
+        with pytest.raises(TranscriptionError, match="unknown ASR engine 'nope'"):
+            pieces.transcribe(np.zeros(16000 * 30, np.float32), engine="nope")
+        # The refused stream was closed cleanly: the same client goes on.
+        assert pieces.transcribe(np.zeros(16000 * 3, np.float32)) == {"duration_ms": 3000, "segments": []}

@@ -114,7 +114,8 @@ class OfflinePipeline:
     def check_length(self, samples: np.ndarray) -> None:
         if samples.size > self.max_audio_s * SAMPLE_RATE:
             raise AudioError(f"audio is {samples.size / SAMPLE_RATE:.0f} s long; this server accepts at most "
-                             f"{self.max_audio_s:.0f} s per request: split the file")
+                             f"{self.max_audio_s:.0f} s per request: send longer recordings as a stream, "
+                             "in chunks (the tritonasr client does so by itself)")
 
     def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         check_sample_rate(sample_rate)

@@ -274,7 +274,7 @@ class OfflineAsrModel(_PipelineModel):
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
-                                        max_audio_s=float(self.params.get("max_audio_seconds", "7200")))
+                                        max_audio_s=float(self.params.get("max_audio_seconds", "1800")))
         self.budget = AudioBudget(int(float(self.params.get("max_inflight_audio_mb", "1024")) * MB))
 
     async def _handle(self, request) -> dict:
