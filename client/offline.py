@@ -11,17 +11,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, load_audio, resample, validate_samples
-from tritonasr.client.connection import (
-    EXIT_DENIED,
-    EXIT_FAILED,
-    EXIT_UNREACHABLE,
-    AccessDeniedError,
-    Credentials,
-    access_denied,
-    resolve,
-)
+from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
+from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES
 
-LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko")
 # Longer recordings go in pieces: one request holds a file whole in the server's shared memory,
 # which never shrinks (10 minutes: 38 MB). Below this, one request is simpler and batches better.
 PIECES_ABOVE_S = 600.0

@@ -21,7 +21,8 @@ import numpy as np
 from tritonasr.audio import SAMPLE_RATE
 from tritonasr.client.connection import access_denied
 from tritonasr.client.offline import TranscriptionError, busy
-from tritonasr.client.stream import MAX_CHUNK_MS, StreamError, new_stream_identity, split_chunks, stream_request
+from tritonasr.client.stream import StreamError, new_stream_identity, split_chunks, stream_request
+from tritonasr.contract import MAX_CHUNK_MS
 from tritonasr.errors import split_status
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio
-from tritonasr.client.connection import EXIT_OK, AccessDeniedError, Credentials
+from tritonasr.client.connection import AccessDeniedError, Credentials
+from tritonasr.contract import EXIT_OK
 from tritonasr.client.offline import (
     ModelClient,
     ServerUnavailableError,

@@ -35,10 +35,10 @@ from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
 from tritonasr.client.connection import Credentials, access_denied, resolve
-from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, TranscriptionError
+from tritonasr.client.offline import ServerUnavailableError, TranscriptionError
+from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS
 from tritonasr.errors import split_status
 
-MAX_CHUNK_MS = 2000  # the server refuses longer chunks (`max_chunk_ms` in asr_stream/config.pbtxt)
 MAX_CHUNK_SAMPLES = MAX_CHUNK_MS * SAMPLE_RATE // 1000
 
 Chunks = Iterable[np.ndarray] | AsyncIterable[np.ndarray]

@@ -11,8 +11,9 @@ from typing import TextIO
 
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.formats import clock, line_prefix
-from tritonasr.client.connection import EXIT_FAILED, EXIT_OK, AccessDeniedError, Credentials
-from tritonasr.client.offline import LANGUAGES, ServerUnavailableError, exit_code
+from tritonasr.client.connection import AccessDeniedError, Credentials
+from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
+from tritonasr.client.offline import ServerUnavailableError, exit_code
 from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
 
 STREAM_FORMATS = ("text", "json")
@@ -22,10 +23,9 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
                fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True,
                credentials: Credentials | None = None) -> int:
-    """Streams one audio file and prints each result as it arrives; returns the exit code.
-
-    0: the stream completed; 1: the file or the stream failed (reported on stderr);
-    2: the server is unreachable or the model is not loaded; 3: the server refused the caller's key.
+    """Streams one audio file and prints each result as it arrives; returns the exit code
+    (tritonasr.contract): EXIT_OK once the stream completed, EXIT_FAILED when the file or the
+    stream failed, EXIT_UNREACHABLE or EXIT_DENIED when the server cannot be used (on stderr).
     """
     if fmt not in STREAM_FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STREAM_FORMATS)}")

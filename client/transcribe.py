@@ -10,20 +10,21 @@ from typing import TextIO
 from tqdm import tqdm
 
 from tritonasr.audio import AudioError
-from tritonasr.client.connection import EXIT_FAILED, EXIT_OK, AccessDeniedError, Credentials, resolve
+from tritonasr.client.connection import AccessDeniedError, Credentials, resolve
+from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
 from tritonasr.client.formats import FORMATS, render
-from tritonasr.client.offline import LANGUAGES, OfflineClient, ServerUnavailableError, TranscriptionError, exit_code
+from tritonasr.client.offline import OfflineClient, ServerUnavailableError, TranscriptionError, exit_code
 
 
 
 def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
                    concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False,
-                   engine: str = "", with_speaker: bool = True, credentials: Credentials | None = None) -> int:
-    """Transcribes `files` with `concurrency` requests in flight; returns the exit code.
-
-    0: every file transcribed; 1: some failed (each reported on stderr); 2: the server is
-    unreachable or the model is not loaded, 3: the server refused the caller's key (both
-    reported once, remaining files skipped).
+                   engine: str = "", with_speaker: bool = True, credentials: Credentials | None = None,
+                   use_itn: bool = False) -> int:
+    """Transcribes `files` with `concurrency` requests in flight; returns the exit code
+    (tritonasr.contract): EXIT_OK, EXIT_FAILED when some failed (each reported on stderr),
+    EXIT_UNREACHABLE or EXIT_DENIED when the server cannot be used (reported once, remaining files
+    skipped).
     """
     credentials = resolve(credentials)
     if fmt not in FORMATS:
@@ -46,8 +47,9 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
         if not hasattr(local, "client"):
             local.client = OfflineClient(url, credentials=credentials)
             clients.append(local.client)
-        return local.client.transcribe_file(path, language=language, return_embedding=return_embedding,
-                                            engine=engine, with_speaker=with_speaker, on_progress=progress)
+        return local.client.transcribe_file(path, language=language, use_itn=use_itn, engine=engine,
+                                            return_embedding=return_embedding, with_speaker=with_speaker,
+                                            on_progress=progress)
 
     headers = fmt != "json" and len(files) > 1
     code = EXIT_OK

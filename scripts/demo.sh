@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-pip install --quiet --disable-pip-version-check -e .
+pip install --quiet --disable-pip-version-check -e ".[all]"
 exec tritonasr demo "$@"

@@ -12,5 +12,5 @@ if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v ap
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-pip install --quiet --disable-pip-version-check -e ".[test]"
+pip install --quiet --disable-pip-version-check -e ".[all,test]"
 exec python -m pytest "$@"

@@ -127,7 +127,7 @@ def test_dockerfile_pins_a_recent_ngc_tritonserver():
     assert (int(match[1]), int(match[2])) >= (24, 12), image
     assert re.search(r"^FROM\s+\$\{TRITON_IMAGE\}\s*$", text, re.MULTILINE)
     # The package goes into the image's Python, the GPU ONNX Runtime replaces the CPU one.
-    assert re.search(r"pip install -e /opt/tritonasr", text)
+    assert re.search(r"pip install -e \"/opt/tritonasr\[all\]\"", text)
     assert re.search(r"pip uninstall -y onnxruntime\b", text) and "onnxruntime-gpu" in text
     assert re.search(r"^COPY \. /opt/tritonasr$", text, re.MULTILINE)
 

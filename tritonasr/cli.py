@@ -2,18 +2,71 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import re
 import signal
 import sys
 import threading
+from importlib import import_module, metadata
 from pathlib import Path
 
 from tritonasr.client.connection import add_arguments as _add_connection_args
 from tritonasr.client.connection import from_arguments as _credentials
-from tritonasr.engines import ENGINES
+from tritonasr.contract import ENGINES, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import default_model_repository, sample_audio
 from tritonasr.server import MODEL_CONTROL_MODES
+
+PACKAGE = "tritonasr"
+
+
+def _missing_extra(extras: tuple[str, ...]) -> tuple[str, list[str]] | None:
+    """The first of `extras` (the optional dependencies in pyproject.toml) not fully installed,
+    with the distributions it lacks; None when all are there (or tritonasr itself is not
+    installed, and nothing can be known)."""
+    try:
+        requirements = metadata.requires(PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for extra in extras:
+        marker = re.compile(rf"""extra\s*==\s*["']{extra}["']""")
+        lacking = []
+        for requirement in filter(marker.search, requirements):
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group()
+            try:
+                metadata.version(name)
+            except metadata.PackageNotFoundError:
+                lacking.append(name)
+        if lacking:
+            return extra, lacking
+    return None
+
+
+def _needs(*extras: str):
+    """A command that runs only with these extras installed; without, one line says which."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(args) -> int:
+            missing = _missing_extra(extras)
+            if missing:
+                extra, lacking = missing
+                name = " ".join(filter(None, (args.command, getattr(args, args.command, None))))
+                print(f"error: `tritonasr {name}` needs the {extra} extra: pip install "
+                      f"'{PACKAGE}[{extra}]' (not installed: {', '.join(lacking)})", file=sys.stderr)
+                return EXIT_USAGE
+            return command(args)
+        run.extras = extras
+        return run
+    return wrap
+
+
+def _role_arguments(parser: argparse.ArgumentParser, module: str, *extras: str) -> None:
+    """The options `module.add_arguments` defines, when `extras` are installed (the module imports
+    them); without, main() lets any arguments through and the command's `_needs` says what to
+    install."""
+    if _missing_extra(extras) is None:
+        import_module(module).add_arguments(parser)
 
 
 def _add_repository(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +233,7 @@ def cmd_transcribe(args) -> int:
 
     return run_transcribe(args.files, args.url, args.format, language=args.language,
                           concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
-                          with_speaker=not args.no_speaker, credentials=_credentials(args))
+                          with_speaker=not args.no_speaker, credentials=_credentials(args), use_itn=args.itn)
 
 
 def cmd_stream(args) -> int:
@@ -319,8 +372,16 @@ def _partials_ms(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonasr", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the embedded Triton server on the model repository")
@@ -332,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--health-host", default=None, help="address of the health port (default: --http-host)")
     serve.add_argument("--max-restarts", type=int, default=3,
                        help="automatic restarts within 10 minutes before serve gives up and exits 1")
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=_needs("server")(cmd_serve))
 
     export = sub.add_parser("export", help="export a model to ONNX into the model repository")
     export.add_argument("model", choices=["vad", "sensevoice", "parakeet", "speaker", "sherpa-onnx"],
@@ -348,13 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--check-audio", type=Path, help="speech for the parity check (default: the sample)")
     _add_repository(export)
-    export.set_defaults(func=cmd_export)
+    export.set_defaults(func=_needs("server", "export")(cmd_export))
 
     transcribe = sub.add_parser("transcribe", help="transcribe audio files through asr_offline")
     transcribe.add_argument("files", nargs="+")
     transcribe.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
     transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text")
-    transcribe.add_argument("--language", default="auto", help="auto|zh|en|yue|ja|ko")
+    transcribe.add_argument("--language", default="auto", choices=LANGUAGES)
+    transcribe.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     transcribe.add_argument("--concurrency", type=int, default=4)
     transcribe.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
@@ -370,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--realtime", action="store_true", help="send the audio at the pace it plays")
     stream.add_argument("--partials", type=_partials_ms, default=0, metavar="MS",
                         help="partial results of the open segment every MS ms (default 0: none)")
-    stream.add_argument("--language", default="auto", choices=["auto", "zh", "en", "yue", "ja", "ko"])
+    stream.add_argument("--language", default="auto", choices=LANGUAGES)
     stream.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     stream.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     stream.add_argument("--no-speaker", action="store_true",
@@ -397,37 +459,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     offline = bench_sub.add_parser("offline", help="served throughput vs raw ONNX Runtime, same run")
-    from tritonasr.loadtest.bench_offline import add_arguments
-
-    add_arguments(offline)
-    offline.set_defaults(func=cmd_bench)
+    _role_arguments(offline, "tritonasr.loadtest.bench_offline", "server", "loadtest")
+    offline.set_defaults(func=_needs("server", "loadtest")(cmd_bench))
     bench_stream = bench_sub.add_parser("stream", help="N concurrent real-time streams: latency after end of speech")
-    from tritonasr.loadtest.bench_stream import add_arguments as add_stream_arguments
-
-    add_stream_arguments(bench_stream)
-    bench_stream.set_defaults(func=cmd_bench_stream)
+    _role_arguments(bench_stream, "tritonasr.loadtest.bench_stream", "server", "loadtest")
+    bench_stream.set_defaults(func=_needs("server", "loadtest")(cmd_bench_stream))
     bench_memory = bench_sub.add_parser("memory", help="RSS after 2-hour requests, an oversized one, abandoned streams")
-    from tritonasr.loadtest.bench_memory import add_arguments as add_memory_arguments
-
-    add_memory_arguments(bench_memory)
-    bench_memory.set_defaults(func=cmd_bench_memory)
+    _role_arguments(bench_memory, "tritonasr.loadtest.bench_memory", "server", "loadtest")
+    bench_memory.set_defaults(func=_needs("server", "loadtest")(cmd_bench_memory))
 
     loadtest = sub.add_parser("loadtest", help="Locust concurrency sweeps against tritonasr and baselines")
     loadtest_sub = loadtest.add_subparsers(dest="loadtest", required=True)
     sweep = loadtest_sub.add_parser("sweep", help="start each system, sweep it with Locust, stop it, write the report")
-    from tritonasr.loadtest.sweep import add_arguments as add_sweep_arguments
-
-    add_sweep_arguments(sweep)
-    sweep.set_defaults(func=cmd_loadtest_sweep)
+    # The sweep starts the embedded server and the per-session FunASR baseline (export's FunASR).
+    _role_arguments(sweep, "tritonasr.loadtest.sweep", "server", "export", "loadtest")
+    sweep.set_defaults(func=_needs("server", "export", "loadtest")(cmd_loadtest_sweep))
     soak = loadtest_sub.add_parser("soak", help="N minutes of mixed offline requests and live streams: RSS of "
                                    "every process, errors, open streams (CSV + Markdown)")
-    from tritonasr.loadtest.soak import add_arguments as add_soak_arguments
-
-    add_soak_arguments(soak)
-    soak.set_defaults(func=cmd_loadtest_soak)
+    _role_arguments(soak, "tritonasr.loadtest.soak", "server", "loadtest")
+    soak.set_defaults(func=_needs("server", "loadtest")(cmd_loadtest_soak))
     report = loadtest_sub.add_parser("report", help="(re)write a sweep's report: Markdown table and PNG plots")
     report.add_argument("run_dir", type=Path, help="the sweep's run directory (holds run.json)")
-    report.set_defaults(func=cmd_loadtest_report)
+    report.set_defaults(func=_needs("loadtest")(cmd_loadtest_report))
 
     repo = sub.add_parser("repo", help="model repositories for a deployment target: build, check, TensorRT plans")
     repo_sub = repo.add_subparsers(dest="repo", required=True)
@@ -445,18 +498,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--trt-cache", default="/cache/trt",
                        help="gpu-onnxruntime: directory of the TensorRT engine and timing caches (a volume)")
     _add_repository(build)
-    build.set_defaults(func=cmd_repo_build)
+    build.set_defaults(func=_needs("server")(cmd_repo_build))
     check = repo_sub.add_parser("check", help="validate a repository: configs, tensors against graphs, BLS targets")
     check.add_argument("repository", type=Path)
     check.add_argument("--allow-missing-plans", action="store_true",
                        help="accept gpu-tensorrt plans not built yet")
-    check.set_defaults(func=cmd_repo_check)
+    check.set_defaults(func=_needs("server")(cmd_repo_check))
     plans = repo_sub.add_parser("plans", help="build a gpu-tensorrt repository's TensorRT plans on this GPU (trtexec)")
     plans.add_argument("repository", type=Path)
     plans.add_argument("--trtexec", default=None, help="trtexec binary (default: PATH, then the NGC image's)")
     plans.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file to reuse")
     plans.add_argument("--force", action="store_true", help="rebuild plans that are current")
-    plans.set_defaults(func=cmd_repo_plans)
+    plans.set_defaults(func=_needs("server")(cmd_repo_plans))
 
     demo = sub.add_parser("demo", help="export what is missing, start the server, transcribe the sample")
     demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")
@@ -464,12 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", dest="hub_id", help="SenseVoice hub id")
     demo.add_argument("--format", choices=["text", "json", "srt"], default="text")
     _add_server_args(demo)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=_needs("server", "export")(cmd_demo))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # A command whose extra is missing has not got its options: it only says what to install.
+    if unknown and not _missing_extra(getattr(args.func, "extras", ())):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:

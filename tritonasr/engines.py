@@ -26,7 +26,6 @@ RunParakeetEncoder = Callable[[np.ndarray], Awaitable[np.ndarray]]
 # (encoder output [1,T',D]) -> (token ids, their frames, their durations in frames)
 RunParakeetDecoder = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
-ENGINES = ("sensevoice", "parakeet")
 
 
 def pad_step(frame_ms: float, pad_ms: int) -> int:

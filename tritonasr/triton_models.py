@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 from tritonasr.access import Access, parameters_of
 from tritonasr.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.audio import validate_samples
+from tritonasr.contract import MAX_CHUNK_MS
 from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                              ServiceError, SpeakerError, bounded, classify, shown, with_status)
@@ -369,7 +370,7 @@ class StreamingAsrModel(_PipelineModel):
                                  on_final=self.metrics.final_sent, on_failure=self._stream_failed)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
-        self.max_chunk_samples = int(self.params.get("max_chunk_ms", "2000")) * SAMPLE_RATE // 1000
+        self.max_chunk_samples = int(self.params.get("max_chunk_ms", MAX_CHUNK_MS)) * SAMPLE_RATE // 1000
         self.streams = StreamRegistry(factory, idle_us / 1e6, Admission.for_this_server(self.params),
                                       on_change=self.metrics.open_streams.set,
                                       require_token=self.params.get("require_stream_token", "false") == "true")
