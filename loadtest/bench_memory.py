@@ -30,7 +30,7 @@ from tritonasr.loadtest.common import ServedTarget, served
 from tritonasr.loadtest.rss import SERVER, Snapshot, snapshot
 from tritonasr.loadtest.triton_metrics import gauge_sum
 from tritonasr.loadtest.workload import joined_speech, speech
-from tritonasr.paths import default_model_repository
+from tritonasr.paths import add_repository_argument, default_model_repository
 
 SCENARIOS = ("large", "oversize", "abandoned")
 SETTLE_S = 3.0  # after each step, before reading RSS: the server's sweeps and trims run each second
@@ -39,14 +39,15 @@ SETTLE_S = 3.0  # after each step, before reading RSS: the server's sweeps and t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="measure this running server (on this machine) instead of the embedded one")
     parser.add_argument("--metrics-url", help="its metrics endpoint (default: http://HOST:8002/metrics)")
-    parser.add_argument("--model-repository", type=Path, default=None)
+    add_repository_argument(parser)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {', '.join(SCENARIOS)}")
-    parser.add_argument("--large-seconds", type=float, default=7200.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--large-seconds", type=float, default=7200.0, help="large: each recording's length")
+    parser.add_argument("--repeats", type=int, default=3, help="large: recordings one after another")
     parser.add_argument("--one-request", action="store_true",
                         help="large: send each recording in one asr_offline request, not in pieces")
-    parser.add_argument("--oversize-seconds", type=float, default=10800.0)
-    parser.add_argument("--streams", type=int, default=400)
+    parser.add_argument("--oversize-seconds", type=float, default=10800.0,
+                        help="oversize: the request's length (over the server's limit)")
+    parser.add_argument("--streams", type=int, default=400, help="abandoned: streams opened and left silent")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 

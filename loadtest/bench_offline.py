@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tritonasr.loadtest.common import server_url
-from tritonasr.paths import CHECKOUT_ROOT, default_model_repository
+from tritonasr.paths import CHECKOUT_ROOT, add_repository_argument, default_model_repository
 
 DEFAULT_FILES = sorted(str(p) for p in (CHECKOUT_ROOT / "tests" / "data").rglob("*.wav"))
 
@@ -36,10 +36,10 @@ DEFAULT_FILES = sorted(str(p) for p in (CHECKOUT_ROOT / "tests" / "data").rglob(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", help="audio files (default: the speech under tests/data)")
     parser.add_argument("--url", help="benchmark this running server instead of starting the embedded one")
-    parser.add_argument("--model-repository", type=Path, default=None)
+    add_repository_argument(parser)
     parser.add_argument("--concurrency", default="1,8", help="comma-separated concurrencies")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the files per concurrency")
-    parser.add_argument("--raw-batch-sizes", default="1,2,4,8")
+    parser.add_argument("--raw-batch-sizes", default="1,2,4,8", help="comma-separated batch sizes of the in-process baseline")
     parser.add_argument("--min-seconds", type=float, default=10.0, help="minimum timed seconds per raw setting")
     parser.add_argument("--engine", choices=["sensevoice", "parakeet"], default="sensevoice",
                         help="ASR engine; the in-process baseline is its raw ONNX graph (sensevoice) or "

@@ -31,16 +31,16 @@ import numpy as np
 
 from tritonasr.loadtest.common import served
 from tritonasr.loadtest.workload import SPEECH_FILES, joined_speech
-from tritonasr.paths import default_model_repository
+from tritonasr.paths import add_repository_argument, default_model_repository
 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="*", help="speech files (default: tests/data/speakers/*.wav and pause_*.wav)")
     parser.add_argument("--url", help="benchmark this running server instead of starting the embedded one")
-    parser.add_argument("--model-repository", type=Path, default=None)
+    add_repository_argument(parser)
     parser.add_argument("--streams", default="1,4,8,16,32", help="comma-separated numbers of concurrent streams")
-    parser.add_argument("--chunk-ms", type=int, default=100)
+    parser.add_argument("--chunk-ms", type=int, default=100, help="streamed chunk size")
     parser.add_argument("--seconds", type=float, default=25.0, help="audio per stream (about)")
     parser.add_argument("--gap-ms", type=int, default=1000, help="silence between files within a stream")
     parser.add_argument("--stagger-ms", type=int, default=3000, help="stream starts spread over this long")

@@ -23,19 +23,19 @@ from tritonasr.loadtest.common import served
 from tritonasr.loadtest.rss import SERVER, snapshot
 from tritonasr.loadtest.triton_metrics import gauge_sum
 from tritonasr.loadtest.workload import clip, stream_audio
-from tritonasr.paths import default_model_repository
+from tritonasr.paths import add_repository_argument, default_model_repository
 
 GROWTH_TARGET = 0.05
 OPEN_STREAMS = "tritonasr_open_streams"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--minutes", type=float, default=30.0, help="how long the soak runs")
     parser.add_argument("--warmup-minutes", type=float, default=5.0,
                         help="RSS growth is measured from the end of this (at most half the run)")
     parser.add_argument("--url", help="soak this running server (on this machine) instead of the embedded one")
     parser.add_argument("--metrics-url", help="its metrics endpoint (default: http://HOST:8002/metrics)")
-    parser.add_argument("--model-repository", type=Path, default=None)
+    add_repository_argument(parser)
     parser.add_argument("--streams", type=int, default=2, help="live streams at all times (real time)")
     parser.add_argument("--offline", type=int, default=1, help="concurrent offline callers")
     parser.add_argument("--clip-seconds", default="10,30,60", help="offline clip lengths, used in turn")

@@ -30,7 +30,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from tritonasr.loadtest.sweep_plan import SweepPlan, add_plan_arguments
-from tritonasr.paths import default_model_repository
+from tritonasr.paths import add_repository_argument, default_model_repository
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx")
@@ -61,11 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=("offline", "stream"), default="offline",
                         help="offline: whole clips through each system's file endpoint; stream: real-time "
                              "streams (tritonasr and per-session)")
-    parser.add_argument("--model-repository", type=Path, default=None)
+    add_repository_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default: loadtest-results/<date-time>)")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw ceiling measurement")
-    parser.add_argument("--raw-batch-sizes", default="1,2,4,8")
+    parser.add_argument("--raw-batch-sizes", default="1,2,4,8", help="comma-separated batch sizes of the in-process baseline")
     parser.add_argument("--raw-min-seconds", type=float, default=10.0, help="timed seconds per raw batch size")
     parser.add_argument("--sherpa-max-batch", type=int, default=8, help="sherpa-onnx's --max-batch-size")
     add_plan_arguments(parser)

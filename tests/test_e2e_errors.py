@@ -21,6 +21,7 @@ from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import load_audio
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 from tritonasr.errors import MAX_MESSAGE_CHARS
+from tritonasr.server import LOG_TAIL_LINES
 
 from conftest import DATA, TEST_ADMIN_KEY
 
@@ -87,7 +88,7 @@ MAX = np.finfo(np.float32).max
     ([_audio(SPEECH), _text("LANGUAGE", b"\xff\xfeen")], "bad_request", "LANGUAGE is not valid UTF-8 text"),
     ([_audio(SPEECH), _text("ENGINE", b"sense\xc3")], "bad_request", "ENGINE is not valid UTF-8 text"),
     ([_audio(SPEECH), _text("LANGUAGE", b"x" * 1_000_000)], "bad_request", "LANGUAGE is 1000000 bytes long"),
-    ([_audio(SPEECH), _text("LANGUAGE", b"y" * 1000)], "bad_audio", "unknown language 'yyyy"),
+    ([_audio(SPEECH), _text("LANGUAGE", b"y" * 1000)], "bad_request", "unknown language 'yyyy"),
     ([_text("LANGUAGE", b"en"), _tensor("USE_ITN", np.array([[True]]), "BOOL")], "bad_request",
      "needs the AUDIO input"),
     ([_audio(np.full(16000, MAX, np.float32))], "bad_audio", r"must be in \[-1, 1\]; got one of magnitude 3.403e\+38"),
@@ -243,4 +244,8 @@ def test_a_stream_closed_for_idleness_is_told_why(server):
         asyncio.run(run())
     assert closed.value.code == "CANCELLED" and time.monotonic() - started < 10
     assert _delta(before, _errors(server, "asr_stream")) == {"idle_timeout": 1}
+    # The model's own log line went through Triton's logger (its I<date> format; --log-file applies).
+    stream_id = re.search(r"stream (\d+)", str(closed.value))[1]
+    assert re.search(rf"^I\d{{4}} .*asr_stream: closed stream {stream_id}: no audio for 4 s$",
+                     server.log_tail(LOG_TAIL_LINES), re.MULTILINE), server.log_tail(20)
 

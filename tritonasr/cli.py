@@ -15,7 +15,7 @@ from pathlib import Path
 from tritonasr.client.connection import add_arguments as _add_connection_args
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.contract import ENGINES, EXIT_USAGE, LANGUAGES
-from tritonasr.paths import default_model_repository, sample_audio
+from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
 from tritonasr.server import MODEL_CONTROL_MODES
 
 PACKAGE = "tritonasr"
@@ -69,23 +69,18 @@ def _role_arguments(parser: argparse.ArgumentParser, module: str, *extras: str) 
         import_module(module).add_arguments(parser)
 
 
-def _add_repository(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", type=Path, default=None,
-                        help="Triton model repository (default: the checkout's model_repository/)")
-
-
 def _repository(args) -> Path:
     return (args.model_repository or default_model_repository()).resolve()
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
-    _add_repository(parser)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    add_repository_argument(parser)
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (inference, streams)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (health, plain-text inference)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     parser.add_argument("--model-config-name", default=None,
                         help="use <model>/configs/NAME.pbtxt where present (your own config variants)")
-    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's verbose log level (0: off)")
     parser.add_argument("--asr-engine", choices=ENGINES, default="",
                         help="the default ASR engine of requests that name none (default: sensevoice if "
                              "exported, else parakeet)")
@@ -199,6 +194,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _export_problem(args) -> str | None:
+    """What is wrong with an export's arguments, if anything."""
+    for option, path in (("--model-dir", args.model_dir), ("--check-audio", args.check_audio)):
+        if path is not None and not path.exists():
+            return f"{option} {path}: no such file or directory"
+    if args.model_dir and args.hub_id:
+        return "give --model-dir or --model, not both"
+    if args.model != "vad" and not (args.model_dir or args.hub_id or args.random_init):
+        return "give --model-dir DIR, --model HUB_ID or --random-init {full,tiny}"
+    if args.model == "vad" and (args.hub_id or args.random_init):
+        return "the VAD exports the real FSMN-VAD weights: --model and --random-init do not apply"
+    return None
+
+
 def cmd_export(args) -> int:
     from tritonasr.repository import install_model_files, models_of_export
 
@@ -208,6 +217,10 @@ def cmd_export(args) -> int:
 
         print(sherpa_model_for(repository))
         return 0
+    problem = _export_problem(args)  # before anything is written
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     install_model_files(repository, models_of_export(args.model))
     if args.model == "vad":
         from tritonasr.export.vad import export_vad
@@ -215,9 +228,6 @@ def cmd_export(args) -> int:
         export_vad(args.model_dir, repository, args.check_audio)
         return 0
     source = str(args.model_dir) if args.model_dir else args.hub_id
-    if source is None and args.random_init is None:
-        print("error: give --model-dir DIR, --model HUB_ID or --random-init {full,tiny}", file=sys.stderr)
-        return 2
     if args.model == "speaker":
         from tritonasr.export.speaker import export_speaker as export
     elif args.model == "parakeet":
@@ -379,8 +389,28 @@ def _version() -> str:
         return "(not installed)"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help gives it already or there is
+    none to give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, "")
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """The command's parsers (subcommands' too: argparse makes them of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tritonasr", description=__doc__)
+    parser = _Parser(prog="tritonasr", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -406,18 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ModelScope/Hugging Face id, e.g. nvidia/parakeet-tdt-0.6b-v2 (needs the hub)")
     export.add_argument("--random-init", choices=["full", "tiny"],
                         help="random weights (real compute, meaningless results)")
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
     export.add_argument("--check-audio", type=Path, help="speech for the parity check (default: the sample)")
-    _add_repository(export)
+    add_repository_argument(export)
     export.set_defaults(func=_needs("server", "export")(cmd_export))
 
     transcribe = sub.add_parser("transcribe", help="transcribe audio files through asr_offline")
     transcribe.add_argument("files", nargs="+")
     transcribe.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
-    transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text")
-    transcribe.add_argument("--language", default="auto", choices=LANGUAGES)
+    transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text", help="output format")
+    transcribe.add_argument("--language", default="auto", choices=LANGUAGES, help="spoken language (auto: detect)")
     transcribe.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
-    transcribe.add_argument("--concurrency", type=int, default=4)
+    transcribe.add_argument("--concurrency", type=int, default=4, help="files in flight at once")
     transcribe.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
@@ -432,12 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--realtime", action="store_true", help="send the audio at the pace it plays")
     stream.add_argument("--partials", type=_partials_ms, default=0, metavar="MS",
                         help="partial results of the open segment every MS ms (default 0: none)")
-    stream.add_argument("--language", default="auto", choices=LANGUAGES)
+    stream.add_argument("--language", default="auto", choices=LANGUAGES, help="spoken language (auto: detect)")
     stream.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     stream.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     stream.add_argument("--no-speaker", action="store_true",
                         help="skip the server's speaker stage (finals arrive sooner on a CPU server)")
-    stream.add_argument("--format", choices=["text", "json"], default="text")
+    stream.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     _add_connection_args(stream)
     stream.set_defaults(func=cmd_stream)
 
@@ -448,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("files", nargs="+")
     enroll.add_argument("--replace", action="store_true", help="replace NAME's voiceprint if enrolled")
     listing = speakers_sub.add_parser("list", help="the enrolled speakers")
-    listing.add_argument("--format", choices=["text", "json"], default="text")
+    listing.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     remove = speakers_sub.add_parser("remove", help="forget an enrolled speaker")
     remove.add_argument("name")
     for action in (enroll, listing, remove):
@@ -485,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     repo = sub.add_parser("repo", help="model repositories for a deployment target: build, check, TensorRT plans")
     repo_sub = repo.add_subparsers(dest="repo", required=True)
     build = repo_sub.add_parser("build", help="write a complete repository for a target from the exported graphs")
-    build.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], required=True)
+    build.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], required=True,
+                       help="where the repository will be served")
     build.add_argument("--output", type=Path, required=True, help="the repository to write")
     build.add_argument("--source", type=Path, default=None,
                        help="the exported repository (default: --model-repository, else the checkout's)")
@@ -497,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: on for the GPU targets, off for cpu)")
     build.add_argument("--trt-cache", default="/cache/trt",
                        help="gpu-onnxruntime: directory of the TensorRT engine and timing caches (a volume)")
-    _add_repository(build)
+    add_repository_argument(build)
     build.set_defaults(func=_needs("server")(cmd_repo_build))
     check = repo_sub.add_parser("check", help="validate a repository: configs, tensors against graphs, BLS targets")
     check.add_argument("repository", type=Path)
@@ -515,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")
     demo.add_argument("--model-dir", type=Path, help="SenseVoice FunASR model directory")
     demo.add_argument("--model", dest="hub_id", help="SenseVoice hub id")
-    demo.add_argument("--format", choices=["text", "json", "srt"], default="text")
+    demo.add_argument("--format", choices=["text", "json", "srt"], default="text", help="output format")
     _add_server_args(demo)
     demo.set_defaults(func=_needs("server", "export")(cmd_demo))
     return parser

@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Protocol
 
 import numpy as np
 
-from tritonasr.audio import AudioError
+from tritonasr.errors import InputError
 from tritonasr.features import Extract, Frontend, in_process
 from tritonasr.tdt import ParakeetSpec, TdtResult
 from tritonasr.transcript import Segment, Tokenizer
@@ -42,7 +42,7 @@ class AsrEngine(Protocol):
     name: str
 
     def query(self, language: str, use_itn: bool):
-        """The engine's form of the request's options; AudioError when it cannot honour them."""
+        """The engine's form of the request's options; InputError when it cannot honour them."""
 
     def shares_fbank(self, frontend: Frontend) -> bool:
         """Whether `transcribe` can take the VAD's fbank rows (computed with `frontend`)."""
@@ -70,7 +70,7 @@ class SenseVoiceSpec:
     def query_ids(self, language: str, use_itn: bool) -> tuple[int, int]:
         if language not in self.lid_dict:
             known = ", ".join(sorted(k for k in self.lid_dict if k != "nospeech"))
-            raise AudioError(f"unknown language {language!r}; use one of: {known}")
+            raise InputError(f"unknown language {language!r}; use one of: {known}")
         return self.lid_dict[language], self.textnorm_dict["withitn" if use_itn else "woitn"]
 
 
@@ -123,7 +123,7 @@ class ParakeetEngine:
 
     def query(self, language: str, use_itn: bool) -> None:
         if language not in ("auto", "en"):
-            raise AudioError(f"the parakeet engine transcribes English only; language must be auto or en, "
+            raise InputError(f"the parakeet engine transcribes English only; language must be auto or en, "
                              f"got {language!r}")
         return None  # Parakeet writes punctuation and capitals itself: use_itn changes nothing
 

@@ -13,6 +13,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
+from tritonasr.errors import InputError
 from tritonasr.engines import AsrEngine
 from tritonasr.features import Extract, in_process
 from tritonasr.speakers import SpeakerSession, SpeakerStage
@@ -59,7 +60,7 @@ class Recognizer:
         """The engine named (the default for ""), with the request's options checked by it."""
         name = engine or self.default_engine
         if name not in self.engines:
-            raise AudioError(f"unknown ASR engine {name!r}; this server runs: {', '.join(self.engines)}")
+            raise InputError(f"unknown ASR engine {name!r}; this server runs: {', '.join(self.engines)}")
         chosen = self.engines[name]
         return AsrRequest(chosen, chosen.query(language, use_itn))
 

@@ -32,7 +32,27 @@ from tritonasr.streaming import (LiveStream, StreamKey, StreamOptions, StreamReg
                                  check_sequence_id, stream_factory)
 from tritonasr.vad import VadSpec
 
+
+class _TritonLog(logging.Handler):
+    """The `tritonasr` logger's records through Triton's own logger, so that the server's
+    --log-file, --log-format and --log-verbose apply to them (debug records are verbose ones)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        elif record.levelno >= logging.INFO:
+            pb_utils.Logger.log_info(message)
+        else:
+            pb_utils.Logger.log_verbose(message)
+
+
 log = logging.getLogger("tritonasr")
+log.handlers = [_TritonLog()]
+log.setLevel(logging.DEBUG)  # Triton filters: info by default, verbose with --log-verbose
+log.propagate = False
 # Requests at least this large give their freed memory back to the system when they are done.
 TRIM_AFTER_BYTES = 16 * MB
 
