@@ -464,7 +464,7 @@ def run_session(session, waveform: np.ndarray, lengths: np.ndarray):
 
 
 def default_check_audio() -> list[Path]:
-    """The speech the parity checks run on: samples/sample.wav and, in a checkout, the test
+    """The speech the parity checks run on: the package's sample and, in a checkout, the test
     speech under tests/data (top level only: the long and short files, silences included)."""
     from tritonasr.paths import CHECKOUT_ROOT, sample_audio
 

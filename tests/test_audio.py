@@ -7,6 +7,7 @@ import soundfile as sf
 import soxr
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
+from tritonasr.paths import sample_audio
 
 DATA = Path(__file__).parent / "data"
 LAYOUT = json.loads((DATA / "layout.json").read_text(encoding="utf-8"))
@@ -43,8 +44,7 @@ def test_fixture_durations_are_as_specified():
 
 
 def test_sample_is_the_one_second_pause_file():
-    sample = Path(__file__).parents[1] / "samples" / "sample.wav"
-    assert sample.read_bytes() == (DATA / "pause_1s.wav").read_bytes()
+    assert sample_audio().read_bytes() == (DATA / "pause_1s.wav").read_bytes()
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 48000])

@@ -144,7 +144,7 @@ def test_image_is_built_from_the_dockerfile(services):
 
 def test_dockerignore_leaves_out_exports_and_environments():
     lines = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".git/", ".venv/", "model_repository/*/1/*", "!model_repository/*/1/model.py"):
+    for entry in (".git/", ".venv/", "model_repository/"):
         assert entry in lines
 
 

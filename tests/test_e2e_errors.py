@@ -246,6 +246,9 @@ def test_a_stream_closed_for_idleness_is_told_why(server):
     assert _delta(before, _errors(server, "asr_stream")) == {"idle_timeout": 1}
     # The model's own log line went through Triton's logger (its I<date> format; --log-file applies).
     stream_id = re.search(r"stream (\d+)", str(closed.value))[1]
-    assert re.search(rf"^I\d{{4}} .*asr_stream: closed stream {stream_id}: no audio for 4 s$",
-                     server.log_tail(LOG_TAIL_LINES), re.MULTILINE), server.log_tail(20)
+    line = re.compile(rf'^I\d{{4}} .*\] "asr_stream: stream {stream_id} was closed: no audio for 4 s"$', re.MULTILINE)
+    deadline = time.monotonic() + 10  # (the models log from a thread of their own)
+    while not line.search(server.log_tail(LOG_TAIL_LINES)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert line.search(server.log_tail(LOG_TAIL_LINES)), server.log_tail(20)
 

@@ -27,11 +27,11 @@ from tritonasr.export.speaker import (
 )
 from tritonasr.speaker import FRONTEND, speaker_features
 from tritonasr.features import Frontend
+from tritonasr.paths import model_templates, sample_audio
 from tritonasr.repo_check import check_model, parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "samples" / "sample.wav"
-TEMPLATE = ROOT / "model_repository" / "speaker"
+SAMPLE = sample_audio()
+TEMPLATE = model_templates() / "speaker"
 
 
 def quiet(message: str) -> None:

@@ -29,12 +29,12 @@ from tritonasr.export.frontend import (
 from tritonasr.export.common import ort_session
 from tritonasr.features import Frontend
 from tritonasr.mel import MelFrontend, MelSpec
+from tritonasr.paths import sample_audio
 from tritonasr.speaker import FRONTEND as SPEAKER_FRONTEND
 
 DATA = Path(__file__).parent / "data"
-ROOT = Path(__file__).parent.parent
 SPEECH = [DATA / "one_phrase.wav", DATA / "pause_0.3s.wav", DATA / "speakers" / "utt01.wav",
-          ROOT / "samples" / "sample.wav"]
+          sample_audio()]
 # What tritonasr/vad.py and the SenseVoice meta use (FunASR's frontend_conf; scale: int16 range).
 SENSEVOICE = Frontend(window="hamming", n_mels=80, scale=32768.0)
 CONFIGS = {

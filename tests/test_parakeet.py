@@ -22,12 +22,13 @@ from tritonasr.export.parakeet import (
     nemo_greedy,
     random_model,
 )
+from tritonasr.paths import model_templates
 from tritonasr.repo_check import check_model, parse_config
 from tritonasr.tdt import LocalParakeet, decode_padded
 
 DATA = Path(__file__).parent / "data"
 WAVS = sorted(DATA.glob("*.wav")) + sorted((DATA / "speakers").glob("*.wav"))
-TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
+TEMPLATES = model_templates()
 
 
 def quiet(message: str) -> None:

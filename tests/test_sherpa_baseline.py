@@ -17,11 +17,12 @@ from tritonasr.export.sensevoice import LOGITS_TOLERANCE, QUERY_FRAMES, export_s
 from tritonasr.export.sherpa_onnx import sherpa_model_for
 from tritonasr.loadtest.sherpa_server import SherpaOnnxServer
 from tritonasr.loadtest.ws_offline import OfflineWebsocketError, transcribe
+from tritonasr.paths import sample_audio
 from tritonasr.server import free_port
 from tritonasr.transcript import ctc_greedy
 
 DATA = Path(__file__).parent / "data"
-SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample.wav"
+SAMPLE = sample_audio()
 SHERPA_KEYS = {"vocab_size", "blank_id", "lfr_window_size", "lfr_window_shift", "normalize_samples",
                "neg_mean", "inv_stddev", "lang_auto", "lang_zh", "lang_en", "lang_ja", "lang_ko",
                "lang_yue", "with_itn", "without_itn", "model_type", "comment"}

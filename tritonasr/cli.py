@@ -128,10 +128,13 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 def _server_config(args):
     from tritonasr.access import is_loopback, split_keys
-    from tritonasr.repository import exported_models
+    from tritonasr.repository import exported_models, install_model_files
     from tritonasr.server import ServerConfig, ServerError, TlsFiles
 
     repository = _repository(args)
+    models = exported_models(repository)
+    # The shipped config and model.py of each exported model, where the repository lacks them.
+    install_model_files(repository, models)
     api_keys = [key for value in (args.api_key or [os.environ.get("TRITONASR_API_KEY", "")])
                 for key in split_keys(value)]
     if not is_loopback(args.host) and not api_keys and not args.allow_unauthenticated:
@@ -146,7 +149,7 @@ def _server_config(args):
         print(f"WARNING: gRPC on {args.host} without TLS: keys and audio cross the network in plain text "
               "(--tls-cert/--tls-key)", file=sys.stderr)
     return ServerConfig(repository, args.grpc_port, args.http_port, args.metrics_port,
-                        args.log_verbose, args.model_config_name, models=exported_models(repository),
+                        args.log_verbose, args.model_config_name, models=models,
                         asr_engine=args.asr_engine, grpc_host=args.host, http_host=args.http_host,
                         metrics_host=args.metrics_host, tls=tls, api_keys=api_keys,
                         admin_key=args.admin_key or os.environ.get("TRITONASR_ADMIN_KEY") or None,

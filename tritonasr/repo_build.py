@@ -130,7 +130,7 @@ def build_repository(source: Path, output: Path, options: BuildOptions) -> list[
         (output / model / "config.pbtxt").unlink(missing_ok=True)
         (output / model / "config.pbtxt").write_text(
             f"# Written by `tritonasr repo build --target {options.target}` from {source / model}.\n"
-            f"# The shipped, commented template is model_repository/{model}/config.pbtxt.\n"
+            f"# The shipped, commented template is tritonasr/model_templates/{model}/config.pbtxt.\n"
             + text_format.MessageToString(config))
         if options.target == "gpu-tensorrt" and model in GRAPH_MODELS:
             plans.append(plan_spec(output, model, config, options.pad_segments_ms))

@@ -1,13 +1,12 @@
-"""The served model repository: our hand-written parts (configs, model.py) travel with the
-checkout; exports add the generated parts (graphs, tokenizer, meta.json)."""
+"""The served model repository: our hand-written parts (configs, model.py) ship with the package
+(paths.model_templates); exports add the generated parts (graphs, tokenizer, meta.json)."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from tritonasr.paths import CHECKOUT_ROOT
+from tritonasr.paths import model_templates
 
-TEMPLATES = CHECKOUT_ROOT / "model_repository"
 # Each export's leaf models: their meta.json (an export writes it with the graphs) shows it ran.
 LEAF_MODELS = {"vad": ["vad"], "sensevoice": ["sensevoice"], "parakeet": ["parakeet_encoder", "parakeet_decoder"],
                "speaker": ["speaker"]}
@@ -31,8 +30,7 @@ def models_of_export(export: str) -> list[str]:
 
 def exported_models(repository: Path) -> list[str]:
     """The served models whose export has been run, and the front ends a build added: those a
-    server of `repository` can load. (The checkout's repository holds every model's config,
-    exported or not.)"""
+    server of `repository` can load (a repository may hold configs of models never exported)."""
     repository = Path(repository)
     done = [export for export, leaves in LEAF_MODELS.items()
             if all((repository / model / "1" / "meta.json").exists() for model in leaves)]
@@ -41,13 +39,12 @@ def exported_models(repository: Path) -> list[str]:
 
 
 def install_model_files(repository: Path, models: list[str]) -> None:
-    """Copy config.pbtxt, configs/ and 1/model.py of `models` into `repository` when it is not the
-    checkout's own model_repository/. Files already there are left alone (they may be tuned)."""
+    """Copy the shipped config.pbtxt, configs/ and 1/model.py of `models` into `repository`. Files
+    already there are left alone (they may be tuned)."""
     repository = Path(repository)
-    if repository.resolve() == TEMPLATES.resolve():
-        return
+    templates = model_templates()
     for model in models:
-        source = TEMPLATES / model
+        source = templates / model
         for path in [source / "config.pbtxt", source / "1" / "model.py", *sorted((source / "configs").glob("*.pbtxt"))]:
             target = repository / model / path.relative_to(source)
             if not target.exists():

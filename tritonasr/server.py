@@ -111,7 +111,7 @@ class ServerConfig:
     http_port: int = 8000
     metrics_port: int = 8002
     log_verbose: int = 0
-    # Selects model_repository/<model>/configs/<name>.pbtxt where present (e.g. "gpu").
+    # Selects <repository>/<model>/configs/<name>.pbtxt where present (e.g. "gpu").
     model_config_name: str | None = None
     # Models to load; None loads every model in the repository.
     models: list[str] | None = None

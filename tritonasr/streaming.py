@@ -518,7 +518,8 @@ class StreamRegistry:
                 continue
             if stream.hung_up():
                 closing.append((stream, "the caller hung up",
-                                ServiceError("the caller hung up", code="CANCELLED", kind=None, notify=False)))
+                                ServiceError(f"stream {stream.id}: the caller hung up", code="CANCELLED", kind=None,
+                                             notify=False)))
             elif idle_s > self.idle_timeout_s:
                 reason = f"no audio for {self.idle_timeout_s:g} s"
                 closing.append((stream, reason, IdleTimeout(f"stream {stream.id} was closed: {reason}")))

@@ -2,7 +2,7 @@
 in the batch Triton formed, together, over NeMo's decoder_joint graph.
 
 Only the Triton Python backend stub can import `triton_python_backend_utils`; this module is
-imported from model_repository/parakeet_decoder/1/model.py and nowhere else.
+imported from model_templates/parakeet_decoder/1/model.py and nowhere else.
 """
 from __future__ import annotations
 

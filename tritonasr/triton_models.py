@@ -1,4 +1,4 @@
-"""The Python-backend models, kept here so each model_repository/*/1/model.py is a thin adapter.
+"""The Python-backend models, kept here so each model_templates/*/1/model.py is a thin adapter.
 
 Only the Triton Python backend stub can import `triton_python_backend_utils`; this module is
 imported from those model.py files and nowhere else.
@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +52,13 @@ class _TritonLog(logging.Handler):
 
 
 log = logging.getLogger("tritonasr")
-log.handlers = [_TritonLog()]
+# Through a queue and a thread of its own: a call to Triton's logger waits on the server, and the
+# models log from their event loop.
+_log_queue: queue.SimpleQueue = queue.SimpleQueue()
+log.handlers = [logging.handlers.QueueHandler(_log_queue)]
 log.setLevel(logging.DEBUG)  # Triton filters: info by default, verbose with --log-verbose
 log.propagate = False
+logging.handlers.QueueListener(_log_queue, _TritonLog()).start()
 # Requests at least this large give their freed memory back to the system when they are done.
 TRIM_AFTER_BYTES = 16 * MB
 
@@ -438,8 +444,8 @@ class StreamingAsrModel(_PipelineModel):
             await asyncio.sleep(1.0)
             expired = self.streams.expire()
             for stream, error in expired:
-                log.info("asr_stream: closed stream %d: %s", stream.id, error)
                 self.metrics.failed(error, "asr_stream")
+                log.info("asr_stream: %s", error)
             if expired:  # abandoned streams come in crowds: give their memory back
                 release_memory()
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the speech fixtures in tests/data/ and samples/sample.wav.
+# Regenerates the speech fixtures in tests/data/ and tritonasr/data/sample.wav.
 # Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox); the outputs are committed,
 # so the tests themselves need neither.
 #
@@ -9,7 +9,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-SAMPLES_DIR="$HERE/../../samples"
+SAMPLES_DIR="$HERE/../../tritonasr/data"
 RATE=16000
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
