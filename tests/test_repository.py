@@ -225,3 +225,16 @@ def test_served_front_ends_give_the_in_process_results(built, client):
         samples = load_audio(DATA / "pause_3s.wav").samples
         streamed = asyncio.run(finals(server.grpc_url, samples))
         assert streamed and streamed == asyncio.run(finals(client.url, samples))
+
+
+def test_model_files_come_from_the_package_and_never_overwrite(tmp_path):
+    from tritonasr.paths import model_templates
+    from tritonasr.repository import install_model_files
+
+    tuned = tmp_path / "asr_offline" / "config.pbtxt"
+    tuned.parent.mkdir()
+    tuned.write_text("# tuned here\n")
+    install_model_files(tmp_path, ["asr_offline", "vad", "fbank"])  # fbank: written whole by `repo build`
+    assert tuned.read_text() == "# tuned here\n"
+    assert (tmp_path / "vad" / "config.pbtxt").read_bytes() == (model_templates() / "vad" / "config.pbtxt").read_bytes()
+    assert (tmp_path / "asr_offline" / "1" / "model.py").is_file() and not (tmp_path / "fbank").exists()

@@ -45,6 +45,8 @@ def install_model_files(repository: Path, models: list[str]) -> None:
     templates = model_templates()
     for model in models:
         source = templates / model
+        if not source.is_dir():  # a front end `repo build` wrote whole
+            continue
         for path in [source / "config.pbtxt", source / "1" / "model.py", *sorted((source / "configs").glob("*.pbtxt"))]:
             target = repository / model / path.relative_to(source)
             if not target.exists():
