@@ -10,7 +10,7 @@ import pytest
 from tritonasr.admission import Admission
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.features import Frontend
-from tritonasr.errors import OverloadError, StreamError
+from tritonasr.errors import InputError, OverloadError, StreamError
 from tritonasr.streaming import (
     OnlineFeatures,
     SampleBuffer,
@@ -274,7 +274,7 @@ def test_live_stream_equals_offline_pipeline_in_process(local, name):
 
 
 def test_unknown_language_is_refused_when_the_stream_opens(local):
-    with pytest.raises(AudioError, match="unknown language 'xx'"):
+    with pytest.raises(InputError, match="unknown language 'xx'"):
         local.open_stream(StreamOptions(language="xx"))
 
 
