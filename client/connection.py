@@ -13,7 +13,6 @@ from pathlib import Path
 
 from tritonasr.access import ADMIN_HEADER, API_KEY_HEADER, split_keys
 
-
 ENVIRONMENT = {"api_key": "TRITONASR_API_KEY", "admin_key": "TRITONASR_ADMIN_KEY",
                "tls_ca": "TRITONASR_TLS_CA", "tls_cert": "TRITONASR_TLS_CERT", "tls_key": "TRITONASR_TLS_KEY"}
 

@@ -33,7 +33,7 @@ class ServerBusyError(TranscriptionError):
 
 
 def exit_code(error: Exception) -> int:
-    """A client command's exit code for the error that ended it (see connection.EXIT_*)."""
+    """A client command's exit code for the error that ended it (tritonasr.contract)."""
     if isinstance(error, ServerUnavailableError):
         return EXIT_UNREACHABLE
     return EXIT_DENIED if isinstance(error, AccessDeniedError) else EXIT_FAILED

@@ -102,9 +102,10 @@ class _Upload:
             self.answered += 1
             if self.on_progress:
                 self.on_progress(min(self.total_ms, self.answered * MAX_CHUNK_MS), self.total_ms)
-        if result.as_numpy("RESULT") is None:
+        data = result.as_numpy("RESULT")
+        if data is None:
             return
-        payload = json.loads(result.as_numpy("RESULT").reshape(-1)[0])
+        payload = json.loads(data.reshape(-1)[0])
         if payload.get("complete"):
             self.summary = payload
         elif payload.get("final"):

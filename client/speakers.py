@@ -10,7 +10,6 @@ import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio
 from tritonasr.client.connection import AccessDeniedError, Credentials
-from tritonasr.contract import EXIT_OK
 from tritonasr.client.offline import (
     ModelClient,
     ServerUnavailableError,
@@ -19,6 +18,7 @@ from tritonasr.client.offline import (
     server_audio,
     tensor_input,
 )
+from tritonasr.contract import EXIT_OK
 
 
 class SpeakerRegistryClient(ModelClient):

@@ -12,9 +12,9 @@ from typing import TextIO
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.formats import clock, line_prefix
 from tritonasr.client.connection import AccessDeniedError, Credentials
-from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
 from tritonasr.client.offline import ServerUnavailableError, exit_code
 from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
+from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
 
 STREAM_FORMATS = ("text", "json")
 

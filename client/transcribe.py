@@ -11,10 +11,9 @@ from tqdm import tqdm
 
 from tritonasr.audio import AudioError
 from tritonasr.client.connection import AccessDeniedError, Credentials, resolve
-from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
 from tritonasr.client.formats import FORMATS, render
 from tritonasr.client.offline import OfflineClient, ServerUnavailableError, TranscriptionError, exit_code
-
+from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
 
 
 def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",

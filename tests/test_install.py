@@ -55,10 +55,10 @@ def server_install(wheel, tmp_path_factory) -> Path:
 
 
 def _importable(bin_dir: Path, modules: tuple[str, ...]) -> list[str]:
-    found = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util; "
-                            f"print([m for m in {modules!r} if importlib.util.find_spec(m)])"],
+    found = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util, json; "
+                            f"print(json.dumps([m for m in {modules!r} if importlib.util.find_spec(m)]))"],
                            capture_output=True, text=True, check=True, cwd=bin_dir)
-    return json.loads(found.stdout.replace("'", '"'))
+    return json.loads(found.stdout)
 
 
 def _outside_env(**changes: str) -> dict[str, str]:

@@ -21,26 +21,29 @@ from tritonasr.server import MODEL_CONTROL_MODES
 PACKAGE = "tritonasr"
 
 
-def _missing_extra(extras: tuple[str, ...]) -> tuple[str, list[str]] | None:
-    """The first of `extras` (the optional dependencies in pyproject.toml) not fully installed,
-    with the distributions it lacks; None when all are there (or tritonasr itself is not
-    installed, and nothing can be known)."""
+@functools.cache
+def _lacking(extra: str) -> tuple[str, ...]:
+    """The distributions of `extra` (an optional dependency group in pyproject.toml) that are not
+    installed; none when tritonasr itself is not installed, and nothing can be known. Cached: the
+    parser asks for the same extras for several commands."""
     try:
         requirements = metadata.requires(PACKAGE) or []
     except metadata.PackageNotFoundError:
-        return None
-    for extra in extras:
-        marker = re.compile(rf"""extra\s*==\s*["']{extra}["']""")
-        lacking = []
-        for requirement in filter(marker.search, requirements):
-            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group()
-            try:
-                metadata.version(name)
-            except metadata.PackageNotFoundError:
-                lacking.append(name)
-        if lacking:
-            return extra, lacking
-    return None
+        return ()
+    marker = re.compile(rf"""extra\s*==\s*["']{extra}["']""")
+    lacking = []
+    for requirement in filter(marker.search, requirements):
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group()
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            lacking.append(name)
+    return tuple(lacking)
+
+
+def _missing_extra(extras: tuple[str, ...]) -> tuple[str, tuple[str, ...]] | None:
+    """The first of `extras` not fully installed, with the distributions it lacks; None when all are."""
+    return next(((extra, _lacking(extra)) for extra in extras if _lacking(extra)), None)
 
 
 def _needs(*extras: str):

@@ -27,7 +27,6 @@ RunParakeetEncoder = Callable[[np.ndarray], Awaitable[np.ndarray]]
 RunParakeetDecoder = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
 
-
 def pad_step(frame_ms: float, pad_ms: int) -> int:
     """Frames per padding step: segments padded to whole `pad_ms` come in few shapes, which the
     native backends (no ragged batching) can batch. 0: no padding."""
