@@ -34,7 +34,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
-from tritonasr.client.connection import Credentials, access_denied, resolve
+from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
 from tritonasr.client.offline import ServerUnavailableError, TranscriptionError
 from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS
 from tritonasr.errors import split_status
@@ -184,7 +184,9 @@ class LiveStream:
         self._sleep = sleep
         self._started = False
         self._call = None
-        self._ended = False  # the server closed the call after the summary
+        self._ended = False  # the server closed the call
+        self._stop_sending = asyncio.Event()  # set on a server error: half-close, send no more
+        self._server_silent = False  # no answer within finish_timeout_s: nothing to wait for
         self._closed = False
         self._send_error: BaseException | None = None
         self._last_activity: float | None = None  # set once the END chunk is sent
@@ -221,7 +223,7 @@ class LiveStream:
         clock = self.chunk_clock = ChunkClock(self._now())
         first = True
         try:
-            async for chunk in _aiter(self._chunks):
+            async for chunk in _until(self._stop_sending, _aiter(self._chunks)):
                 samples = validate_chunk(chunk)
                 if self.realtime:
                     # A chunk covering audio [a, b) leaves at start + b, as if recorded live.
@@ -231,6 +233,8 @@ class LiveStream:
                 clock.record(samples.size, self._now())
                 yield self._request(samples, start=first, end=False)
                 first = False
+            if self._stop_sending.is_set():
+                return  # the server closed the stream: end the call without an END request
             # The END flag travels on an empty chunk after the last one.
             self._last_activity = self._now()
             clock.record(0, self._last_activity)
@@ -257,6 +261,13 @@ class LiveStream:
             async for segment in self.read(self._responses(self._call)):
                 yield segment
             await self._wait_for_server_close()
+        except (StreamError, AccessDeniedError):
+            # The server refused the stream: stop sending and let it answer what is in flight
+            # before the call is closed, since cancelling it could crash the server (see below).
+            self._stop_sending.set()
+            if not self._server_silent:
+                await self._wait_for_server_close()
+            raise
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise ServerUnavailableError(
@@ -275,15 +286,16 @@ class LiveStream:
             self.cancel()
 
     async def _wait_for_server_close(self, timeout_s: float = 10.0) -> None:
-        """After the summary, lets the server end the call (our side has stopped sending) rather
-        than cancelling it: Triton 2.51's gRPC server can crash when a client cancels a stream
-        it is still finishing (triton-inference-server/server#7368, fixed in 24.12)."""
+        """After the summary or an error, lets the server end the call (our side has stopped
+        sending) rather than cancelling it: Triton 2.51's gRPC server can crash when a client
+        cancels a stream it is still finishing (triton-inference-server/server#7368, fixed in
+        24.12)."""
         async def drain():
             while True:
                 try:
                     await self._call.__anext__()
-                except StopAsyncIteration:
-                    return
+                except (StopAsyncIteration, grpc.aio.AioRpcError):
+                    return  # the call is over, with or without an error
 
         try:
             await asyncio.wait_for(drain(), timeout_s)
@@ -304,6 +316,7 @@ class LiveStream:
                     else:
                         wait = self._last_activity + timeout_s - self._now()
                         if wait <= 0:
+                            self._server_silent = True
                             raise StreamError(f"no response from the server {timeout_s:g} s after "
                                               "the end of the audio")
                     done, _ = await asyncio.wait({pending}, timeout=wait)
@@ -464,6 +477,25 @@ async def _aiter(chunks: Chunks) -> AsyncIterator[np.ndarray]:
     else:
         for chunk in chunks:
             yield chunk
+
+
+async def _until(stop: asyncio.Event, items: AsyncIterator) -> AsyncIterator:
+    """The items, until `stop` is set, even while the source is waiting for its next one."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            item = asyncio.ensure_future(anext(items))
+            await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                item.cancel()
+                return
+            try:
+                value = item.result()
+            except StopAsyncIteration:
+                return
+            yield value
+    finally:
+        stopped.cancel()
 
 
 def _input(name: str, data: np.ndarray, datatype: str) -> grpcaio.InferInput:

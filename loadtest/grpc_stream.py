@@ -10,7 +10,6 @@ response parsing as the asyncio `StreamingClient` (`stream_request`, `parse_resp
 from __future__ import annotations
 
 import queue
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from tritonasr.client.stream import (
     StreamError,
     StreamSegment,
     StreamSummary,
+    new_stream_identity,
     parse_response,
     split_chunks,
     stream_request,
@@ -52,8 +52,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error, time.monotonic())),
                         headers=headers)
-    sequence_id = secrets.randbits(63) or 1
-    token = secrets.token_urlsafe(16)  # binds the chunks to this stream (see client.stream.LiveStream)
+    sequence_id, token = new_stream_identity()
     clock = ChunkClock(time.monotonic())
     finals: list[StreamSegment] = []
     first_response: list[float] = []
@@ -82,6 +81,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
                     on_segment(item)
 
     chunks = split_chunks(samples, chunk_ms)
+    server_silent = False
     try:
         for i, chunk in enumerate(chunks):
             take(0)
@@ -98,11 +98,13 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
         deadline = time.monotonic() + finish_timeout_s
         while summary is None:
             if time.monotonic() >= deadline:
+                server_silent = True
                 raise StreamError(f"no end-of-stream response {finish_timeout_s:g} s after the end of the audio")
             take(deadline - time.monotonic())
     finally:
-        # After the summary the server closes the call: waiting for that (no cancel) avoids
-        # Triton 2.51's crash on streams cancelled while it finishes them (server#7368).
-        client.stop_stream(cancel_requests=summary is None)
+        # After the summary, or an error, the server closes the call once it has answered what
+        # was sent: waiting for that (no cancel) avoids Triton 2.51's crash on streams cancelled
+        # while it finishes them (server#7368). Only a silent server's stream is cancelled.
+        client.stop_stream(cancel_requests=server_silent)
     first_ms = (first_response[0] - clock.start) * 1000 if first_response else None
     return StreamResult(finals, summary, first_ms)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tritonasr.audio import AudioError
+from tritonasr.client.connection import AccessDeniedError
 from tritonasr.client.offline import ServerUnavailableError
 from tritonasr.client.stream import (
     ChunkClock,
@@ -315,6 +316,44 @@ def test_silent_server_after_the_end_times_out():
     with pytest.raises(StreamError, match="no response from the server 0.2 s after the end of the audio"):
         _run(go())
     assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize("message, error", [("unknown ASR engine 'nope'", StreamError),
+                                            ("unauthenticated: no API key", AccessDeniedError)])
+def test_refused_stream_stops_sending_and_is_not_cancelled(message, error):
+    """After the server's error the client half-closes and lets the server end the call: a
+    cancel while the server finishes the stream can crash Triton 2.51 (server#7368)."""
+    from tritonclient.utils import InferenceServerException
+
+    class RefusingCall:
+        def __init__(self, requests):
+            self.requests = requests.__aiter__()
+            self.sent = 0
+            self.cancelled = False
+
+        async def __anext__(self):
+            if self.sent == 0:
+                await self.requests.__anext__()
+                self.sent += 1
+                return None, InferenceServerException(message)
+            async for _ in self.requests:  # the server answers what was sent, then ends the call
+                self.sent += 1
+            raise StopAsyncIteration
+
+        def cancel(self):
+            self.cancelled = True
+
+    calls = []
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            client._grpc.stream_infer = lambda requests, headers: calls.append(RefusingCall(requests)) or calls[-1]
+            async for _ in client.stream(split_chunks(np.zeros(16000 * 5, np.float32), 100)):
+                pass
+
+    with pytest.raises(error, match=message.split(":")[0]):
+        _run(go())
+    assert calls[0].sent == 1 and not calls[0].cancelled
 
 
 # -- no server -----------------------------------------------------------------------------------
