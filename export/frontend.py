@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from tritonasr.features import Frontend
-from tritonasr.mel import STD_EPSILON, MelFrontend, MelSpec
+from tritonasr.mel import STD_EPSILON, MelFrontend
 from tritonasr.export.common import (
     OPSET,
     Progress,
@@ -260,19 +260,19 @@ class NemoMel(torch.nn.Module):
     """NeMo's log-mel with per-feature normalisation, as `MelFrontend.features` computes it for
     each row's own samples: pre-emphasis from the row's first sample and ending at its length,
     centred STFT zero-padded by n_fft // 2 on both sides of the row's own samples, symmetric
-    Hann window, power, librosa's Slaney mel matrix, log(x + guard), then each mel bin minus its
+    Hann window, power, the model's mel matrix, log(x + guard), then each mel bin minus its
     mean over the row's valid frames, over (unbiased std + 1e-5); one frame has std 0."""
 
     kind = "nemo_mel"
 
-    def __init__(self, spec: MelSpec = MelSpec()):
+    def __init__(self, reference: MelFrontend):
         super().__init__()
+        spec = reference.spec
         if spec.mag_power <= 0:
             raise ValueError(f"mel graph: mag_power must be positive, not {spec.mag_power}")
         self.spec = spec
-        reference = MelFrontend(spec)
         self._reference = reference
-        filterbank = reference.filterbank.astype(np.float32)  # librosa's float32 matrix
+        filterbank = reference.filterbank.astype(np.float32)  # NeMo's float32 matrix
         bins = _used_bins(filterbank)
         # Only the middle win_length samples of each n_fft frame are windowed (see mel.py).
         start = (spec.n_fft - spec.win_length) // 2
@@ -464,13 +464,11 @@ def run_session(session, waveform: np.ndarray, lengths: np.ndarray):
 
 
 def default_check_audio() -> list[Path]:
-    """The speech the parity checks run on: the package's sample and, in a checkout, the test
-    speech under tests/data (top level only: the long and short files, silences included)."""
-    from tritonasr.paths import CHECKOUT_ROOT, sample_audio
+    """The speech the parity checks run on: the package's sample and its speech corpus (top
+    level only: the long and short files, silences included)."""
+    from tritonasr.paths import sample_audio, speech_dir
 
-    paths = [sample_audio()]
-    paths += sorted((CHECKOUT_ROOT / "tests" / "data").glob("*.wav"))
-    return [p for p in paths if p.is_file()]
+    return [sample_audio(), *sorted(speech_dir().glob("*.wav"))]
 
 
 def read_speech(path: Path, fs: int) -> np.ndarray:

@@ -40,7 +40,7 @@ from tritonasr.export.common import (
     write_json,
 )
 from tritonasr.export.sensevoice import TOKENIZER_TEXT
-from tritonasr.mel import MelSpec
+from tritonasr.mel import FILTERBANK_FILE, MelSpec
 from tritonasr.onnx_runner import OnnxModel
 from tritonasr.paths import cache_dir, sample_audio
 from tritonasr.tdt import DECODER_GRAPH, LocalParakeet, ParakeetSpec
@@ -74,7 +74,7 @@ MAX_SYMBOLS = 10
 # with the same duration on every frame. The random models are calibrated on the bundled
 # speech so their logits vary with the audio; then these biases, in units of the logits'
 # spread, give speech-like output: blanks between tokens, all durations, and now and then
-# runs of duration-0 tokens that reach max_symbols (checked on tests/data with seed 0).
+# runs of duration-0 tokens that reach max_symbols (checked on the speech corpus with seed 0).
 BLANK_BIAS = 1.5
 DURATION0_BIAS = -1.5
 
@@ -263,6 +263,8 @@ def export_parakeet(
     model = load_model(resolved)
     progress(f"  {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
              f"vocabulary {model.tokenizer.vocab_size}, loaded in {time.perf_counter() - started:.1f} s")
+    # The served front end computes NeMo's features with NeMo's own mel matrix.
+    filterbank = model.preprocessor.featurizer.fb.squeeze(0).numpy().astype(np.float32)
     meta = {**_model_meta(model), "source": str(source if source is not None else resolved),
             "random_init": random_init, "seed": seed if random_init is not None else None}
     waveform, audio_source = check_waveform(check_audio)
@@ -283,12 +285,13 @@ def export_parakeet(
         progress(f"  exported in {export_seconds:.1f} s")
         for stage in (encoder_stage, decoder_stage):
             stage.path("tokenizer.model").write_bytes(model.tokenizer.tokenizer.serialized_model_proto())
+            np.save(stage.path(FILTERBANK_FILE), filterbank)
 
         progress("checking parity (NeMo vs ONNX Runtime)…")
         encoder = OnnxModel(encoder_stage.path("model.onnx"), ragged_inputs=["features"],
                             providers=["CPUExecutionProvider"])
         decoder = OnnxModel(decoder_stage.path(DECODER_GRAPH), providers=["CPUExecutionProvider"])
-        spec = ParakeetSpec.from_meta(meta, encoder_stage.path("tokenizer.model"))
+        spec = ParakeetSpec.from_meta(meta, encoder_stage.dir)
         parity = _parity(model, LocalParakeet(encoder, decoder, spec), segments, reference)
         parity["audio"] = audio_source
         _report(parity, progress)

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from tritonasr.loadtest.common import server_url
-from tritonasr.paths import CHECKOUT_ROOT, add_repository_argument, default_model_repository
+from tritonasr.paths import add_repository_argument, default_model_repository, speech_dir
 
-DEFAULT_FILES = sorted(str(p) for p in (CHECKOUT_ROOT / "tests" / "data").rglob("*.wav"))
+DEFAULT_FILES = sorted(str(p) for p in speech_dir().rglob("*.wav"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="*", help="audio files (default: the speech under tests/data)")
+    parser.add_argument("files", nargs="*", help="audio files (default: the package's speech corpus)")
     parser.add_argument("--url", help="benchmark this running server instead of starting the embedded one")
     add_repository_argument(parser)
     parser.add_argument("--concurrency", default="1,8", help="comma-separated concurrencies")

@@ -36,7 +36,7 @@ from tritonasr.paths import add_repository_argument, default_model_repository
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="*", help="speech files (default: tests/data/speakers/*.wav and pause_*.wav)")
+    parser.add_argument("files", nargs="*", help="speech files (default: the speech corpus's speakers/*.wav and pause_*.wav)")
     parser.add_argument("--url", help="benchmark this running server instead of starting the embedded one")
     add_repository_argument(parser)
     parser.add_argument("--streams", default="1,4,8,16,32", help="comma-separated numbers of concurrent streams")

@@ -1,5 +1,5 @@
-"""The audio every system under test gets: the same clips and streams, built from the speech
-under tests/data (real espeak-ng speech with real pauses), deterministic."""
+"""The audio every system under test gets: the same clips and streams, built from the package's
+speech corpus (real espeak-ng speech with real pauses), deterministic."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -7,9 +7,9 @@ from functools import lru_cache
 import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, load_audio
-from tritonasr.paths import CHECKOUT_ROOT
+from tritonasr.paths import speech_dir
 
-DATA = CHECKOUT_ROOT / "tests" / "data"
+DATA = speech_dir()
 SPEECH_FILES = [str(p) for p in sorted((DATA / "speakers").glob("*.wav")) + sorted(DATA.glob("pause_*.wav"))]
 GAP_MS = 1000  # longer than FSMN-VAD's 800 ms end silence: every file ends a segment
 CLIP_VARIANTS = 4  # different clips per length, so that callers do not all send the same bytes

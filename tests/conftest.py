@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).parent / "data"
+from tritonasr.paths import speech_dir
+
+DATA = speech_dir()
 # Random speaker weights tell recordings apart, not voices: different utterances of the test
 # speech score 0.93-0.98 cosine similarity with the tiny model, the same recording 1.0. So the
 # test repository identifies and clusters only (near-)identical audio.

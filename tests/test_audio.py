@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,9 +6,9 @@ import soundfile as sf
 import soxr
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
-from tritonasr.paths import sample_audio
+from tritonasr.paths import sample_audio, speech_dir
 
-DATA = Path(__file__).parent / "data"
+DATA = speech_dir()
 LAYOUT = json.loads((DATA / "layout.json").read_text(encoding="utf-8"))
 PHRASE = DATA / "one_phrase.wav"
 

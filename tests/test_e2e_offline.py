@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import tritonclient.grpc as grpcclient
 from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.offline import OfflineClient, TranscriptionError
+from tritonasr.paths import speech_dir
 from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
 from tritonasr.vad import split_long_segments
 
@@ -22,7 +22,7 @@ from conftest import TEST_ADMIN_KEY
 SPEECH_FILES = ["one_phrase.wav", "pause_0.3s.wav", "pause_1s.wav", "pause_3s.wav",
                 "lead_trail_silence.wav", "long_70s.wav"]
 BOUNDARY_TOLERANCE_MS = 50
-DATA = Path(__file__).parent / "data"
+DATA = speech_dir()
 
 
 def spans(result: dict) -> list[tuple[int, int]]:

@@ -22,11 +22,12 @@ from tritonasr.export.parakeet import (
     nemo_greedy,
     random_model,
 )
-from tritonasr.paths import model_templates
+from tritonasr.mel import FILTERBANK_FILE
+from tritonasr.paths import model_templates, speech_dir
 from tritonasr.repo_check import check_model, parse_config
 from tritonasr.tdt import LocalParakeet, decode_padded
 
-DATA = Path(__file__).parent / "data"
+DATA = speech_dir()
 WAVS = sorted(DATA.glob("*.wav")) + sorted((DATA / "speakers").glob("*.wav"))
 TEMPLATES = model_templates()
 
@@ -110,7 +111,9 @@ def test_export_parity_is_recorded_and_within_tolerance(repository, nemo_file):
     assert meta["preprocessor"]["n_mels"] == 128 and meta["preprocessor"]["preemph"] == 0.97
     for version, graph in (("parakeet_encoder", "model.onnx"), ("parakeet_decoder", "decoder_joint.onnx")):
         names = sorted(p.name for p in (repo / version / "1").iterdir())
-        assert names == sorted(["meta.json", graph, "tokenizer.model"])  # no staging leftovers
+        assert names == sorted(["meta.json", graph, "tokenizer.model", FILTERBANK_FILE])  # no staging leftovers
+        filterbank = np.load(repo / version / "1" / FILTERBANK_FILE)
+        assert filterbank.dtype == np.float32 and filterbank.shape == (128, 257) and filterbank.any()
 
 
 def test_graph_interfaces(repository):

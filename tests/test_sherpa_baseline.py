@@ -17,11 +17,11 @@ from tritonasr.export.sensevoice import LOGITS_TOLERANCE, QUERY_FRAMES, export_s
 from tritonasr.export.sherpa_onnx import sherpa_model_for
 from tritonasr.loadtest.sherpa_server import SherpaOnnxServer
 from tritonasr.loadtest.ws_offline import OfflineWebsocketError, transcribe
-from tritonasr.paths import sample_audio
+from tritonasr.paths import sample_audio, speech_dir
 from tritonasr.server import free_port
 from tritonasr.transcript import ctc_greedy
 
-DATA = Path(__file__).parent / "data"
+DATA = speech_dir()
 SAMPLE = sample_audio()
 SHERPA_KEYS = {"vocab_size", "blank_id", "lfr_window_size", "lfr_window_shift", "normalize_samples",
                "neg_mean", "inv_stddev", "lang_auto", "lang_zh", "lang_en", "lang_ja", "lang_ko",

@@ -25,6 +25,7 @@ from tritonasr.contract import EXIT_FAILED, EXIT_UNREACHABLE
 from tritonasr.client.stream_cli import Printer, run_stream, segment_json, text_line
 from tritonasr.loadtest.bench_stream import best_streams, render_markdown, start_offsets
 from tritonasr.loadtest.workload import joined_speech
+from tritonasr.paths import speech_dir
 from tritonasr.server import free_port
 
 
@@ -375,7 +376,7 @@ def test_unreachable_server_is_reported_not_hung():
 def test_cli_exit_codes_without_server(tmp_path, capsys):
     assert run_stream(str(tmp_path / "missing.wav"), f"localhost:{free_port()}") == EXIT_FAILED
     assert "missing.wav: No such file or directory" in capsys.readouterr().err
-    sample = "tests/data/one_phrase.wav"
+    sample = str(speech_dir() / "one_phrase.wav")
     assert run_stream(sample, f"localhost:{free_port()}") == EXIT_UNREACHABLE
     assert "cannot reach the Triton server" in capsys.readouterr().err
 

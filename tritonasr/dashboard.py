@@ -7,9 +7,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from tritonasr.paths import CHECKOUT_ROOT
+from tritonasr.paths import deploy_files
 
-DASHBOARD = CHECKOUT_ROOT / "deploy" / "grafana" / "dashboards" / "tritonasr.json"
+DASHBOARD = deploy_files() / "grafana" / "dashboards" / "tritonasr.json"
 
 # PromQL words that are neither metrics nor followed by "(": binary and set operators, modifiers.
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",

@@ -2,8 +2,9 @@
 
 The features Parakeet was trained on, as NeMo computes them in eval mode (no dither):
 pre-emphasis, power spectrum of a centred, zero-padded STFT with a symmetric Hann window,
-librosa's Slaney mel filterbank (the matrix NeMo builds), log with an additive guard, and
-mean/std normalisation of each mel bin over the utterance ("per_feature").
+the model's own mel filterbank (the matrix NeMo built, saved by the export as
+`mel_filterbank.npy`), log with an additive guard, and mean/std normalisation of each mel bin
+over the utterance ("per_feature").
 
 That last step makes a segment's features depend on the whole segment, so the front end takes
 one waveform at a time (the pipeline calls it once per segment) and returns exactly its valid
@@ -12,11 +13,14 @@ frames, time-major: [frames, n_mels].
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
 # NeMo's normalize_batch adds this to the std (features.CONSTANT), whatever the config says.
 STD_EPSILON = 1e-5
+# The filterbank file next to a Parakeet graph: float32 [n_mels, n_fft // 2 + 1].
+FILTERBANK_FILE = "mel_filterbank.npy"
 
 
 @dataclass(frozen=True)
@@ -65,17 +69,23 @@ class MelSpec:
 
 
 class MelFrontend:
-    def __init__(self, spec: MelSpec = MelSpec()):
-        import librosa
-
+    def __init__(self, spec: MelSpec, filterbank: np.ndarray):
+        """filterbank: the model's mel matrix [n_mels, n_fft // 2 + 1] (NeMo's float32 one)."""
+        shape = (spec.n_mels, spec.n_fft // 2 + 1)
+        if np.shape(filterbank) != shape:
+            raise ValueError(f"mel front end: the filterbank is {np.shape(filterbank)}, the settings need {shape}")
         self.spec = spec
         # torch.hann_window(win_length, periodic=False), as NeMo builds it.
         self.window = np.hanning(spec.win_length)
-        # NeMo's own call: librosa's float32 matrix, used as is.
-        self.filterbank = librosa.filters.mel(
-            sr=spec.sample_rate, n_fft=spec.n_fft, n_mels=spec.n_mels, fmin=spec.lowfreq,
-            fmax=spec.highfreq or spec.sample_rate / 2, norm=spec.mel_norm,
-        ).astype(np.float64)
+        self.filterbank = np.asarray(filterbank, dtype=np.float64)
+
+    @classmethod
+    def load(cls, spec: MelSpec, model_dir: Path) -> "MelFrontend":
+        path = Path(model_dir) / FILTERBANK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: export the model again with this version "
+                                    "(tritonasr export parakeet)")
+        return cls(spec, np.load(path, allow_pickle=False))
 
     def num_frames(self, num_samples: int) -> int:
         """FilterbankFeatures.get_seq_len: the STFT (center=True) has one frame more, which NeMo

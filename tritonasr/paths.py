@@ -1,7 +1,7 @@
 """Where things live: the files the package ships, the model repository, the user's cache.
 
-The package carries its model templates (each model's config.pbtxt and model.py) and the sample
-as package data, so an installed wheel works from any directory. In a checkout the default model
+The package carries its model templates (each model's config.pbtxt and model.py), the sample,
+the speech corpus and the deployment's configuration as package data, so an installed wheel works from any directory. In a checkout the default model
 repository is its model_repository/; anywhere else, a per-user data directory.
 """
 from __future__ import annotations
@@ -27,6 +27,18 @@ def model_templates() -> Path:
 
 def sample_audio() -> Path:
     return _shipped("data", "sample.wav")
+
+
+def deploy_files() -> Path:
+    """The deployment's configuration (deploy/ in a checkout): Prometheus's scrape config, Grafana's
+    provisioning and dashboard, the TLS script."""
+    return Path(str(resources.files("tritonasr.deploy")))
+
+
+def speech_dir() -> Path:
+    """The speech corpus (espeak-ng speech with a known layout: its README.md, layout.json) that
+    the load tests, benchmarks, export checks and tests send."""
+    return _shipped("data", "speech")
 
 
 def in_checkout() -> bool:

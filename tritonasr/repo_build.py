@@ -278,7 +278,7 @@ def frontend_models(source: Path, models: list[str]) -> dict:
     if "speaker" in models:
         modules["speaker_fbank"] = KaldiFbank(SpeakerSpec.load(source / "speaker" / "1").frontend)
     if "parakeet_decoder" in models:
-        modules["parakeet_mel"] = NemoMel(ParakeetSpec.load(source / "parakeet_decoder" / "1").frontend.spec)
+        modules["parakeet_mel"] = NemoMel(ParakeetSpec.load(source / "parakeet_decoder" / "1").frontend)
     return modules
 
 

@@ -218,13 +218,15 @@ class ParakeetSpec:
 
     @classmethod
     def load(cls, model_dir: Path) -> "ParakeetSpec":
+        """From a version directory: meta.json, tokenizer.model and the mel filterbank."""
         model_dir = Path(model_dir)
-        return cls.from_meta(json.loads((model_dir / "meta.json").read_text()), model_dir / "tokenizer.model")
+        return cls.from_meta(json.loads((model_dir / "meta.json").read_text()), model_dir)
 
     @classmethod
-    def from_meta(cls, meta: dict, tokenizer_file: Path) -> "ParakeetSpec":
-        return cls(MelFrontend(MelSpec.from_config(meta["preprocessor"])),
-                   spm.SentencePieceProcessor(model_file=str(tokenizer_file)),
+    def from_meta(cls, meta: dict, model_dir: Path) -> "ParakeetSpec":
+        """With `meta` given (an export checks its graphs before it writes meta.json)."""
+        return cls(MelFrontend.load(MelSpec.from_config(meta["preprocessor"]), model_dir),
+                   spm.SentencePieceProcessor(model_file=str(Path(model_dir) / "tokenizer.model")),
                    TdtSpec.from_meta(meta), float(meta["frame_ms"]))
 
     def text(self, result: TdtResult) -> str:

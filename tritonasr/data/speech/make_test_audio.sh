@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the speech fixtures in tests/data/ and tritonasr/data/sample.wav.
+# Regenerates the speech in tritonasr/data/speech/ and tritonasr/data/sample.wav.
 # Needs espeak-ng and sox (Debian: apt-get install espeak-ng sox); the outputs are committed,
 # so the tests themselves need neither.
 #
@@ -9,7 +9,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-SAMPLES_DIR="$HERE/../../tritonasr/data"
+SAMPLES_DIR="$HERE/.."
 RATE=16000
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -32,7 +32,7 @@ speak() {
 # ms SAMPLES: samples to milliseconds, rounded.
 ms() { echo $((($1 * 1000 + RATE / 2) / RATE)); }
 
-# build NAME ITEM...: concatenate items into NAME (relative to tests/data). An item is either
+# build NAME ITEM...: concatenate items into NAME (relative to this directory). An item is either
 # a silence length in milliseconds or "VOICE|TEXT".
 build() {
   local name=$1; shift
