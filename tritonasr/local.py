@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tritonasr.onnx_runner import OnnxModel
 from tritonasr.engines import EngineModels, build_engines
+from tritonasr.leaf_calls import LeafCalls
+from tritonasr.onnx_runner import OnnxModel
 from tritonasr.pipeline import OfflinePipeline, Recognizer, detect_speech
 from tritonasr.speakers import SpeakerSettings, build_speaker_stage
 from tritonasr.streaming import LiveStream, StreamKey, StreamOptions, stream_factory
@@ -26,15 +27,15 @@ class LocalPipeline:
         self.repository = repository
         self.threads = intra_op_threads
         self._models: dict[str, OnnxModel] = {}
-        self.vad = VadSpec.load(repository / "vad" / "1")
-        self.speaker_model = speakers.model if speakers is not None else ""
-        stage = build_speaker_stage(repository, speakers, self._run_speaker) if speakers is not None else None
-        self.models = EngineModels()
-        engines = build_engines(repository, self.models, self._run_sensevoice, self._run_parakeet_encoder,
-                                self._run_parakeet_decoder)
+        self.calls = LeafCalls(self._infer, EngineModels(), speaker_model=speakers.model if speakers else "")
+        self.vad = VadSpec.load(repository / self.calls.vad_model / "1")
+        stage = build_speaker_stage(repository, speakers, self.calls.speaker) if speakers is not None else None
+        calls = self.calls
+        engines = build_engines(repository, calls.engine_models, calls.sensevoice, calls.parakeet_encoder,
+                                calls.parakeet_decoder)
         self.recognizer = Recognizer(engines, default_engine, stage)
-        self.pipeline = OfflinePipeline(self.vad, self.recognizer, self._run_vad)
-        self._new_stream = stream_factory(self.vad, self.recognizer, self._run_vad)
+        self.pipeline = OfflinePipeline(self.vad, self.recognizer, calls.vad)
+        self._new_stream = stream_factory(self.vad, self.recognizer, calls.vad)
 
     def model(self, name: str, graph: str = "model.onnx") -> OnnxModel:
         """The ONNX Runtime session of served model `name`'s graph, opened on first use."""
@@ -42,35 +43,19 @@ class LocalPipeline:
             self._models[name] = OnnxModel(self.repository / name / "1" / graph, self.threads)
         return self._models[name]
 
-    async def _run_vad(self, feats, caches):
-        feeds = {"speech": feats, **{f"in_cache{i}": c for i, c in enumerate(caches)}}
-        out = self.model("vad").run(feeds, ["logits"] + [f"out_cache{i}" for i in range(len(caches))])
-        return out["logits"], [out[f"out_cache{i}"] for i in range(len(caches))]
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        if model == self.calls.engine_models.parakeet_decoder:  # a Python-backend model: its loop, here
+            return self._decode(inputs)
+        (result,) = self.model(model).run_batch([inputs], outputs)
+        return [result[name] for name in outputs]
 
-    async def _run_sensevoice(self, feats, language, textnorm):
-        out = self.model(self.models.sensevoice).run({
-            "speech": feats,
-            "speech_lengths": np.array([feats.shape[1]], dtype=np.int32),
-            "language": np.array([language], dtype=np.int32),
-            "textnorm": np.array([textnorm], dtype=np.int32),
-        }, ["token_ids", "encoder_out_lens"])
-        return out["token_ids"][0], int(out["encoder_out_lens"][0])
+    def _decode(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from tritonasr.tdt import DECODER_GRAPH, OnnxDecoderJoint, decode_padded
 
-    async def _run_parakeet_encoder(self, feats):
-        out = self.model(self.models.parakeet_encoder).run(
-            {"features": feats, "length": np.array([feats.shape[1]], dtype=np.int64)}, ["encoded", "encoded_lengths"])
-        return out["encoded"][0, :int(out["encoded_lengths"][0])]
-
-    async def _run_parakeet_decoder(self, encoded):
-        from tritonasr.tdt import DECODER_GRAPH, OnnxDecoderJoint, greedy_decode
-
-        engine = self.recognizer.engines["parakeet"]
-        decoder = OnnxDecoderJoint(self.model(self.models.parakeet_decoder, DECODER_GRAPH))
-        (result,) = greedy_decode(encoded, np.array([encoded.shape[1]]), decoder, engine.spec.tdt)
-        return result.tokens, result.frames, result.durations
-
-    async def _run_speaker(self, feats):
-        return self.model(self.speaker_model).run({"feats": feats}, ["embedding"])["embedding"][0]
+        decoder = OnnxDecoderJoint(self.model(self.calls.engine_models.parakeet_decoder, DECODER_GRAPH))
+        length = int(inputs["encoded_lengths"].reshape(-1)[0])
+        (result,) = decode_padded([inputs["encoded"][0, :length]], decoder, self.recognizer.engines["parakeet"].spec.tdt)
+        return [result.tokens[None], result.frames[None], result.durations[None]]
 
     def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
                    return_embedding: bool = False, engine: str = "") -> dict:
@@ -82,4 +67,4 @@ class LocalPipeline:
         return self._new_stream(StreamKey(0), options)
 
     def speech_segments(self, samples: np.ndarray) -> list[tuple[int, int]]:
-        return asyncio.run(detect_speech(self.vad, self._run_vad, samples))
+        return asyncio.run(detect_speech(self.vad, self.calls.vad, samples))

@@ -22,10 +22,11 @@ from tritonasr.access import Access, parameters_of
 from tritonasr.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.audio import validate_samples
 from tritonasr.contract import MAX_CHUNK_MS
-from tritonasr.engines import EngineModels, build_engines, pad_step, padded_length
+from tritonasr.engines import EngineModels, build_engines, pad_step
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                              ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.features import Extract, in_pieces
+from tritonasr.leaf_calls import LeafCalls
 from tritonasr.memory import MB, AudioBudget, release_memory
 from tritonasr.onnx_runner import OnnxModel, instance_providers
 from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
@@ -199,17 +200,16 @@ class _PipelineModel:
         self.params = _parameters(args)
         self.config = json.loads(args["model_config"])
         self.repository = Path(args["model_repository"]).parent
-        self.vad_model = self.params.get("vad_model", "vad")
-        self.vad_spec = VadSpec.load(self.repository / self.vad_model / "1")
         settings = SpeakerSettings.from_parameters(self.params)
-        self.speaker_model = settings.model
+        self.calls = LeafCalls(self._infer, EngineModels.from_parameters(self.params),
+                               self.params.get("vad_model", "vad"), settings.model)
+        self.vad_spec = VadSpec.load(self.repository / self.calls.vad_model / "1")
         # The front ends: served models where the repository build put them (GPU targets), else
         # computed here, per request, on the CPU.
         served_fbank = self._served_frontend("fbank_model")
         self.vad_fbank = served_fbank and in_pieces(served_fbank, self.vad_spec.frontend)
-        self.speakers = build_speaker_stage(self.repository, settings, self._run_speaker,
+        self.speakers = build_speaker_stage(self.repository, settings, self.calls.speaker,
                                             self._served_frontend("speaker_fbank_model"))
-        self.engine_models = EngineModels.from_parameters(self.params)
         self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"], self.REJECTION_REASONS)
         self.access = Access.from_environment()
 
@@ -220,34 +220,18 @@ class _PipelineModel:
     def _recognizer(self) -> Recognizer:
         """The exported engines; the default is the config's default_asr_engine, else the one
         `tritonasr serve --asr-engine` put in TRITONASR_ASR_ENGINE, else the first exported."""
-        engines = build_engines(self.repository, self.engine_models, self._run_sensevoice,
-                                self._run_parakeet_encoder, self._run_parakeet_decoder,
-                                fbank=self.vad_fbank, mel=self._served_frontend("mel_model"))
+        calls = self.calls
+        engines = build_engines(self.repository, calls.engine_models, calls.sensevoice, calls.parakeet_encoder,
+                                calls.parakeet_decoder, fbank=self.vad_fbank, mel=self._served_frontend("mel_model"))
         default = self.params.get("default_asr_engine") or os.environ.get("TRITONASR_ASR_ENGINE", "")
         pad_ms = int(self.params.get("pad_segments_ms", "0"))
-        self.pad_steps = {name: pad_step(engine.frame_ms, pad_ms) for name, engine in engines.items()}
+        calls.pad_steps = {name: pad_step(engine.frame_ms, pad_ms) for name, engine in engines.items()}
         return Recognizer(engines, default, self.speakers)
 
-    def _padded(self, feats: np.ndarray, engine: str) -> np.ndarray:
-        """[1, T, F] features zero-padded to the engine's padding step (GPU targets; the true
-        length travels beside them and the graph masks by it)."""
-        frames = feats.shape[1]
-        extra = padded_length(frames, self.pad_steps.get(engine, 0)) - frames
-        return np.pad(feats, ((0, 0), (0, extra), (0, 0))) if extra else feats
-
     def _served_frontend(self, parameter: str) -> Extract | None:
-        """The front-end model a parameter names ("": none) as an `Extract`."""
+        """The front-end model a parameter names ("": none)."""
         model = self.params.get(parameter, "")
-        if not model:
-            return None
-
-        async def extract(samples: np.ndarray) -> np.ndarray:
-            inputs = {"waveform": np.asarray(samples, dtype=np.float32)[None],
-                      "lengths": np.array([[samples.size]], dtype=np.int64)}
-            features, frames = await self._infer(model, inputs, ["features", "frames"])
-            return features[0, :int(frames.reshape(-1)[0])]
-
-        return extract
+        return self.calls.frontend(model) if model else None
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
@@ -262,37 +246,6 @@ class _PipelineModel:
             raise RecognitionError(f"{model}: {error.message()}", code=_code_name(error.code()))
         return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
-    async def _run_vad(self, feats, caches):
-        inputs = {"speech": feats, **{f"in_cache{i}": c for i, c in enumerate(caches)}}
-        outputs = ["logits"] + [f"out_cache{i}" for i in range(len(caches))]
-        scores, *caches = await self._infer(self.vad_model, inputs, outputs)
-        return scores, caches
-
-    async def _run_sensevoice(self, feats, language, textnorm):
-        inputs = {
-            "speech": self._padded(feats, "sensevoice"),
-            "speech_lengths": np.array([[feats.shape[1]]], dtype=np.int32),
-            "language": np.array([[language]], dtype=np.int32),
-            "textnorm": np.array([[textnorm]], dtype=np.int32),
-        }
-        token_ids, lengths = await self._infer(self.engine_models.sensevoice, inputs, ["token_ids", "encoder_out_lens"])
-        return token_ids[0], int(lengths.reshape(-1)[0])
-
-    async def _run_parakeet_encoder(self, feats):
-        inputs = {"features": self._padded(feats, "parakeet"), "length": np.array([[feats.shape[1]]], dtype=np.int64)}
-        encoded, lengths = await self._infer(self.engine_models.parakeet_encoder, inputs, ["encoded", "encoded_lengths"])
-        return encoded[0, :int(lengths.reshape(-1)[0])]
-
-    async def _run_parakeet_decoder(self, encoded):
-        inputs = {"encoded": encoded, "encoded_lengths": np.array([[encoded.shape[1]]], dtype=np.int64)}
-        tokens, frames, durations = await self._infer(self.engine_models.parakeet_decoder, inputs,
-                                                      ["tokens", "frames", "durations"])
-        return tokens[0], frames[0], durations[0]
-
-    async def _run_speaker(self, feats):
-        (embedding,) = await self._infer(self.speaker_model, {"feats": feats}, ["embedding"])
-        return embedding[0]
-
 
 class OfflineAsrModel(_PipelineModel):
     """asr_offline: whole recordings in, segments out (JSON), through the vad and sensevoice
@@ -300,7 +253,7 @@ class OfflineAsrModel(_PipelineModel):
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
-        self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
+        self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
                                         max_audio_s=float(self.params.get("max_audio_seconds", "1800")))
         self.budget = AudioBudget(int(float(self.params.get("max_inflight_audio_mb", "1024")) * MB))
 
@@ -341,13 +294,13 @@ class SpeakerRegistryModel(_PipelineModel):
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         if self.speakers is None:
-            raise RuntimeError(f"speaker_registry needs the {self.speaker_model!r} model: run `tritonasr export speaker`")
+            raise RuntimeError(f"speaker_registry needs the {self.calls.speaker_model!r} model: run `tritonasr export speaker`")
         self.max_samples = int(float(self.params.get("max_audio_seconds", "600")) * SAMPLE_RATE)
         self.registry = SpeakerRegistry(self.speakers, self._detect_speech, SAMPLE_RATE)
 
     async def _detect_speech(self, samples: np.ndarray) -> list[tuple[int, int]]:
         fbank = await self.vad_fbank(samples) if self.vad_fbank else None
-        return await detect_speech(self.vad_spec, self._run_vad, samples, fbank)
+        return await detect_speech(self.vad_spec, self.calls.vad, samples, fbank)
 
     async def _handle(self, request) -> dict:
         self._caller(request)
@@ -391,7 +344,7 @@ class StreamingAsrModel(_PipelineModel):
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         self.metrics.open_streams.set(0)
-        factory = stream_factory(self.vad_spec, self._recognizer(), self._run_vad, fbank=self.vad_fbank,
+        factory = stream_factory(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
                                  vad_step_ms=int(self.params.get("vad_step_ms", "100")),
                                  on_final=self.metrics.final_sent, on_failure=self._stream_failed)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
