@@ -1,16 +1,19 @@
 """The GPU deployment files: docker-compose.yml (checked with Debian's docker-compose 1.29, the
-oldest Compose it must work with), docker/Dockerfile, docker/export.sh, Prometheus and Grafana
-provisioning, and the dashboard's PromQL. No Docker engine or GPU is needed: `docker-compose
-config` validates and resolves the file without one."""
+oldest Compose it must work with), the images of docker/ (one per role: serving, export, load
+test), .dockerignore, docker/export.sh, Prometheus and Grafana provisioning, and the dashboard's
+PromQL. No Docker engine or GPU is needed: `docker-compose config` validates and resolves the file
+without one, and the Dockerfiles are read, not built."""
 from __future__ import annotations
 
 import ast
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +21,30 @@ import yaml
 
 from tritonasr.dashboard import DASHBOARD, expression_metrics, expressions, metric_names
 from tritonasr.paths import CHECKOUT_ROOT
+from tritonasr.plans import TRTEXEC_LOCATIONS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip's own copy
+    from pip._vendor import tomli as tomllib
 
 ROOT = CHECKOUT_ROOT
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DOCKER = ROOT / "docker"
+SERVE_DOCKERFILE = DOCKER / "serve.Dockerfile"
+EXPORT_DOCKERFILE = DOCKER / "export.Dockerfile"
+LOADTEST_DOCKERFILE = DOCKER / "loadtest.Dockerfile"
+# The services that run our code: the Dockerfile of each one's image, and the extra it installs.
+ROLES = {
+    "triton": (SERVE_DOCKERFILE, "server"),
+    "export": (EXPORT_DOCKERFILE, "export"),
+    "locust-master": (LOADTEST_DOCKERFILE, "loadtest"),
+    "locust-worker": (LOADTEST_DOCKERFILE, "loadtest"),
+}
+# What the other roles bring and the serving image must not: modules, and their distributions.
+NOT_SERVED_MODULES = ("torch", "nemo", "funasr", "locust")
+NOT_SERVED_DISTRIBUTIONS = {"torch", "nemo-toolkit", "funasr", "locust"}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXPORT_SCRIPT = ROOT / "docker" / "export.sh"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -117,36 +140,328 @@ def test_services(services):
     assert set(services) == {"export", "triton", "prometheus", "grafana", "locust-master", "locust-worker"}
 
 
-def test_dockerfile_pins_a_recent_ngc_tritonserver():
-    text = DOCKERFILE.read_text()
-    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
-    image = args["TRITON_IMAGE"]
+# --- the images: one Dockerfile per role -----------------------------------------------------
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile as Docker reads it: continuation lines joined,
+    comment lines dropped."""
+    instructions, pending = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or (not pending and not line.strip()):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        keyword, _, rest = (pending + line).strip().partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+        pending = ""
+    assert not pending, f"{path}: a continuation line ends the file"
+    return instructions
+
+
+def _stages(path: Path) -> tuple[dict[str, str], list[dict]]:
+    """The ARG defaults given before the first FROM, and the stages: each one's base (its ARGs
+    resolved), name, ARG defaults and instructions."""
+    global_args, stages = {}, []
+    for keyword, rest in _instructions(path):
+        if keyword == "FROM":
+            match = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            assert match, f"{path}: FROM {rest}"
+            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], match[1])
+            stages.append({"from": match[1], "base": base, "name": match[2], "args": {}, "instructions": []})
+        elif keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            global_args[name] = default
+        else:
+            if keyword == "ARG":
+                name, _, default = rest.partition("=")
+                stages[-1]["args"][name] = default
+            stages[-1]["instructions"].append((keyword, rest))
+    return global_args, stages
+
+
+def _final(path: Path) -> dict:
+    return _stages(path)[1][-1]
+
+
+def _all(stage: dict, keyword: str) -> list[str]:
+    return [rest for kw, rest in stage["instructions"] if kw == keyword]
+
+
+def _env(stage: dict) -> dict[str, str]:
+    return dict(token.split("=", 1) for rest in _all(stage, "ENV") for token in shlex.split(rest))
+
+
+def _commands(run: str) -> list[list[str]]:
+    """The simple commands of a RUN line (split at unquoted &&, ||, ; and |), each as its words."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [words for words in commands if words]
+
+
+def _pip_installs(stage: dict) -> list[str]:
+    """What the stage's `pip install` commands install, its ARGs resolved."""
+    wanted = []
+    for run in _all(stage, "RUN"):
+        for words in _commands(run):
+            if words[:2] == ["pip", "install"] or words[1:4] == ["-m", "pip", "install"]:
+                start = words.index("install") + 1
+                wanted += [re.sub(r"\$\{(\w+)\}", lambda m: stage["args"][m[1]], word)
+                           for word in words[start:] if not word.startswith("-")]
+    return wanted
+
+
+# The role's extra of the wheel the builder stage made: `pip install "$(ls WHEEL)[extra]"`.
+_WHEEL_INSTALL = re.compile(r"\$\(ls /tmp/wheels/tritonasr-\*\.whl\)\[([\w,]+)\]")
+
+
+def _extras(extra: str) -> set[str]:
+    """The distributions an extra of pyproject.toml names, its `tritonasr[...]` extras expanded."""
+    names = set()
+    for requirement in PYPROJECT["project"]["optional-dependencies"][extra]:
+        name, rest = re.match(r"([A-Za-z0-9_.-]+)(.*)", requirement).groups()
+        if name == "tritonasr":
+            for inner in re.match(r"\[([^\]]+)\]", rest)[1].split(","):
+                names |= _extras(inner.strip())
+        else:
+            names.add(re.sub(r"[-_.]+", "-", name).lower())
+    return names
+
+
+def test_each_service_runs_its_roles_image(services):
+    images = {name: services[name]["image"] for name in ROLES}
+    # One image per role, named for it; the workers run the master's.
+    assert re.fullmatch(r"tritonasr-serve:\S+", images["triton"]), images
+    assert re.fullmatch(r"tritonasr-export:\S+", images["export"]), images
+    assert re.fullmatch(r"tritonasr-loadtest:\S+", images["locust-master"]), images
+    assert images["locust-worker"] == images["locust-master"]
+    assert len({images["triton"], images["export"], images["locust-master"]}) == 3, images
+    built = {}
+    for name, (dockerfile, _) in ROLES.items():
+        if name == "locust-worker":
+            assert "build" not in services[name], "the workers run the image the master builds"
+            continue
+        build = services[name]["build"]
+        assert Path(build["context"]) == ROOT
+        assert Path(build["context"], build["dockerfile"]) == dockerfile, name
+        built[dockerfile] = name
+    # Every Dockerfile in docker/ is an image some service builds: no stale one left behind.
+    assert set(DOCKER.glob("*Dockerfile*")) == set(built), sorted(DOCKER.glob("*Dockerfile*"))
+
+
+def test_triton_images_share_the_pinned_base(services):
+    # The server and the export job: the same Triton container, so that the TensorRT plans the
+    # export job builds run on the TensorRT that serves them.
+    defaults = set()
+    for name in ("triton", "export"):
+        dockerfile, _ = ROLES[name]
+        global_args, stages = _stages(dockerfile)
+        assert stages[-1]["from"] == "${TRITON_IMAGE}", dockerfile
+        assert services[name]["build"]["args"]["TRITON_IMAGE"] == global_args["TRITON_IMAGE"], name
+        defaults.add(global_args["TRITON_IMAGE"])
+    [image] = defaults
     match = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3", image)
     assert match, f"not a pinned NGC tritonserver release: {image}"
     # Older servers crash on cancelled decoupled streams (triton-inference-server/server#7368).
     assert (int(match[1]), int(match[2])) >= (24, 12), image
-    assert re.search(r"^FROM\s+\$\{TRITON_IMAGE\}\s*$", text, re.MULTILINE)
-    # The package goes into the image's Python, the GPU ONNX Runtime replaces the CPU one.
-    assert re.search(r"pip install -e \"/opt/tritonasr\[all\]\"", text)
-    assert re.search(r"pip uninstall -y onnxruntime\b", text) and "onnxruntime-gpu" in text
-    assert re.search(r"^COPY \. /opt/tritonasr$", text, re.MULTILINE)
 
 
-def test_image_is_built_from_the_dockerfile(services):
-    build = services["export"]["build"]
-    assert Path(build["context"]) == ROOT
-    assert Path(build["context"], build["dockerfile"]) == DOCKERFILE
-    default = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), re.MULTILINE))["TRITON_IMAGE"]
-    assert build["args"]["TRITON_IMAGE"] == default
-    images = {name: service["image"] for name, service in services.items() if name not in ("prometheus", "grafana")}
-    assert len(set(images.values())) == 1, f"one image for triton, export and locust: {images}"
+@pytest.mark.parametrize("dockerfile, extra", sorted(set(ROLES.values())), ids=lambda v: getattr(v, "name", v))
+def test_image_installs_the_built_wheel(dockerfile, extra):
+    _, stages = _stages(dockerfile)
+    builder, final = stages[0], stages[-1]
+    assert len(stages) == 2 and builder["name"], f"{dockerfile}: a named wheel-building stage, then the image"
+    # The builder: the project's wheel from the build context, without its dependencies.
+    assert _all(builder, "COPY") == [". /src"]
+    assert _all(builder, "RUN") == ["pip wheel --no-deps --wheel-dir /wheels /src"]
+    assert re.fullmatch(r"python:3\.1[0-3]-slim", builder["base"]), builder["base"]
+    # The image: that wheel with the role's extra; no checkout, nothing editable.
+    assert f"--from={builder['name']} /wheels /tmp/wheels" in _all(final, "COPY")
+    assert not any(re.match(r"\.\s", rest) for rest in _all(final, "COPY")), "the checkout is copied in"
+    installs = _pip_installs(final)
+    assert [m[1] for m in map(_WHEEL_INSTALL.fullmatch, installs) if m] == [extra], installs
+    assert extra in PYPROJECT["project"]["optional-dependencies"]
+    for run in _all(final, "RUN"):
+        for words in _commands(run):
+            assert not {"-e", "--editable"} & set(words), run
+    assert not any(i in (".", "/src") or i.startswith("/opt/tritonasr") for i in installs), installs
 
 
-def test_dockerignore_leaves_out_exports_and_environments():
-    lines = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".git/", ".venv/", "model_repository/"):
-        assert entry in lines
+def test_builder_stage_is_the_same_everywhere():
+    builders = {path.name: _stages(path)[1][0] for path, _ in set(ROLES.values())}
+    assert len({json.dumps(b, sort_keys=True) for b in builders.values()}) == 1, builders
 
+
+@pytest.mark.parametrize("dockerfile", [SERVE_DOCKERFILE, EXPORT_DOCKERFILE], ids=lambda p: p.name)
+def test_gpu_onnxruntime_replaces_the_cpu_build(dockerfile):
+    final = _final(dockerfile)
+    installs = _pip_installs(final)
+    assert any(re.fullmatch(r"onnxruntime-gpu==\d+\.\d+\.\d+", i) for i in installs), installs
+    runs = " && ".join(_all(final, "RUN"))
+    assert re.search(r"pip uninstall -y onnxruntime\b", runs)
+    # The CPU build goes first: both install the same module.
+    assert runs.index("pip uninstall -y onnxruntime") < runs.index('pip install "${ONNXRUNTIME_GPU}"')
+
+
+def _serving_import_check() -> str:
+    """The Python code of the serving image's build-time check that the other roles' packages
+    are not there."""
+    checks = []
+    for run in _all(_final(SERVE_DOCKERFILE), "RUN"):
+        for words in _commands(run):
+            if words[:2] == ["python3", "-c"] and all(m in words[2] for m in NOT_SERVED_MODULES):
+                checks.append(words[2])
+    assert len(checks) == 1, checks
+    return checks[0]
+
+
+def test_serving_image_has_no_other_roles_packages():
+    final = _final(SERVE_DOCKERFILE)
+    installs = _pip_installs(final)
+    [extra] = [m[1] for m in map(_WHEEL_INSTALL.fullmatch, installs) if m]
+    assert set(extra.split(",")) == {"server"}
+    # Neither the extra nor anything else the image installs brings them.
+    assert not _extras("server") & NOT_SERVED_DISTRIBUTIONS, _extras("server") & NOT_SERVED_DISTRIBUTIONS
+    named = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]*", i)[0]).lower() for i in installs}
+    assert not named & NOT_SERVED_DISTRIBUTIONS, installs
+    # The import check runs after the last install, so nothing slips in behind it.
+    runs = _all(final, "RUN")
+    check = next(i for i, run in enumerate(runs) if all(m in run for m in NOT_SERVED_MODULES))
+    last_install = max(i for i, run in enumerate(runs) if "pip install" in run)
+    assert check > last_install
+
+
+def _run_check(code: str, tmp_path: Path, *modules: str) -> subprocess.CompletedProcess:
+    """The check in a Python that sees no site-packages, only stand-ins for `modules`."""
+    path = tmp_path / "-".join(modules or ("none",))
+    for module in modules:
+        (path / module).mkdir(parents=True)
+        (path / module / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    return subprocess.run([sys.executable, "-S", "-c", code], env={**env, "PYTHONPATH": str(path)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_serving_import_check_fails_the_build_on_each_package(tmp_path):
+    code = _serving_import_check()
+    clean = _run_check(code, tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    for module in NOT_SERVED_MODULES:
+        found = _run_check(code, tmp_path, module)
+        assert found.returncode != 0 and module in found.stderr, (module, found.returncode, found.stderr)
+    assert _run_check(code, tmp_path, "funasr_onnx").returncode == 0  # the server extra's own VAD
+
+
+def test_export_image_has_trtexec_and_cuda_torch(services):
+    final = _final(EXPORT_DOCKERFILE)
+    # trtexec (`tritonasr repo plans`) on PATH, where the NGC images keep it; checked at build time.
+    path = _env(final)["PATH"].split(":")
+    assert path[0] == "${PATH}"
+    assert any(str(Path(location).parent) in path for location in TRTEXEC_LOCATIONS), path
+    runs = _all(final, "RUN")
+    assert "command -v trtexec" in runs
+    # torch's CUDA build, pinned by the export extra; the build fails on a CPU-only torch.
+    export_requirements = PYPROJECT["project"]["optional-dependencies"]["export"]
+    assert any(re.fullmatch(r"torch==\d+\.\d+\.\d+", r) for r in export_requirements), export_requirements
+    assert {"torch", "nemo-toolkit", "funasr"} <= _extras("export")
+    assert any("torch.version.cuda is None" in run for run in runs)
+    # The job's script is in the image where the compose file runs it, and is its default command.
+    command = services["export"]["command"]
+    assert f"docker/export.sh {command[-1]}" in _all(final, "COPY")
+    assert json.loads(_all(final, "CMD")[0]) == command
+    assert {"/exports", "/models"} <= set(" ".join(r for r in runs if r.startswith("mkdir")).split())
+
+
+def test_loadtest_image_is_slim_python(services):
+    global_args, stages = _stages(LOADTEST_DOCKERFILE)
+    final = stages[-1]
+    assert "tritonserver" not in final["base"] and "nvcr.io" not in final["base"], final["base"]
+    assert re.fullmatch(r"python:3\.1[0-3]-slim", final["base"]), final["base"]
+    assert {"locust"} <= _extras("loadtest") and not {"torch", "nemo-toolkit"} & _extras("loadtest")
+    # The locustfile the services run is the package's own, linked at a fixed path; the build
+    # lists its users, so an image that cannot import it is not built.
+    [locustfile] = {re.search(r"locust -f (\S+)", services[name]["command"])[1]
+                    for name in ("locust-master", "locust-worker")}
+    [link] = [run for run in _all(final, "RUN") if "ln -s" in run]
+    assert f" {locustfile} " in f"{link} " and f"locust -f {locustfile} --list" in link
+    [finder] = re.findall(r"\$\(python -c '([^']+)'\)", link)
+    found = subprocess.run([sys.executable, "-c", finder], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0 and Path(found.stdout.strip()) == LOCUSTFILE, found.stdout + found.stderr
+
+
+# --- the build context (.dockerignore) -------------------------------------------------------
+
+def _docker_py() -> str:
+    """The Python that runs docker-compose 1.29, with its docker-py (which applies .dockerignore
+    when Compose builds)."""
+    compose_path = shutil.which("docker-compose")
+    if compose_path is None:
+        pytest.fail("docker-compose is not on PATH (see compose_bin)")
+    first = Path(compose_path).read_bytes()[:200].split(b"\n")[0].decode(errors="replace")
+    if not (first.startswith("#!") and "python" in first):
+        pytest.skip(f"{compose_path} is not the Python docker-compose 1.29 (no docker-py to ask)")
+    return first[2:].strip().split()[0]
+
+
+_CONTEXT = """
+import json, os, sys
+from docker.utils.build import exclude_paths
+root, dockerfile = sys.argv[1:]
+with open(os.path.join(root, ".dockerignore")) as f:
+    patterns = [line.strip() for line in f.read().splitlines() if line.strip() and line.strip()[0] != "#"]
+print(json.dumps(sorted(exclude_paths(root, patterns, dockerfile=dockerfile))))
+"""
+
+
+def _context(root: Path, dockerfile: str = "docker/serve.Dockerfile") -> set[str]:
+    """The paths under `root` that `docker-compose build` sends as the build context."""
+    result = subprocess.run([_docker_py(), "-c", _CONTEXT, str(root), dockerfile],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout))
+
+
+def _package_dirs() -> list[str]:
+    return sorted(set(PYPROJECT["tool"]["setuptools"]["package-dir"].values()))
+
+
+def test_build_context_is_the_wheels_sources(tmp_path):
+    wanted = ["pyproject.toml", PYPROJECT["project"]["readme"], "docker/export.sh"]
+    for directory in _package_dirs():
+        wanted += [f"{directory}/__init__.py", f"{directory}/sub/data.json"]
+    unwanted = [".git/HEAD", ".venv/bin/python", "model_repository/vad/1/model.onnx", ".cache/x.bin",
+                "loadtest-results/run_stats.csv", "tests/test_x.py", "build/lib/x.py", "samples/a.wav",
+                "tritonasr.egg-info/PKG-INFO", "tritonasr/__pycache__/cli.cpython-312.pyc",
+                "deploy/tls/ca.key", "deploy/tls/server.key", "deploy/tls/server.crt", "deploy/tls/ca.crt"]
+    for name in wanted + unwanted:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    shutil.copy(ROOT / ".dockerignore", tmp_path / ".dockerignore")
+    context = _context(tmp_path)
+    assert not [name for name in wanted if name not in context]
+    assert not [name for name in unwanted if name in context]
+
+
+def test_build_context_of_the_checkout():
+    context = _context(ROOT)
+    for directory in _package_dirs():
+        tracked = subprocess.run(["git", "ls-files", "--", directory], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.split()
+        missing = [name for name in tracked if (ROOT / name).exists() and name not in context]
+        assert not missing, missing
+    copied = {rest.split()[0] for path, _ in set(ROLES.values()) for rest in _all(_final(path), "COPY")
+              if not rest.startswith("--from")}
+    assert copied and copied <= context, copied - context
+    assert not [name for name in context if name.endswith((".key", ".crt")) or name.startswith(".venv/")]
+
+
+# --- the services -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["triton", "export"])
 def test_gpu_reserved(services, name):
@@ -169,10 +484,17 @@ def test_triton_service(services):
     assert not args.allow_unauthenticated and not args.open_leaf_models
     assert args.health_port == 8003
     assert {"--allow-gpu-metrics=true", "--metrics-interval-ms=1000"} <= set(args.triton_arg)
-    # The image runs its own tritonserver (native backends), named once, in the Dockerfile.
-    dockerfile = DOCKERFILE.read_text()
-    assert "TRITONASR_TRITONSERVER=/opt/tritonserver/bin/tritonserver" in dockerfile
-    assert "TRITONASR_BACKEND_DIRECTORY=/opt/tritonserver/backends" in dockerfile
+    # The image runs its own tritonserver (native backends), named once, in its Dockerfile, and
+    # serves /models by default; it publishes gRPC and the supervisor's health.
+    image = _final(SERVE_DOCKERFILE)
+    env = _env(image)
+    assert env["TRITONASR_TRITONSERVER"] == "/opt/tritonserver/bin/tritonserver"
+    assert env["TRITONASR_BACKEND_DIRECTORY"] == "/opt/tritonserver/backends"
+    assert env["TRITONASR_MODEL_REPOSITORY"] == "/models"
+    assert {"8001", str(args.health_port)} <= set(" ".join(_all(image, "EXPOSE")).split())
+    assert json.loads(_all(image, "CMD")[-1]) == ["tritonasr", "serve"]
+    made = " ".join(run for run in _all(image, "RUN") if run.startswith("mkdir")).split()
+    assert {"/models", "/cache/trt"} <= set(made)
     assert triton["environment"]["TRITONASR_API_KEY"] == REQUIRED["TRITONASR_API_KEY"]
     assert triton["init"] is True
     assert _bytes(triton["shm_size"]) >= 1024 ** 3, triton["shm_size"]
@@ -215,7 +537,7 @@ def test_make_certs_names_the_service_and_verifies(tmp_path):
 
 def test_export_service(services, resolved):
     export = services["export"]
-    assert export["command"] == ["bash", "/opt/tritonasr/docker/export.sh"]
+    assert export["command"] == ["bash", "/opt/tritonasr/export.sh"]  # in the image: test_export_image_*
     assert EXPORT_SCRIPT.exists() and os.access(EXPORT_SCRIPT, os.X_OK)
     mounts = _mounts(export)
     assert mounts["/exports"] == "exports" and mounts["/models"] == "models"
@@ -280,8 +602,8 @@ def test_loadtest_services(services):
     master, worker = services["locust-master"], services["locust-worker"]
     for service in (master, worker):
         assert service["profiles"] == ["loadtest"]
-        # The Dockerfile copies the checkout to /opt/tritonasr.
-        assert "locust -f /opt/tritonasr/loadtest/locustfile.py" in service["command"]
+        # The load-test image links the package's locustfile there (test_loadtest_image_*).
+        assert "locust -f /opt/tritonasr/locustfile.py" in service["command"]
     assert "--master" in master["command"].split()
     assert "--host triton:8001" in master["command"]
     assert "--metrics-url http://triton:8002/metrics" in master["command"]
@@ -471,6 +793,9 @@ def test_readme_documents_the_deployment():
                     "docker-compose up -d triton prometheus grafana",
                     "docker-compose --profile loadtest up --scale locust-worker=4"):
         assert command in section
+    for dockerfile in (SERVE_DOCKERFILE, EXPORT_DOCKERFILE, LOADTEST_DOCKERFILE):
+        assert f"`docker/{dockerfile.name}`" in section
+    assert "docker/Dockerfile" not in readme
     undocumented = [v for v in COMPOSE_VARIABLES if f"`{v}`" not in section]
     assert not undocumented, f"variables of docker-compose.yml the README does not list: {undocumented}"
     export_variables = set(re.findall(r"^([A-Z_]+)=\$\{\1:-", EXPORT_SCRIPT.read_text(), re.MULTILINE))
