@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tritonasr.access import ADMIN_HEADER, API_KEY_HEADER, split_keys
+from tritonasr.runtime.access import ADMIN_HEADER, API_KEY_HEADER, split_keys
 
 ENVIRONMENT = {"api_key": "TRITONASR_API_KEY", "admin_key": "TRITONASR_ADMIN_KEY",
                "tls_ca": "TRITONASR_TLS_CA", "tls_cert": "TRITONASR_TLS_CERT", "tls_key": "TRITONASR_TLS_KEY"}
@@ -81,7 +81,7 @@ def resolve(credentials: Credentials | None) -> Credentials:
 
 
 def access_denied(message: str) -> AccessDeniedError | None:
-    """The error to raise for a server message that refuses the caller (see tritonasr.access)."""
+    """The error to raise for a server message that refuses the caller (see tritonasr.runtime.access)."""
     if message.startswith(("unauthenticated:", "permission denied:")):
         return AccessDeniedError(message)
     return None

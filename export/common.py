@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tritonasr.audio import load_audio
-from tritonasr.features import Frontend
+from tritonasr.models.fbank import Frontend
 from tritonasr.paths import sample_audio
 
 Progress = Callable[[str], None]
@@ -147,7 +147,7 @@ def resolve_source(source: str | None, random_init: str | None, seed: int, progr
     # "owner/name" that is not a local path is a hub id; anything else is a missing directory.
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise FileNotFoundError(f"model directory not found: {source}")
-    from tritonasr.weights import fetch_hub_model
+    from tritonasr.export.weights import fetch_hub_model
 
     progress(f"downloading {source} from {hub or 'ModelScope, then Hugging Face'}…")
     return fetch_hub_model(source, hub)

@@ -1,8 +1,8 @@
 """Front-end graphs: batches of waveforms in, features out, for the server's GPU.
 
 On the embedded CPU server the pipelines compute features in process: kaldi fbank with
-kaldi-native-fbank (`tritonasr.features.Frontend`, for SenseVoice, the VAD and the speaker
-model) and NeMo's log-mel in numpy (`tritonasr.mel.MelFrontend`, for Parakeet). On the GPU
+kaldi-native-fbank (`tritonasr.models.fbank.Frontend`, for SenseVoice, the VAD and the speaker
+model) and NeMo's log-mel in numpy (`tritonasr.models.mel.MelFrontend`, for Parakeet). On the GPU
 targets of `tritonasr repo build` these modules serve instead, as front-end models: the same
 features for a padded batch, as a graph of standard ONNX ops that a dynamic batcher can feed
 and ONNX Runtime or TensorRT can run:
@@ -55,8 +55,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from tritonasr.features import Frontend
-from tritonasr.mel import STD_EPSILON, MelFrontend
 from tritonasr.export.common import (
     OPSET,
     Progress,
@@ -66,6 +64,8 @@ from tritonasr.export.common import (
     publish_export,
     stderr_progress,
 )
+from tritonasr.models.fbank import Frontend
+from tritonasr.models.mel import STD_EPSILON, MelFrontend
 
 INPUT_NAMES = ("waveform", "lengths")
 OUTPUT_NAMES = ("features", "frames")
@@ -571,6 +571,23 @@ def parity_failures(module: FrontendGraph, parity: dict) -> list[str]:
     return failures
 
 
+def export_served_frontend(source: Path, name: str, path: Path) -> int:
+    """`tritonasr repo build`'s served front end `name` (see SERVED_FRONTENDS) for the exports in
+    the repository `source`, exported to `path` and checked; returns its feature bins."""
+    from tritonasr.models.parakeet import ParakeetSpec
+    from tritonasr.models.speaker import SpeakerSpec
+    from tritonasr.models.vad import VadSpec
+
+    modules = {
+        "fbank": lambda: KaldiFbank(VadSpec.load(source / "vad" / "1").frontend),
+        "speaker_fbank": lambda: KaldiFbank(SpeakerSpec.load(source / "speaker" / "1").frontend),
+        "parakeet_mel": lambda: NemoMel(ParakeetSpec.load(source / "parakeet_decoder" / "1").frontend),
+    }
+    module = modules[name]()
+    export_frontend_graph(module, path)
+    return module.mel.shape[1]
+
+
 def export_frontend_graph(
     module: FrontendGraph,
     path: Path,
@@ -621,8 +638,8 @@ def export_frontend_graph(
 
         meta = {
             "frontend": module.kind,
-            "reference": ("kaldi_native_fbank.OnlineFbank (tritonasr.features.Frontend.fbank)"
-                          if isinstance(module, KaldiFbank) else "tritonasr.mel.MelFrontend"),
+            "reference": ("kaldi_native_fbank.OnlineFbank (tritonasr.models.fbank.Frontend.fbank)"
+                          if isinstance(module, KaldiFbank) else "tritonasr.models.mel.MelFrontend"),
             "options": module.config(),
             "graph": {
                 "inputs": {"waveform": ["batch", "samples"], "lengths": ["batch"]},

@@ -6,7 +6,7 @@ the prediction network + joint in one step graph ("decoder_joint"). They are ser
   as the ragged batching pads it: features [B, T, n_mels] + length [B] -> encoded [B, T', D] +
   encoded_lengths [B]. Graphs over 2 GB keep their weights in model.onnx.data beside them.
 - parakeet_decoder/1/decoder_joint.onnx: NeMo's decoder_joint graph as exported; the Triton model runs
-  the whole greedy TDT loop over it (tritonasr.tdt).
+  the whole greedy TDT loop over it (tritonasr.models.parakeet).
 Both version directories get the same meta.json (front end, decoding and graph settings,
 source, parity numbers) and the model's tokenizer.model, so each served model is
 self-contained: the encoder's directory describes its features, the decoder's its decoding.
@@ -40,10 +40,11 @@ from tritonasr.export.common import (
     write_json,
 )
 from tritonasr.export.sensevoice import TOKENIZER_TEXT
-from tritonasr.mel import FILTERBANK_FILE, MelSpec
-from tritonasr.onnx_runner import OnnxModel
+from tritonasr.models.mel import FILTERBANK_FILE, MelSpec
+from tritonasr.models.parakeet import DECODER_GRAPH, ParakeetSpec
 from tritonasr.paths import cache_dir, sample_audio
-from tritonasr.tdt import DECODER_GRAPH, LocalParakeet, ParakeetSpec
+from tritonasr.runtime.in_process import LocalParakeet
+from tritonasr.runtime.onnx_session import OnnxModel
 
 HF_MODEL_ID = "nvidia/parakeet-tdt-0.6b-v2"
 ENCODER_DIR, DECODER_DIR = "parakeet_encoder", "parakeet_decoder"
@@ -212,7 +213,7 @@ def load_model(source: str | Path):
     elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
         from huggingface_hub import constants
 
-        from tritonasr.weights import _probe
+        from tritonasr.export.weights import _probe
 
         try:
             _probe(constants.ENDPOINT, timeout=10.0)

@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from tritonasr.audio import load_audio
+from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import cache_dir, sample_audio
-from tritonasr.transcript import ctc_greedy
 
 from tritonasr.export.common import (
     cached_model_dir,

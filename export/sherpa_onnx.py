@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import cache_dir
-from tritonasr.transcript import ctc_greedy
 
 from tritonasr.export.common import (
     OPSET,

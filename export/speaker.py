@@ -29,8 +29,8 @@ import torch
 # non-strictly and prefixes the keys with "model.".
 from funasr.models.eres2net.eres2netv2 import ERes2NetV2
 
+from tritonasr.models.speaker import FRONTEND, speaker_features
 from tritonasr.paths import cache_dir
-from tritonasr.speaker import FRONTEND, speaker_features
 
 from tritonasr.export.common import (
     cached_model_dir,

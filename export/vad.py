@@ -58,10 +58,10 @@ def export_vad(
     """Export the VAD, check it against PyTorch, publish model.onnx and meta.json.
 
     model_dir: a FunASR FSMN-VAD directory (model.pt, config.yaml, am.mvn); None fetches the
-    real weights (`tritonasr.weights.fetch_vad_weights`).
+    real weights (`tritonasr.export.weights.fetch_vad_weights`).
     Returns a summary: output paths, tensor specs and parity numbers.
     """
-    from tritonasr.weights import fetch_vad_weights
+    from tritonasr.export.weights import fetch_vad_weights
 
     if model_dir is None:
         progress("fetching the FSMN-VAD weights…")

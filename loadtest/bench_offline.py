@@ -58,7 +58,7 @@ def _ints(text: str) -> list[int]:
 
 def _speech(local, audios: list[np.ndarray]) -> list[np.ndarray]:
     """The speech segments of the files, as the server cuts them (VAD, at most 30 s)."""
-    from tritonasr.vad import split_long_segments
+    from tritonasr.models.vad import split_long_segments
 
     return [samples[start * 16: end * 16] for samples in audios
             for start, end in split_long_segments(local.speech_segments(samples), 30_000)]
@@ -80,7 +80,7 @@ def _timed(run_all, min_seconds: float) -> float:
 def raw_throughput(repository: Path, audios: list[np.ndarray], batch_sizes: list[int], min_seconds: float,
                    progress=print) -> dict[int, float]:
     """Audio seconds per wall second of the sensevoice graph alone, per batch size."""
-    from tritonasr.local import LocalPipeline
+    from tritonasr.runtime.in_process import LocalPipeline
 
     local = LocalPipeline(repository, default_engine="sensevoice")
     sensevoice = local.recognizer.engines["sensevoice"]
@@ -116,7 +116,7 @@ def nemo_throughput(repository: Path, audios: list[np.ndarray], batch_sizes: lis
     """Audio seconds per wall second of NeMo's own batched transcribe() of the same speech
     segments, with the weights the parakeet graphs were exported from."""
     from tritonasr.export.parakeet import load_model
-    from tritonasr.local import LocalPipeline
+    from tritonasr.runtime.in_process import LocalPipeline
 
     meta = json.loads((repository / "parakeet_decoder" / "1" / "meta.json").read_text())
     model = load_model(meta["source"])

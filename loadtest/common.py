@@ -14,8 +14,8 @@ def server_url(url: str | None, repository: Path, log: Callable[[str], None]) ->
     if url is not None:
         yield url
         return
-    from tritonasr.repository import exported_models  # noqa: PLC0415
-    from tritonasr.server import ServerConfig, TritonServer, free_port  # noqa: PLC0415
+    from tritonasr.repository.layout import exported_models  # noqa: PLC0415
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port  # noqa: PLC0415
 
     log("starting the embedded Triton server…")
     config = ServerConfig(repository, free_port(), free_port(), free_port(), models=exported_models(repository))
@@ -45,8 +45,8 @@ def served(url: str | None, repository: Path, log: Callable[[str], None],
         yield ServedTarget(url, metrics_url or f"http://{host or 'localhost'}:8002/metrics",
                            find_server_pid(int(port)))
         return
-    from tritonasr.repository import exported_models  # noqa: PLC0415
-    from tritonasr.server import ServerConfig, TritonServer, free_port  # noqa: PLC0415
+    from tritonasr.repository.layout import exported_models  # noqa: PLC0415
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port  # noqa: PLC0415
 
     log("starting the embedded Triton server…")
     config = ServerConfig(repository, free_port(), free_port(), free_port(), models=exported_models(repository),

@@ -552,7 +552,7 @@ class PerSessionServer(ServerProcess):
 
     def __init__(self, sensevoice_dir: Path, vad_dir: Path, port: int | None = None, *, host: str = "127.0.0.1",
                  torch_threads: int = 1, max_audio_s: float = MAX_AUDIO_S, log_path: Path | None = None):
-        from tritonasr.server import free_port
+        from tritonasr.serving.server import free_port
 
         self.sensevoice_dir = Path(sensevoice_dir)
         self.vad_dir = Path(vad_dir)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tritonasr.server import stub_processes
+from tritonasr.serving.server import stub_processes
 
 SERVER = "tritonserver"
 

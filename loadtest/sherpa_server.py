@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tritonasr.loadtest.processes import ServerProcess, ServerProcessError
-from tritonasr.server import free_port, port_is_free
+from tritonasr.serving.server import free_port, port_is_free
 
 BINARY = "sherpa-onnx-offline-websocket-server"
 # 60 s clips plus margin; sherpa closes the connection of a longer file with code 1009.

@@ -87,7 +87,7 @@ def locust_command(target: Target, prefix: Path, args) -> list[str]:
 @contextmanager
 def start_system(name: str, repository: Path, workload: str, args, log: Callable[[str], None]) -> Iterator[Target]:
     if name == "tritonasr":
-        from tritonasr.server import ServerConfig, TritonServer, free_port
+        from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
         models = ["vad", "sensevoice", "asr_offline", "asr_stream"]
         config = ServerConfig(repository, free_port(), free_port(), free_port(), models=models, asr_engine="sensevoice")

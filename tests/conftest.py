@@ -95,7 +95,7 @@ def model_repository(tmp_path_factory) -> Path:
     from tritonasr.export.sensevoice import export_sensevoice
     from tritonasr.export.speaker import export_speaker
     from tritonasr.export.vad import export_vad
-    from tritonasr.repository import ALL_MODELS, install_model_files
+    from tritonasr.repository.layout import ALL_MODELS, install_model_files
 
     repo = tmp_path_factory.mktemp("model_repository")
     install_model_files(repo, ALL_MODELS)
@@ -116,7 +116,7 @@ def model_repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(model_repository):
-    from tritonasr.server import ServerConfig, TritonServer, free_port
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
     # Triton 2.51 keeps a model loaded until its exit timeout once it has rejected a chunk sent
     # without START (the bad-input tests do): 5 s instead of 30 s keeps the teardown short.

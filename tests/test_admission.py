@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 
-from tritonasr.admission import (CLIENT_LIMIT, ENV_MAX_STREAMS, ENV_MAX_STREAMS_PER_CLIENT, SERVER_LIMIT, Admission,
+from tritonasr.recognition.admission import (CLIENT_LIMIT, ENV_MAX_STREAMS, ENV_MAX_STREAMS_PER_CLIENT, SERVER_LIMIT, Admission,
                                  limits, server_environment)
 from tritonasr.cli import _server_config, build_parser
 from tritonasr.errors import OverloadError, ServiceError
-from tritonasr.server import ServerConfig, ServerError
-from tritonasr.streaming import StreamKey, StreamOptions, StreamRegistry
+from tritonasr.recognition.streaming import StreamKey, StreamOptions, StreamRegistry
+from tritonasr.serving.server import ServerConfig, ServerError
 
 
 def _other_process(directory, max_streams: int, per_client: int, principals: list[str]) -> subprocess.Popen:
@@ -23,8 +23,8 @@ def _other_process(directory, max_streams: int, per_client: int, principals: lis
     then holding them until killed; prints what it was refused."""
     code = textwrap.dedent(f"""
         import sys
-        from tritonasr.admission import Admission
         from tritonasr.errors import OverloadError
+        from tritonasr.recognition.admission import Admission
         admission, tickets = Admission({str(directory)!r}, {max_streams}, {per_client}), []
         for principal in {principals!r}:
             try:

@@ -13,13 +13,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.access import ADMIN_HEADER, API_KEY_HEADER
 from tritonasr.audio import load_audio
 from tritonasr.client.connection import AccessDeniedError, Credentials
 from tritonasr.client.offline import OfflineClient, ServerUnavailableError
 from tritonasr.client.speakers import SpeakerRegistryClient
 from tritonasr.client.stream import StreamingClient, split_chunks
-from tritonasr.server import ServerConfig, TlsFiles, TritonServer, free_port
+from tritonasr.runtime.access import ADMIN_HEADER, API_KEY_HEADER
+from tritonasr.serving.server import ServerConfig, TlsFiles, TritonServer, free_port
 
 from conftest import DATA
 from tls_certs import CertificateAuthority

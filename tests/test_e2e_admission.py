@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcaio
 
-from tritonasr.access import API_KEY_HEADER
 from tritonasr.audio import load_audio
 from tritonasr.client.connection import Credentials
 from tritonasr.client.offline import OfflineClient, ServerBusyError
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
-from tritonasr.server import ServerConfig, TritonServer, free_port
+from tritonasr.runtime.access import API_KEY_HEADER
+from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
 from conftest import DATA
 

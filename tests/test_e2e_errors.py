@@ -17,11 +17,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import load_audio
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 from tritonasr.errors import MAX_MESSAGE_CHARS
-from tritonasr.server import LOG_TAIL_LINES
+from tritonasr.runtime.access import ADMIN_HEADER
+from tritonasr.serving.server import LOG_TAIL_LINES
 
 from conftest import DATA, TEST_ADMIN_KEY
 

@@ -26,8 +26,8 @@ from tritonasr.client.offline import OfflineClient, tensor_input
 from tritonasr.loadtest import soak
 from tritonasr.loadtest.rss import process_usage, snapshot
 from tritonasr.loadtest.workload import clip
-from tritonasr.memory import release_memory
-from tritonasr.server import ServerConfig, TritonServer, free_port
+from tritonasr.runtime.memory import release_memory
+from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
 from conftest import set_parameter
 

@@ -112,7 +112,7 @@ def test_pipeline_metrics_count_what_was_served(short_run):
 
 
 def test_every_metric_the_dashboard_queries_is_served(short_run):
-    from tritonasr.dashboard import DASHBOARD, metric_names
+    from tritonasr.serving.dashboard import DASHBOARD, metric_names
 
     queried = metric_names(DASHBOARD)
     assert {"tritonasr_open_streams", "tritonasr_segments_total", "tritonasr_audio_seconds_total",

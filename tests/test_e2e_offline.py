@@ -10,12 +10,12 @@ import pytest
 import soundfile as sf
 import tritonclient.grpc as grpcclient
 
-from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.offline import OfflineClient, TranscriptionError
+from tritonasr.models.vad import split_long_segments
 from tritonasr.paths import speech_dir
-from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
-from tritonasr.vad import split_long_segments
+from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
+from tritonasr.runtime.access import ADMIN_HEADER
 
 from conftest import TEST_ADMIN_KEY
 
@@ -33,7 +33,7 @@ def spans(result: dict) -> list[tuple[int, int]]:
 def funasr_vad():
     from funasr import AutoModel
 
-    from tritonasr.weights import fetch_vad_weights
+    from tritonasr.export.weights import fetch_vad_weights
 
     return AutoModel(model=str(fetch_vad_weights()), device="cpu", disable_update=True, log_level="ERROR")
 
@@ -67,7 +67,7 @@ def torch_sensevoice(model_repository):
 
 @pytest.mark.parametrize("name", SPEECH_FILES)
 def test_served_text_equals_funasr_pytorch(client, torch_sensevoice, model_repository, name):
-    from tritonasr.engines import SenseVoiceSpec
+    from tritonasr.models.sensevoice import SenseVoiceSpec
 
     spec = SenseVoiceSpec.load(model_repository / "sensevoice" / "1")
     samples = load_audio(DATA / name).samples
@@ -84,8 +84,8 @@ def test_served_text_equals_funasr_pytorch(client, torch_sensevoice, model_repos
 def test_batched_segments_equal_single(server, model_repository):
     """Segments of different lengths sent at once (batched by Triton, padded by the model) give
     the same tokens as each sent alone."""
-    from tritonasr.engines import SenseVoiceSpec
-    from tritonasr.features import Frontend
+    from tritonasr.models.fbank import Frontend
+    from tritonasr.models.sensevoice import SenseVoiceSpec
 
     spec = SenseVoiceSpec.load(model_repository / "sensevoice" / "1")
     samples = load_audio(DATA / "long_70s.wav").samples

@@ -23,7 +23,7 @@ FILES = sorted(p.relative_to(DATA) for p in DATA.rglob("*.wav"))
 def parakeet(model_repository):
     """NeMo's model restored from the .nemo file the export read, and the served spec."""
     from tritonasr.export.parakeet import load_model
-    from tritonasr.tdt import ParakeetSpec
+    from tritonasr.models.parakeet import ParakeetSpec
 
     meta = json.loads((model_repository / "parakeet_decoder" / "1" / "meta.json").read_text())
     return load_model(meta["source"]), ParakeetSpec.load(model_repository / "parakeet_decoder" / "1")
@@ -34,7 +34,7 @@ def expected(parakeet):
     """Per file, NeMo's transcript of each segment the served pipeline found, as a segment would
     carry it: text and words with absolute times."""
     from tritonasr.export.parakeet import nemo_greedy
-    from tritonasr.tdt import TdtResult
+    from tritonasr.models.parakeet import TdtResult
 
     model, spec = parakeet
 
@@ -116,8 +116,8 @@ def test_serve_time_default_engine_and_only_exported_models(model_repository, tm
     and segments carry no speaker (the stage's model is neither exported nor loaded)."""
     import shutil
 
-    from tritonasr.repository import exported_models
-    from tritonasr.server import ServerConfig, TritonServer, free_port
+    from tritonasr.repository.layout import exported_models
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
     repo = tmp_path / "repo"
     for model in ("vad", "sensevoice", "parakeet_encoder", "parakeet_decoder", "asr_offline", "asr_stream",

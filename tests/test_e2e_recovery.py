@@ -21,8 +21,8 @@ import pytest
 from tritonasr.audio import load_audio
 from tritonasr.client.offline import OfflineClient
 from tritonasr.client.stream import StreamingClient, split_chunks
-from tritonasr.server import ServerConfig, TritonServer, free_port, stub_processes
-from tritonasr.supervisor import Supervisor
+from tritonasr.serving.server import ServerConfig, TritonServer, free_port, stub_processes
+from tritonasr.serving.supervisor import Supervisor
 
 from conftest import DATA
 

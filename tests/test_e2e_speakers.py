@@ -49,8 +49,8 @@ def registry(server):
 
 
 def test_served_embeddings_equal_in_process_ones(server, client, model_repository):
-    from tritonasr.local import LocalPipeline
-    from tritonasr.speakers import SpeakerSettings
+    from tritonasr.recognition.speakers import SpeakerSettings
+    from tritonasr.runtime.in_process import LocalPipeline
 
     threshold = float(TEST_SPEAKER_THRESHOLD)
     local = LocalPipeline(model_repository, speakers=SpeakerSettings(threshold=threshold, cluster_threshold=threshold))
@@ -140,7 +140,7 @@ def test_registry_bad_input_is_a_clear_error(registry, tmp_path):
 
 
 def test_registry_survives_a_restart(model_repository, registry, tmp_path, capsys):
-    from tritonasr.server import ServerConfig, TritonServer, free_port
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
     registry.enroll("dave", [_recording(tmp_path / "dave.wav", 3)])
     # A second server process on the same repository (only what the registry needs) reads the

@@ -1,4 +1,4 @@
-"""tritonasr.endpointing decides as FunASR's FSMN-VAD post-processing does (funasr-onnx's
+"""tritonasr.models.endpointing decides as FunASR's FSMN-VAD post-processing does (funasr-onnx's
 E2EVadModel, installed for the tests only): call for call, offline and online, on the real VAD's
 scores of the test speech and on score sequences built to hit each rule, however the audio is
 chunked."""
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from tritonasr.audio import load_audio
-from tritonasr.endpointing import ENERGY_FLOOR_DB, EndpointDetector, EndpointOptions, frame_energies
-from tritonasr.onnx_runner import OnnxModel
-from tritonasr.pipeline import detect_speech
-from tritonasr.vad import SegmentTracker, VadSpec, chunk_bounds
+from tritonasr.models.endpointing import ENERGY_FLOOR_DB, EndpointDetector, EndpointOptions, frame_energies
+from tritonasr.models.vad import SegmentTracker, VadSpec, chunk_bounds
+from tritonasr.recognition.offline import detect_speech
+from tritonasr.runtime.onnx_session import OnnxModel
 
 from conftest import DATA
 

@@ -18,9 +18,9 @@ from tritonasr.audio import load_audio
 from tritonasr.export.common import Staging, lfr_features, load_funasr_model, resolve_source
 from tritonasr.export.sensevoice import RICH_TAGS, export_sensevoice, random_model_dir
 from tritonasr.export.vad import export_vad
+from tritonasr.export.weights import fetch_vad_weights
+from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import sample_audio
-from tritonasr.transcript import ctc_greedy
-from tritonasr.weights import fetch_vad_weights
 
 SAMPLE = sample_audio()
 

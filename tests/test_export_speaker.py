@@ -25,10 +25,10 @@ from tritonasr.export.speaker import (
     random_model_dir,
     speaker_frontend_parity,
 )
-from tritonasr.speaker import FRONTEND, speaker_features
-from tritonasr.features import Frontend
+from tritonasr.models.fbank import Frontend
+from tritonasr.models.speaker import FRONTEND, speaker_features
 from tritonasr.paths import model_templates, sample_audio
-from tritonasr.repo_check import check_model, parse_config
+from tritonasr.repository.check import check_model, parse_config
 
 SAMPLE = sample_audio()
 TEMPLATE = model_templates() / "speaker"
@@ -223,7 +223,7 @@ def test_bad_sources_are_clear_errors(model_dir, tmp_path):
 def test_served_configs_match_the_graph(exported, repository, target, tmp_path):
     from google.protobuf import text_format
 
-    from tritonasr.repo_build import BuildOptions, model_config
+    from tritonasr.repository.build import BuildOptions, model_config
 
     config = model_config(parse_config(TEMPLATE / "config.pbtxt"), BuildOptions(target), ["speaker"])
     config_file = tmp_path / "config.pbtxt"

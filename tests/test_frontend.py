@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tritonasr.export.common import ort_session
 from tritonasr.export.frontend import (
     KALDI_SHARE_DB,
     KaldiFbank,
@@ -26,16 +27,15 @@ from tritonasr.export.frontend import (
     run_module,
     run_session,
 )
-from tritonasr.export.common import ort_session
-from tritonasr.features import Frontend
-from tritonasr.mel import MelFrontend, MelSpec
+from tritonasr.models.fbank import Frontend
+from tritonasr.models.mel import MelFrontend, MelSpec
+from tritonasr.models.speaker import FRONTEND as SPEAKER_FRONTEND
 from tritonasr.paths import sample_audio, speech_dir
-from tritonasr.speaker import FRONTEND as SPEAKER_FRONTEND
 
 DATA = speech_dir()
 SPEECH = [DATA / "one_phrase.wav", DATA / "pause_0.3s.wav", DATA / "speakers" / "utt01.wav",
           sample_audio()]
-# What tritonasr/vad.py and the SenseVoice meta use (FunASR's frontend_conf; scale: int16 range).
+# What tritonasr/models/vad.py and the SenseVoice meta use (FunASR's frontend_conf; scale: int16 range).
 SENSEVOICE = Frontend(window="hamming", n_mels=80, scale=32768.0)
 CONFIGS = {
     "sensevoice": lambda: KaldiFbank(SENSEVOICE),

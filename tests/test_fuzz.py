@@ -32,11 +32,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.access import ADMIN_HEADER
 from tritonasr.audio import AudioError, load_audio
 from tritonasr.client.offline import OfflineClient
 from tritonasr.client.stream import StreamingClient, split_chunks
 from tritonasr.errors import MAX_MESSAGE_CHARS, split_status
+from tritonasr.runtime.access import ADMIN_HEADER
 
 from conftest import DATA, TEST_ADMIN_KEY, raw_stream
 

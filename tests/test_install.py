@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tritonasr.contract import EXIT_UNREACHABLE, EXIT_USAGE
-from tritonasr.server import free_port
+from tritonasr.serving.server import free_port
 
 from conftest import DATA
 

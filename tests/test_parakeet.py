@@ -22,10 +22,11 @@ from tritonasr.export.parakeet import (
     nemo_greedy,
     random_model,
 )
-from tritonasr.mel import FILTERBANK_FILE
+from tritonasr.models.mel import FILTERBANK_FILE
+from tritonasr.models.parakeet import decode_padded
 from tritonasr.paths import model_templates, speech_dir
-from tritonasr.repo_check import check_model, parse_config
-from tritonasr.tdt import LocalParakeet, decode_padded
+from tritonasr.repository.check import check_model, parse_config
+from tritonasr.runtime.in_process import LocalParakeet
 
 DATA = speech_dir()
 WAVS = sorted(DATA.glob("*.wav")) + sorted((DATA / "speakers").glob("*.wav"))

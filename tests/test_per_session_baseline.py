@@ -34,7 +34,7 @@ BOUNDARY_TOLERANCE_MS = 50
 @pytest.fixture(scope="module")
 def model_dirs():
     from tritonasr.export.sensevoice import random_model_dir
-    from tritonasr.weights import fetch_vad_weights
+    from tritonasr.export.weights import fetch_vad_weights
 
     return random_model_dir("tiny"), fetch_vad_weights()
 

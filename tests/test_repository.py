@@ -8,9 +8,10 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonasr.cli import main as cli
-from tritonasr.plans import PlanError, build_plans, shapes_argument, trtexec_command
-from tritonasr.repo_build import GRAPH_MODELS, BuildOptions, build_repository
-from tritonasr.repo_check import check_repository, parse_config
+from tritonasr.export.frontend import export_served_frontend
+from tritonasr.repository.build import GRAPH_MODELS, BuildOptions, build_repository
+from tritonasr.repository.check import check_repository, parse_config
+from tritonasr.repository.plans import PlanError, build_plans, shapes_argument, trtexec_command
 
 from conftest import DATA
 
@@ -28,15 +29,20 @@ ALL = ["asr_offline", "asr_stream", "parakeet_decoder", "parakeet_encoder", "sen
 FRONTENDS = ["fbank", "parakeet_mel", "speaker_fbank"]
 
 
+def build(source, output, options):
+    """`tritonasr repo build` as the CLI runs it with the export extra installed."""
+    return build_repository(source, output, options, export_served_frontend)
+
+
 @pytest.fixture(scope="module")
 def built(model_repository, tmp_path_factory):
     root = tmp_path_factory.mktemp("built")
     for target in TARGETS:
         options = BuildOptions(target, gpus=2, instances=3, max_batch=32)
         expected = ALL if target == "cpu" else sorted(ALL + FRONTENDS)
-        assert build_repository(model_repository, root / target, options) == expected
+        assert build(model_repository, root / target, options) == expected
     # The front ends served on a CPU too, so that this path of the GPU targets can run here.
-    assert build_repository(model_repository, root / "cpu-frontends", BuildOptions("cpu", served_frontends=True)) == \
+    assert build(model_repository, root / "cpu-frontends", BuildOptions("cpu", served_frontends=True)) == \
         sorted(ALL + FRONTENDS)
     return root
 
@@ -125,8 +131,8 @@ def test_models_not_exported_are_left_out_and_their_stages_off(model_repository,
     source = tmp_path / "source"
     for model in ("vad", "sensevoice", "asr_offline", "asr_stream"):
         shutil.copytree(model_repository / model, source / model)
-    build_repository(model_repository, tmp_path / "out", BuildOptions("gpu-tensorrt"))
-    models = build_repository(source, tmp_path / "out", BuildOptions("gpu-tensorrt"))
+    build(model_repository, tmp_path / "out", BuildOptions("gpu-tensorrt"))
+    models = build(source, tmp_path / "out", BuildOptions("gpu-tensorrt"))
     assert models == ["asr_offline", "asr_stream", "fbank", "sensevoice", "vad"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*models, "plans.json"])  # the others pruned
     assert check_repository(tmp_path / "out", require_plans=False) == []
@@ -167,7 +173,7 @@ def test_cpu_target_serves_and_padding_changes_nothing(built, client):
     """The built cpu repository, with the GPU targets' segment padding turned on in its pipelines,
     serves the same segments as the exported repository (which pads nothing)."""
     from tritonasr.client.offline import OfflineClient
-    from tritonasr.server import ServerConfig, TritonServer, free_port
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
     repo = built / "cpu"
     for bls in ("asr_offline", "asr_stream"):
@@ -196,14 +202,14 @@ def test_served_front_ends_give_the_in_process_results(built, client):
     from tritonasr.audio import load_audio
     from tritonasr.client.offline import OfflineClient
     from tritonasr.client.stream import StreamingClient, split_chunks
-    from tritonasr.server import ServerConfig, TritonServer, free_port
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
     async def finals(url, samples):
         async with StreamingClient(url) as streaming:
             stream = streaming.stream(split_chunks(samples, 100))
             return [(s.start_ms, s.end_ms, s.text) for s in [segment async for segment in stream] if s.final]
 
-    from tritonasr.repository import exported_models
+    from tritonasr.repository.layout import exported_models
 
     repo = built / "cpu-frontends"
     assert exported_models(repo) == sorted(ALL + FRONTENDS)  # what `tritonasr serve` loads
@@ -229,7 +235,7 @@ def test_served_front_ends_give_the_in_process_results(built, client):
 
 def test_model_files_come_from_the_package_and_never_overwrite(tmp_path):
     from tritonasr.paths import model_templates
-    from tritonasr.repository import install_model_files
+    from tritonasr.repository.layout import install_model_files
 
     tuned = tmp_path / "asr_offline" / "config.pbtxt"
     tuned.parent.mkdir()

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from tritonasr.repository import install_model_files
-from tritonasr.server import ServerConfig, ServerError, TritonServer, free_port
+from tritonasr.repository.layout import install_model_files
+from tritonasr.serving.server import ServerConfig, ServerError, TritonServer, free_port
 
 
 def _ports() -> list[str]:

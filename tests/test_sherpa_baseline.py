@@ -17,9 +17,9 @@ from tritonasr.export.sensevoice import LOGITS_TOLERANCE, QUERY_FRAMES, export_s
 from tritonasr.export.sherpa_onnx import sherpa_model_for
 from tritonasr.loadtest.sherpa_server import SherpaOnnxServer
 from tritonasr.loadtest.ws_offline import OfflineWebsocketError, transcribe
+from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import sample_audio, speech_dir
-from tritonasr.server import free_port
-from tritonasr.transcript import ctc_greedy
+from tritonasr.serving.server import free_port
 
 DATA = speech_dir()
 SAMPLE = sample_audio()

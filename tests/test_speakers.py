@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
-from tritonasr.clustering import OnlineClusters, label_name
-from tritonasr.features import Frontend
-from tritonasr.speaker import Embedder, SpeakerSpec, unit, window_starts
-from tritonasr.speakers import SpeakerError, SpeakerIdentifier, SqliteSpeakerStore, combine, open_store
+from tritonasr.models.fbank import Frontend
+from tritonasr.models.speaker import Embedder, SpeakerSpec, unit, window_starts
+from tritonasr.recognition.clustering import OnlineClusters, label_name
+from tritonasr.recognition.speakers import SpeakerError, SpeakerIdentifier, SqliteSpeakerStore, combine, open_store
 
 DIM = 192
 

@@ -21,12 +21,12 @@ from tritonasr.client.stream import (
     split_chunks,
     validate_chunk,
 )
-from tritonasr.contract import EXIT_FAILED, EXIT_UNREACHABLE
 from tritonasr.client.stream_cli import Printer, run_stream, segment_json, text_line
+from tritonasr.contract import EXIT_FAILED, EXIT_UNREACHABLE
 from tritonasr.loadtest.bench_stream import best_streams, render_markdown, start_offsets
 from tritonasr.loadtest.workload import joined_speech
 from tritonasr.paths import speech_dir
-from tritonasr.server import free_port
+from tritonasr.serving.server import free_port
 
 
 class FakeTime:

@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from tritonasr.admission import Admission
 from tritonasr.audio import AudioError, load_audio
-from tritonasr.features import Frontend
 from tritonasr.errors import InputError, OverloadError, StreamError
-from tritonasr.streaming import (
+from tritonasr.models.fbank import Frontend
+from tritonasr.recognition.admission import Admission
+from tritonasr.recognition.streaming import (
     OnlineFeatures,
     SampleBuffer,
     StreamKey,
@@ -251,7 +251,7 @@ async def _stream_in_process(local, samples, sizes, options=StreamOptions()):
 
 @pytest.fixture(scope="module")
 def local(model_repository):
-    from tritonasr.local import LocalPipeline
+    from tritonasr.runtime.in_process import LocalPipeline
 
     return LocalPipeline(model_repository, intra_op_threads=1)
 

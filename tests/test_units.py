@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from funasr_onnx.utils.frontend import WavFrontend
 
-from tritonasr.features import Frontend, in_pieces
-from tritonasr.transcript import ctc_greedy, parse_rich_text
-from tritonasr.vad import chunk_bounds, split_long_segments
+from tritonasr.models.fbank import Frontend, in_pieces
+from tritonasr.models.transcript import ctc_greedy, parse_rich_text
+from tritonasr.models.vad import chunk_bounds, split_long_segments
 
 
 @pytest.mark.parametrize("lfr", [(5, 1), (7, 6)])

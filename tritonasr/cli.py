@@ -16,7 +16,7 @@ from tritonasr.client.connection import add_arguments as _add_connection_args
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.contract import ENGINES, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
-from tritonasr.server import MODEL_CONTROL_MODES
+from tritonasr.serving.server import MODEL_CONTROL_MODES
 
 PACKAGE = "tritonasr"
 
@@ -130,9 +130,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_config(args):
-    from tritonasr.access import is_loopback, split_keys
-    from tritonasr.repository import exported_models, install_model_files
-    from tritonasr.server import ServerConfig, ServerError, TlsFiles
+    from tritonasr.repository.layout import exported_models, install_model_files
+    from tritonasr.runtime.access import is_loopback, split_keys
+    from tritonasr.serving.server import ServerConfig, ServerError, TlsFiles
 
     repository = _repository(args)
     models = exported_models(repository)
@@ -165,8 +165,8 @@ def _server_config(args):
 def cmd_serve(args) -> int:
     """The server under its supervisor: restarted when a model process dies, its health on
     --health-port; exits 1 when it cannot start or the supervisor gives up."""
-    from tritonasr.server import ServerError, TritonServer
-    from tritonasr.supervisor import Supervisor
+    from tritonasr.serving.server import ServerError, TritonServer
+    from tritonasr.serving.supervisor import Supervisor
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -215,7 +215,7 @@ def _export_problem(args) -> str | None:
 
 
 def cmd_export(args) -> int:
-    from tritonasr.repository import install_model_files, models_of_export
+    from tritonasr.repository.layout import install_model_files, models_of_export
 
     repository = _repository(args)
     if args.model == "sherpa-onnx":  # the load tests' peer server's copy of the served SenseVoice
@@ -305,12 +305,20 @@ def cmd_loadtest_report(args) -> int:
 
 
 def cmd_repo_build(args) -> int:
-    from tritonasr.repo_build import BuildOptions, build_repository
+    from tritonasr.repository.build import BuildOptions, build_repository
 
     try:
         options = BuildOptions(args.target, args.gpus, args.instances, args.max_batch, args.trt_cache,
                                served_frontends=args.served_frontends)
-        models = build_repository(args.source or _repository(args), args.output, options)
+        export_frontend = None
+        if options.frontends:  # graphs exported from torch modules
+            missing = _missing_extra(("export",))
+            if missing:
+                print(f"error: served front ends (--target {args.target}) are exported by the export extra: "
+                      f"pip install '{PACKAGE}[export]', or build with --no-served-frontends", file=sys.stderr)
+                return EXIT_USAGE
+            from tritonasr.export.frontend import export_served_frontend as export_frontend
+        models = build_repository(args.source or _repository(args), args.output, options, export_frontend)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -321,13 +329,13 @@ def cmd_repo_build(args) -> int:
 
 
 def cmd_repo_check(args) -> int:
-    from tritonasr.repo_check import main as check_main
+    from tritonasr.repository.check import main as check_main
 
     return check_main(args)
 
 
 def cmd_repo_plans(args) -> int:
-    from tritonasr.plans import main as plans_main
+    from tritonasr.repository.plans import main as plans_main
 
     return plans_main(args)
 
@@ -336,9 +344,9 @@ def cmd_demo(args) -> int:
     """The main job: make sure the models are exported, start the embedded server, transcribe."""
     from tritonasr.client.connection import Credentials
     from tritonasr.client.transcribe import run_transcribe
-    from tritonasr.server import ServerError, TritonServer
+    from tritonasr.serving.server import ServerError, TritonServer
 
-    from tritonasr.repository import ALL_MODELS, install_model_files
+    from tritonasr.repository.layout import ALL_MODELS, install_model_files
 
     repository = _repository(args)
     install_model_files(repository, ALL_MODELS)

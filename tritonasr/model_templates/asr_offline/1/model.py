@@ -1,5 +1,5 @@
 """asr_offline: whole recordings -> VAD segments -> SenseVoice -> segments JSON (BLS)."""
-from tritonasr.triton_models import OfflineAsrModel
+from tritonasr.runtime.triton_backend import OfflineAsrModel
 
 
 class TritonPythonModel(OfflineAsrModel):

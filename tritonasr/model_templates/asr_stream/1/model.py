@@ -1,5 +1,5 @@
 """asr_stream: live audio chunks -> VAD endpointing -> SenseVoice -> segments as they end."""
-from tritonasr.triton_models import StreamingAsrModel
+from tritonasr.runtime.triton_backend import StreamingAsrModel
 
 
 class TritonPythonModel(StreamingAsrModel):

@@ -1,5 +1,5 @@
 """speaker_registry: voiceprints of recordings, and the enrolled speakers (BLS over vad, speaker)."""
-from tritonasr.triton_models import SpeakerRegistryModel
+from tritonasr.runtime.triton_backend import SpeakerRegistryModel
 
 
 class TritonPythonModel(SpeakerRegistryModel):

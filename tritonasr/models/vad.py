@@ -1,7 +1,7 @@
 """Speech segmentation: FSMN-VAD scores turned into speech segments.
 
 The scores come from the exported `vad` graph (run in chunks, carrying its FSMN caches); the
-speech/silence decisions are `tritonasr.endpointing`'s, FunASR's rules with the options of the
+speech/silence decisions are `tritonasr.models.endpointing`'s, FunASR's rules with the options of the
 model's config.yaml (meta.json's `vad_post`). `SegmentTracker` feeds one recording or stream,
 chunk by chunk, offline or online.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tritonasr.endpointing import EndpointDetector, EndpointOptions
-from tritonasr.features import Frontend
+from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
+from tritonasr.models.fbank import Frontend
 
 # FunASR scores whole files in 60 s chunks, carrying the FSMN caches between them.
 VAD_CHUNK_FRAMES = 6000

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +30,14 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tritonasr.engines import pad_step, padded_length
-from tritonasr.features import Frontend
-from tritonasr.mel import MelSpec
-from tritonasr.pipeline import MAX_ASR_SEGMENT_MS
-from tritonasr.repo_check import BLS_TARGET_PARAMETERS, parse_config
-from tritonasr.repository import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
-from tritonasr.speakers import SpeakerSettings
-from tritonasr.vad import VAD_CHUNK_FRAMES
+from tritonasr.models.fbank import Frontend
+from tritonasr.models.mel import MelSpec
+from tritonasr.models.vad import VAD_CHUNK_FRAMES
+from tritonasr.recognition.engines import pad_step, padded_length
+from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
+from tritonasr.recognition.speakers import SpeakerSettings
+from tritonasr.repository.check import BLS_TARGET_PARAMETERS, parse_config
+from tritonasr.repository.layout import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
 
 TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
 # Leaf models whose whole computation is one ONNX graph (1/model.onnx): the native backends serve them.
@@ -66,9 +67,9 @@ instance_group [ {{ count: {count} kind: {kind}{gpus} }} ]
 parameters {{ key: "ragged_inputs" value: {{ string_value: "waveform" }} }}
 parameters {{ key: "intra_op_threads" value: {{ string_value: "1" }} }}
 """
-FRONTEND_MODEL_PY = '''"""A served front end: the ONNX graph of `tritonasr.export.frontend` through ONNX Runtime, the
-waveforms of the batch zero-padded into one call (their lengths say what is valid)."""
-from tritonasr.triton_models import OnnxLeafModel
+FRONTEND_MODEL_PY = '''"""A served front end: its ONNX graph (from tritonasr.export.frontend) through ONNX Runtime,
+the waveforms of the batch zero-padded into one call (their lengths say what is valid)."""
+from tritonasr.runtime.triton_backend import OnnxLeafModel
 
 
 class TritonPythonModel(OnnxLeafModel):
@@ -105,8 +106,15 @@ class BuildOptions:
         return self.on_gpu if self.served_frontends is None else self.served_frontends
 
 
-def build_repository(source: Path, output: Path, options: BuildOptions) -> list[str]:
-    """Writes `output` from the exports in `source`; returns the models written."""
+# export_frontend(source repository, front end, graph file to write) -> its feature bins: the
+# export role's tritonasr.export.frontend.export_served_frontend, passed in by the CLI.
+ExportFrontend = Callable[[Path, str, Path], int]
+
+
+def build_repository(source: Path, output: Path, options: BuildOptions,
+                     export_frontend: ExportFrontend | None = None) -> list[str]:
+    """Writes `output` from the exports in `source`; returns the models written. Served front ends
+    (options.frontends) are graphs exported from torch modules: they need `export_frontend`."""
     source, output = Path(source).resolve(), Path(output).resolve()
     models = [model for model in exported_models(source) if model not in SERVED_FRONTENDS]  # rebuilt below
     if not models:
@@ -114,7 +122,10 @@ def build_repository(source: Path, output: Path, options: BuildOptions) -> list[
     if output == source:
         raise ValueError("--output must differ from the source repository")
     install_model_files(source, models)  # a repository exported before its configs changed
-    frontends = frontend_models(source, models) if options.frontends else {}
+    frontends = served_frontends(source, models) if options.frontends else []
+    if frontends and export_frontend is None:
+        raise ValueError("served front ends are exported from torch modules: install the export extra, "
+                         "or build with --no-served-frontends")
     output.mkdir(parents=True, exist_ok=True)
     # A model left from an earlier build would still load (model control mode none): remove it.
     for stale in sorted(p for p in output.iterdir()
@@ -124,7 +135,7 @@ def build_repository(source: Path, output: Path, options: BuildOptions) -> list[
     plans = []
     for model in models:
         template = parse_config(source / model / "config.pbtxt")
-        config = model_config(template, options, models, list(frontends))
+        config = model_config(template, options, models, frontends)
         _copy_model(source / model, output / model)
         shutil.rmtree(output / model / "configs", ignore_errors=True)  # the build's config is the one
         (output / model / "config.pbtxt").unlink(missing_ok=True)
@@ -136,9 +147,10 @@ def build_repository(source: Path, output: Path, options: BuildOptions) -> list[
             plans.append(plan_spec(output, model, config, options.pad_segments_ms))
     if options.target == "gpu-tensorrt":
         (output / PLANS_FILE).write_text(json.dumps({"plans": plans}, indent=2) + "\n")
-    for name, module in frontends.items():
-        write_frontend(output, name, module, options)
-    return sorted(models + list(frontends))
+    for name in frontends:
+        shutil.rmtree(output / name, ignore_errors=True)
+        write_frontend(output, name, export_frontend(source, name, output / name / "1" / "model.onnx"), options)
+    return sorted(models + frontends)
 
 
 def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[str],
@@ -258,39 +270,32 @@ def plan_spec(repository: Path, model: str, config: mc.ModelConfig, pad_ms: int 
             **shapes}
 
 
-def frontend_models(source: Path, models: list[str]) -> dict:
-    """{front-end model: its torch module} for the exports in `models` (see SERVED_FRONTENDS)."""
-    from tritonasr.engines import SenseVoiceSpec
-    from tritonasr.export.frontend import KaldiFbank, NemoMel
-    from tritonasr.speaker import SpeakerSpec
-    from tritonasr.tdt import ParakeetSpec
-    from tritonasr.vad import VadSpec
+def served_frontends(source: Path, models: list[str]) -> list[str]:
+    """The front ends to serve for the exports in `models` (see SERVED_FRONTENDS)."""
+    from tritonasr.models.sensevoice import SenseVoiceSpec
+    from tritonasr.models.vad import VadSpec
 
-    modules = {}
+    names = []
     if "vad" in models:
-        vad = VadSpec.load(source / "vad" / "1").frontend
         if "sensevoice" in models:
+            vad = VadSpec.load(source / "vad" / "1").frontend
             sensevoice = SenseVoiceSpec.load(source / "sensevoice" / "1").frontend
             if not vad.fbank_options_equal(sensevoice):  # one served fbank feeds both
                 raise ValueError(f"the VAD's fbank ({vad}) differs from SenseVoice's ({sensevoice}): "
                                  "one served front end cannot feed both")
-        modules["fbank"] = KaldiFbank(vad)
+        names.append("fbank")
     if "speaker" in models:
-        modules["speaker_fbank"] = KaldiFbank(SpeakerSpec.load(source / "speaker" / "1").frontend)
+        names.append("speaker_fbank")
     if "parakeet_decoder" in models:
-        modules["parakeet_mel"] = NemoMel(ParakeetSpec.load(source / "parakeet_decoder" / "1").frontend)
-    return modules
+        names.append("parakeet_mel")
+    return names
 
 
-def write_frontend(output: Path, name: str, module, options: BuildOptions) -> None:
-    """The front end's graph (exported and checked against the CPU front end), config, model.py."""
-    from tritonasr.export.frontend import export_frontend_graph
-
+def write_frontend(output: Path, name: str, bins: int, options: BuildOptions) -> None:
+    """The served front end's config and model.py, beside its graph (output/name/1/model.onnx)."""
     model_dir = output / name
-    shutil.rmtree(model_dir, ignore_errors=True)
-    export_frontend_graph(module, model_dir / "1" / "model.onnx")
     (model_dir / "1" / "model.py").write_text(FRONTEND_MODEL_PY)
     gpus = f" gpus: {list(range(options.gpus))}" if options.on_gpu else ""
     (model_dir / "config.pbtxt").write_text(FRONTEND_CONFIG.format(
-        what=SERVED_FRONTENDS[name][0], name=name, bins=module.mel.shape[1], max_batch=options.max_batch or 64,
+        what=SERVED_FRONTENDS[name][0], name=name, bins=bins, max_batch=options.max_batch or 64,
         count=options.instances or 1, kind="KIND_GPU" if options.on_gpu else "KIND_CPU", gpus=gpus))

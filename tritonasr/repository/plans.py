@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tritonasr.repo_build import PLANS_FILE
+from tritonasr.repository.build import PLANS_FILE
 
 # Where the NGC images put trtexec when it is not on PATH.
 TRTEXEC_LOCATIONS = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")

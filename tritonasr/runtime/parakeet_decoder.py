@@ -1,4 +1,4 @@
-"""parakeet_decoder's Triton Python model: greedy TDT decoding (tritonasr.tdt) of every request
+"""parakeet_decoder's Triton Python model: greedy TDT decoding (tritonasr.models.parakeet) of every request
 in the batch Triton formed, together, over NeMo's decoder_joint graph.
 
 Only the Triton Python backend stub can import `triton_python_backend_utils`; this module is
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonasr.access import Access
-from tritonasr.onnx_runner import OnnxModel, instance_providers
-from tritonasr.tdt import DECODER_GRAPH, OnnxDecoderJoint, TdtSpec, decode_padded
-from tritonasr.triton_models import refuse_outsiders, with_refusals
+from tritonasr.models.parakeet import DECODER_GRAPH, OnnxDecoderJoint, TdtSpec, decode_padded
+from tritonasr.runtime.access import Access
+from tritonasr.runtime.onnx_session import OnnxModel, instance_providers
+from tritonasr.runtime.triton_backend import refuse_outsiders, with_refusals
 
 log = logging.getLogger("tritonasr")
 

@@ -6,7 +6,6 @@ VAD, so the same engines run in the Triton BLS models and in-process.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,10 @@ from typing import Awaitable, Callable, Protocol
 import numpy as np
 
 from tritonasr.errors import InputError
-from tritonasr.features import Extract, Frontend, in_process
-from tritonasr.tdt import ParakeetSpec, TdtResult
-from tritonasr.transcript import Segment, Tokenizer
+from tritonasr.models.fbank import Extract, Frontend, in_process
+from tritonasr.models.parakeet import ParakeetSpec, TdtResult
+from tritonasr.models.sensevoice import SenseVoiceSpec
+from tritonasr.models.transcript import Segment
 
 # (features [1,T,560], language id, textnorm id) -> (token ids [T'], number of valid ids)
 RunSenseVoice = Callable[[np.ndarray, int, int], Awaitable[tuple[np.ndarray, int]]]
@@ -48,29 +48,6 @@ class AsrEngine(Protocol):
 
     async def transcribe(self, samples: np.ndarray, start_ms: int, end_ms: int, query,
                          fbank: np.ndarray | None = None) -> Segment | None: ...
-
-
-@dataclass(frozen=True)
-class SenseVoiceSpec:
-    """What the pipeline needs to know about the exported `sensevoice` graph (its meta.json)."""
-
-    frontend: Frontend
-    tokenizer: Tokenizer
-    blank_id: int
-    lid_dict: dict[str, int]
-    textnorm_dict: dict[str, int]
-
-    @classmethod
-    def load(cls, model_dir: Path) -> "SenseVoiceSpec":
-        meta = json.loads((Path(model_dir) / "meta.json").read_text())
-        return cls(Frontend.from_config(meta["frontend"]), Tokenizer(Path(model_dir) / "tokenizer.model"),
-                   int(meta.get("blank_id", 0)), meta["lid_dict"], meta["textnorm_dict"])
-
-    def query_ids(self, language: str, use_itn: bool) -> tuple[int, int]:
-        if language not in self.lid_dict:
-            known = ", ".join(sorted(k for k in self.lid_dict if k != "nospeech"))
-            raise InputError(f"unknown language {language!r}; use one of: {known}")
-        return self.lid_dict[language], self.textnorm_dict["withitn" if use_itn else "woitn"]
 
 
 class SenseVoiceEngine:

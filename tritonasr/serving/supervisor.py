@@ -20,7 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tritonasr.server import ServerError, TritonServer
+from tritonasr.serving.server import ServerError, TritonServer
 
 STARTING, READY, NOT_READY, RESTARTING, FAILED, STOPPED = (
     "starting", "ready", "not_ready", "restarting", "failed", "stopped")
@@ -197,7 +197,7 @@ class Supervisor:
 
 
 def _describe(argv: list[str]) -> str:
-    """`instance (model)` from a stub's command line (see tritonasr.server.stub_processes)."""
+    """`instance (model)` from a stub's command line (see tritonasr.serving.server.stub_processes)."""
     return f"{argv[8]} ({Path(argv[1]).parent.parent.name})"
 
 

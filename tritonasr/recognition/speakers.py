@@ -19,10 +19,10 @@ from typing import Awaitable, Callable, Protocol
 
 import numpy as np
 
-from tritonasr.clustering import OnlineClusters
 from tritonasr.errors import SpeakerError, shown
-from tritonasr.features import Extract
-from tritonasr.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
+from tritonasr.models.fbank import Extract
+from tritonasr.models.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
+from tritonasr.recognition.clustering import OnlineClusters
 
 log = logging.getLogger("tritonasr")
 

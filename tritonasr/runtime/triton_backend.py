@@ -18,22 +18,22 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonasr.access import Access, parameters_of
-from tritonasr.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.audio import validate_samples
 from tritonasr.contract import MAX_CHUNK_MS
-from tritonasr.engines import EngineModels, build_engines, pad_step
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
-                             ServiceError, SpeakerError, bounded, classify, shown, with_status)
-from tritonasr.features import Extract, in_pieces
-from tritonasr.leaf_calls import LeafCalls
-from tritonasr.memory import MB, AudioBudget, release_memory
-from tritonasr.onnx_runner import OnnxModel, instance_providers
-from tritonasr.pipeline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
-from tritonasr.speakers import SpeakerRegistry, SpeakerSettings, build_speaker_stage
-from tritonasr.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry, check_chunk,
-                                 check_sequence_id, stream_factory)
-from tritonasr.vad import VadSpec
+                              ServiceError, SpeakerError, bounded, classify, shown, with_status)
+from tritonasr.models.fbank import Extract, in_pieces
+from tritonasr.models.vad import VadSpec
+from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
+from tritonasr.recognition.engines import EngineModels, build_engines, pad_step
+from tritonasr.recognition.leaf_calls import LeafCalls
+from tritonasr.recognition.offline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
+from tritonasr.recognition.speakers import SpeakerRegistry, SpeakerSettings, build_speaker_stage
+from tritonasr.recognition.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry, check_chunk,
+                                             check_sequence_id, stream_factory)
+from tritonasr.runtime.access import Access, parameters_of
+from tritonasr.runtime.memory import MB, AudioBudget, release_memory
+from tritonasr.runtime.onnx_session import OnnxModel, instance_providers
 
 
 class _TritonLog(logging.Handler):

@@ -1,5 +1,6 @@
-"""The offline pipeline in-process over ONNX Runtime: the same graphs and logic the server runs,
-without Triton. Used to find segments for benchmarks and as a reference in tests."""
+"""The pipelines in-process over ONNX Runtime: the same graphs and logic the server runs, without
+Triton (LocalPipeline), and Parakeet's two graphs batched as the served models batch them
+(LocalParakeet). Used by benchmarks, the export's parity checks and as a reference in tests."""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tritonasr.engines import EngineModels, build_engines
-from tritonasr.leaf_calls import LeafCalls
-from tritonasr.onnx_runner import OnnxModel
-from tritonasr.pipeline import OfflinePipeline, Recognizer, detect_speech
-from tritonasr.speakers import SpeakerSettings, build_speaker_stage
-from tritonasr.streaming import LiveStream, StreamKey, StreamOptions, stream_factory
-from tritonasr.vad import VadSpec
+from tritonasr.models.parakeet import DECODER_GRAPH, OnnxDecoderJoint, ParakeetSpec, TdtResult, decode_padded
+from tritonasr.models.vad import VadSpec
+from tritonasr.recognition.engines import EngineModels, build_engines
+from tritonasr.recognition.leaf_calls import LeafCalls
+from tritonasr.recognition.offline import OfflinePipeline, Recognizer, detect_speech
+from tritonasr.recognition.speakers import SpeakerSettings, build_speaker_stage
+from tritonasr.recognition.streaming import LiveStream, StreamKey, StreamOptions, stream_factory
+from tritonasr.runtime.onnx_session import OnnxModel
 
 
 class LocalPipeline:
@@ -50,8 +52,6 @@ class LocalPipeline:
         return [result[name] for name in outputs]
 
     def _decode(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from tritonasr.tdt import DECODER_GRAPH, OnnxDecoderJoint, decode_padded
-
         decoder = OnnxDecoderJoint(self.model(self.calls.engine_models.parakeet_decoder, DECODER_GRAPH))
         length = int(inputs["encoded_lengths"].reshape(-1)[0])
         (result,) = decode_padded([inputs["encoded"][0, :length]], decoder, self.recognizer.engines["parakeet"].spec.tdt)
@@ -68,3 +68,35 @@ class LocalPipeline:
 
     def speech_segments(self, samples: np.ndarray) -> list[tuple[int, int]]:
         return asyncio.run(detect_speech(self.vad, self.calls.vad, samples))
+
+
+class LocalParakeet:
+    """parakeet_encoder + parakeet_decoder over local ONNX Runtime, batched the way the served
+    models batch: the encoder pads ragged features (OnnxModel.run_batch, as OnnxLeafModel does),
+    the decoder decodes every sequence of the batch together."""
+
+    def __init__(self, encoder: OnnxModel, decoder: OnnxModel, spec: ParakeetSpec):
+        self.encoder = encoder
+        self.decoder_joint = OnnxDecoderJoint(decoder)
+        self.spec = spec
+
+    @classmethod
+    def from_repository(cls, repository: Path, intra_op_threads: int = 0) -> "LocalParakeet":
+        repository = Path(repository)
+        encoder = OnnxModel(repository / "parakeet_encoder" / "1" / "model.onnx", intra_op_threads,
+                            ragged_inputs=["features"])
+        decoder = OnnxModel(repository / "parakeet_decoder" / "1" / DECODER_GRAPH, intra_op_threads)
+        return cls(encoder, decoder, ParakeetSpec.load(repository / "parakeet_decoder" / "1"))
+
+    def encode(self, features: list[np.ndarray]) -> list[np.ndarray]:
+        """[T_i, n_mels] each -> the encoder's valid output frames [T'_i, D] each. The encoder
+        graph needs at least one feature frame (hop_length samples of audio)."""
+        if any(f.shape[0] == 0 for f in features):
+            raise ValueError("a segment has no feature frames (shorter than one 10 ms hop)")
+        requests = [{"features": f[None], "length": np.array([[f.shape[0]]], np.int64)} for f in features]
+        results = self.encoder.run_batch(requests, ["encoded", "encoded_lengths"])
+        return [r["encoded"][0, :int(r["encoded_lengths"].reshape(-1)[0])] for r in results]
+
+    def transcribe(self, waveforms: list[np.ndarray]) -> list[TdtResult]:
+        encoded = self.encode([self.spec.frontend.features(w) for w in waveforms])
+        return decode_padded(encoded, self.decoder_joint, self.spec.tdt)

@@ -14,11 +14,11 @@ import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.errors import InputError
-from tritonasr.engines import AsrEngine
-from tritonasr.features import Extract, in_process
-from tritonasr.speakers import SpeakerSession, SpeakerStage
-from tritonasr.transcript import Segment
-from tritonasr.vad import SegmentTracker, VadSpec, chunk_bounds, chunk_samples, split_long_segments
+from tritonasr.models.fbank import Extract, in_process
+from tritonasr.models.transcript import Segment
+from tritonasr.models.vad import SegmentTracker, VadSpec, chunk_bounds, chunk_samples, split_long_segments
+from tritonasr.recognition.engines import AsrEngine
+from tritonasr.recognition.speakers import SpeakerSession, SpeakerStage
 
 SAMPLE_RATE = 16000
 # SenseVoice is trained on utterances of at most 30 s; Parakeet's full attention grows with the

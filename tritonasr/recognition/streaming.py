@@ -19,12 +19,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from tritonasr.admission import Admission, Ticket
 from tritonasr.audio import AudioError, validate_samples
 from tritonasr.errors import IdleTimeout, RecognitionError, ServiceError, StreamError
-from tritonasr.features import Extract, Frontend
-from tritonasr.pipeline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
-from tritonasr.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
+from tritonasr.models.fbank import Extract, Frontend
+from tritonasr.models.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
+from tritonasr.recognition.admission import Admission, Ticket
+from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
 
 # Audio kept behind the VAD's position while no segment is open: FunASR dates a segment's start
 # up to ~400 ms (its 200 ms decision window plus 200 ms look-back) before it decides it.
@@ -204,7 +204,7 @@ class OnlineFeatures:
 
 class Endpointer:
     """FSMN-VAD over a live stream: scores new frames a step at a time with the stream's caches
-    and feeds them to FunASR's state machine in online mode."""
+    and feeds them to the endpointing state machine (FunASR's decisions) in online mode."""
 
     def __init__(self, spec: VadSpec, run_vad: RunVad, step_frames: int, fbank: Extract | None = None):
         self.spec = spec

@@ -1,5 +1,5 @@
 """Greedy decoding of a Token-and-Duration Transducer (Parakeet TDT), batched, in numpy; word
-timings; and the two served Parakeet graphs run in-process (LocalParakeet).
+timings; Parakeet's spec (front end, tokenizer, decoding settings).
 
 The decoder+joint network runs behind a callable (`DecoderJoint`), so the same loop drives a
 local ONNX Runtime session and the one inside the Triton model. Every sequence of the batch
@@ -31,12 +31,11 @@ from typing import Callable, Protocol
 import numpy as np
 import sentencepiece as spm
 
-from tritonasr.mel import MelFrontend, MelSpec
+from tritonasr.models.mel import MelFrontend, MelSpec
 
 # parakeet_decoder's graph: one decoder+joint step, not the served model's own interface (its
 # Python model runs the whole loop), so it is not named model.onnx.
 DECODER_GRAPH = "decoder_joint.onnx"
-from tritonasr.onnx_runner import OnnxModel
 
 # (encoder frames [N, D], previous labels [N], LSTM states h, c [layers, N, hidden])
 #   -> (joint logits [N, vocab + 1 + len(durations)], h', c')
@@ -234,35 +233,3 @@ class ParakeetSpec:
 
     def words(self, result: TdtResult) -> list[dict]:
         return word_timings(result.tokens, result.frames, result.durations, self.tokenizer, self.frame_ms)
-
-
-class LocalParakeet:
-    """parakeet_encoder + parakeet_decoder over local ONNX Runtime, batched the way the served
-    models batch: the encoder pads ragged features (OnnxModel.run_batch, as OnnxLeafModel does),
-    the decoder decodes every sequence of the batch together."""
-
-    def __init__(self, encoder: _Runner, decoder: _Runner, spec: ParakeetSpec):
-        self.encoder = encoder
-        self.decoder_joint = OnnxDecoderJoint(decoder)
-        self.spec = spec
-
-    @classmethod
-    def from_repository(cls, repository: Path, intra_op_threads: int = 0) -> "LocalParakeet":
-        repository = Path(repository)
-        encoder = OnnxModel(repository / "parakeet_encoder" / "1" / "model.onnx", intra_op_threads,
-                            ragged_inputs=["features"])
-        decoder = OnnxModel(repository / "parakeet_decoder" / "1" / DECODER_GRAPH, intra_op_threads)
-        return cls(encoder, decoder, ParakeetSpec.load(repository / "parakeet_decoder" / "1"))
-
-    def encode(self, features: list[np.ndarray]) -> list[np.ndarray]:
-        """[T_i, n_mels] each -> the encoder's valid output frames [T'_i, D] each. The encoder
-        graph needs at least one feature frame (hop_length samples of audio)."""
-        if any(f.shape[0] == 0 for f in features):
-            raise ValueError("a segment has no feature frames (shorter than one 10 ms hop)")
-        requests = [{"features": f[None], "length": np.array([[f.shape[0]]], np.int64)} for f in features]
-        results = self.encoder.run_batch(requests, ["encoded", "encoded_lengths"])
-        return [r["encoded"][0, :int(r["encoded_lengths"].reshape(-1)[0])] for r in results]
-
-    def transcribe(self, waveforms: list[np.ndarray]) -> list[TdtResult]:
-        encoded = self.encode([self.spec.frontend.features(w) for w in waveforms])
-        return decode_padded(encoded, self.decoder_joint, self.spec.tdt)

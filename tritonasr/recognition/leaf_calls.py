@@ -1,7 +1,7 @@
 """Each leaf model's call, written once: what the pipelines feed the vad, ASR, speaker and front-end
 models, and what they take from their outputs. A runtime supplies only `Infer`, how to run a
-model on named inputs: Triton's BLS requests in the served pipelines (tritonasr.triton_models),
-ONNX Runtime in-process (tritonasr.local).
+model on named inputs: Triton's BLS requests in the served pipelines (tritonasr.runtime.triton_backend),
+ONNX Runtime in-process (tritonasr.runtime.in_process).
 
 Inputs are shaped as the served configs declare them: a batch axis of one request first, and
 per-request scalars as [1, 1] (dims [1]).
@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from tritonasr.engines import EngineModels, padded_length
-from tritonasr.features import Extract
+from tritonasr.models.fbank import Extract
+from tritonasr.recognition.engines import EngineModels, padded_length
 
 # infer(model name, {input name: array}, [output names]) -> the outputs, in that order.
 Infer = Callable[[str, dict[str, np.ndarray], list[str]], Awaitable[list[np.ndarray]]]

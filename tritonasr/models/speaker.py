@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from tritonasr.features import Extract, Frontend, in_process
+from tritonasr.models.fbank import Extract, Frontend, in_process
 
 # (features [1, T, n_mels], utterance mean removed) -> embedding [D]
 RunSpeaker = Callable[[np.ndarray], Awaitable[np.ndarray]]

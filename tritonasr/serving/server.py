@@ -25,8 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tritonasr import access, admission
 from tritonasr.paths import cache_dir
+from tritonasr.recognition import admission
+from tritonasr.runtime import access
 
 LOG_TAIL_LINES = 400
 
