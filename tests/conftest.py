@@ -31,9 +31,13 @@ def admin_key_in_environment():
 
 
 def set_parameter(config: Path, key: str, value: str) -> None:
-    """Rewrites one `parameters { key: KEY value: { string_value: "…" } }` of a config.pbtxt."""
+    """Sets one `parameters { key: KEY value: { string_value: "…" } }` of a config.pbtxt (added
+    when the config does not have it)."""
     text = config.read_text()
     prefix = f'parameters {{ key: "{key}" value: {{ string_value: "'
+    if prefix not in text:
+        config.write_text(f'{text}{prefix}{value}" }} }}\n')
+        return
     start = text.index(prefix) + len(prefix)
     config.write_text(text[:start] + value + text[text.index('"', start):])
 

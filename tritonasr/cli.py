@@ -119,6 +119,23 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-streams-per-client", type=int, default=None, metavar="N",
                         help="open live streams per API key (0: no limit; default: asr_stream's "
                              "max_streams_per_client parameter)")
+    from tritonasr.recognition.speaker_settings import SpeakerSettings
+
+    shipped = SpeakerSettings()
+    speakers = parser.add_argument_group(
+        "speaker stage, for asr_offline, asr_stream and speaker_registry (a model's own config parameter wins)")
+    speakers.add_argument("--speaker-store", default=None, metavar="URL",
+                          help="where enrolled voiceprints live: sqlite:///PATH (default: "
+                               "<repository>/speaker_registry/speakers.db)")
+    speakers.add_argument("--speaker-threshold", type=float, default=None, metavar="COS",
+                          help=f"similarity to a voiceprint that names an enrolled speaker (default {shipped.threshold})")
+    speakers.add_argument("--speaker-cluster-threshold", type=float, default=None, metavar="COS",
+                          help=f"similarity at which a segment joins an anonymous label "
+                               f"(default {shipped.cluster_threshold})")
+    speakers.add_argument("--speaker-min-segment-ms", type=int, default=None, metavar="MS",
+                          help=f"shorter segments get no embedding (default {shipped.min_segment_ms})")
+    speakers.add_argument("--speaker-window-ms", type=int, default=None, metavar="MS",
+                          help=f"longer segments average embeddings of windows this long (default {shipped.window_ms})")
     triton = parser.add_argument_group("Triton build (default: the nvidia-pytriton wheel's)")
     triton.add_argument("--tritonserver", type=Path, default=os.environ.get("TRITONASR_TRITONSERVER") or None,
                         help="another tritonserver binary, e.g. NVIDIA's container's ($TRITONASR_TRITONSERVER)")
@@ -127,6 +144,10 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="its backends ($TRITONASR_BACKEND_DIRECTORY)")
     triton.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                         help="one more tritonserver argument, e.g. --triton-arg=--allow-gpu-metrics=true")
+
+
+# The SpeakerSettings fields `serve` takes as --speaker-* flags.
+SPEAKER_FLAGS = ("store", "threshold", "cluster_threshold", "min_segment_ms", "window_ms")
 
 
 def _server_config(args):
@@ -158,6 +179,8 @@ def _server_config(args):
                         admin_key=args.admin_key or os.environ.get("TRITONASR_ADMIN_KEY") or None,
                         model_control=args.model_control, open_leaf_models=args.open_leaf_models,
                         max_streams=args.max_streams, max_streams_per_client=args.max_streams_per_client,
+                        speaker_settings={name: getattr(args, f"speaker_{name}") for name in SPEAKER_FLAGS
+                                          if getattr(args, f"speaker_{name}") is not None},
                         tritonserver=args.tritonserver, backend_directory=args.backend_directory,
                         extra_args=args.triton_arg)
 

@@ -23,6 +23,7 @@ from tritonasr.errors import SpeakerError, shown
 from tritonasr.models.fbank import Extract
 from tritonasr.models.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
 from tritonasr.recognition.clustering import OnlineClusters
+from tritonasr.recognition.speaker_settings import SpeakerSettings
 
 log = logging.getLogger("tritonasr")
 
@@ -171,29 +172,6 @@ class SpeakerIdentifier:
         if version != self._version:
             self._names, self._matrix = self.store.voiceprints(self.dim)
             self._version = version
-
-
-@dataclass(frozen=True)
-class SpeakerSettings:
-    """The speaker stage's settings: parameters of asr_offline, asr_stream and speaker_registry
-    (keep them equal in the three configs)."""
-
-    model: str = "speaker"  # "" turns the stage off
-    store: str = ""  # "" is <repository>/speaker_registry/speakers.db
-    min_segment_ms: int = 1000
-    window_ms: int = 3000
-    # Cosine similarities for trained ERes2NetV2 weights; random-weight models need others.
-    threshold: float = 0.5
-    cluster_threshold: float = 0.5
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "SpeakerSettings":
-        default = cls()
-        return cls(params.get("speaker_model", default.model), params.get("speaker_store", default.store),
-                   int(params.get("speaker_min_segment_ms", default.min_segment_ms)),
-                   int(params.get("speaker_window_ms", default.window_ms)),
-                   float(params.get("speaker_threshold", default.threshold)),
-                   float(params.get("speaker_cluster_threshold", default.cluster_threshold)))
 
 
 def build_speaker_stage(repository: Path, settings: SpeakerSettings, run_speaker: RunSpeaker,

@@ -35,7 +35,7 @@ from tritonasr.models.mel import MelSpec
 from tritonasr.models.vad import VAD_CHUNK_FRAMES
 from tritonasr.recognition.engines import pad_step, padded_length
 from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
-from tritonasr.recognition.speakers import SpeakerSettings
+from tritonasr.recognition.speaker_settings import SpeakerSettings
 from tritonasr.repository.check import BLS_TARGET_PARAMETERS, parse_config
 from tritonasr.repository.layout import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
 

@@ -13,7 +13,8 @@ from tritonasr.models.vad import VadSpec
 from tritonasr.recognition.engines import EngineModels, build_engines
 from tritonasr.recognition.leaf_calls import LeafCalls
 from tritonasr.recognition.offline import OfflinePipeline, Recognizer, detect_speech
-from tritonasr.recognition.speakers import SpeakerSettings, build_speaker_stage
+from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.speakers import build_speaker_stage
 from tritonasr.recognition.streaming import LiveStream, StreamKey, StreamOptions, stream_factory
 from tritonasr.runtime.onnx_session import OnnxModel
 

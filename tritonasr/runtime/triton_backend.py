@@ -28,7 +28,8 @@ from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admissio
 from tritonasr.recognition.engines import EngineModels, build_engines, pad_step
 from tritonasr.recognition.leaf_calls import LeafCalls
 from tritonasr.recognition.offline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
-from tritonasr.recognition.speakers import SpeakerRegistry, SpeakerSettings, build_speaker_stage
+from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.speakers import SpeakerRegistry, build_speaker_stage
 from tritonasr.recognition.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry, check_chunk,
                                              check_sequence_id, stream_factory)
 from tritonasr.runtime.access import Access, parameters_of

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tritonasr.paths import cache_dir
 from tritonasr.recognition import admission
+from tritonasr.recognition.speaker_settings import SpeakerSettings
 from tritonasr.runtime import access
 
 LOG_TAIL_LINES = 400
@@ -137,6 +138,9 @@ class ServerConfig:
     # Open streams on this server and per caller (0: no limit); None: asr_stream's config decides.
     max_streams: int | None = None
     max_streams_per_client: int | None = None
+    # The speaker stage's settings for all three models that use it (SpeakerSettings field ->
+    # value); a model's own config parameter still wins.
+    speaker_settings: dict[str, object] = field(default_factory=dict)
     # Another Triton build than the wheel's (NVIDIA's container, with its native ONNX Runtime and
     # TensorRT backends): its tritonserver binary and backends directory.
     tritonserver: Path | None = None
@@ -149,14 +153,16 @@ class ServerConfig:
                               f"got {self.model_control!r}")
         try:
             admission.server_environment(self.max_streams, self.max_streams_per_client)
-        except ValueError as exc:
+            SpeakerSettings.environment(self.speaker_settings)
+        except (TypeError, ValueError) as exc:
             raise ServerError(str(exc)) from None
 
     def environment(self) -> dict[str, str]:
-        """What the model processes learn of the access settings, the stream limits and the
-        default engine."""
+        """What the model processes learn of the access settings, the stream limits, the speaker
+        settings and the default engine."""
         env = access.server_environment(self.api_keys, self.admin_key, self.open_leaf_models)
         env.update(admission.server_environment(self.max_streams, self.max_streams_per_client))
+        env.update(SpeakerSettings.environment(self.speaker_settings))
         if self.asr_engine:
             env["TRITONASR_ASR_ENGINE"] = self.asr_engine
         return env
