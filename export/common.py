@@ -1,4 +1,5 @@
-"""Shared pieces of the export steps: progress, FunASR loading, features, ONNX files, parity."""
+"""Shared pieces of the export steps: progress, FunASR loading, features, ONNX files, parity,
+and `run_export`, the stage-export-check-publish sequence of a one-graph export."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -153,6 +155,17 @@ def resolve_source(source: str | None, random_init: str | None, seed: int, progr
     return fetch_hub_model(source, hub)
 
 
+def warn_random_weights(progress: Progress, random_init: str | None, seed: int, *, graph: str,
+                        outputs: str, source: str, use: str) -> None:
+    """The banner of a random-weight export (none for a real checkpoint)."""
+    if random_init is None:
+        return
+    bar = "!" * 78
+    progress(f"{bar}\n!! RANDOM WEIGHTS ({random_init}, seed {seed}): {graph} the real\n!! "
+             f"architecture but {outputs} are MEANINGLESS. Export a real checkpoint\n!! "
+             f"({source}) {use}.\n{bar}")
+
+
 # ---------------------------------------------------------------------------------------------
 # FunASR models
 
@@ -240,15 +253,72 @@ def write_json(path: Path, data: Mapping) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def publish_export(staging: Staging, session, meta: Mapping, progress: Progress) -> tuple[dict[str, Path], dict]:
-    """Writes meta.json and publishes the staged version directory; returns the published files
-    and the graph's tensor specs (from its ONNX Runtime `session`)."""
+def publish_export(staging: Staging, meta: Mapping, progress: Progress) -> dict[str, Path]:
+    """Writes meta.json and publishes the staged version directory; returns the published files."""
     write_json(staging.path("meta.json"), meta)
-    specs = tensor_specs(session)
     paths = staging.publish()
     for path in paths.values():
         progress(f"wrote {path}")
-    return paths, specs
+    return paths
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """The model-specific parts of a one-graph export (model.onnx); `run_export` runs them."""
+
+    version_dir: Path
+    write: Callable[[Staging], None]  # model.onnx and any files beside it, into the stage
+    compare: Callable[[object, np.ndarray], dict]  # parity numbers (ORT session, check speech)
+    summary: Callable[[dict], str]  # the progress line that reports them
+    failures: Callable[[dict], list[str]]  # the checks that fail
+    failed: str  # opening of the parity error, e.g. "VAD export parity failed"
+    meta: Mapping  # meta.json, less "parity"
+    check_audio: Path | None = None
+    frontend: Callable[[np.ndarray], float] | None = None  # served features vs the model's own
+    exporting: str | None = None  # progress line before the export
+    report_export_time: bool = True
+    checking: str = "checking parity (PyTorch vs ONNX Runtime)…"
+    meta_tensors: bool = False  # meta.json also records the tensor specs and opset
+
+
+@dataclass(frozen=True)
+class Exported:
+    paths: dict[str, Path]  # published files by name
+    tensors: dict
+    export_seconds: float
+    parity: dict
+
+
+def run_export(job: ExportJob, progress: Progress) -> Exported:
+    """Export into a staging directory, check parity on the check speech, write meta.json and
+    publish. A failed parity check raises RuntimeError and publishes nothing."""
+    with Staging(job.version_dir) as staging:
+        if job.exporting:
+            progress(job.exporting)
+        started = time.perf_counter()
+        job.write(staging)
+        export_seconds = time.perf_counter() - started
+        if job.report_export_time:
+            progress(f"  exported in {export_seconds:.1f} s")
+
+        progress(job.checking)
+        waveform, audio_source = check_waveform(job.check_audio)
+        session = ort_session(staging.path("model.onnx"))
+        parity = job.compare(session, waveform)
+        parity["audio"] = audio_source
+        if job.frontend is not None:
+            parity["frontend_max_abs_diff"] = job.frontend(waveform)
+        progress(job.summary(parity))
+        if job.frontend is not None:
+            report_frontend(parity["frontend_max_abs_diff"], progress)
+        failures = job.failures(parity)
+        if failures:
+            raise RuntimeError(f"{job.failed}: {', '.join(failures)}")
+
+        specs = tensor_specs(session)
+        tensors = {"tensors": specs, "opset": OPSET} if job.meta_tensors else {}
+        paths = publish_export(staging, {**job.meta, **tensors, "parity": parity}, progress)
+    return Exported(paths, specs, round(export_seconds, 2), parity)
 
 
 def export_onnx(

@@ -63,6 +63,7 @@ from tritonasr.export.common import (
     ort_session,
     publish_export,
     stderr_progress,
+    tensor_specs,
 )
 from tritonasr.models.fbank import Frontend
 from tritonasr.models.mel import STD_EPSILON, MelFrontend
@@ -651,7 +652,8 @@ def export_frontend_graph(
             },
             "parity": parity,
         }
-        paths, specs = publish_export(staging, session, meta, progress)
+        specs = tensor_specs(session)
+        paths = publish_export(staging, meta, progress)
     return {
         "model": paths[path.name],
         "meta": paths["meta.json"],

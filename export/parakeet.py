@@ -35,9 +35,10 @@ from tritonasr.export.common import (
     Staging,
     check_waveform,
     max_abs_diff,
+    publish_export,
     stderr_progress,
     tensor_specs,
-    write_json,
+    warn_random_weights,
 )
 from tritonasr.export.sensevoice import TOKENIZER_TEXT
 from tritonasr.models.mel import FILTERBANK_FILE, MelSpec
@@ -254,11 +255,9 @@ def export_parakeet(
     specs, export time and parity numbers.
     """
     resolved = _resolve_source(source, random_init, seed, progress)
-    if random_init is not None:
-        bar = "!" * 78
-        progress(f"{bar}\n!! RANDOM WEIGHTS ({random_init}, seed {seed}): the graphs compute the "
-                 f"real\n!! architecture but their transcripts are MEANINGLESS. Export a real "
-                 f"checkpoint\n!! (a .nemo file or hub id) for real text.\n{bar}")
+    warn_random_weights(progress, random_init, seed, graph="the graphs compute",
+                        outputs="their transcripts", source="a .nemo file or hub id",
+                        use="for real text")
     progress(f"loading Parakeet TDT from {resolved}…")
     started = time.perf_counter()
     model = load_model(resolved)
@@ -297,20 +296,16 @@ def export_parakeet(
         parity["audio"] = audio_source
         _report(parity, progress)
         meta["parity"] = parity
-        for stage in (encoder_stage, decoder_stage):
-            write_json(stage.path("meta.json"), meta)
         specs = {ENCODER_DIR: tensor_specs(encoder.session), DECODER_DIR: tensor_specs(decoder.session)}
-        sizes = {name: sum(p.stat().st_size for p in stage.dir.iterdir())
-                 for name, stage in ((ENCODER_DIR, encoder_stage), (DECODER_DIR, decoder_stage))}
         del encoder, decoder
         # The decoder first: whoever finds the new encoder finds its decoder too.
-        paths = {DECODER_DIR: decoder_stage.publish(), ENCODER_DIR: encoder_stage.publish()}
+        paths = {name: publish_export(stage, meta, progress)
+                 for name, stage in ((DECODER_DIR, decoder_stage), (ENCODER_DIR, encoder_stage))}
+    sizes = {name: sum(path.stat().st_size for path in paths[name].values())
+             for name in (ENCODER_DIR, DECODER_DIR)}
     stale = repository / ENCODER_DIR / "1" / EXTERNAL_DATA  # a bigger model's weights, from before
     if EXTERNAL_DATA not in paths[ENCODER_DIR] and stale.exists():
         stale.unlink()
-    for files in paths.values():
-        for path in files.values():
-            progress(f"wrote {path}")
     return {
         "encoder": paths[ENCODER_DIR]["model.onnx"],
         "decoder": paths[DECODER_DIR][DECODER_GRAPH],

@@ -30,21 +30,20 @@ from tritonasr.paths import cache_dir, sample_audio
 from tritonasr.export.common import (
     cached_model_dir,
     OPSET,
-    check_waveform,
     Cmvn,
     CmvnLayer,
+    ExportJob,
     export_onnx,
     frontend_parity,
     lfr_features,
     load_funasr_model,
     max_abs_diff,
-    ort_session,
     Progress,
-    publish_export,
-    report_frontend,
     resolve_source,
+    run_export,
     Staging,
     stderr_progress,
+    warn_random_weights,
     write_json,
 )
 
@@ -286,11 +285,9 @@ def export_sensevoice(
     Returns a summary: output paths, tensor specs and parity numbers.
     """
     model_dir = resolve_source(source, random_init, seed, progress, random_model_dir, hub)
-    if random_init is not None:
-        bar = "!" * 78
-        progress(f"{bar}\n!! RANDOM WEIGHTS ({random_init}, seed {seed}): the graph computes the "
-                 f"real\n!! architecture but its transcripts are MEANINGLESS. Export a real "
-                 f"checkpoint\n!! (a model directory or hub id) for real text.\n{bar}")
+    warn_random_weights(progress, random_init, seed, graph="the graph computes",
+                        outputs="its transcripts", source="a model directory or hub id",
+                        use="for real text")
     progress(f"loading SenseVoiceSmall from {model_dir}…")
     started = time.perf_counter()
     model, kwargs = load_funasr_model(model_dir)
@@ -322,41 +319,38 @@ def export_sensevoice(
         torch.tensor([15, 14], dtype=torch.int32),
     )
 
-    version_dir = Path(repository) / "sensevoice" / "1"
-    with Staging(version_dir) as staging:
-        progress("exporting sensevoice/1/model.onnx…")
-        started = time.perf_counter()
+    def write(staging: Staging) -> None:
         export_onnx(graph, dummy, staging.path("model.onnx"), input_names, output_names,
                     dynamic_axes)
-        export_seconds = time.perf_counter() - started
-        progress(f"  exported in {export_seconds:.1f} s")
         shutil.copyfile(tokenizer.bpemodel, staging.path("tokenizer.model"))
 
-        progress("checking parity (PyTorch vs ONNX Runtime)…")
-        waveform, audio_source = check_waveform(check_audio)
-        session = ort_session(staging.path("model.onnx"))
-        parity = _parity(model, session, tokenizer, waveform, frontend_conf, cmvn)
-        parity["audio"] = audio_source
-        parity["frontend_max_abs_diff"] = frontend_parity(waveform, frontend_conf, cmvn_file)
-        progress(
+    def failures(parity: dict) -> list[str]:
+        failed = [name for name in ("tokens_identical", "funasr_text_identical",
+                                    "batch_tokens_identical") if not parity[name]]
+        if parity["logits_max_abs_diff"] > LOGITS_TOLERANCE:
+            failed.append(f"logits diff {parity['logits_max_abs_diff']:.3e}")
+        if parity["batch_logits_max_abs_diff"] > LOGITS_TOLERANCE:
+            failed.append(f"batch logits diff {parity['batch_logits_max_abs_diff']:.3e}")
+        return failed
+
+    done = run_export(ExportJob(
+        version_dir=Path(repository) / "sensevoice" / "1",
+        exporting="exporting sensevoice/1/model.onnx…",
+        write=write,
+        check_audio=check_audio,
+        compare=lambda session, waveform: _parity(model, session, tokenizer, waveform,
+                                                  frontend_conf, cmvn),
+        frontend=lambda waveform: frontend_parity(waveform, frontend_conf, cmvn_file),
+        summary=lambda parity: (
             f"  {parity['segments']} segments: ctc_logits max abs diff "
             f"{parity['logits_max_abs_diff']:.2e} (tolerance {LOGITS_TOLERANCE:g}); greedy "
             f"tokens identical: {parity['tokens_identical']}; FunASR inference() text "
             f"identical: {parity['funasr_text_identical']}; batch-of-{parity['segments']} == "
             f"batch-of-1 tokens: {parity['batch_tokens_identical']} (logits max abs diff "
-            f"{parity['batch_logits_max_abs_diff']:.2e})"
-        )
-        report_frontend(parity["frontend_max_abs_diff"], progress)
-        failures = [name for name in ("tokens_identical", "funasr_text_identical",
-                                      "batch_tokens_identical") if not parity[name]]
-        if parity["logits_max_abs_diff"] > LOGITS_TOLERANCE:
-            failures.append(f"logits diff {parity['logits_max_abs_diff']:.3e}")
-        if parity["batch_logits_max_abs_diff"] > LOGITS_TOLERANCE:
-            failures.append(f"batch logits diff {parity['batch_logits_max_abs_diff']:.3e}")
-        if failures:
-            raise RuntimeError(f"SenseVoice export parity failed: {', '.join(failures)}")
-
-        meta = {
+            f"{parity['batch_logits_max_abs_diff']:.2e})"),
+        failures=failures,
+        failed="SenseVoice export parity failed",
+        meta={
             "frontend": frontend_conf,
             "vocab_size": int(model.vocab_size),
             "blank_id": BLANK_ID,
@@ -366,19 +360,18 @@ def export_sensevoice(
             "source": str(source) if source is not None else str(model_dir),
             "model_dir": str(model_dir),
             "random_init": random_init,
-            "parity": parity,
-        }
-        paths, specs = publish_export(staging, session, meta, progress)
+        },
+    ), progress)
     return {
-        "model": paths["model.onnx"],
-        "meta": paths["meta.json"],
-        "tokenizer": paths["tokenizer.model"],
+        "model": done.paths["model.onnx"],
+        "meta": done.paths["meta.json"],
+        "tokenizer": done.paths["tokenizer.model"],
         "model_dir": model_dir,
         "random_init": random_init,
         "opset": OPSET,
-        "export_seconds": round(export_seconds, 2),
-        "tensors": specs,
-        "parity": parity,
+        "export_seconds": done.export_seconds,
+        "tensors": done.tensors,
+        "parity": done.parity,
     }
 
 

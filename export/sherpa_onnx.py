@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +33,17 @@ from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import cache_dir
 
 from tritonasr.export.common import (
-    OPSET,
     Cmvn,
+    ExportJob,
     Progress,
     Staging,
     cached_model_dir,
-    check_waveform,
     export_onnx,
     lfr_features,
     load_funasr_model,
     max_abs_diff,
-    ort_session,
+    run_export,
     stderr_progress,
-    tensor_specs,
-    write_json,
 )
 from tritonasr.export.sensevoice import (
     BLANK_ID,
@@ -116,60 +112,53 @@ def export_sherpa_sensevoice(model_dir: Path, output_dir: Path,
     dynamic_axes = {"x": {0: "N", 1: "T"}, "x_length": {0: "N"}, "language": {0: "N"},
                     "text_norm": {0: "N"}, "logits": {0: "N", 1: "T_plus_4"}}
 
-    with Staging(Path(output_dir)) as staging:
-        started = time.perf_counter()
+    def write(staging: Staging) -> None:
         export_onnx(graph, dummy, staging.path("model.onnx"), INPUT_NAMES, OUTPUT_NAMES,
                     dynamic_axes)
         _add_metadata(staging.path("model.onnx"), metadata)
-        export_seconds = time.perf_counter() - started
-        progress(f"  exported in {export_seconds:.1f} s")
         _write_tokens(sp, staging.path("tokens.txt"))
 
-        progress("checking parity (PyTorch vs the sherpa-onnx graph in ONNX Runtime)…")
-        waveform, audio_source = check_waveform(None)
-        session = ort_session(staging.path("model.onnx"))
-        parity = _parity(model, session, waveform, frontend_conf, cmvn)
-        parity["audio"] = audio_source
-        progress(f"  {parity['segments']} segments: logits max abs diff "
-                 f"{parity['logits_max_abs_diff']:.2e} (tolerance {LOGITS_TOLERANCE:g}); greedy "
-                 f"tokens identical: {parity['tokens_identical']}; zero-padded batch vs alone: "
-                 f"{parity['batch_logits_max_abs_diff']:.2e}, tokens identical: "
-                 f"{parity['batch_tokens_identical']}")
-        failures = [name for name in ("tokens_identical", "batch_tokens_identical")
-                    if not parity[name]]
+    def failures(parity: dict) -> list[str]:
+        failed = [name for name in ("tokens_identical", "batch_tokens_identical")
+                  if not parity[name]]
         for name in ("logits_max_abs_diff", "batch_logits_max_abs_diff"):
             if parity[name] > LOGITS_TOLERANCE:
-                failures.append(f"{name} {parity[name]:.3e} > {LOGITS_TOLERANCE:g}")
-        if failures:
-            raise RuntimeError(f"sherpa-onnx SenseVoice export parity failed: {', '.join(failures)}")
+                failed.append(f"{name} {parity[name]:.3e} > {LOGITS_TOLERANCE:g}")
+        return failed
 
-        specs = tensor_specs(session)
-        del session
-        pt = model_dir / "model.pt"
-        meta = {
+    pt = model_dir / "model.pt"
+    done = run_export(ExportJob(
+        version_dir=Path(output_dir),
+        write=write,
+        checking="checking parity (PyTorch vs the sherpa-onnx graph in ONNX Runtime)…",
+        compare=lambda session, waveform: _parity(model, session, waveform, frontend_conf, cmvn),
+        summary=lambda parity: (
+            f"  {parity['segments']} segments: logits max abs diff "
+            f"{parity['logits_max_abs_diff']:.2e} (tolerance {LOGITS_TOLERANCE:g}); greedy "
+            f"tokens identical: {parity['tokens_identical']}; zero-padded batch vs alone: "
+            f"{parity['batch_logits_max_abs_diff']:.2e}, tokens identical: "
+            f"{parity['batch_tokens_identical']}"),
+        failures=failures,
+        failed="sherpa-onnx SenseVoice export parity failed",
+        meta={
             "format": f"sherpa-onnx {MODEL_TYPE}",
             "format_version": FORMAT_VERSION,
             "model_dir": str(model_dir),
             "model_pt": {"size": pt.stat().st_size, "mtime_ns": pt.stat().st_mtime_ns},
             "frontend": frontend_conf,
             "metadata": {k: v for k, v in metadata.items() if k not in ("neg_mean", "inv_stddev")},
-            "tensors": specs,
-            "opset": OPSET,
-            "parity": parity,
-        }
-        write_json(staging.path("meta.json"), meta)
-        paths = staging.publish()
-    for path in paths.values():
-        progress(f"wrote {path}")
+        },
+        meta_tensors=True,
+    ), progress)
     return {
-        "model": paths["model.onnx"],
-        "tokens": paths["tokens.txt"],
-        "meta": paths["meta.json"],
+        "model": done.paths["model.onnx"],
+        "tokens": done.paths["tokens.txt"],
+        "meta": done.paths["meta.json"],
         "model_dir": model_dir,
         "metadata": metadata,
-        "tensors": specs,
-        "export_seconds": round(export_seconds, 2),
-        "parity": parity,
+        "tensors": done.tensors,
+        "export_seconds": done.export_seconds,
+        "parity": done.parity,
     }
 
 

@@ -15,7 +15,6 @@ one for tests). All three load through `load_speaker_model`, the way ModelScope 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,16 +34,14 @@ from tritonasr.paths import cache_dir
 from tritonasr.export.common import (
     cached_model_dir,
     OPSET,
-    check_waveform,
+    ExportJob,
     export_onnx,
     max_abs_diff,
-    ort_session,
     Progress,
-    publish_export,
-    report_frontend,
     resolve_source,
-    Staging,
+    run_export,
     stderr_progress,
+    warn_random_weights,
     write_json,
 )
 
@@ -203,49 +200,42 @@ def export_speaker(
     Returns a summary: output paths, tensor specs and parity numbers.
     """
     model_dir = resolve_source(source, random_init, seed, progress, random_model_dir)
-    if random_init is not None:
-        bar = "!" * 78
-        progress(f"{bar}\n!! RANDOM WEIGHTS ({random_init}, seed {seed}): the graph computes the "
-                 f"real\n!! architecture but its embeddings are MEANINGLESS. Export a real "
-                 f"checkpoint\n!! (a model directory or hub id) to tell speakers apart.\n{bar}")
+    warn_random_weights(progress, random_init, seed, graph="the graph computes",
+                        outputs="its embeddings", source="a model directory or hub id",
+                        use="to tell speakers apart")
     progress(f"loading ERes2NetV2 from {model_dir}…")
     model, architecture = load_speaker_model(model_dir)
     embedding_dim = architecture["embedding_size"]
     parameters = sum(p.numel() for p in model.parameters())
     progress(f"  {parameters / 1e6:.1f} M parameters, embedding {embedding_dim}")
 
-    version_dir = Path(repository) / "speaker" / "1"
-    with Staging(version_dir) as staging:
-        progress("exporting speaker/1/model.onnx…")
-        started = time.perf_counter()
-        export_onnx(model, (torch.randn(2, 200, FRONTEND.n_mels),), staging.path("model.onnx"),
-                    ["feats"], ["embedding"],
-                    {"feats": {0: "batch", 1: "frames"}, "embedding": {0: "batch"}})
-        export_seconds = time.perf_counter() - started
-        progress(f"  exported in {export_seconds:.1f} s")
+    def failures(parity: dict) -> list[str]:
+        # `not <=` / `not >=`: NaN fails too.
+        failed = [f"{name} {parity[name]:.3e}" for name in ("max_rel_diff", "batch_max_rel_diff")
+                  if not parity[name] <= RELATIVE_TOLERANCE]
+        if not parity["min_cosine"] >= MIN_COSINE:
+            failed.append(f"cosine {parity['min_cosine']:.9f}")
+        return failed
 
-        progress("checking parity (PyTorch vs ONNX Runtime)…")
-        waveform, audio_source = check_waveform(check_audio)
-        session = ort_session(staging.path("model.onnx"))
-        parity = _parity(model, session, waveform)
-        parity["audio"] = audio_source
-        parity["frontend_max_abs_diff"] = speaker_frontend_parity(waveform)
-        progress(
+    done = run_export(ExportJob(
+        version_dir=Path(repository) / "speaker" / "1",
+        exporting="exporting speaker/1/model.onnx…",
+        write=lambda staging: export_onnx(
+            model, (torch.randn(2, 200, FRONTEND.n_mels),), staging.path("model.onnx"),
+            ["feats"], ["embedding"],
+            {"feats": {0: "batch", 1: "frames"}, "embedding": {0: "batch"}}),
+        check_audio=check_audio,
+        compare=lambda session, waveform: _parity(model, session, waveform),
+        frontend=speaker_frontend_parity,
+        summary=lambda parity: (
             f"  {len(PARITY_SECONDS)} crops ({', '.join(f'{s:g}' for s in PARITY_SECONDS)} s): "
             f"max abs diff {parity['max_abs_diff']:.2e}, relative {parity['max_rel_diff']:.2e} "
             f"(tolerance {RELATIVE_TOLERANCE:g}), cosine >= {parity['min_cosine']:.9f} "
             f"(tolerance {MIN_COSINE}); batch-of-{BATCH_WINDOWS} == batch-of-1: relative diff "
-            f"{parity['batch_max_rel_diff']:.2e}")
-        report_frontend(parity["frontend_max_abs_diff"], progress)
-        # `not <=` / `not >=`: NaN fails too.
-        failures = [f"{name} {parity[name]:.3e}" for name in ("max_rel_diff", "batch_max_rel_diff")
-                    if not parity[name] <= RELATIVE_TOLERANCE]
-        if not parity["min_cosine"] >= MIN_COSINE:
-            failures.append(f"cosine {parity['min_cosine']:.9f}")
-        if failures:
-            raise RuntimeError(f"ERes2NetV2 export parity failed: {', '.join(failures)}")
-
-        meta = {
+            f"{parity['batch_max_rel_diff']:.2e}"),
+        failures=failures,
+        failed="ERes2NetV2 export parity failed",
+        meta={
             "model": "ERes2NetV2",
             "source": str(source) if source is not None else str(model_dir),
             "random_init": random_init,
@@ -253,19 +243,18 @@ def export_speaker(
             "embedding_dim": embedding_dim,
             "min_frames": MIN_FRAMES,
             "architecture": architecture,
-            "parity": parity,
-        }
-        paths, specs = publish_export(staging, session, meta, progress)
+        },
+    ), progress)
     return {
-        "model": paths["model.onnx"],
-        "meta": paths["meta.json"],
+        "model": done.paths["model.onnx"],
+        "meta": done.paths["meta.json"],
         "model_dir": model_dir,
         "random_init": random_init,
         "opset": OPSET,
         "parameters": parameters,
-        "export_seconds": round(export_seconds, 2),
-        "tensors": specs,
-        "parity": parity,
+        "export_seconds": done.export_seconds,
+        "tensors": done.tensors,
+        "parity": done.parity,
     }
 
 

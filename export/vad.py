@@ -8,7 +8,6 @@ inputs/outputs so the server keeps one set per stream and batches streams togeth
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,17 @@ import torch
 
 from tritonasr.export.common import (
     OPSET,
-    check_waveform,
     Cmvn,
     CmvnLayer,
+    ExportJob,
     export_onnx,
     frontend_parity,
     lfr_features,
     load_funasr_model,
     max_abs_diff,
-    ort_session,
     pin_output_dims,
     Progress,
-    publish_export,
-    report_frontend,
+    run_export,
     Staging,
     stderr_progress,
 )
@@ -88,36 +85,35 @@ def export_vad(
         torch.zeros(2, *cache_shape) for _ in range(n_caches)
     )
 
-    version_dir = Path(repository) / "vad" / "1"
-    with Staging(version_dir) as staging:
-        progress("exporting vad/1/model.onnx…")
-        started = time.perf_counter()
+    def write(staging: Staging) -> None:
         export_onnx(graph, dummy, staging.path("model.onnx"), input_names, output_names,
                     dynamic_axes)
         pin_output_dims(staging.path("model.onnx"),
                         {name: {2: cache_frames} for name in output_names[1:]})
-        export_seconds = time.perf_counter() - started
 
-        progress("checking parity (PyTorch vs ONNX Runtime)…")
-        waveform, audio_source = check_waveform(check_audio)
-        feats = lfr_features(waveform, frontend_conf)
-        session = ort_session(staging.path("model.onnx"))
-        parity = _parity(model, session, feats, cmvn, n_caches, cache_shape)
-        parity["audio"] = audio_source
-        parity["frontend_max_abs_diff"] = frontend_parity(waveform, frontend_conf, cmvn_file)
-        progress(
+    def failures(parity: dict) -> list[str]:
+        worst = max(parity["scores_max_abs_diff"], parity["caches_max_abs_diff"],
+                    parity["batch_max_abs_diff"])
+        return [f"max abs diff {worst:.3e} > {TOLERANCE}"] if worst > TOLERANCE else []
+
+    done = run_export(ExportJob(
+        version_dir=Path(repository) / "vad" / "1",
+        exporting="exporting vad/1/model.onnx…",
+        report_export_time=False,
+        write=write,
+        check_audio=check_audio,
+        compare=lambda session, waveform: _parity(model, session,
+                                                  lfr_features(waveform, frontend_conf), cmvn,
+                                                  n_caches, cache_shape),
+        frontend=lambda waveform: frontend_parity(waveform, frontend_conf, cmvn_file),
+        summary=lambda parity: (
             f"  scores max abs diff {parity['scores_max_abs_diff']:.2e}, "
             f"caches {parity['caches_max_abs_diff']:.2e} over {parity['chunks']} chunks "
             f"({parity['frames']} frames); batch-of-2 vs batch-of-1 "
-            f"{parity['batch_max_abs_diff']:.2e}"
-        )
-        report_frontend(parity["frontend_max_abs_diff"], progress)
-        worst = max(parity["scores_max_abs_diff"], parity["caches_max_abs_diff"],
-                    parity["batch_max_abs_diff"])
-        if worst > TOLERANCE:
-            raise RuntimeError(f"VAD export parity failed: max abs diff {worst:.3e} > {TOLERANCE}")
-
-        meta = {
+            f"{parity['batch_max_abs_diff']:.2e}"),
+        failures=failures,
+        failed="VAD export parity failed",
+        meta={
             "frontend": frontend_conf,
             "vad_post": dict(kwargs["model_conf"]),
             "encoder": {
@@ -127,16 +123,15 @@ def export_vad(
                 "cache_frames": cache_frames,
             },
             "source": str(model_dir),
-            "parity": parity,
-        }
-        paths, specs = publish_export(staging, session, meta, progress)
+        },
+    ), progress)
     return {
-        "model": paths["model.onnx"],
-        "meta": paths["meta.json"],
+        "model": done.paths["model.onnx"],
+        "meta": done.paths["meta.json"],
         "opset": OPSET,
-        "export_seconds": round(export_seconds, 2),
-        "tensors": specs,
-        "parity": parity,
+        "export_seconds": done.export_seconds,
+        "tensors": done.tensors,
+        "parity": done.parity,
     }
 
 
