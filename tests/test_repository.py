@@ -233,7 +233,7 @@ def test_served_front_ends_give_the_in_process_results(built, client):
         assert streamed and streamed == asyncio.run(finals(client.url, samples))
 
 
-def test_model_files_come_from_the_package_and_never_overwrite(tmp_path):
+def test_model_files_come_from_the_package_and_never_overwrite_a_config(tmp_path):
     from tritonasr.paths import model_templates
     from tritonasr.repository.layout import install_model_files
 
@@ -244,3 +244,8 @@ def test_model_files_come_from_the_package_and_never_overwrite(tmp_path):
     assert tuned.read_text() == "# tuned here\n"
     assert (tmp_path / "vad" / "config.pbtxt").read_bytes() == (model_templates() / "vad" / "config.pbtxt").read_bytes()
     assert (tmp_path / "asr_offline" / "1" / "model.py").is_file() and not (tmp_path / "fbank").exists()
+    # A model.py of another package version (its imports may be gone) follows the installed one.
+    old = tmp_path / "vad" / "1" / "model.py"
+    old.write_text("from tritonasr.triton_models import OnnxLeafModel\n")
+    install_model_files(tmp_path, ["vad"])
+    assert old.read_bytes() == (model_templates() / "vad" / "1" / "model.py").read_bytes()

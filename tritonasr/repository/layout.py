@@ -39,8 +39,9 @@ def exported_models(repository: Path) -> list[str]:
 
 
 def install_model_files(repository: Path, models: list[str]) -> None:
-    """Copy the shipped config.pbtxt, configs/ and 1/model.py of `models` into `repository`. Files
-    already there are left alone (they may be tuned)."""
+    """Copy the shipped config.pbtxt, configs/ and 1/model.py of `models` into `repository`.
+    Configs already there are left alone (they may be tuned); a model.py is code of this package
+    version (it imports its modules), so a different one is replaced."""
     repository = Path(repository)
     templates = model_templates()
     for model in models:
@@ -49,6 +50,7 @@ def install_model_files(repository: Path, models: list[str]) -> None:
             continue
         for path in [source / "config.pbtxt", source / "1" / "model.py", *sorted((source / "configs").glob("*.pbtxt"))]:
             target = repository / model / path.relative_to(source)
-            if not target.exists():
+            stale = path.name == "model.py" and target.exists() and target.read_bytes() != path.read_bytes()
+            if stale or not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
