@@ -82,8 +82,9 @@ def test_the_base_install_has_none_of_the_roles_dependencies(base_install):
 def test_the_installed_package_finds_its_files_outside_the_checkout(base_install, tmp_path):
     script = """if True:
         import json
-        from tritonasr import dashboard, paths
+        from tritonasr import paths
         from tritonasr.loadtest import workload
+        from tritonasr.serving import dashboard
         print(json.dumps({
             "in_checkout": paths.in_checkout(),
             "templates": sorted(p.name for p in paths.model_templates().iterdir()),
