@@ -61,7 +61,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
     def take(wait_s: float) -> None:
         """Handles the responses that have arrived, first waiting up to `wait_s` for one.
         Arrival times come from the callback, so handling them later does not skew them."""
-        nonlocal summary
+        nonlocal summary, refused
         while summary is None:
             try:
                 result, error, received_at = responses.get(timeout=wait_s) if wait_s > 0 else responses.get_nowait()
@@ -71,6 +71,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
             if not first_response:
                 first_response.append(received_at)
             if error is not None:
+                refused = True
                 raise StreamError(error.message())
             item = parse_response(result, clock, received_at)
             if isinstance(item, StreamSummary):
@@ -81,7 +82,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
                     on_segment(item)
 
     chunks = split_chunks(samples, chunk_ms)
-    server_silent = False
+    refused = False
     try:
         for i, chunk in enumerate(chunks):
             take(0)
@@ -98,13 +99,13 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
         deadline = time.monotonic() + finish_timeout_s
         while summary is None:
             if time.monotonic() >= deadline:
-                server_silent = True
                 raise StreamError(f"no end-of-stream response {finish_timeout_s:g} s after the end of the audio")
             take(deadline - time.monotonic())
     finally:
-        # After the summary, or an error, the server closes the call once it has answered what
-        # was sent: waiting for that (no cancel) avoids Triton 2.51's crash on streams cancelled
-        # while it finishes them (server#7368). Only a silent server's stream is cancelled.
-        client.stop_stream(cancel_requests=server_silent)
+        # After the summary, or the server's refusal, the server closes the call once it has
+        # answered what was sent: waiting for that (no cancel) avoids Triton 2.51's crash on
+        # streams cancelled while it finishes them (server#7368). A stream stopped by the load
+        # generator (its users stopping) or a silent server's is cancelled.
+        client.stop_stream(cancel_requests=summary is None and not refused)
     first_ms = (first_response[0] - clock.start) * 1000 if first_response else None
     return StreamResult(finals, summary, first_ms)
