@@ -18,6 +18,7 @@ import torch
 
 from tritonasr.audio import load_audio
 from tritonasr.models.fbank import Frontend
+from tritonasr.models.meta import META_FILE
 from tritonasr.paths import sample_audio
 
 Progress = Callable[[str], None]
@@ -255,7 +256,7 @@ def write_json(path: Path, data: Mapping) -> None:
 
 def publish_export(staging: Staging, meta: Mapping, progress: Progress) -> dict[str, Path]:
     """Writes meta.json and publishes the staged version directory; returns the published files."""
-    write_json(staging.path("meta.json"), meta)
+    write_json(staging.path(META_FILE), meta)
     paths = staging.publish()
     for path in paths.values():
         progress(f"wrote {path}")

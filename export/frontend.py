@@ -67,6 +67,7 @@ from tritonasr.export.common import (
 )
 from tritonasr.models.fbank import Frontend
 from tritonasr.models.mel import STD_EPSILON, MelFrontend
+from tritonasr.models.meta import META_FILE
 
 INPUT_NAMES = ("waveform", "lengths")
 OUTPUT_NAMES = ("features", "frames")
@@ -656,7 +657,7 @@ def export_frontend_graph(
         paths = publish_export(staging, meta, progress)
     return {
         "model": paths[path.name],
-        "meta": paths["meta.json"],
+        "meta": paths[META_FILE],
         "opset": OPSET,
         "ops": ops,
         "export_seconds": round(export_seconds, 2),

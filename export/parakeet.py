@@ -42,7 +42,8 @@ from tritonasr.export.common import (
 )
 from tritonasr.export.sensevoice import TOKENIZER_TEXT
 from tritonasr.models.mel import FILTERBANK_FILE, MelSpec
-from tritonasr.models.parakeet import DECODER_GRAPH, ParakeetSpec
+from tritonasr.models.meta import META_FILE
+from tritonasr.models.parakeet import DECODER_GRAPH, ParakeetSpec, TdtSpec
 from tritonasr.paths import cache_dir, sample_audio
 from tritonasr.runtime.in_process import LocalParakeet
 from tritonasr.runtime.onnx_session import OnnxModel
@@ -309,7 +310,7 @@ def export_parakeet(
     return {
         "encoder": paths[ENCODER_DIR]["model.onnx"],
         "decoder": paths[DECODER_DIR][DECODER_GRAPH],
-        "meta": [paths[ENCODER_DIR]["meta.json"], paths[DECODER_DIR]["meta.json"]],
+        "meta": [paths[ENCODER_DIR][META_FILE], paths[DECODER_DIR][META_FILE]],
         "tokenizer": paths[DECODER_DIR]["tokenizer.model"],
         "source": resolved,
         "random_init": random_init,
@@ -322,8 +323,8 @@ def export_parakeet(
 
 
 def _model_meta(model) -> dict:
-    """What serving needs to know, read from the loaded model (so a real checkpoint's own
-    settings are used, not this file's)."""
+    """What serving reads (ParakeetSpec.meta) and what describes the graphs, from the loaded
+    model (so a real checkpoint's own settings are used, not this file's)."""
     featurizer = model.preprocessor.featurizer
     cfg = model.cfg.preprocessor
     expected = {"frame_splicing": 1, "exact_pad": False, "log": True}
@@ -342,19 +343,17 @@ def _model_meta(model) -> dict:
     subsampling = int(model.encoder.subsampling_factor)
     window_stride = float(cfg.window_stride)
     decoder = model.decoder
+    tdt = TdtSpec.meta(
+        blank_id=int(decoder.blank_idx), durations=[int(d) for d in model.cfg.decoding.durations],
+        max_symbols_per_step=model.cfg.decoding.greedy.get("max_symbols", None),
+        state_layers=int(decoder.pred_rnn_layers), state_hidden=int(decoder.pred_hidden),
+        d_model=int(model.encoder.d_model))
     return {
         "model": "parakeet-tdt",
-        "preprocessor": mel.to_config(),
+        **ParakeetSpec.meta(preprocessor=mel, frame_ms=window_stride * 1000 * subsampling, tdt=tdt),
         "subsampling_factor": subsampling,
         "window_stride": window_stride,
-        "frame_ms": window_stride * 1000 * subsampling,
-        "d_model": int(model.encoder.d_model),
         "vocab_size": int(model.tokenizer.vocab_size),
-        "blank_id": int(decoder.blank_idx),
-        "durations": [int(d) for d in model.cfg.decoding.durations],
-        "max_symbols_per_step": model.cfg.decoding.greedy.get("max_symbols", None),
-        "decoder_state": {"names": ["input_states_1", "input_states_2"],
-                          "shape": [int(decoder.pred_rnn_layers), int(decoder.pred_hidden)]},
         "encoder_graph": {"inputs": ["features", "length"], "outputs": ["encoded", "encoded_lengths"]},
         # The encoder graph's relative-position table: the longest input it takes, in encoded
         # frames (5000 x 80 ms = 400 s for Parakeet).

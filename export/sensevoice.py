@@ -24,6 +24,8 @@ import torch
 import yaml
 
 from tritonasr.audio import load_audio
+from tritonasr.models.meta import META_FILE
+from tritonasr.models.sensevoice import SenseVoiceSpec
 from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import cache_dir, sample_audio
 
@@ -351,12 +353,10 @@ def export_sensevoice(
         failures=failures,
         failed="SenseVoice export parity failed",
         meta={
-            "frontend": frontend_conf,
+            **SenseVoiceSpec.meta(frontend=frontend_conf, blank_id=BLANK_ID, lid_dict=model.lid_dict,
+                                  textnorm_dict=model.textnorm_dict),
             "vocab_size": int(model.vocab_size),
-            "blank_id": BLANK_ID,
             "query_frames": QUERY_FRAMES,
-            "lid_dict": dict(model.lid_dict),
-            "textnorm_dict": dict(model.textnorm_dict),
             "source": str(source) if source is not None else str(model_dir),
             "model_dir": str(model_dir),
             "random_init": random_init,
@@ -364,7 +364,7 @@ def export_sensevoice(
     ), progress)
     return {
         "model": done.paths["model.onnx"],
-        "meta": done.paths["meta.json"],
+        "meta": done.paths[META_FILE],
         "tokenizer": done.paths["tokenizer.model"],
         "model_dir": model_dir,
         "random_init": random_init,

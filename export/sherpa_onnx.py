@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tritonasr.models.meta import META_FILE
 from tritonasr.models.transcript import ctc_greedy
 from tritonasr.paths import cache_dir
 
@@ -153,7 +154,7 @@ def export_sherpa_sensevoice(model_dir: Path, output_dir: Path,
     return {
         "model": done.paths["model.onnx"],
         "tokens": done.paths["tokens.txt"],
-        "meta": done.paths["meta.json"],
+        "meta": done.paths[META_FILE],
         "model_dir": model_dir,
         "metadata": metadata,
         "tensors": done.tensors,
@@ -291,7 +292,7 @@ def sherpa_model_for(repository: Path, progress: Progress = stderr_progress) -> 
     """The sherpa-onnx export of the checkpoint `<repository>/sensevoice` was exported from,
     exported on first use into `cache_dir()/sherpa-onnx/<checkpoint>-<hash>`; the hash covers the
     checkpoint's path and its model.pt's size and mtime, so a changed checkpoint is re-exported."""
-    meta_path = Path(repository) / "sensevoice" / "1" / "meta.json"
+    meta_path = Path(repository) / "sensevoice" / "1" / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{meta_path} not found: the repository {repository} has no exported SenseVoice; run "

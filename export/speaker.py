@@ -15,7 +15,6 @@ one for tests). All three load through `load_speaker_model`, the way ModelScope 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ import torch
 # non-strictly and prefixes the keys with "model.".
 from funasr.models.eres2net.eres2netv2 import ERes2NetV2
 
-from tritonasr.models.speaker import FRONTEND, speaker_features
+from tritonasr.models.meta import META_FILE
+from tritonasr.models.speaker import FRONTEND, SpeakerSpec, speaker_features
 from tritonasr.paths import cache_dir
 
 from tritonasr.export.common import (
@@ -239,15 +239,13 @@ def export_speaker(
             "model": "ERes2NetV2",
             "source": str(source) if source is not None else str(model_dir),
             "random_init": random_init,
-            "frontend": {k: v for k, v in asdict(FRONTEND).items() if not k.startswith("lfr_")},
-            "embedding_dim": embedding_dim,
-            "min_frames": MIN_FRAMES,
+            **SpeakerSpec.meta(frontend=FRONTEND, embedding_dim=embedding_dim, min_frames=MIN_FRAMES),
             "architecture": architecture,
         },
     ), progress)
     return {
         "model": done.paths["model.onnx"],
-        "meta": done.paths["meta.json"],
+        "meta": done.paths[META_FILE],
         "model_dir": model_dir,
         "random_init": random_init,
         "opset": OPSET,

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tritonasr.models.meta import META_FILE
+from tritonasr.models.vad import VadSpec
+
 from tritonasr.export.common import (
     OPSET,
     Cmvn,
@@ -114,20 +117,15 @@ def export_vad(
         failures=failures,
         failed="VAD export parity failed",
         meta={
-            "frontend": frontend_conf,
-            "vad_post": dict(kwargs["model_conf"]),
-            "encoder": {
-                "fsmn_layers": n_caches,
-                "proj_dim": encoder_conf["proj_dim"],
-                "lorder": encoder_conf["lorder"],
-                "cache_frames": cache_frames,
-            },
+            **VadSpec.meta(frontend=frontend_conf, vad_post=kwargs["model_conf"], fsmn_layers=n_caches,
+                           proj_dim=encoder_conf["proj_dim"], lorder=encoder_conf["lorder"],
+                           cache_frames=cache_frames),
             "source": str(model_dir),
         },
     ), progress)
     return {
         "model": done.paths["model.onnx"],
-        "meta": done.paths["meta.json"],
+        "meta": done.paths[META_FILE],
         "opset": OPSET,
         "export_seconds": done.export_seconds,
         "tensors": done.tensors,

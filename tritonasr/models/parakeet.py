@@ -21,9 +21,9 @@ need it are evaluated: the same evaluations per sequence, in the same order.
 """
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -32,6 +32,7 @@ import numpy as np
 import sentencepiece as spm
 
 from tritonasr.models.mel import MelFrontend, MelSpec
+from tritonasr.models.meta import read_meta
 
 # parakeet_decoder's graph: one decoder+joint step, not the served model's own interface (its
 # Python model runs the whole loop), so it is not named model.onnx.
@@ -52,11 +53,27 @@ class TdtSpec:
     max_symbols_per_step: int | None
     state_layers: int
     state_hidden: int
+    d_model: int  # the width of an encoder frame, what decoder_joint takes
+
+    @staticmethod
+    def meta(*, blank_id: int, durations: Sequence[int], max_symbols_per_step: int | None,
+             state_layers: int, state_hidden: int, d_model: int) -> dict:
+        """The meta.json keys `from_meta` reads."""
+        return {
+            "d_model": d_model,
+            "blank_id": blank_id,
+            "durations": list(durations),
+            "max_symbols_per_step": max_symbols_per_step,
+            # names: the decoder_joint inputs the states go to (OnnxDecoderJoint feeds them).
+            "decoder_state": {"names": ["input_states_1", "input_states_2"],
+                              "shape": [state_layers, state_hidden]},
+        }
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "TdtSpec":
+    def from_meta(cls, meta: Mapping) -> "TdtSpec":
+        layers, hidden = meta["decoder_state"]["shape"]
         return cls(int(meta["blank_id"]), tuple(int(d) for d in meta["durations"]),
-                   meta["max_symbols_per_step"], *meta["decoder_state"]["shape"])
+                   meta["max_symbols_per_step"], layers, hidden, int(meta["d_model"]))
 
 
 @dataclass
@@ -215,16 +232,24 @@ class ParakeetSpec:
     tdt: TdtSpec
     frame_ms: float
 
+    @staticmethod
+    def meta(*, preprocessor: MelSpec, frame_ms: float, tdt: Mapping) -> dict:
+        """The meta.json keys `from_meta` reads; tdt: `TdtSpec.meta(...)`."""
+        return {"preprocessor": preprocessor.to_config(), "frame_ms": frame_ms, **tdt}
+
+    @staticmethod
+    def mel_of(meta: Mapping) -> MelSpec:
+        return MelSpec.from_config(meta["preprocessor"])
+
     @classmethod
     def load(cls, model_dir: Path) -> "ParakeetSpec":
         """From a version directory: meta.json, tokenizer.model and the mel filterbank."""
-        model_dir = Path(model_dir)
-        return cls.from_meta(json.loads((model_dir / "meta.json").read_text()), model_dir)
+        return cls.from_meta(read_meta(model_dir), model_dir)
 
     @classmethod
-    def from_meta(cls, meta: dict, model_dir: Path) -> "ParakeetSpec":
+    def from_meta(cls, meta: Mapping, model_dir: Path) -> "ParakeetSpec":
         """With `meta` given (an export checks its graphs before it writes meta.json)."""
-        return cls(MelFrontend.load(MelSpec.from_config(meta["preprocessor"]), model_dir),
+        return cls(MelFrontend.load(cls.mel_of(meta), model_dir),
                    spm.SentencePieceProcessor(model_file=str(Path(model_dir) / "tokenizer.model")),
                    TdtSpec.from_meta(meta), float(meta["frame_ms"]))
 

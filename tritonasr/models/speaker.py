@@ -9,14 +9,15 @@ batcher can batch, and nothing is ever padded.
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import numpy as np
 
 from tritonasr.models.fbank import Extract, Frontend, in_process
+from tritonasr.models.meta import read_meta
 
 # (features [1, T, n_mels], utterance mean removed) -> embedding [D]
 RunSpeaker = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -36,11 +37,22 @@ class SpeakerSpec:
 
     frontend: Frontend
     embedding_dim: int
+    min_frames: int = 1  # the shortest window the graph takes
+
+    @staticmethod
+    def meta(*, frontend: Frontend, embedding_dim: int, min_frames: int) -> dict:
+        """The meta.json keys `from_meta` reads (the front end without LFR: it has none)."""
+        return {"frontend": {k: v for k, v in asdict(frontend).items() if not k.startswith("lfr_")},
+                "embedding_dim": embedding_dim, "min_frames": min_frames}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping) -> "SpeakerSpec":
+        return cls(Frontend.from_config(meta["frontend"]), int(meta["embedding_dim"]),
+                   int(meta.get("min_frames", 1)))
 
     @classmethod
     def load(cls, model_dir: Path) -> "SpeakerSpec":
-        meta = json.loads((Path(model_dir) / "meta.json").read_text())
-        return cls(Frontend.from_config(meta["frontend"]), int(meta["embedding_dim"]))
+        return cls.from_meta(read_meta(model_dir))
 
 
 def speaker_features(samples: np.ndarray, frontend: Frontend = FRONTEND) -> np.ndarray:

@@ -7,7 +7,7 @@ chunk by chunk, offline or online.
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
 from tritonasr.models.fbank import Frontend
+from tritonasr.models.meta import read_meta
 
 # FunASR scores whole files in 60 s chunks, carrying the FSMN caches between them.
 VAD_CHUNK_FRAMES = 6000
@@ -29,16 +30,29 @@ class VadSpec:
     fsmn_layers: int
     proj_dim: int
     lorder: int
+    cache_frames: int  # the FSMN cache length the graph carries: (lorder - 1) x lstride
+
+    @staticmethod
+    def meta(*, frontend: Mapping, vad_post: Mapping, fsmn_layers: int, proj_dim: int, lorder: int,
+             cache_frames: int) -> dict:
+        """The meta.json keys `load` reads. frontend: FunASR's frontend_conf; vad_post: its
+        model_conf."""
+        return {
+            "frontend": dict(frontend),
+            "vad_post": dict(vad_post),
+            "encoder": {"fsmn_layers": fsmn_layers, "proj_dim": proj_dim, "lorder": lorder,
+                        "cache_frames": cache_frames},
+        }
 
     @classmethod
     def load(cls, model_dir: Path) -> "VadSpec":
-        meta = json.loads((Path(model_dir) / "meta.json").read_text())
+        meta = read_meta(model_dir)
         enc = meta["encoder"]
         return cls(Frontend.from_config(meta["frontend"]), EndpointOptions.from_config(meta["vad_post"]),
-                   enc["fsmn_layers"], enc["proj_dim"], enc["lorder"])
+                   enc["fsmn_layers"], enc["proj_dim"], enc["lorder"], enc.get("cache_frames", enc["lorder"] - 1))
 
     def zero_caches(self) -> list[np.ndarray]:
-        shape = (1, self.proj_dim, self.lorder - 1, 1)
+        shape = (1, self.proj_dim, self.cache_frames, 1)
         return [np.zeros(shape, dtype=np.float32) for _ in range(self.fsmn_layers)]
 
 

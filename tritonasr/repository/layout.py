@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from tritonasr.models.meta import META_FILE
 from tritonasr.paths import model_templates
 
 # Each export's leaf models: their meta.json (an export writes it with the graphs) shows it ran.
@@ -33,8 +34,8 @@ def exported_models(repository: Path) -> list[str]:
     server of `repository` can load (a repository may hold configs of models never exported)."""
     repository = Path(repository)
     done = [export for export, leaves in LEAF_MODELS.items()
-            if all((repository / model / "1" / "meta.json").exists() for model in leaves)]
-    frontends = [model for model in SERVED_FRONTENDS if (repository / model / "1" / "meta.json").exists()]
+            if all((repository / model / "1" / META_FILE).exists() for model in leaves)]
+    frontends = [model for model in SERVED_FRONTENDS if (repository / model / "1" / META_FILE).exists()]
     return sorted({model for export in done for model in models_of_export(export)} | set(frontends))
 
 

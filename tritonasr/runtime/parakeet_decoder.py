@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonasr.models.meta import read_meta
 from tritonasr.models.parakeet import DECODER_GRAPH, OnnxDecoderJoint, TdtSpec, decode_padded
 from tritonasr.runtime.access import Access
 from tritonasr.runtime.onnx_session import OnnxModel, instance_providers
@@ -32,10 +33,8 @@ class TdtDecoderModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         runner = OnnxModel(version_dir / DECODER_GRAPH, intra_op_threads=int(params.get("intra_op_threads", "1")),
                            providers=instance_providers(args))
-        meta = json.loads((version_dir / "meta.json").read_text())
         self.decoder_joint = OnnxDecoderJoint(runner)
-        self.spec = TdtSpec.from_meta(meta)
-        self.d_model = int(meta["d_model"])
+        self.spec = TdtSpec.from_meta(read_meta(version_dir))
         self.access = Access.from_environment()
 
     def execute(self, requests):
@@ -67,8 +66,9 @@ class TdtDecoderModel:
         """This request's valid encoder frames [T, D]."""
         encoded = pb_utils.get_input_tensor_by_name(request, "encoded").as_numpy()
         length = int(pb_utils.get_input_tensor_by_name(request, "encoded_lengths").as_numpy().reshape(-1)[0])
-        if encoded.ndim != 3 or encoded.shape[0] != 1 or encoded.shape[2] != self.d_model:
-            raise ValueError(f"encoded must be [1, frames, {self.d_model}], got {list(encoded.shape)}")
+        d_model = self.spec.d_model
+        if encoded.ndim != 3 or encoded.shape[0] != 1 or encoded.shape[2] != d_model:
+            raise ValueError(f"encoded must be [1, frames, {d_model}], got {list(encoded.shape)}")
         if not 0 <= length <= encoded.shape[1]:
             raise ValueError(f"encoded_lengths {length} is outside 0..{encoded.shape[1]}")
         return encoded[0, :length]
