@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_plan_arguments(parser)
 
 
+# How long Locust may take past the sweep to stop its users and write its files: a stuck load
+# generator fails the sweep instead of hanging it.
+LOCUST_GRACE_S = 120
+
+
 def locust_command(target: Target, prefix: Path, args) -> list[str]:
     """The Locust run for one system: headless, the sweep shape, CSVs under `prefix`."""
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
@@ -175,7 +180,11 @@ def main(args) -> int:
         log(f"{system}: starting…")
         with start_system(system, repository, args.workload, args, log) as target:
             log(f"{system}: ready at {target.url}; sweeping ({plan.duration_s:.0f} s)…")
-            code = subprocess.run(locust_command(target, run_dir / system, args)).returncode
+            try:
+                code = subprocess.run(locust_command(target, run_dir / system, args),
+                                      timeout=plan.duration_s + LOCUST_GRACE_S).returncode
+            except subprocess.TimeoutExpired:  # (run() has killed it)
+                code = f"killed: still running {LOCUST_GRACE_S} s after the sweep's end"
         # Locust exits 1 when any request failed: the report counts those; other codes are crashes.
         if code not in (0, 1):
             log(f"error: Locust exited with {code} on {system}")

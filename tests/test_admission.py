@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from tritonasr.recognition.admission import (CLIENT_LIMIT, ENV_MAX_STREAMS, ENV_MAX_STREAMS_PER_CLIENT, SERVER_LIMIT, Admission,
-                                 limits, server_environment)
 from tritonasr.cli import _server_config, build_parser
 from tritonasr.errors import OverloadError, ServiceError
+from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
+from tritonasr.recognition.settings import StreamSettings
 from tritonasr.recognition.streaming import StreamKey, StreamOptions, StreamRegistry
 from tritonasr.serving.server import ServerConfig, ServerError
 
@@ -94,22 +94,13 @@ def test_zero_means_no_limit(tmp_path):
     assert len([admission.admit("a") for _ in range(100)]) == 100
 
 
-def test_serve_settings_override_the_config_and_bad_values_are_refused(tmp_path):
+def test_serve_limits_reach_the_models_and_bad_values_are_refused(tmp_path):
     args = build_parser().parse_args(["serve", "--model-repository", str(tmp_path), "--max-streams", "8"])
-    config = _server_config(args)
-    assert config.environment()[ENV_MAX_STREAMS] == "8" and ENV_MAX_STREAMS_PER_CLIENT not in config.environment()
-    with pytest.raises(ServerError, match="0 \\(no limit\\) or more"):
+    env = _server_config(args).environment()
+    assert StreamSettings.from_parameters({"max_streams": "2", "max_streams_per_client": "4"}, env) == \
+        StreamSettings(max_streams=8, max_streams_per_client=4)  # the flag wins; the config keeps the rest
+    with pytest.raises(ServerError, match="max_streams_per_client must be 0 \\(no limit\\) or more"):
         ServerConfig(tmp_path, max_streams_per_client=-2)
-    config = {"max_streams": "16", "max_streams_per_client": "4"}
-    assert limits(config, environ={}) == (16, 4)
-    assert limits({}, environ={}) == (0, 0)
-    assert limits(config, environ={ENV_MAX_STREAMS: "100", ENV_MAX_STREAMS_PER_CLIENT: "0"}) == (100, 0)
-    assert server_environment(None, None) == {}
-    assert server_environment(8, 0) == {ENV_MAX_STREAMS: "8", ENV_MAX_STREAMS_PER_CLIENT: "0"}
-    with pytest.raises(ValueError, match="0 \\(no limit\\) or more"):
-        server_environment(-1, None)
-    with pytest.raises(ValueError, match="whole number"):
-        limits({"max_streams": "lots"}, environ={})
 
 
 class _Stream:

@@ -49,7 +49,7 @@ def registry(server):
 
 
 def test_served_embeddings_equal_in_process_ones(server, client, model_repository):
-    from tritonasr.recognition.speaker_settings import SpeakerSettings
+    from tritonasr.recognition.settings import SpeakerSettings
     from tritonasr.runtime.in_process import LocalPipeline
 
     threshold = float(TEST_SPEAKER_THRESHOLD)

@@ -9,6 +9,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonasr.cli import main as cli
 from tritonasr.export.frontend import export_served_frontend
+from tritonasr.recognition.settings import PipelineSettings
 from tritonasr.repository.build import GRAPH_MODELS, BuildOptions, build_repository
 from tritonasr.repository.check import check_repository, parse_config
 from tritonasr.repository.plans import PlanError, build_plans, shapes_argument, trtexec_command
@@ -63,7 +64,9 @@ def test_cpu_target_keeps_python_leaf_models(built):
     assert config.backend == "python" and config.max_batch_size == 32
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 3)]
     assert config.input[0].allow_ragged_batch
-    assert parse_config(built / "cpu" / "asr_offline" / "config.pbtxt").parameters["pad_segments_ms"].string_value == "0"
+    offline = parse_config(built / "cpu" / "asr_offline" / "config.pbtxt")
+    params = {key: value.string_value for key, value in offline.parameters.items()}
+    assert PipelineSettings.from_parameters(params, {}).pad_segments_ms == 0
 
 
 @pytest.mark.parametrize("target", ["gpu-onnxruntime", "gpu-tensorrt"])

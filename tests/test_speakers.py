@@ -9,7 +9,7 @@ import pytest
 from tritonasr.models.fbank import Frontend
 from tritonasr.models.speaker import Embedder, SpeakerSpec, unit, window_starts
 from tritonasr.recognition.clustering import OnlineClusters, label_name
-from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.settings import SpeakerSettings
 from tritonasr.recognition.speakers import SpeakerError, SpeakerIdentifier, SqliteSpeakerStore, combine, open_store
 
 DIM = 192
@@ -179,29 +179,12 @@ def test_identifier_sees_enrollments_made_elsewhere(tmp_path):
     assert identifier.identify(alice) == (None, None)
 
 
-def test_speaker_settings_come_from_the_config_then_serve_then_the_default():
-    serve = SpeakerSettings.environment({"threshold": 0.7, "window_ms": 2000, "store": "sqlite:///x.db"})
-    assert serve == {"TRITONASR_SPEAKER_THRESHOLD": "0.7", "TRITONASR_SPEAKER_WINDOW_MS": "2000",
-                     "TRITONASR_SPEAKER_STORE": "sqlite:///x.db"}
-    settings = SpeakerSettings.from_parameters({"speaker_threshold": "0.9", "speaker_model": ""}, serve)
-    assert settings == SpeakerSettings(model="", store="sqlite:///x.db", window_ms=2000, threshold=0.9)
-    assert SpeakerSettings.from_parameters({}, {}) == SpeakerSettings()
-
-
-@pytest.mark.parametrize("given, message", [({"threshold": 1.5}, "threshold is a cosine similarity"),
-                                            ({"window_ms": 0}, "window_ms must be positive"),
-                                            ({"thresold": 0.5}, "unexpected keyword")])
-def test_bad_speaker_settings_are_refused(given, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        SpeakerSettings.environment(given)
-
-
 def test_serve_puts_the_speaker_settings_in_the_models_environment(tmp_path):
     from tritonasr.serving.server import ServerConfig, ServerError
 
     env = ServerConfig(tmp_path, speaker_settings={"cluster_threshold": 0.8}).environment()
     assert env["TRITONASR_SPEAKER_CLUSTER_THRESHOLD"] == "0.8"
     assert SpeakerSettings.from_parameters({}, env).cluster_threshold == 0.8
-    with pytest.raises(ServerError, match="cluster_threshold is a cosine similarity"):
+    with pytest.raises(ServerError, match="speaker_cluster_threshold must be a cosine similarity"):
         ServerConfig(tmp_path, speaker_settings={"cluster_threshold": -2})
 

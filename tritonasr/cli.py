@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 import signal
@@ -85,8 +84,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="use <model>/configs/NAME.pbtxt where present (your own config variants)")
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's verbose log level (0: off)")
     parser.add_argument("--asr-engine", choices=ENGINES, default="",
-                        help="the default ASR engine of requests that name none (default: sensevoice if "
-                             "exported, else parakeet)")
+                        help="the default ASR engine of requests that name none (default: the pipelines' "
+                             "default_asr_engine, else sensevoice if exported, else parakeet)")
     network = parser.add_argument_group("network and access (README: Security)")
     network.add_argument("--host", default="127.0.0.1",
                          help="address of the gRPC port, the callers' port (default 127.0.0.1: this machine "
@@ -112,18 +111,21 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--open-leaf-models", action="store_true",
                          help="let callers reach the leaf models (vad, sensevoice, …) directly, not only "
                               "through the pipelines")
-    limits = parser.add_argument_group("admission control (README: Admission control)")
+    from tritonasr.recognition.settings import SpeakerSettings, StreamSettings
+
+    stream = StreamSettings()
+    limits = parser.add_argument_group("admission control (README: Admission control; each flag here wins over "
+                                       "the config parameter of the same name)")
     limits.add_argument("--max-streams", type=int, default=None, metavar="N",
                         help="open live streams on this server; a START beyond them is refused at once "
-                             "(0: no limit; default: asr_stream's max_streams parameter)")
+                             f"(0: no limit; default: asr_stream's max_streams, else {stream.max_streams})")
     limits.add_argument("--max-streams-per-client", type=int, default=None, metavar="N",
                         help="open live streams per API key (0: no limit; default: asr_stream's "
-                             "max_streams_per_client parameter)")
-    from tritonasr.recognition.speaker_settings import SpeakerSettings
-
+                             f"max_streams_per_client, else {stream.max_streams_per_client})")
     shipped = SpeakerSettings()
     speakers = parser.add_argument_group(
-        "speaker stage, for asr_offline, asr_stream and speaker_registry (a model's own config parameter wins)")
+        "speaker stage, for asr_offline, asr_stream and speaker_registry (each flag wins over the models' "
+        "speaker_* config parameter)")
     speakers.add_argument("--speaker-store", default=None, metavar="URL",
                           help="where enrolled voiceprints live: sqlite:///PATH (default: "
                                "<repository>/speaker_registry/speakers.db)")
@@ -369,6 +371,7 @@ def cmd_demo(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
     from tritonasr.serving.server import ServerError, TritonServer
 
+    from tritonasr.models.meta import read_meta
     from tritonasr.repository.layout import ALL_MODELS, install_model_files
 
     repository = _repository(args)
@@ -388,7 +391,7 @@ def cmd_demo(args) -> int:
         export_speaker(None, "full", repository, None)
     files = args.files or [str(sample_audio())]
     for model, what in (("sensevoice", "the text below is meaningless"), ("speaker", "so are the speaker labels")):
-        meta = json.loads((repository / model / "1" / "meta.json").read_text())
+        meta = read_meta(repository / model / "1")
         if meta.get("random_init"):
             print(f"WARNING: {model} has RANDOM weights ({meta['random_init']}): {what}. "
                   f"Export a real checkpoint with `tritonasr export {model} --model-dir DIR`.",

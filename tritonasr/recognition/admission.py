@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonasr.errors import OverloadError
+from tritonasr.recognition.settings import StreamSettings
 
-# `tritonasr serve --max-streams/--max-streams-per-client` reach the model processes through
-# these; unset, asr_stream's config parameters of the same names decide.
-ENV_MAX_STREAMS = "TRITONASR_MAX_STREAMS"
-ENV_MAX_STREAMS_PER_CLIENT = "TRITONASR_MAX_STREAMS_PER_CLIENT"
 # The label values of tritonasr_rejected_total{reason}: the setting that refused the stream.
 SERVER_LIMIT = "max_streams"
 CLIENT_LIMIT = "max_streams_per_client"
@@ -33,31 +30,6 @@ CLIENT_LIMIT = "max_streams_per_client"
 
 def slot_directory(server_pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"tritonasr-slots-{server_pid}"
-
-
-def server_environment(max_streams: int | None, max_streams_per_client: int | None) -> dict[str, str]:
-    """The limits `serve` was given, for the model processes (None: the config decides)."""
-    env = {}
-    for name, value in ((ENV_MAX_STREAMS, max_streams), (ENV_MAX_STREAMS_PER_CLIENT, max_streams_per_client)):
-        if value is not None:
-            env[name] = str(check_limit(name, value))
-    return env
-
-
-def check_limit(name: str, value: int | str) -> int:
-    try:
-        limit = int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number (0: no limit), got {value!r}") from None
-    if limit < 0:
-        raise ValueError(f"{name} must be 0 (no limit) or more, got {limit}")
-    return limit
-
-
-def limits(parameters: dict[str, str], environ=os.environ) -> tuple[int, int]:
-    """(max_streams, max_streams_per_client): serve's settings where given, else the config's."""
-    return tuple(check_limit(key, environ.get(env) or parameters.get(key, "0"))
-                 for key, env in ((SERVER_LIMIT, ENV_MAX_STREAMS), (CLIENT_LIMIT, ENV_MAX_STREAMS_PER_CLIENT)))
 
 
 class SlotFile:
@@ -119,9 +91,9 @@ class Admission:
         self._clients: dict[str, SlotFile] = {}  # one per principal: a few API keys' digests
 
     @classmethod
-    def for_this_server(cls, parameters: dict[str, str]) -> "Admission":
-        """In a model process: the limits of `limits`, shared with the server's other instances."""
-        return cls(slot_directory(os.getppid()), *limits(parameters))
+    def for_this_server(cls, settings: StreamSettings) -> "Admission":
+        """In a model process: the limits of `settings`, shared with the server's other instances."""
+        return cls(slot_directory(os.getppid()), settings.max_streams, settings.max_streams_per_client)
 
     def _client(self, principal: str) -> SlotFile | None:
         if not self.max_streams_per_client:

@@ -7,7 +7,6 @@ VAD, so the same engines run in the Triton BLS models and in-process.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
@@ -15,9 +14,11 @@ import numpy as np
 
 from tritonasr.errors import InputError
 from tritonasr.models.fbank import Extract, Frontend, in_process
+from tritonasr.models.meta import META_FILE
 from tritonasr.models.parakeet import ParakeetSpec, TdtResult
 from tritonasr.models.sensevoice import SenseVoiceSpec
 from tritonasr.models.transcript import Segment
+from tritonasr.recognition.settings import PipelineSettings
 
 # (features [1,T,560], language id, textnorm id) -> (token ids [T'], number of valid ids)
 RunSenseVoice = Callable[[np.ndarray, int, int], Awaitable[tuple[np.ndarray, int]]]
@@ -118,33 +119,17 @@ class ParakeetEngine:
         return Segment(start_ms, end_ms, self.spec.text(result), language="en", words=words)
 
 
-@dataclass(frozen=True)
-class EngineModels:
-    """The served models of each engine (BLS parameters sensevoice_model, parakeet_*_model)."""
-
-    sensevoice: str = "sensevoice"
-    parakeet_encoder: str = "parakeet_encoder"
-    parakeet_decoder: str = "parakeet_decoder"
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> "EngineModels":
-        default = cls()
-        return cls(params.get("sensevoice_model", default.sensevoice),
-                   params.get("parakeet_encoder_model", default.parakeet_encoder),
-                   params.get("parakeet_decoder_model", default.parakeet_decoder))
-
-
-def build_engines(repository: Path, models: EngineModels, run_sensevoice: RunSenseVoice,
+def build_engines(repository: Path, models: PipelineSettings, run_sensevoice: RunSenseVoice,
                   run_parakeet_encoder: RunParakeetEncoder, run_parakeet_decoder: RunParakeetDecoder,
                   fbank: Extract | None = None, mel: Extract | None = None) -> dict[str, AsrEngine]:
     """The engines whose models are exported in `repository` (their meta.json is there).
     fbank, mel: served front ends (default: in-process); `fbank` must compute SenseVoice's fbank."""
     repository = Path(repository)
     engines: dict[str, AsrEngine] = {}
-    if (repository / models.sensevoice / "1" / "meta.json").is_file():
-        spec = SenseVoiceSpec.load(repository / models.sensevoice / "1")
+    if (repository / models.sensevoice_model / "1" / META_FILE).is_file():
+        spec = SenseVoiceSpec.load(repository / models.sensevoice_model / "1")
         engines["sensevoice"] = SenseVoiceEngine(spec, run_sensevoice, fbank)
-    if (repository / models.parakeet_decoder / "1" / "meta.json").is_file():
-        spec = ParakeetSpec.load(repository / models.parakeet_decoder / "1")
+    if (repository / models.parakeet_decoder_model / "1" / META_FILE).is_file():
+        spec = ParakeetSpec.load(repository / models.parakeet_decoder_model / "1")
         engines["parakeet"] = ParakeetEngine(spec, run_parakeet_encoder, run_parakeet_decoder, mel)
     return engines

@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from tritonasr.models.fbank import Extract
-from tritonasr.recognition.engines import EngineModels, padded_length
+from tritonasr.recognition.engines import padded_length
+from tritonasr.recognition.settings import PipelineSettings
 
 # infer(model name, {input name: array}, [output names]) -> the outputs, in that order.
 Infer = Callable[[str, dict[str, np.ndarray], list[str]], Awaitable[list[np.ndarray]]]
@@ -28,10 +29,9 @@ class LeafCalls:
     features are zero-padded to (GPU targets, so that native backends batch equal shapes; the
     true length travels beside them and the graphs mask by it); empty: no padding."""
 
-    def __init__(self, infer: Infer, engine_models: EngineModels, vad_model: str = "vad", speaker_model: str = ""):
+    def __init__(self, infer: Infer, models: PipelineSettings, speaker_model: str = ""):
         self.infer = infer
-        self.engine_models = engine_models
-        self.vad_model = vad_model
+        self.models = models
         self.speaker_model = speaker_model
         self.pad_steps: dict[str, int] = {}
 
@@ -44,7 +44,7 @@ class LeafCalls:
         """FSMN-VAD scores of `feats` [1, T, 400] and the FSMN caches to carry to the next call."""
         inputs = {"speech": feats, **{f"in_cache{i}": c for i, c in enumerate(caches)}}
         outputs = ["logits"] + [f"out_cache{i}" for i in range(len(caches))]
-        scores, *caches = await self.infer(self.vad_model, inputs, outputs)
+        scores, *caches = await self.infer(self.models.vad_model, inputs, outputs)
         return scores, caches
 
     async def sensevoice(self, feats: np.ndarray, language: int, textnorm: int) -> tuple[np.ndarray, int]:
@@ -55,19 +55,19 @@ class LeafCalls:
             "language": _scalar(language, np.int32),
             "textnorm": _scalar(textnorm, np.int32),
         }
-        token_ids, lengths = await self.infer(self.engine_models.sensevoice, inputs, ["token_ids", "encoder_out_lens"])
+        token_ids, lengths = await self.infer(self.models.sensevoice_model, inputs, ["token_ids", "encoder_out_lens"])
         return token_ids[0], int(lengths.reshape(-1)[0])
 
     async def parakeet_encoder(self, feats: np.ndarray) -> np.ndarray:
         """Parakeet's encoder frames [T', D] of mel `feats` [1, T, n_mels], the valid ones only."""
         inputs = {"features": self._padded(feats, "parakeet"), "length": _scalar(feats.shape[1], np.int64)}
-        encoded, lengths = await self.infer(self.engine_models.parakeet_encoder, inputs, ["encoded", "encoded_lengths"])
+        encoded, lengths = await self.infer(self.models.parakeet_encoder_model, inputs, ["encoded", "encoded_lengths"])
         return encoded[0, :int(lengths.reshape(-1)[0])]
 
     async def parakeet_decoder(self, encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Greedy TDT decoding of `encoded` [1, T', D]: tokens, their frames and durations."""
         inputs = {"encoded": encoded, "encoded_lengths": _scalar(encoded.shape[1], np.int64)}
-        tokens, frames, durations = await self.infer(self.engine_models.parakeet_decoder, inputs,
+        tokens, frames, durations = await self.infer(self.models.parakeet_decoder_model, inputs,
                                                      ["tokens", "frames", "durations"])
         return tokens[0], frames[0], durations[0]
 

@@ -1,19 +1,158 @@
-"""The speaker stage's settings: one set of defaults, and where each value comes from. Light on
-purpose (no numpy): the CLI shows the defaults in `serve --help` on every install."""
+"""The pipeline models' settings: each default written once, here, and one rule for where a value
+comes from. Light on purpose (standard library only): the CLI shows these defaults in
+`serve --help` on every install.
+
+Each setting of a model comes from, first to last:
+1. the server's environment, `TRITONASR_<PARAMETER>` (`tritonasr serve`'s flags set it, for
+   every model that has the setting: `--max-streams` is TRITONASR_MAX_STREAMS);
+2. the model's own config parameter of that name (`parameters { key: "max_streams" ... }`);
+3. the default below.
+The shipped configs carry only what `repo build` changes per target; the README lists the rest.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import ClassVar, Mapping
+
+from tritonasr.contract import MAX_CHUNK_MS
+
+ENV_PREFIX = "TRITONASR_"
+
+
+def _parse(text: str, kind: type):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return kind(text)
+
+
+class ModelSettings:
+    """Base of the settings dataclasses below: their config parameters, environment variables
+    and the precedence in the module docstring."""
+
+    PREFIX: ClassVar[str] = ""  # a field's config parameter is PREFIX + its name
+
+    @classmethod
+    def parameter(cls, name: str) -> str:
+        return cls.PREFIX + name
+
+    @classmethod
+    def variable(cls, name: str) -> str:
+        """The environment variable that sets field `name` for the whole server."""
+        return ENV_PREFIX + cls.parameter(name).upper()
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], environ: Mapping[str, str] | None = None):
+        """The settings of a model with config parameters `params`, in the module's precedence."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            given = environ.get(cls.variable(f.name), params.get(cls.parameter(f.name)))
+            if given is not None:
+                try:
+                    values[f.name] = _parse(given, type(f.default))
+                except ValueError as exc:
+                    raise ValueError(f"{cls.parameter(f.name)}: {exc}") from None
+        return cls(**values)
+
+    @classmethod
+    def environment(cls, overrides: Mapping[str, object]) -> dict[str, str]:
+        """What `tritonasr serve` puts in the environment for these overrides (checked first)."""
+        cls(**overrides)
+        return {cls.variable(name): str(value).lower() if isinstance(value, bool) else str(value)
+                for name, value in overrides.items()}
+
+    def _check(self, condition: bool, name: str, needs: str) -> None:
+        if not condition:
+            raise ValueError(f"{self.parameter(name)} must be {needs}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
-class SpeakerSettings:
-    """The speaker stage's settings, shared by asr_offline, asr_stream and speaker_registry; the
-    defaults here are the only ones. Each setting comes from, first to last:
-    1. the model's own config parameter (`speaker_threshold`, ...: that model only),
-    2. `tritonasr serve --speaker-threshold ...` (all three models, through the environment),
-    3. the default below."""
+class PipelineSettings(ModelSettings):
+    """What asr_offline, asr_stream and speaker_registry call, and how."""
 
+    vad_model: str = "vad"
+    sensevoice_model: str = "sensevoice"
+    parakeet_encoder_model: str = "parakeet_encoder"
+    parakeet_decoder_model: str = "parakeet_decoder"
+    # The front ends as served models ("": computed in the pipeline's process, on the CPU);
+    # `repo build` names them for GPU targets.
+    fbank_model: str = ""
+    speaker_fbank_model: str = ""
+    mel_model: str = ""
+    # For requests that name no engine; "" is SenseVoice if exported, else Parakeet.
+    default_asr_engine: str = ""
+    # Segment features padded to whole multiples of this (0: not padded), so a GPU engine sees
+    # a few shapes; `repo build` sets it for GPU targets.
+    pad_segments_ms: int = 0
+
+    def __post_init__(self):
+        self._check(self.pad_segments_ms >= 0, "pad_segments_ms", "0 (no padding) or more")
+
+
+@dataclass(frozen=True)
+class OfflineSettings(ModelSettings):
+    """asr_offline's limits."""
+
+    # One request's longest audio (115 MB of float32), refused before any work is done on it.
+    # Triton cannot refuse it sooner: its gRPC frontend takes messages up to 2 GB whole, and dims
+    # [ -1 ] has no maximum. A request sits whole in the instance's shared-memory region, which
+    # never shrinks: longer recordings go through asr_stream in chunks (the client does so itself).
+    max_audio_seconds: float = 1800.0
+    # Audio one instance works on at once (each instance is a process: the server's total is
+    # instances x this). Past it a request is refused at once (UNAVAILABLE) rather than queued in
+    # memory; a lone request is always taken.
+    max_inflight_audio_mb: float = 1024.0
+
+    def __post_init__(self):
+        self._check(self.max_audio_seconds > 0, "max_audio_seconds", "positive")
+        self._check(self.max_inflight_audio_mb > 0, "max_inflight_audio_mb", "positive")
+
+
+@dataclass(frozen=True)
+class RegistrySettings(ModelSettings):
+    """speaker_registry's limit on one enrollment recording."""
+
+    PREFIX: ClassVar[str] = "enroll_"
+    max_audio_seconds: float = 600.0
+
+    def __post_init__(self):
+        self._check(self.max_audio_seconds > 0, "max_audio_seconds", "positive")
+
+
+@dataclass(frozen=True)
+class StreamSettings(ModelSettings):
+    """asr_stream's limits and rules."""
+
+    max_chunk_ms: int = MAX_CHUNK_MS  # longer chunks are refused
+    # The VAD runs on whole steps of this much audio, so streams sending any chunk size batch
+    # together in `vad`.
+    vad_step_ms: int = 100
+    # Open streams on the whole server (all instances) and per caller (API key; without keys every
+    # caller is one client); 0: no limit. A START beyond a limit is refused at once (UNAVAILABLE).
+    # 16 is what the 2-core CPU machine of BENCHMARKS.md serves in real time; size it for yours
+    # with `tritonasr bench stream --overload 3` (README: Admission control).
+    max_streams: int = 16
+    max_streams_per_client: int = 0
+    # A second START on a live sequence id is refused, and so is a chunk whose stream_token differs
+    # from its START's (the client library sends a random token); true also refuses streams
+    # opened without a token.
+    require_stream_token: bool = False
+
+    def __post_init__(self):
+        self._check(0 < self.max_chunk_ms <= MAX_CHUNK_MS, "max_chunk_ms", f"between 1 and {MAX_CHUNK_MS}")
+        self._check(self.vad_step_ms > 0, "vad_step_ms", "positive")
+        for name in ("max_streams", "max_streams_per_client"):
+            self._check(getattr(self, name) >= 0, name, "0 (no limit) or more")
+
+
+@dataclass(frozen=True)
+class SpeakerSettings(ModelSettings):
+    """The speaker stage's settings, shared by asr_offline, asr_stream and speaker_registry."""
+
+    PREFIX: ClassVar[str] = "speaker_"
     model: str = "speaker"  # "" turns the stage off
     store: str = ""  # "" is <repository>/speaker_registry/speakers.db; sqlite:///PATH elsewhere
     min_segment_ms: int = 1000  # shorter segments get no embedding: too little voice to tell
@@ -24,35 +163,6 @@ class SpeakerSettings:
 
     def __post_init__(self):
         for name in ("min_segment_ms", "window_ms"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"speaker {name} must be positive, got {getattr(self, name)}")
+            self._check(getattr(self, name) > 0, name, "positive")
         for name in ("threshold", "cluster_threshold"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"speaker {name} is a cosine similarity, between -1 and 1; got {getattr(self, name)}")
-
-    @staticmethod
-    def parameter(name: str) -> str:
-        """The config parameter of setting `name` (speaker_threshold, ...)."""
-        return "speaker_model" if name == "model" else f"speaker_{name}"
-
-    @staticmethod
-    def variable(name: str) -> str:
-        """The environment variable `tritonasr serve` sets for setting `name`."""
-        return f"TRITONASR_SPEAKER_{name.upper()}"
-
-    @classmethod
-    def from_parameters(cls, params: dict[str, str], environ: dict[str, str] | None = None) -> "SpeakerSettings":
-        """The settings of a model with config `params`, in the order the class docstring says."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            given = params.get(cls.parameter(f.name), environ.get(cls.variable(f.name)))
-            if given is not None:
-                values[f.name] = type(getattr(cls, f.name))(given)
-        return cls(**values)
-
-    @classmethod
-    def environment(cls, overrides: dict[str, object]) -> dict[str, str]:
-        """What `tritonasr serve` puts in the environment for these overrides (checked first)."""
-        cls(**overrides)
-        return {cls.variable(name): str(value) for name, value in overrides.items()}
+            self._check(-1.0 <= getattr(self, name) <= 1.0, name, "a cosine similarity, between -1 and 1")

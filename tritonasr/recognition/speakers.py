@@ -21,9 +21,10 @@ import numpy as np
 
 from tritonasr.errors import SpeakerError, shown
 from tritonasr.models.fbank import Extract
+from tritonasr.models.meta import META_FILE
 from tritonasr.models.speaker import Embedder, RunSpeaker, SpeakerSpec, unit
 from tritonasr.recognition.clustering import OnlineClusters
-from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.settings import SpeakerSettings
 
 log = logging.getLogger("tritonasr")
 
@@ -179,7 +180,7 @@ def build_speaker_stage(repository: Path, settings: SpeakerSettings, run_speaker
     """The stage, or None when it is turned off or the speaker model was not exported.
     fbank: a served speaker front end (default: in-process)."""
     model_dir = Path(repository) / settings.model / "1"
-    if not settings.model or not (model_dir / "meta.json").is_file():
+    if not settings.model or not (model_dir / META_FILE).is_file():
         return None
     spec = SpeakerSpec.load(model_dir)
     store = open_store(settings.store or Path(repository) / "speaker_registry" / "speakers.db")

@@ -30,12 +30,14 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tritonasr.models.fbank import Frontend
-from tritonasr.models.mel import MelSpec
+from tritonasr.models.meta import read_meta
+from tritonasr.models.parakeet import ParakeetSpec
+from tritonasr.models.sensevoice import SenseVoiceSpec
+from tritonasr.models.speaker import SpeakerSpec
 from tritonasr.models.vad import VAD_CHUNK_FRAMES
 from tritonasr.recognition.engines import pad_step, padded_length
 from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
-from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.settings import SpeakerSettings
 from tritonasr.repository.check import BLS_TARGET_PARAMETERS, parse_config
 from tritonasr.repository.layout import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
 
@@ -236,12 +238,13 @@ def _copy_model(source: Path, target: Path) -> None:
 
 def segment_frames(model: str, model_dir: Path, pad_ms: int = GPU_PAD_SEGMENTS_MS) -> tuple[int, int, int]:
     """(min, typical, max) length along the variable time axis of what the pipelines send `model`."""
-    meta = json.loads((model_dir / "1" / "meta.json").read_text())
+    meta = read_meta(model_dir / "1")
     if model == "vad":  # stream steps (100 ms = 10 frames) .. whole-file chunks
         return 1, 10, VAD_CHUNK_FRAMES
     if model == "speaker":  # windows of whole 500 ms steps up to the shipped speaker_window_ms
-        window = SpeakerSettings().window_ms // Frontend.from_config(meta["frontend"]).frame_shift
-        return max(int(meta.get("min_frames", 1)), 1), window, window
+        spec = SpeakerSpec.from_meta(meta)
+        window = SpeakerSettings().window_ms // spec.frontend.frame_shift
+        return max(spec.min_frames, 1), window, window
     frame_ms = _frame_ms(model, meta)
     # The longest segment (MAX_ASR_SEGMENT_MS, one frame to spare), padded as the pipelines pad it.
     longest = padded_length(math.ceil(MAX_ASR_SEGMENT_MS / frame_ms) + 1, pad_step(frame_ms, pad_ms))
@@ -250,8 +253,8 @@ def segment_frames(model: str, model_dir: Path, pad_ms: int = GPU_PAD_SEGMENTS_M
 
 def _frame_ms(model: str, meta: dict) -> float:
     if model == "sensevoice":  # LFR frames of kaldi fbank
-        return Frontend.from_config(meta["frontend"]).frame_ms
-    return MelSpec.from_config(meta["preprocessor"]).hop_ms  # parakeet_encoder: NeMo mel frames
+        return SenseVoiceSpec.frontend_of(meta).frame_ms
+    return ParakeetSpec.mel_of(meta).hop_ms  # parakeet_encoder: NeMo mel frames
 
 
 def plan_spec(repository: Path, model: str, config: mc.ModelConfig, pad_ms: int = GPU_PAD_SEGMENTS_MS) -> dict:

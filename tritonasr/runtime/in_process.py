@@ -10,10 +10,10 @@ import numpy as np
 
 from tritonasr.models.parakeet import DECODER_GRAPH, OnnxDecoderJoint, ParakeetSpec, TdtResult, decode_padded
 from tritonasr.models.vad import VadSpec
-from tritonasr.recognition.engines import EngineModels, build_engines
+from tritonasr.recognition.engines import build_engines
 from tritonasr.recognition.leaf_calls import LeafCalls
 from tritonasr.recognition.offline import OfflinePipeline, Recognizer, detect_speech
-from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.settings import PipelineSettings, SpeakerSettings
 from tritonasr.recognition.speakers import build_speaker_stage
 from tritonasr.recognition.streaming import LiveStream, StreamKey, StreamOptions, stream_factory
 from tritonasr.runtime.onnx_session import OnnxModel
@@ -30,11 +30,11 @@ class LocalPipeline:
         self.repository = repository
         self.threads = intra_op_threads
         self._models: dict[str, OnnxModel] = {}
-        self.calls = LeafCalls(self._infer, EngineModels(), speaker_model=speakers.model if speakers else "")
-        self.vad = VadSpec.load(repository / self.calls.vad_model / "1")
+        self.calls = LeafCalls(self._infer, PipelineSettings(), speaker_model=speakers.model if speakers else "")
+        self.vad = VadSpec.load(repository / self.calls.models.vad_model / "1")
         stage = build_speaker_stage(repository, speakers, self.calls.speaker) if speakers is not None else None
         calls = self.calls
-        engines = build_engines(repository, calls.engine_models, calls.sensevoice, calls.parakeet_encoder,
+        engines = build_engines(repository, calls.models, calls.sensevoice, calls.parakeet_encoder,
                                 calls.parakeet_decoder)
         self.recognizer = Recognizer(engines, default_engine, stage)
         self.pipeline = OfflinePipeline(self.vad, self.recognizer, calls.vad)
@@ -47,13 +47,13 @@ class LocalPipeline:
         return self._models[name]
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        if model == self.calls.engine_models.parakeet_decoder:  # a Python-backend model: its loop, here
+        if model == self.calls.models.parakeet_decoder_model:  # a Python-backend model: its loop, here
             return self._decode(inputs)
         (result,) = self.model(model).run_batch([inputs], outputs)
         return [result[name] for name in outputs]
 
     def _decode(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        decoder = OnnxDecoderJoint(self.model(self.calls.engine_models.parakeet_decoder, DECODER_GRAPH))
+        decoder = OnnxDecoderJoint(self.model(self.calls.models.parakeet_decoder_model, DECODER_GRAPH))
         length = int(inputs["encoded_lengths"].reshape(-1)[0])
         (result,) = decode_padded([inputs["encoded"][0, :length]], decoder, self.recognizer.engines["parakeet"].spec.tdt)
         return [result.tokens[None], result.frames[None], result.durations[None]]

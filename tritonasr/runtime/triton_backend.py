@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import logging.handlers
-import os
 import queue
 import traceback
 from dataclasses import dataclass
@@ -19,16 +18,16 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import validate_samples
-from tritonasr.contract import MAX_CHUNK_MS
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                               ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.models.fbank import Extract, in_pieces
 from tritonasr.models.vad import VadSpec
 from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
-from tritonasr.recognition.engines import EngineModels, build_engines, pad_step
+from tritonasr.recognition.engines import build_engines, pad_step
 from tritonasr.recognition.leaf_calls import LeafCalls
 from tritonasr.recognition.offline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
-from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.settings import (OfflineSettings, PipelineSettings, RegistrySettings, SpeakerSettings,
+                                            StreamSettings)
 from tritonasr.recognition.speakers import SpeakerRegistry, build_speaker_stage
 from tritonasr.recognition.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry, check_chunk,
                                              check_sequence_id, stream_factory)
@@ -201,16 +200,16 @@ class _PipelineModel:
         self.params = _parameters(args)
         self.config = json.loads(args["model_config"])
         self.repository = Path(args["model_repository"]).parent
-        settings = SpeakerSettings.from_parameters(self.params)
-        self.calls = LeafCalls(self._infer, EngineModels.from_parameters(self.params),
-                               self.params.get("vad_model", "vad"), settings.model)
-        self.vad_spec = VadSpec.load(self.repository / self.calls.vad_model / "1")
+        self.settings = PipelineSettings.from_parameters(self.params)
+        speaker_settings = SpeakerSettings.from_parameters(self.params)
+        self.calls = LeafCalls(self._infer, self.settings, speaker_settings.model)
+        self.vad_spec = VadSpec.load(self.repository / self.settings.vad_model / "1")
         # The front ends: served models where the repository build put them (GPU targets), else
         # computed here, per request, on the CPU.
-        served_fbank = self._served_frontend("fbank_model")
+        served_fbank = self._served_frontend(self.settings.fbank_model)
         self.vad_fbank = served_fbank and in_pieces(served_fbank, self.vad_spec.frontend)
-        self.speakers = build_speaker_stage(self.repository, settings, self.calls.speaker,
-                                            self._served_frontend("speaker_fbank_model"))
+        self.speakers = build_speaker_stage(self.repository, speaker_settings, self.calls.speaker,
+                                            self._served_frontend(self.settings.speaker_fbank_model))
         self.metrics = PipelineMetrics(args["model_name"], args["model_instance_name"], self.REJECTION_REASONS)
         self.access = Access.from_environment()
 
@@ -219,19 +218,16 @@ class _PipelineModel:
         return self.access.caller(parameters_of(request.parameters()))
 
     def _recognizer(self) -> Recognizer:
-        """The exported engines; the default is the config's default_asr_engine, else the one
-        `tritonasr serve --asr-engine` put in TRITONASR_ASR_ENGINE, else the first exported."""
-        calls = self.calls
-        engines = build_engines(self.repository, calls.engine_models, calls.sensevoice, calls.parakeet_encoder,
-                                calls.parakeet_decoder, fbank=self.vad_fbank, mel=self._served_frontend("mel_model"))
-        default = self.params.get("default_asr_engine") or os.environ.get("TRITONASR_ASR_ENGINE", "")
-        pad_ms = int(self.params.get("pad_segments_ms", "0"))
-        calls.pad_steps = {name: pad_step(engine.frame_ms, pad_ms) for name, engine in engines.items()}
-        return Recognizer(engines, default, self.speakers)
+        """The exported engines, the default one first ("": the first exported)."""
+        calls, settings = self.calls, self.settings
+        engines = build_engines(self.repository, settings, calls.sensevoice, calls.parakeet_encoder,
+                                calls.parakeet_decoder, fbank=self.vad_fbank,
+                                mel=self._served_frontend(settings.mel_model))
+        calls.pad_steps = {name: pad_step(engine.frame_ms, settings.pad_segments_ms) for name, engine in engines.items()}
+        return Recognizer(engines, settings.default_asr_engine, self.speakers)
 
-    def _served_frontend(self, parameter: str) -> Extract | None:
-        """The front-end model a parameter names ("": none)."""
-        model = self.params.get(parameter, "")
+    def _served_frontend(self, model: str) -> Extract | None:
+        """The served front-end model named `model` ("": none)."""
         return self.calls.frontend(model) if model else None
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
@@ -254,9 +250,10 @@ class OfflineAsrModel(_PipelineModel):
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
+        limits = OfflineSettings.from_parameters(self.params)
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
-                                        max_audio_s=float(self.params.get("max_audio_seconds", "1800")))
-        self.budget = AudioBudget(int(float(self.params.get("max_inflight_audio_mb", "1024")) * MB))
+                                        max_audio_s=limits.max_audio_seconds)
+        self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
 
     async def _handle(self, request) -> dict:
         self._caller(request)
@@ -296,7 +293,7 @@ class SpeakerRegistryModel(_PipelineModel):
         super().initialize(args)
         if self.speakers is None:
             raise RuntimeError(f"speaker_registry needs the {self.calls.speaker_model!r} model: run `tritonasr export speaker`")
-        self.max_samples = int(float(self.params.get("max_audio_seconds", "600")) * SAMPLE_RATE)
+        self.max_samples = int(RegistrySettings.from_parameters(self.params).max_audio_seconds * SAMPLE_RATE)
         self.registry = SpeakerRegistry(self.speakers, self._detect_speech, SAMPLE_RATE)
 
     async def _detect_speech(self, samples: np.ndarray) -> list[tuple[int, int]]:
@@ -345,15 +342,16 @@ class StreamingAsrModel(_PipelineModel):
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         self.metrics.open_streams.set(0)
+        settings = StreamSettings.from_parameters(self.params)
         factory = stream_factory(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
-                                 vad_step_ms=int(self.params.get("vad_step_ms", "100")),
+                                 vad_step_ms=settings.vad_step_ms,
                                  on_final=self.metrics.final_sent, on_failure=self._stream_failed)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
-        self.max_chunk_samples = int(self.params.get("max_chunk_ms", MAX_CHUNK_MS)) * SAMPLE_RATE // 1000
-        self.streams = StreamRegistry(factory, idle_us / 1e6, Admission.for_this_server(self.params),
+        self.max_chunk_samples = settings.max_chunk_ms * SAMPLE_RATE // 1000
+        self.streams = StreamRegistry(factory, idle_us / 1e6, Admission.for_this_server(settings),
                                       on_change=self.metrics.open_streams.set,
-                                      require_token=self.params.get("require_stream_token", "false") == "true")
+                                      require_token=settings.require_stream_token)
         self._sweeper: asyncio.Future | None = None
 
     async def execute(self, requests):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tritonasr.paths import cache_dir
 from tritonasr.recognition import admission
-from tritonasr.recognition.speaker_settings import SpeakerSettings
+from tritonasr.recognition.settings import PipelineSettings, SpeakerSettings, StreamSettings
 from tritonasr.runtime import access
 
 LOG_TAIL_LINES = 400
@@ -117,7 +117,7 @@ class ServerConfig:
     model_config_name: str | None = None
     # Models to load; None loads every model in the repository.
     models: list[str] | None = None
-    # The pipelines' default ASR engine where their configs leave it open ("": the first exported).
+    # The pipelines' default ASR engine ("": their configs' default_asr_engine, else the first exported).
     asr_engine: str = ""
     # Where each port listens. Only gRPC is for callers (it alone has TLS); HTTP (health, and
     # inference in plain text) and metrics stay on loopback unless the operator opens them.
@@ -139,7 +139,7 @@ class ServerConfig:
     max_streams: int | None = None
     max_streams_per_client: int | None = None
     # The speaker stage's settings for all three models that use it (SpeakerSettings field ->
-    # value); a model's own config parameter still wins.
+    # value); like the others here, they win over the models' config parameters.
     speaker_settings: dict[str, object] = field(default_factory=dict)
     # Another Triton build than the wheel's (NVIDIA's container, with its native ONNX Runtime and
     # TensorRT backends): its tritonserver binary and backends directory.
@@ -152,8 +152,7 @@ class ServerConfig:
             raise ServerError(f"model control must be one of {', '.join(MODEL_CONTROL_MODES)}, "
                               f"got {self.model_control!r}")
         try:
-            admission.server_environment(self.max_streams, self.max_streams_per_client)
-            SpeakerSettings.environment(self.speaker_settings)
+            self._settings_environment()
         except (TypeError, ValueError) as exc:
             raise ServerError(str(exc)) from None
 
@@ -161,11 +160,15 @@ class ServerConfig:
         """What the model processes learn of the access settings, the stream limits, the speaker
         settings and the default engine."""
         env = access.server_environment(self.api_keys, self.admin_key, self.open_leaf_models)
-        env.update(admission.server_environment(self.max_streams, self.max_streams_per_client))
-        env.update(SpeakerSettings.environment(self.speaker_settings))
-        if self.asr_engine:
-            env["TRITONASR_ASR_ENGINE"] = self.asr_engine
+        env.update(self._settings_environment())
         return env
+
+    def _settings_environment(self) -> dict[str, str]:
+        """The model settings `serve` was given (see tritonasr.recognition.settings)."""
+        limits = {name: getattr(self, name) for name in ("max_streams", "max_streams_per_client")
+                  if getattr(self, name) is not None}
+        return {**PipelineSettings.environment({"default_asr_engine": self.asr_engine} if self.asr_engine else {}),
+                **StreamSettings.environment(limits), **SpeakerSettings.environment(self.speaker_settings)}
 
     def command(self, backend_directory: Path, model_repository: Path | None = None) -> list[str]:
         """tritonserver's command line; `model_repository` replaces the configured one (the
