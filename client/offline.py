@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, load_audio, resample, validate_samples
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES
+from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES, Endpointing
 
 # Longer recordings go in pieces: one request holds a file whole in the server's shared memory,
 # which never shrinks (10 minutes: 38 MB). Below this, one request is simpler and batches better.
@@ -120,10 +120,12 @@ class OfflineClient(ModelClient):
     def transcribe(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
                    language: str = "auto", use_itn: bool = False, with_speaker: bool = True,
                    return_embedding: bool = False, engine: str = "",
-                   on_progress: Callable[[int, int], None] | None = None) -> dict:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   endpointing: Endpointing | None = None) -> dict:
         """Transcribes mono float samples in [-1, 1]; returns the server's result JSON.
         engine: sensevoice or parakeet; "" for the server's default.
-        on_progress: for recordings sent in pieces, told (ms done, ms in all) as the server goes."""
+        on_progress: for recordings sent in pieces, told (ms done, ms in all) as the server goes.
+        endpointing: how speech is cut into segments (None: the server's VAD values)."""
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
         audio = server_audio(samples, sample_rate)
@@ -131,7 +133,8 @@ class OfflineClient(ModelClient):
             from tritonasr.client.pieces import transcribe_in_pieces  # (it imports this module)
 
             return transcribe_in_pieces(self, audio, on_progress, language=language, use_itn=use_itn,
-                                        engine=engine, with_speaker=with_speaker, return_embedding=return_embedding)
+                                        engine=engine, with_speaker=with_speaker, return_embedding=return_embedding,
+                                        endpointing=endpointing)
         return self.infer([
             tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
             tensor_input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
@@ -140,15 +143,18 @@ class OfflineClient(ModelClient):
             tensor_input("ENGINE", np.array([[engine.encode()]], dtype=np.object_), "BYTES"),
             tensor_input("WITH_SPEAKER", np.array([[with_speaker]], dtype=np.bool_), "BOOL"),
             tensor_input("RETURN_EMBEDDING", np.array([[return_embedding]], dtype=np.bool_), "BOOL"),
+            *endpointing_inputs(endpointing),
         ])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",
-                        with_speaker: bool = True, on_progress: Callable[[int, int], None] | None = None) -> dict:
+                        with_speaker: bool = True, on_progress: Callable[[int, int], None] | None = None,
+                        endpointing: Endpointing | None = None) -> dict:
         """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
         audio = load_audio(path)
         result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn, with_speaker=with_speaker,
-                                 return_embedding=return_embedding, engine=engine, on_progress=on_progress)
+                                 return_embedding=return_embedding, engine=engine, endpointing=endpointing,
+                                 on_progress=on_progress)
         return {"file": str(path), "duration_ms": audio.duration_ms,
                 "segments": result["segments"]}
 
@@ -156,6 +162,12 @@ class OfflineClient(ModelClient):
 def server_audio(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Checked samples at the server's 16 kHz (other rates are converted here)."""
     return resample(validate_samples(samples), sample_rate)
+
+
+def endpointing_inputs(endpointing: Endpointing | None) -> list[grpcclient.InferInput]:
+    """The endpointing inputs (INT32), as asr_offline and asr_stream's START take them."""
+    values = (endpointing or Endpointing()).inputs()
+    return [tensor_input(name, np.array([[value]], dtype=np.int32), "INT32") for name, value in values.items()]
 
 
 def tensor_input(name: str, data: np.ndarray, datatype: str) -> grpcclient.InferInput:

@@ -42,7 +42,7 @@ OnProgress = Callable[[int, int], None]
 def transcribe_in_pieces(client: OfflineClient, audio: np.ndarray, on_progress: OnProgress | None = None,
                          **options) -> dict:
     """asr_offline's result (`{"duration_ms", "segments"}`) for 16 kHz `audio`, sent to the
-    client's stream model in chunks; `options` are stream_request's (language, engine, ...)."""
+    client's stream model in chunks; `options` are stream_request's (language, engine, endpointing, ...)."""
     answers: queue.Queue = queue.Queue()
     sequence_id, token = new_stream_identity()
     chunks = split_chunks(audio, MAX_CHUNK_MS) + [np.zeros(0, np.float32)]  # the last carries END

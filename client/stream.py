@@ -35,8 +35,8 @@ from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.client.offline import ServerUnavailableError, TranscriptionError
-from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS
+from tritonasr.client.offline import ServerUnavailableError, TranscriptionError, endpointing_inputs
+from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS, Endpointing
 from tritonasr.errors import split_status
 
 MAX_CHUNK_SAMPLES = MAX_CHUNK_MS * SAMPLE_RATE // 1000
@@ -165,7 +165,7 @@ class LiveStream:
 
     def __init__(self, client: StreamingClient, chunks: Chunks, *, language: str, use_itn: bool,
                  partial_interval_ms: int, realtime: bool, engine: str = "", with_speaker: bool = True,
-                 return_embedding: bool = False,
+                 return_embedding: bool = False, endpointing: Endpointing | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
@@ -176,6 +176,7 @@ class LiveStream:
         self.engine = engine
         self.with_speaker = with_speaker
         self.return_embedding = return_embedding
+        self.endpointing = endpointing
         self.realtime = realtime
         self.summary: StreamSummary | None = None
         self.chunk_clock: ChunkClock | None = None  # set when the stream starts
@@ -247,7 +248,8 @@ class LiveStream:
 
     def _request(self, samples: np.ndarray, start: bool, end: bool) -> dict:
         options = dict(language=self.language, use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms,
-                       engine=self.engine, with_speaker=self.with_speaker, return_embedding=self.return_embedding)
+                       engine=self.engine, with_speaker=self.with_speaker, return_embedding=self.return_embedding,
+                       endpointing=self.endpointing)
         return stream_request(self.client.model, self.sequence_id, samples, start, end, token=self.token, **options)
 
     # -- receiving -----------------------------------------------------------------------------
@@ -386,7 +388,8 @@ class StreamingClient:
 
     def stream(self, chunks: Chunks, *, language: str = "auto", use_itn: bool = False,
                partial_interval_ms: int = 0, realtime: bool = False, engine: str = "",
-               with_speaker: bool = True, return_embedding: bool = False) -> LiveStream:
+               with_speaker: bool = True, return_embedding: bool = False,
+               endpointing: Endpointing | None = None) -> LiveStream:
         """A live stream of `chunks` (float32 16 kHz mono arrays, 0 to 2000 ms each, sizes may
         differ; a sync or async iterable). Nothing is sent until the stream is iterated.
 
@@ -395,6 +398,7 @@ class StreamingClient:
         engine: the ASR engine, sensevoice or parakeet ("": the server's default).
         with_speaker: False skips the server's speaker stage for this stream.
         return_embedding: each final's speaker field carries the segment's speaker embedding.
+        endpointing: how speech is cut into segments (None: the server's VAD values).
         """
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
@@ -402,7 +406,8 @@ class StreamingClient:
             raise ValueError(f"partial_interval_ms must be a whole number >= 0, got {partial_interval_ms!r}")
         return LiveStream(self, chunks, language=language, use_itn=bool(use_itn),
                           partial_interval_ms=int(partial_interval_ms), realtime=realtime,
-                          engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding))
+                          engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding),
+                          endpointing=endpointing)
 
     def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
                     **options) -> LiveStream:
@@ -420,7 +425,8 @@ def new_stream_identity() -> tuple[int, str]:
 
 def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: bool, end: bool, *,
                    language: str = "auto", use_itn: bool = False, partial_interval_ms: int = 0, engine: str = "",
-                   with_speaker: bool = True, return_embedding: bool = False, token: str = "") -> dict:
+                   with_speaker: bool = True, return_embedding: bool = False, endpointing: Endpointing | None = None,
+                   token: str = "") -> dict:
     """The keyword arguments of one `stream_infer` request (tritonclient's aio and sync clients
     take the same ones) carrying `samples` of sequence `sequence_id`; `token`: the stream's
     secret, the same on every chunk ("" for none)."""
@@ -436,6 +442,7 @@ def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: boo
             _input("ENGINE", np.array([[engine.encode()]], np.object_), "BYTES"),
             _input("WITH_SPEAKER", np.array([[with_speaker]], np.bool_), "BOOL"),
             _input("RETURN_EMBEDDING", np.array([[return_embedding]], np.bool_), "BOOL"),
+            *endpointing_inputs(endpointing),
         ]
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
             "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,

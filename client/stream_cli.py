@@ -14,7 +14,7 @@ from tritonasr.client.formats import clock, line_prefix
 from tritonasr.client.connection import AccessDeniedError, Credentials
 from tritonasr.client.offline import ServerUnavailableError, exit_code
 from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
-from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES
+from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES, Endpointing
 
 STREAM_FORMATS = ("text", "json")
 
@@ -22,7 +22,7 @@ STREAM_FORMATS = ("text", "json")
 def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, realtime: bool = False,
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
                fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True,
-               credentials: Credentials | None = None) -> int:
+               credentials: Credentials | None = None, endpointing: Endpointing | None = None) -> int:
     """Streams one audio file and prints each result as it arrives; returns the exit code
     (tritonasr.contract): EXIT_OK once the stream completed, EXIT_FAILED when the file or the
     stream failed, EXIT_UNREACHABLE or EXIT_DENIED when the server cannot be used (on stderr).
@@ -39,7 +39,7 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
     printer = Printer(fmt, output)
     return asyncio.run(_stream(path, url, credentials, chunks, printer, realtime=realtime,
                                partial_interval_ms=partial_interval_ms, language=language, use_itn=use_itn,
-                               engine=engine, with_speaker=with_speaker))
+                               engine=engine, with_speaker=with_speaker, endpointing=endpointing))
 
 
 async def _stream(path: str, url: str, credentials: Credentials | None, chunks: list, printer: Printer,

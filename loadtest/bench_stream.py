@@ -24,11 +24,14 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 
+from tritonasr.client.endpointing import describe
+from tritonasr.contract import ENDPOINTING_PRESETS, Endpointing
 from tritonasr.loadtest.common import served
 from tritonasr.loadtest.workload import SPEECH_FILES, joined_speech
 from tritonasr.paths import add_repository_argument, default_model_repository
@@ -45,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap-ms", type=int, default=1000, help="silence between files within a stream")
     parser.add_argument("--stagger-ms", type=int, default=3000, help="stream starts spread over this long")
     parser.add_argument("--partials", type=int, default=0, metavar="MS", help="partial-result interval (0: none)")
+    parser.add_argument("--endpointing", choices=ENDPOINTING_PRESETS, default="default",
+                        help="every stream's endpointing preset (`tritonasr stream --help`); each file ends a "
+                             "segment only when --gap-ms is longer than the preset's end silence")
     parser.add_argument("--target-ms", type=float, default=1000.0, help="p95 latency target")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--overload", type=float, default=0, metavar="F",
@@ -79,7 +85,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
         nonlocal partials, segment_count
         samples = joined_speech(audios, index, args.seconds, args.gap_ms)
         stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True,
-                               partial_interval_ms=args.partials)
+                               partial_interval_ms=args.partials, endpointing=ENDPOINTING_PRESETS[args.endpointing])
         await asyncio.sleep(offset)
         received = 0
         try:
@@ -181,7 +187,9 @@ def main(args) -> int:
               "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "cpus": os.cpu_count(), "url": args.url or "embedded", "repository": str(repository),
               "files": len(files), "seconds_per_stream": args.seconds, "chunk_ms": args.chunk_ms,
-              "partial_interval_ms": args.partials, "target_ms": args.target_ms, "levels": levels,
+              "partial_interval_ms": args.partials,
+              "endpointing": {"preset": args.endpointing, **asdict(ENDPOINTING_PRESETS[args.endpointing])},
+              "target_ms": args.target_ms, "levels": levels,
               "best_streams": best_streams(levels, args.target_ms) if levels else None,
               "capacity": capacity, "overload": args.overload, "admission": admitted}
     print(render_markdown(report))
@@ -191,7 +199,9 @@ def main(args) -> int:
 
 
 def render_markdown(report: dict) -> str:
-    lines = []
+    endpointing = dict(report["endpointing"])
+    preset = endpointing.pop("preset")
+    lines = [f"Endpointing preset `{preset}`: {describe(Endpointing(**endpointing))}.", ""]
     if report["levels"]:
         lines += ["| streams | segments | errors | latency p50 | p95 | p99 | after endpoint p50 | p95 | p99 |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -45,7 +45,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
                **options) -> StreamResult:
     """Streams `samples` (16 kHz float32) through `model` on `client` (one stream at a time per
     client), calling `on_segment` for each final as it arrives. `options` are those of
-    `stream_request` (language, use_itn, partial_interval_ms, engine, with_speaker, ...);
+    `stream_request` (language, use_itn, partial_interval_ms, engine, with_speaker, endpointing, ...);
     `headers`: the caller's keys (`Credentials.headers()`).
     Raises StreamError when the server refuses or aborts the stream, or stays silent for
     `finish_timeout_s` after the last chunk."""

@@ -13,7 +13,7 @@ import pytest
 
 from tritonasr.audio import load_audio
 from tritonasr.models.endpointing import ENERGY_FLOOR_DB, EndpointDetector, EndpointOptions, frame_energies
-from tritonasr.models.vad import SegmentTracker, VadSpec, chunk_bounds
+from tritonasr.models.vad import VadSpec, chunk_bounds
 from tritonasr.recognition.offline import detect_speech
 from tritonasr.runtime.onnx_session import OnnxModel
 
@@ -283,12 +283,12 @@ def test_pipeline_and_streams_segment_as_funasr(vad, real_scores):
     frames = scores.shape[0]
     expected = [seg for call in funasr_reports(conf, scores, samples, [(0, frames)], False) for seg in call]
     assert asyncio.run(detect_speech(spec, run_vad, samples)) == expected
-    tracker = SegmentTracker(spec, online=True)
+    detector = EndpointDetector(spec.endpoint, online=True)
     bounds = steps(frames, 10)
-    got = [tracker.feed(part, piece, final) for part, piece, final in calls(scores, samples, bounds)]
+    got = [detector.feed(part, piece, final) for part, piece, final in calls(scores, samples, bounds)]
     assert got == funasr_reports(conf, scores, samples, bounds, True)
     assert online_segments([r for call in got for r in call]) == expected
-    assert tracker.machine.pending_frames == 0
+    assert detector.pending_frames == 0
 
 
 # ---- synthetic scores, one rule at a time ------------------------------------------------------

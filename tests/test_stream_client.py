@@ -160,7 +160,8 @@ def test_requests_start_with_options_end_with_an_empty_chunk():
     assert _inputs(requests[0]) == {"AUDIO": ("FP32", [1, 1600]), "SAMPLE_RATE": ("INT32", [1, 1]),
                                     "LANGUAGE": ("BYTES", [1, 1]), "USE_ITN": ("BOOL", [1, 1]),
                                     "PARTIAL_INTERVAL_MS": ("INT32", [1, 1]), "ENGINE": ("BYTES", [1, 1]), "WITH_SPEAKER": ("BOOL", [1, 1]),
-                                    "RETURN_EMBEDDING": ("BOOL", [1, 1])}
+                                    "RETURN_EMBEDDING": ("BOOL", [1, 1]), "END_SILENCE_MS": ("INT32", [1, 1]),
+                                    "MAX_SEGMENT_MS": ("INT32", [1, 1]), "SPEECH_START_MS": ("INT32", [1, 1])}
     # Later requests carry AUDIO alone, so those of all streams batch together on the server.
     assert _inputs(requests[1]) == {"AUDIO": ("FP32", [1, 800])}
     assert _inputs(requests[2]) == {"AUDIO": ("FP32", [1, 0])}
@@ -453,11 +454,17 @@ def test_bench_best_streams_and_table():
     levels = [level(1, 400), level(4, 700), level(8, 900, errors=1), level(12, 800, refused=2, slowest=20.0),
               level(16, 2500)]
     assert best_streams(levels, 1000) == 4  # a level with errors or refusals is past the capacity
-    table = render_markdown({"levels": levels, "best_streams": 4, "target_ms": 1000, "admission": []})
+    default = {"preset": "default", "end_silence_ms": None, "max_segment_ms": None, "speech_start_ms": None}
+    table = render_markdown({"levels": levels, "best_streams": 4, "target_ms": 1000, "admission": [],
+                             "endpointing": default})
+    assert table.startswith("Endpointing preset `default`: the server's VAD values.\n")
     assert "| 4 | 40 | 0 | 350 ms | 700 ms | 770 ms | 50 ms | 80 ms | – |" in table
     assert table.endswith("under 1000 ms and no errors: **4**")
     admitted = render_markdown({"levels": [], "admission": [level(4, 700), level(12, 910, refused=8, slowest=31.0)],
-                                "capacity": 4, "overload": 3})
+                                "capacity": 4, "overload": 3,
+                                "endpointing": {**default, "preset": "assistant", "end_silence_ms": 300,
+                                                "max_segment_ms": 15000}})
+    assert admitted.startswith("Endpointing preset `assistant`: end silence 300 ms, max segment 15000 ms.\n")
     assert "| 12 | 4 | 8 | 0 | 455 ms | 910 ms | 1001 ms | 31 ms | 31 ms | 31 ms |" in admitted
     assert admitted.endswith("3x capacity: 1.30x its value at capacity (target: at most 2x); "
                              "slowest refusal 31 ms (target: 100 ms)")

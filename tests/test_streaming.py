@@ -291,7 +291,7 @@ def test_a_long_stream_keeps_only_recent_state(local):
             held_ms = (stream.audio.end - stream.audio.start) * 1000 // 16000
             open_ms = 0 if stream.open_start_ms is None else stream.endpointer.position_ms - stream.open_start_ms
             assert held_ms <= max(open_ms, 1000) + 2000
-            assert stream.endpointer.tracker.machine.pending_frames == 0
+            assert stream.endpointer.detector.pending_frames == 0
         await stream._delivered
 
     asyncio.run(feed())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tritonasr.client.connection import add_arguments as _add_connection_args
 from tritonasr.client.connection import from_arguments as _credentials
+from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
+from tritonasr.client.endpointing import from_arguments as _endpointing
 from tritonasr.contract import ENGINES, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
 from tritonasr.serving.server import MODEL_CONTROL_MODES
@@ -274,7 +276,8 @@ def cmd_transcribe(args) -> int:
 
     return run_transcribe(args.files, args.url, args.format, language=args.language,
                           concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
-                          with_speaker=not args.no_speaker, credentials=_credentials(args), use_itn=args.itn)
+                          with_speaker=not args.no_speaker, credentials=_credentials(args), use_itn=args.itn,
+                          endpointing=_endpointing(args))
 
 
 def cmd_stream(args) -> int:
@@ -283,7 +286,7 @@ def cmd_stream(args) -> int:
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
                       fmt=args.format, engine=args.engine, with_speaker=not args.no_speaker,
-                      credentials=_credentials(args))
+                      credentials=_credentials(args), endpointing=_endpointing(args))
 
 
 def cmd_speakers(args) -> int:
@@ -492,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
                             help="each segment's speaker embedding in the JSON output")
+    _add_endpointing_args(transcribe)
     _add_connection_args(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)
 
@@ -508,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--no-speaker", action="store_true",
                         help="skip the server's speaker stage (finals arrive sooner on a CPU server)")
     stream.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    _add_endpointing_args(stream)
     _add_connection_args(stream)
     stream.set_defaults(func=cmd_stream)
 

@@ -2,8 +2,7 @@
 
 The scores come from the exported `vad` graph (run in chunks, carrying its FSMN caches); the
 speech/silence decisions are `tritonasr.models.endpointing`'s, FunASR's rules with the options of the
-model's config.yaml (meta.json's `vad_post`). `SegmentTracker` feeds one recording or stream,
-chunk by chunk, offline or online.
+model's config.yaml (meta.json's `vad_post`), which a request may change (`Endpointing`).
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
+from tritonasr.models.endpointing import EndpointOptions
 from tritonasr.models.fbank import Frontend
 from tritonasr.models.meta import read_meta
 
@@ -54,23 +53,6 @@ class VadSpec:
     def zero_caches(self) -> list[np.ndarray]:
         shape = (1, self.proj_dim, self.cache_frames, 1)
         return [np.zeros(shape, dtype=np.float32) for _ in range(self.fsmn_layers)]
-
-
-class SegmentTracker:
-    """One recording's VAD scores, fed in order, turned into speech segments (ms).
-
-    Offline, it reports whole segments once they are complete. Online, it also reports a
-    segment's start as soon as it is decided: (start_ms, -1), later (-1, end_ms), or
-    (start_ms, end_ms) when both fall in one call. The decisions are the same in both modes."""
-
-    def __init__(self, spec: VadSpec, online: bool = False):
-        self.spec = spec
-        self.online = online
-        self.machine = EndpointDetector(spec.endpoint, online)
-
-    def feed(self, scores: np.ndarray, waveform: np.ndarray, is_final: bool) -> list[tuple[int, int]]:
-        """scores [T, C] for the next T frames, waveform: the samples those frames cover."""
-        return self.machine.feed(scores, waveform, is_final)
 
 
 def chunk_bounds(frames: int, chunk: int = VAD_CHUNK_FRAMES) -> list[tuple[int, int]]:

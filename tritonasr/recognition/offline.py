@@ -7,16 +7,19 @@ benchmarks).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
+from tritonasr.contract import Endpointing
 from tritonasr.errors import InputError
 from tritonasr.models.fbank import Extract, in_process
 from tritonasr.models.transcript import Segment
-from tritonasr.models.vad import SegmentTracker, VadSpec, chunk_bounds, chunk_samples, split_long_segments
+from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
+from tritonasr.models.vad import VadSpec, chunk_bounds, chunk_samples, split_long_segments
 from tritonasr.recognition.engines import AsrEngine
 from tritonasr.recognition.speakers import SpeakerSession, SpeakerStage
 
@@ -85,19 +88,29 @@ def check_sample_rate(sample_rate: int) -> None:
         raise AudioError(f"audio must be {SAMPLE_RATE} Hz mono; got {sample_rate} Hz (resample it on the client)")
 
 
-async def detect_speech(vad: VadSpec, run_vad: RunVad, samples: np.ndarray,
-                        fbank: np.ndarray | None = None) -> list[tuple[int, int]]:
-    """A whole recording's speech segments (ms), as FunASR's offline VAD finds them."""
+def endpoint_options(vad: VadSpec, endpointing: Endpointing) -> EndpointOptions:
+    """The VAD model's endpointing with what a request changed (None: the model's value)."""
+    changed = {name: value for name, value in vars(endpointing).items() if value is not None}
+    try:
+        return dataclasses.replace(vad.endpoint, **changed) if changed else vad.endpoint
+    except ValueError as exc:  # e.g. a speech_start_ms this model's vote window cannot hold
+        raise InputError(f"endpointing: {exc}") from None
+
+
+async def detect_speech(vad: VadSpec, run_vad: RunVad, samples: np.ndarray, fbank: np.ndarray | None = None,
+                        endpoint: EndpointOptions | None = None) -> list[tuple[int, int]]:
+    """A whole recording's speech segments (ms), as FunASR's offline VAD finds them with
+    `endpoint` (default: the model's own options)."""
     frontend = vad.frontend
     fbank = frontend.fbank(samples) if fbank is None else fbank
-    tracker = SegmentTracker(vad)
+    detector = EndpointDetector(endpoint or vad.endpoint, online=False)
     caches = vad.zero_caches()
     bounds = chunk_bounds(frontend.num_lfr_frames(fbank.shape[0]))
     segments: list[tuple[int, int]] = []
     for i, (start, stop) in enumerate(bounds):
         scores, caches = await run_vad(frontend.lfr(fbank, start, stop)[None], caches)
         wave = samples[chunk_samples(frontend, start, stop, samples.size)]
-        segments += tracker.feed(scores[0], wave, is_final=i == len(bounds) - 1)
+        segments += detector.feed(scores[0], wave, final=i == len(bounds) - 1)
     return segments
 
 
@@ -125,13 +138,15 @@ class OfflinePipeline:
 
     async def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
                          sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,
-                         return_embedding: bool = False, engine: str = "") -> dict:
+                         return_embedding: bool = False, engine: str = "",
+                         endpointing: Endpointing = Endpointing()) -> dict:
         """with_speaker: run the speaker stage (when deployed); False skips it for this request.
         engine: the ASR engine ("" for the deployment's default)."""
         samples = self.check_audio(samples, sample_rate)
         request = self.recognizer.request(engine, language, use_itn)
+        endpoint = endpoint_options(self.vad, endpointing)
         fbank = await self.fbank(samples)
-        speech = await detect_speech(self.vad, self.run_vad, samples, fbank)
+        speech = await detect_speech(self.vad, self.run_vad, samples, fbank, endpoint)
         pieces = split_long_segments(speech, self.max_asr_segment_ms)
         # Many segments go out at once so the leaf models' batchers can batch them, but not all of
         # a long file's: their inputs all sit in the Python backend's shared memory, which never

@@ -20,11 +20,14 @@ from typing import Callable, Protocol
 import numpy as np
 
 from tritonasr.audio import AudioError, validate_samples
+from tritonasr.contract import Endpointing
 from tritonasr.errors import IdleTimeout, RecognitionError, ServiceError, StreamError
+from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
 from tritonasr.models.fbank import Extract, Frontend
-from tritonasr.models.vad import SegmentTracker, VadSpec, chunk_samples, split_long_segments
+from tritonasr.models.vad import VadSpec, chunk_samples, split_long_segments
 from tritonasr.recognition.admission import Admission, Ticket
-from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate
+from tritonasr.recognition.offline import (MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate,
+                                          endpoint_options)
 
 # Audio kept behind the VAD's position while no segment is open: FunASR dates a segment's start
 # up to ~400 ms (its 200 ms decision window plus 200 ms look-back) before it decides it.
@@ -76,6 +79,7 @@ class StreamOptions:
     engine: str = ""  # the ASR engine; "" for the deployment's default
     with_speaker: bool = True  # run the speaker stage (when deployed)
     return_embedding: bool = False  # each final segment's speaker embedding in its "speaker" field
+    endpointing: Endpointing = Endpointing()  # how this stream is cut into segments
 
 
 def check_chunk(samples: np.ndarray, max_samples: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -206,13 +210,14 @@ class Endpointer:
     """FSMN-VAD over a live stream: scores new frames a step at a time with the stream's caches
     and feeds them to the endpointing state machine (FunASR's decisions) in online mode."""
 
-    def __init__(self, spec: VadSpec, run_vad: RunVad, step_frames: int, fbank: Extract | None = None):
+    def __init__(self, spec: VadSpec, run_vad: RunVad, step_frames: int, fbank: Extract | None = None,
+                 endpoint: EndpointOptions | None = None):
         self.spec = spec
         self.run_vad = run_vad
         self.step_frames = step_frames
         self.features = OnlineFeatures(spec.frontend, fbank)
         self.caches = spec.zero_caches()
-        self.tracker = SegmentTracker(spec, online=True)
+        self.detector = EndpointDetector(endpoint or spec.endpoint, online=True)
         self.frames_scored = 0
 
     @property
@@ -228,7 +233,7 @@ class Endpointer:
         start, stop = self.frames_scored, self.frames_scored + feats.shape[0]
         window = chunk_samples(self.spec.frontend, start, stop, audio.end)
         self.frames_scored = stop
-        return self.tracker.feed(scores[0], audio.get(window.start, window.stop), is_final=final)
+        return self.detector.feed(scores[0], audio.get(window.start, window.stop), final=final)
 
 
 @dataclass
@@ -269,7 +274,8 @@ class LiveStream:
         self.recognizer = recognizer
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
-        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // vad.frontend.frame_ms), fbank)
+        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // vad.frontend.frame_ms), fbank,
+                                     endpoint_options(vad, options.endpointing))
         self.audio = SampleBuffer()
         self.lock = asyncio.Lock()
         self.open_start_ms: int | None = None  # start of the segment being spoken, once decided

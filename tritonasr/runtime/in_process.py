@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonasr.contract import Endpointing
 from tritonasr.models.parakeet import DECODER_GRAPH, OnnxDecoderJoint, ParakeetSpec, TdtResult, decode_padded
 from tritonasr.models.vad import VadSpec
 from tritonasr.recognition.engines import build_engines
@@ -59,9 +60,9 @@ class LocalPipeline:
         return [result.tokens[None], result.frames[None], result.durations[None]]
 
     def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
-                   return_embedding: bool = False, engine: str = "") -> dict:
+                   return_embedding: bool = False, engine: str = "", endpointing: Endpointing = Endpointing()) -> dict:
         return asyncio.run(self.pipeline.transcribe(samples, language, use_itn, return_embedding=return_embedding,
-                                                    engine=engine))
+                                                    engine=engine, endpointing=endpointing))
 
     def open_stream(self, options: StreamOptions = StreamOptions()) -> LiveStream:
         """A live stream whose `push` must be awaited inside one event loop."""

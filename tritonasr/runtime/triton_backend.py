@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import validate_samples
+from tritonasr.contract import ENDPOINTING_INPUTS, KEEP_MODEL_VALUE, Endpointing
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                               ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.models.fbank import Extract, in_pieces
@@ -276,6 +277,7 @@ class OfflineAsrModel(_PipelineModel):
             with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
             return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
             engine=engine,
+            endpointing=_endpointing(request),
         )
         self.metrics.audio_received(audio.size)
         self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
@@ -407,7 +409,8 @@ class StreamingAsrModel(_PipelineModel):
 
 
 # The inputs of asr_stream read from a START request only (see _Chunk.options).
-STREAM_OPTIONS = ("LANGUAGE", "ENGINE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER", "RETURN_EMBEDDING")
+STREAM_OPTIONS = ("LANGUAGE", "ENGINE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER", "RETURN_EMBEDDING",
+                  *ENDPOINTING_INPUTS.values())
 
 
 @dataclass
@@ -447,7 +450,7 @@ class _Chunk:
         return StreamOptions(_text(request, "LANGUAGE", "auto"), bool(_scalar(_input(request, "USE_ITN"), False)),
                              partial_interval_ms, _text(request, "ENGINE", ""),
                              bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
-                             bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)))
+                             bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)), _endpointing(request))
 
 
 class _ResponseSink:
@@ -510,6 +513,21 @@ def _scalar(value: np.ndarray | None, default):
     if value.size == 0:
         raise InputError("an option tensor is empty")
     return value.reshape(-1)[0]
+
+
+def _endpointing(request) -> Endpointing:
+    """The request's END_SILENCE_MS, MAX_SEGMENT_MS and SPEECH_START_MS (absent or
+    KEEP_MODEL_VALUE: the VAD model's value)."""
+    values = {}
+    for field, name in ENDPOINTING_INPUTS.items():
+        value = int(_scalar(_input(request, name), KEEP_MODEL_VALUE))
+        if value != KEEP_MODEL_VALUE:
+            values[field] = value
+            try:
+                Endpointing(**{field: values[field]})
+            except ValueError as exc:
+                raise InputError(f"{name}: {exc}") from None
+    return Endpointing(**values)
 
 
 # Longest text option (LANGUAGE, ENGINE, ACTION, NAME), in bytes.
