@@ -10,9 +10,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.audio import SAMPLE_RATE, load_audio, resample, validate_samples
+from tritonasr.audio import SAMPLE_RATE, Audio, load_audio, resample, validate_samples
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES, Endpointing
+from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES, SAMPLE_RATES, Endpointing
 
 # Longer recordings go in pieces: one request holds a file whole in the server's shared memory,
 # which never shrinks (10 minutes: 38 MB). Below this, one request is simpler and batches better.
@@ -122,22 +122,23 @@ class OfflineClient(ModelClient):
                    return_embedding: bool = False, engine: str = "",
                    on_progress: Callable[[int, int], None] | None = None,
                    endpointing: Endpointing | None = None) -> dict:
-        """Transcribes mono float samples in [-1, 1]; returns the server's result JSON.
+        """Transcribes mono float samples in [-1, 1] at `sample_rate`; returns the server's result JSON.
+        8 kHz samples go as they are (see sent_audio).
         engine: sensevoice or parakeet; "" for the server's default.
         on_progress: for recordings sent in pieces, told (ms done, ms in all) as the server goes.
         endpointing: how speech is cut into segments (None: the server's VAD values)."""
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
-        audio = server_audio(samples, sample_rate)
-        if audio.size > self.pieces_above_s * SAMPLE_RATE:
+        audio, rate = sent_audio(samples, sample_rate)
+        if audio.size > self.pieces_above_s * rate:
             from tritonasr.client.pieces import transcribe_in_pieces  # (it imports this module)
 
-            return transcribe_in_pieces(self, audio, on_progress, language=language, use_itn=use_itn,
-                                        engine=engine, with_speaker=with_speaker, return_embedding=return_embedding,
-                                        endpointing=endpointing)
+            return transcribe_in_pieces(self, audio, on_progress, sample_rate=rate, language=language,
+                                        use_itn=use_itn, engine=engine, with_speaker=with_speaker,
+                                        return_embedding=return_embedding, endpointing=endpointing)
         return self.infer([
             tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
-            tensor_input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], dtype=np.int32), "INT32"),
+            tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
             tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
             tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
             tensor_input("ENGINE", np.array([[engine.encode()]], dtype=np.object_), "BYTES"),
@@ -150,8 +151,8 @@ class OfflineClient(ModelClient):
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",
                         with_speaker: bool = True, on_progress: Callable[[int, int], None] | None = None,
                         endpointing: Endpointing | None = None) -> dict:
-        """Loads any audio file and returns `{"file", "duration_ms", "segments"}`."""
-        audio = load_audio(path)
+        """Loads any audio file (load_server_audio) and returns `{"file", "duration_ms", "segments"}`."""
+        audio = load_server_audio(path)
         result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn, with_speaker=with_speaker,
                                  return_embedding=return_embedding, engine=engine, endpointing=endpointing,
                                  on_progress=on_progress)
@@ -162,6 +163,20 @@ class OfflineClient(ModelClient):
 def server_audio(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Checked samples at the server's 16 kHz (other rates are converted here)."""
     return resample(validate_samples(samples), sample_rate)
+
+
+def sent_audio(samples: np.ndarray, sample_rate: int) -> tuple[np.ndarray, int]:
+    """Checked samples and their rate as a request carries them: as they are at a rate the server
+    takes (contract.SAMPLE_RATES: it resamples 8 kHz itself, and half the bytes travel), else
+    converted to 16 kHz here."""
+    if sample_rate in SAMPLE_RATES:
+        return validate_samples(samples), sample_rate
+    return server_audio(samples, sample_rate), SAMPLE_RATE
+
+
+def load_server_audio(path: str | os.PathLike) -> Audio:
+    """load_audio, except that a file at a rate the server takes (8 kHz) keeps its rate."""
+    return load_audio(path, keep_rates=SAMPLE_RATES)
 
 
 def endpointing_inputs(endpointing: Endpointing | None) -> list[grpcclient.InferInput]:

@@ -40,13 +40,14 @@ OnProgress = Callable[[int, int], None]
 
 
 def transcribe_in_pieces(client: OfflineClient, audio: np.ndarray, on_progress: OnProgress | None = None,
-                         **options) -> dict:
-    """asr_offline's result (`{"duration_ms", "segments"}`) for 16 kHz `audio`, sent to the
-    client's stream model in chunks; `options` are stream_request's (language, engine, endpointing, ...)."""
+                         sample_rate: int = SAMPLE_RATE, **options) -> dict:
+    """asr_offline's result (`{"duration_ms", "segments"}`) for float32 `audio` at `sample_rate`
+    (contract.SAMPLE_RATES), sent to the client's stream model in chunks; `options` are
+    stream_request's (language, engine, endpointing, ...)."""
     answers: queue.Queue = queue.Queue()
     sequence_id, token = new_stream_identity()
-    chunks = split_chunks(audio, MAX_CHUNK_MS) + [np.zeros(0, np.float32)]  # the last carries END
-    upload = _Upload(client, answers, len(audio) * 1000 // SAMPLE_RATE, on_progress)
+    chunks = split_chunks(audio, MAX_CHUNK_MS, sample_rate=sample_rate) + [np.zeros(0, np.float32)]  # the last: END
+    upload = _Upload(client, answers, len(audio) * 1000 // sample_rate, on_progress)
     client._client.start_stream(callback=lambda result, error: answers.put((result, error)),
                                 headers=client.headers)
     drained = False
@@ -55,7 +56,7 @@ def transcribe_in_pieces(client: OfflineClient, audio: np.ndarray, on_progress: 
             while upload.sent - upload.answered >= WINDOW_CHUNKS:
                 upload.take_answer()
             request = stream_request(client.stream_model, sequence_id, chunk, start=index == 0,
-                                     end=index == len(chunks) - 1, token=token, **options)
+                                     end=index == len(chunks) - 1, sample_rate=sample_rate, token=token, **options)
             client._client.async_stream_infer(enable_empty_final_response=True, **request)
             upload.sent += 1
         while upload.answered < upload.sent:

@@ -30,18 +30,22 @@ from itertools import cycle, repeat
 
 import grpc
 import numpy as np
+import soundfile as sf
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
+from tritonasr.audio import (ENCODING_SUBTYPES, SAMPLE_RATE, AudioError, check_encoding, encode, sample_bytes,
+                             validate_samples)
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.client.offline import ServerUnavailableError, TranscriptionError, endpointing_inputs
-from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS, Endpointing
+from tritonasr.client.offline import ServerUnavailableError, TranscriptionError, endpointing_inputs, load_server_audio
+from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS, SAMPLE_RATES, Endpointing
 from tritonasr.errors import split_status
 
-MAX_CHUNK_SAMPLES = MAX_CHUNK_MS * SAMPLE_RATE // 1000
-
-Chunks = Iterable[np.ndarray] | AsyncIterable[np.ndarray]
+# A chunk of a stream: float32 samples, or the bytes of its byte encoding (bytes or a uint8 array).
+Chunk = np.ndarray | bytes
+Chunks = Iterable[Chunk] | AsyncIterable[Chunk]
+# libsndfile subtypes a stream sends as they are, as the byte encoding of contract.ENCODINGS.
+FILE_ENCODINGS = {subtype: encoding for encoding, subtype in ENCODING_SUBTYPES.items()}
 
 
 class StreamError(TranscriptionError):
@@ -93,11 +97,12 @@ class ChunkClock:
     """When each chunk left the client, to time responses against the audio they answer.
 
     Times are in the clock's own seconds (time.monotonic by default); audio positions are ms
-    from the start of the stream.
+    from the start of the stream, whose chunks are counted in samples at its `sample_rate`.
     """
 
-    def __init__(self, start: float):
+    def __init__(self, start: float, sample_rate: int = SAMPLE_RATE):
         self.start = start
+        self.sample_rate = sample_rate
         self._ends: list[int] = []  # cumulative samples sent, after each chunk
         self._sent_at: list[float] = []
 
@@ -118,7 +123,7 @@ class ChunkClock:
         the end, which the server's ms rounding can give); None before anything was sent."""
         if not self._sent_at:
             return None
-        i = bisect.bisect_left(self._ends, audio_ms * SAMPLE_RATE / 1000)
+        i = bisect.bisect_left(self._ends, audio_ms * self.sample_rate / 1000)
         return self._sent_at[min(i, len(self._sent_at) - 1)]
 
     def delay_ms(self, audio_ms: float, received_at: float) -> float | None:
@@ -126,31 +131,82 @@ class ChunkClock:
         return None if sent is None else (received_at - sent) * 1000
 
 
-def validate_chunk(chunk: np.ndarray) -> np.ndarray:
-    """A chunk as float32: 1-D floating-point samples at 16 kHz, finite, at most 2 s (may be empty)."""
-    chunk = np.asarray(chunk)
-    if chunk.size > MAX_CHUNK_SAMPLES:
-        raise AudioError(f"an audio chunk may hold at most {MAX_CHUNK_MS} ms ({MAX_CHUNK_SAMPLES} "
-                         f"samples at 16 kHz), got {chunk.size} samples")
-    return validate_samples(chunk, allow_empty=True)
+def validate_chunk(chunk: Chunk, sample_rate: int = SAMPLE_RATE, encoding: str = "float32") -> np.ndarray:
+    """A chunk as sent, at most 2 s of audio at `sample_rate` (may be empty): float32 (1-D
+    floating-point samples, finite), or for a byte encoding its bytes as uint8, whole samples."""
+    if encoding == "float32":
+        chunk, unit = np.asarray(chunk), "samples"
+    else:
+        chunk, unit = _chunk_bytes(chunk, encoding), f"bytes of {encoding}"
+    limit = MAX_CHUNK_MS * sample_rate // 1000 * _chunk_items(encoding)
+    if chunk.size > limit:
+        raise AudioError(f"an audio chunk may hold at most {MAX_CHUNK_MS} ms ({limit} {unit} at "
+                         f"{sample_rate / 1000:g} kHz), got {chunk.size} {unit}")
+    if encoding == "float32":
+        return validate_samples(chunk, allow_empty=True)
+    if chunk.size % sample_bytes(encoding):
+        raise AudioError(f"a chunk of {chunk.size} bytes of {encoding} does not hold whole samples")
+    return chunk
 
 
-def split_chunks(samples: np.ndarray, chunk_ms: float | Iterable[float] = 100) -> list[np.ndarray]:
-    """Cuts 16 kHz samples into chunks: `chunk_ms` an int for equal chunks (the last one may be
-    shorter), or an iterable of sizes in ms for uneven chunks, taken in order and cycled if it
-    runs out (e.g. `rng.integers(10, 2001, size=50)`)."""
+def _chunk_bytes(chunk: Chunk, encoding: str) -> np.ndarray:
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return np.frombuffer(chunk, np.uint8)
+    if isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8 and chunk.ndim == 1:
+        return chunk
+    got = f"{chunk.dtype} of shape {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__
+    raise AudioError(f"{encoding} audio chunks must be bytes or 1-D uint8 arrays, got {got}")
+
+
+def _chunk_items(encoding: str) -> int:
+    """A chunk's items per sample: 1 (float32), or the byte encoding's bytes."""
+    check_encoding(encoding)
+    return 1 if encoding == "float32" else sample_bytes(encoding)
+
+
+def split_chunks(audio: Chunk, chunk_ms: float | Iterable[float] = 100, *, sample_rate: int = SAMPLE_RATE,
+                 encoding: str = "float32") -> list[Chunk]:
+    """Cuts audio at `sample_rate` (float32 samples, or the bytes of a byte encoding) into chunks:
+    `chunk_ms` an int for equal chunks (the last one may be shorter), or an iterable of sizes in ms
+    for uneven chunks, taken in order and cycled if it runs out (e.g. `rng.integers(10, 2001, size=50)`)."""
     sizes = repeat(chunk_ms) if isinstance(chunk_ms, numbers.Real) else cycle(chunk_ms)
+    items = _chunk_items(encoding)
     chunks, pos = [], 0
-    while pos < len(samples):
+    while pos < len(audio):
         ms = next(sizes, None)
         if ms is None:
             raise ValueError("chunk_ms is an empty sequence")
         if not 0 < ms <= MAX_CHUNK_MS:
             raise ValueError(f"chunk sizes must be over 0 and at most {MAX_CHUNK_MS} ms, got {ms}")
-        step = max(1, round(ms * SAMPLE_RATE / 1000))
-        chunks.append(samples[pos: pos + step])
+        step = max(1, round(ms * sample_rate / 1000)) * items
+        chunks.append(audio[pos: pos + step])
         pos += step
     return chunks
+
+
+@dataclass(frozen=True)
+class FileAudio:
+    """A file's audio as a stream sends it (load_stream_audio)."""
+
+    data: Chunk  # float32 samples, or the bytes of `encoding`
+    sample_rate: int
+    encoding: str
+
+    def chunks(self, chunk_ms: float | Iterable[float] = 100) -> list[Chunk]:
+        return split_chunks(self.data, chunk_ms, sample_rate=self.sample_rate, encoding=self.encoding)
+
+
+def load_stream_audio(path: str | os.PathLike) -> FileAudio:
+    """Any audio file as a stream sends it: an 8 kHz file as it is (the server resamples it), in
+    its own encoding when it is mono 16-bit PCM, mu-law or A-law, else float32 (downmixed); files
+    at other rates resampled to 16 kHz float32 (load_server_audio)."""
+    audio = load_server_audio(path)
+    mono_telephony = audio.sample_rate != SAMPLE_RATE and audio.source_channels == 1
+    encoding = FILE_ENCODINGS.get(sf.info(path).subtype) if mono_telephony else None
+    if encoding is None:
+        return FileAudio(audio.samples, audio.sample_rate, "float32")
+    # Encoded again from the decoded samples: the file's bytes (mu-law's -0 becomes +0).
+    return FileAudio(encode(audio.samples, encoding), audio.sample_rate, encoding)
 
 
 class LiveStream:
@@ -166,10 +222,13 @@ class LiveStream:
     def __init__(self, client: StreamingClient, chunks: Chunks, *, language: str, use_itn: bool,
                  partial_interval_ms: int, realtime: bool, engine: str = "", with_speaker: bool = True,
                  return_embedding: bool = False, endpointing: Endpointing | None = None,
+                 sample_rate: int = SAMPLE_RATE, encoding: str = "float32",
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
         self.sequence_id, self.token = new_stream_identity()
+        self.sample_rate = sample_rate
+        self.encoding = encoding
         self.language = language
         self.use_itn = use_itn
         self.partial_interval_ms = partial_interval_ms
@@ -221,36 +280,40 @@ class LiveStream:
 
     async def requests(self) -> AsyncIterator[dict]:
         """The request dicts for `stream_infer`, paced in real time if asked; records each send."""
-        clock = self.chunk_clock = ChunkClock(self._now())
+        clock = self.chunk_clock = ChunkClock(self._now(), self.sample_rate)
+        items = _chunk_items(self.encoding)
+        no_audio = np.zeros(0, np.float32 if self.encoding == "float32" else np.uint8)
         first = True
         try:
             async for chunk in _until(self._stop_sending, _aiter(self._chunks)):
-                samples = validate_chunk(chunk)
+                audio = validate_chunk(chunk, self.sample_rate, self.encoding)
+                samples = audio.size // items
                 if self.realtime:
                     # A chunk covering audio [a, b) leaves at start + b, as if recorded live.
-                    delay = clock.start + (clock.samples + samples.size) / SAMPLE_RATE - self._now()
+                    delay = clock.start + (clock.samples + samples) / self.sample_rate - self._now()
                     if delay > 0:
                         await self._sleep(delay)
-                clock.record(samples.size, self._now())
-                yield self._request(samples, start=first, end=False)
+                clock.record(samples, self._now())
+                yield self._request(audio, start=first, end=False)
                 first = False
             if self._stop_sending.is_set():
                 return  # the server closed the stream: end the call without an END request
             # The END flag travels on an empty chunk after the last one.
             self._last_activity = self._now()
             clock.record(0, self._last_activity)
-            yield self._request(np.zeros(0, np.float32), start=first, end=True)
+            yield self._request(no_audio, start=first, end=True)
         except Exception as exc:
             # gRPC swallows what a request iterator raises (it only cancels the call):
             # keep it for the reader to raise in its place.
             self._send_error = exc
             raise
 
-    def _request(self, samples: np.ndarray, start: bool, end: bool) -> dict:
-        options = dict(language=self.language, use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms,
-                       engine=self.engine, with_speaker=self.with_speaker, return_embedding=self.return_embedding,
+    def _request(self, audio: np.ndarray, start: bool, end: bool) -> dict:
+        options = dict(sample_rate=self.sample_rate, encoding=self.encoding, language=self.language,
+                       use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms, engine=self.engine,
+                       with_speaker=self.with_speaker, return_embedding=self.return_embedding,
                        endpointing=self.endpointing)
-        return stream_request(self.client.model, self.sequence_id, samples, start, end, token=self.token, **options)
+        return stream_request(self.client.model, self.sequence_id, audio, start, end, token=self.token, **options)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -389,9 +452,14 @@ class StreamingClient:
     def stream(self, chunks: Chunks, *, language: str = "auto", use_itn: bool = False,
                partial_interval_ms: int = 0, realtime: bool = False, engine: str = "",
                with_speaker: bool = True, return_embedding: bool = False,
-               endpointing: Endpointing | None = None) -> LiveStream:
-        """A live stream of `chunks` (float32 16 kHz mono arrays, 0 to 2000 ms each, sizes may
+               endpointing: Endpointing | None = None, sample_rate: int = SAMPLE_RATE,
+               encoding: str = "float32") -> LiveStream:
+        """A live stream of `chunks` (mono audio at `sample_rate`, 0 to 2000 ms each, sizes may
         differ; a sync or async iterable). Nothing is sent until the stream is iterated.
+
+        sample_rate: 8000 or 16000 (contract.SAMPLE_RATES); the server resamples 8 kHz.
+        encoding: what the chunks hold (contract.ENCODINGS): "float32" arrays, or the bytes
+            (bytes or uint8 arrays) of "pcm16" (little-endian), "mulaw" or "alaw".
 
         realtime: send each chunk when its audio would have been recorded (for files).
         partial_interval_ms: ask for partial results of the open segment this often (0: none).
@@ -404,16 +472,20 @@ class StreamingClient:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
         if not isinstance(partial_interval_ms, numbers.Integral) or partial_interval_ms < 0:
             raise ValueError(f"partial_interval_ms must be a whole number >= 0, got {partial_interval_ms!r}")
+        if sample_rate not in SAMPLE_RATES:
+            raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))}, got {sample_rate!r}")
+        check_encoding(encoding)
         return LiveStream(self, chunks, language=language, use_itn=bool(use_itn),
                           partial_interval_ms=int(partial_interval_ms), realtime=realtime,
                           engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding),
-                          endpointing=endpointing)
+                          endpointing=endpointing, sample_rate=int(sample_rate), encoding=encoding)
 
     def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
                     **options) -> LiveStream:
-        """Loads any audio file (resampled to 16 kHz mono) and streams it in chunks of `chunk_ms`
-        (see split_chunks); `options` are those of stream()."""
-        return self.stream(split_chunks(load_audio(path).samples, chunk_ms), **options)
+        """Streams any audio file as load_stream_audio reads it (8 kHz as it is, else 16 kHz), in
+        chunks of `chunk_ms` (see split_chunks); `options` are those of stream()."""
+        audio = load_stream_audio(path)
+        return self.stream(audio.chunks(chunk_ms), sample_rate=audio.sample_rate, encoding=audio.encoding, **options)
 
 
 def new_stream_identity() -> tuple[int, str]:
@@ -423,19 +495,24 @@ def new_stream_identity() -> tuple[int, str]:
     return secrets.randbits(63) or 1, secrets.token_urlsafe(16)  # sequence id 0: "no sequence"
 
 
-def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: bool, end: bool, *,
+def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end: bool, *,
+                   sample_rate: int = SAMPLE_RATE, encoding: str = "float32",
                    language: str = "auto", use_itn: bool = False, partial_interval_ms: int = 0, engine: str = "",
                    with_speaker: bool = True, return_embedding: bool = False, endpointing: Endpointing | None = None,
                    token: str = "") -> dict:
     """The keyword arguments of one `stream_infer` request (tritonclient's aio and sync clients
-    take the same ones) carrying `samples` of sequence `sequence_id`; `token`: the stream's
-    secret, the same on every chunk ("" for none)."""
-    inputs = [_input("AUDIO", samples[np.newaxis, :], "FP32")]
+    take the same ones) carrying `chunk` of sequence `sequence_id`: float32 samples in AUDIO, or
+    for a byte encoding its bytes (bytes or a uint8 array) in AUDIO_BYTES; `sample_rate` and
+    `encoding`: the stream's; `token`: the stream's secret, the same on every chunk ("" for none)."""
+    if encoding == "float32":
+        inputs = [_input("AUDIO", chunk[np.newaxis, :], "FP32")]
+    else:
+        inputs = [_input("AUDIO_BYTES", np.frombuffer(chunk, np.uint8)[np.newaxis, :], "UINT8")]
     if start:
         # Options go on the START request only, so that the other requests of every stream
         # carry the same single input and batch together on the server.
         inputs += [
-            _input("SAMPLE_RATE", np.array([[SAMPLE_RATE]], np.int32), "INT32"),
+            _input("SAMPLE_RATE", np.array([[sample_rate]], np.int32), "INT32"),
             _input("LANGUAGE", np.array([[language.encode()]], np.object_), "BYTES"),
             _input("USE_ITN", np.array([[use_itn]], np.bool_), "BOOL"),
             _input("PARTIAL_INTERVAL_MS", np.array([[partial_interval_ms]], np.int32), "INT32"),
@@ -444,6 +521,8 @@ def stream_request(model: str, sequence_id: int, samples: np.ndarray, start: boo
             _input("RETURN_EMBEDDING", np.array([[return_embedding]], np.bool_), "BOOL"),
             *endpointing_inputs(endpointing),
         ]
+        if encoding != "float32":  # (left out otherwise: float32 streams work with servers before it)
+            inputs.append(_input("ENCODING", np.array([[encoding.encode()]], np.object_), "BYTES"))
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
             "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,
             "parameters": {"stream_token": token} if token else None}

@@ -9,11 +9,11 @@ import sys
 from dataclasses import asdict
 from typing import TextIO
 
-from tritonasr.audio import AudioError, load_audio
+from tritonasr.audio import AudioError
 from tritonasr.client.formats import clock, line_prefix
 from tritonasr.client.connection import AccessDeniedError, Credentials
 from tritonasr.client.offline import ServerUnavailableError, exit_code
-from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, split_chunks
+from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, load_stream_audio
 from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES, Endpointing
 
 STREAM_FORMATS = ("text", "json")
@@ -23,21 +23,23 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
                fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True,
                credentials: Credentials | None = None, endpointing: Endpointing | None = None) -> int:
-    """Streams one audio file and prints each result as it arrives; returns the exit code
-    (tritonasr.contract): EXIT_OK once the stream completed, EXIT_FAILED when the file or the
-    stream failed, EXIT_UNREACHABLE or EXIT_DENIED when the server cannot be used (on stderr).
+    """Streams one audio file (an 8 kHz one as it is: load_stream_audio) and prints each result as
+    it arrives; returns the exit code (tritonasr.contract): EXIT_OK once the stream completed,
+    EXIT_FAILED when the file or the stream failed, EXIT_UNREACHABLE or EXIT_DENIED when the server
+    cannot be used (on stderr).
     """
     if fmt not in STREAM_FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STREAM_FORMATS)}")
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
     try:
-        chunks = split_chunks(load_audio(path).samples, chunk_ms)
+        audio = load_stream_audio(path)
     except AudioError as exc:
         print(f"error: {exc}", file=sys.stderr)  # load_audio's messages start with the path
         return EXIT_FAILED
     printer = Printer(fmt, output)
-    return asyncio.run(_stream(path, url, credentials, chunks, printer, realtime=realtime,
+    return asyncio.run(_stream(path, url, credentials, audio.chunks(chunk_ms), printer, sample_rate=audio.sample_rate,
+                               encoding=audio.encoding, realtime=realtime,
                                partial_interval_ms=partial_interval_ms, language=language, use_itn=use_itn,
                                engine=engine, with_speaker=with_speaker, endpointing=endpointing))
 

@@ -51,11 +51,11 @@ def _wait_for(condition, timeout_s: float = 10.0):
 
 
 def _offline_run(client) -> tuple[dict, str]:
-    """A file through asr_offline, and a request at 8 kHz (sent raw: the client would resample)."""
+    """A file through asr_offline, and a request at 44.1 kHz (sent raw: the client would resample)."""
     offline = client.transcribe_file(DATA / "pause_1s.wav")
     try:
         client.infer([tensor_input("AUDIO", np.zeros((1, 8000), np.float32), "FP32"),
-                      tensor_input("SAMPLE_RATE", np.array([[8000]], np.int32), "INT32")])
+                      tensor_input("SAMPLE_RATE", np.array([[44100]], np.int32), "INT32")])
     except TranscriptionError as exc:
         return offline, str(exc)
     return offline, "(accepted)"

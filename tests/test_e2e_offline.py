@@ -149,7 +149,7 @@ def _raw_infer(server, audio: np.ndarray, sample_rate: int = 16000, language: by
     (np.zeros(0), 16000, b"auto", "empty"),
     (np.full(16000, np.nan), 16000, b"auto", "NaN"),
     (np.full(16000, np.inf), 16000, b"auto", "NaN or infinite"),
-    (np.zeros(16000), 8000, b"auto", "16000 Hz"),
+    (np.zeros(16000), 44100, b"auto", "got 44100 Hz"),
     (np.zeros(16000), 16000, b"klingon", "unknown language"),
 ], ids=["empty", "nan", "inf", "wrong-rate", "unknown-language"])
 def test_server_rejects_bad_audio_clearly(server, client, audio, sample_rate, language, message):

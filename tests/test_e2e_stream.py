@@ -178,8 +178,8 @@ def test_bad_input_fails_only_its_own_stream(server, offline_segments):
                             "START"),
         "unknown language": ([_chunk_request(906, chunk, start=True, extra=[_language("xx")])],
                              "unknown language 'xx'"),
-        "wrong sample rate": ([_chunk_request(907, chunk, start=True, extra=[_sample_rate(8000)])],
-                              "8000 Hz"),
+        "wrong sample rate": ([_chunk_request(907, chunk, start=True, extra=[_sample_rate(44100)])],
+                              "got 44100 Hz"),
     }
     healthy = ["pause_0.3s.wav", "pause_1s.wav", "one_phrase.wav", "pause_3s.wav"] * 2
 

@@ -7,17 +7,17 @@ import asyncio
 import numpy as np
 import pytest
 
-from tritonasr.audio import AudioError, load_audio
+from tritonasr.audio import AudioError, decode, encode, load_audio
 from tritonasr.errors import InputError, OverloadError, StreamError
 from tritonasr.models.fbank import Frontend
 from tritonasr.recognition.admission import Admission
 from tritonasr.recognition.streaming import (
+    ChunkReader,
     OnlineFeatures,
     SampleBuffer,
     StreamKey,
     StreamOptions,
     StreamRegistry,
-    check_chunk,
     check_sequence_id,
 )
 
@@ -88,16 +88,31 @@ def test_sample_buffer_keeps_absolute_addresses_while_dropping_and_shrinking():
         buffer.get(100, 200)
 
 
-def test_check_chunk_rejects_bad_chunks_with_clear_words():
+def test_chunks_are_read_as_their_stream_declared_them():
     ok = np.zeros(1600, dtype=np.float32)
-    assert check_chunk(ok[None], 32000).shape == (1600,)
-    assert check_chunk(np.zeros((1, 0), np.float32), 32000).size == 0
+    reader = ChunkReader(StreamOptions(), 2000)
+    assert reader.read(ok[None], None, None).shape == (1600,)
+    assert reader.read(np.zeros((1, 0), np.float32), None, 16000).size == 0
     with pytest.raises(AudioError, match="longer than this server's limit of 2000 ms"):
-        check_chunk(np.zeros(48000, np.float32), 32000)
+        reader.read(np.zeros(48000, np.float32), None, None)
     with pytest.raises(AudioError, match="NaN"):
-        check_chunk(np.array([0.0, np.nan], np.float32), 32000)
-    with pytest.raises(AudioError, match="8000 Hz"):
-        check_chunk(ok, 32000, sample_rate=8000)
+        reader.read(np.array([0.0, np.nan], np.float32), None, None)
+    with pytest.raises(AudioError, match="opened at 16000 Hz; a chunk says 8000 Hz"):
+        reader.read(ok, None, 8000)
+    with pytest.raises(AudioError, match="float32 stream's chunks carry AUDIO"):
+        reader.read(None, np.zeros(10, np.uint8), None)
+    mulaw = ChunkReader(StreamOptions(sample_rate=8000, encoding="mulaw"), 2000)
+    speech = np.sin(np.arange(800) / 7).astype(np.float32) * 0.5
+    assert np.array_equal(mulaw.read(None, np.frombuffer(encode(speech, "mulaw"), np.uint8)[None], 8000),
+                          decode(encode(speech, "mulaw"), "mulaw"))
+    with pytest.raises(AudioError, match="longer than this server's limit of 2000 ms"):
+        mulaw.read(None, np.zeros(16001, np.uint8), None)  # 2000 ms at 8 kHz is 16000 bytes
+    with pytest.raises(AudioError, match="does not hold whole samples"):
+        ChunkReader(StreamOptions(encoding="pcm16"), 2000).read(None, np.zeros(3, np.uint8), None)
+    with pytest.raises(AudioError, match="unknown audio encoding 'opus'"):
+        ChunkReader(StreamOptions(encoding="opus"), 2000)
+    with pytest.raises(AudioError, match="8000 Hz or 16000 Hz; got 44100 Hz"):
+        ChunkReader(StreamOptions(sample_rate=44100), 2000)
 
 
 class _Stub:
@@ -242,7 +257,7 @@ async def _stream_in_process(local, samples, sizes, options=StreamOptions()):
     for size in sizes:
         if pos >= samples.size:
             break
-        await stream.push(check_chunk(samples[pos:pos + size], 10**9), False, _Collect(out))
+        await stream.push(samples[pos:pos + size], False, _Collect(out))
         pos += size
     await stream.push(np.zeros(0, np.float32), True, _Collect(out))
     await stream._delivered

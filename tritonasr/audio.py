@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from tritonasr.contract import ENCODINGS
 from tritonasr.errors import AudioError
 
 SAMPLE_RATE = 16000
@@ -67,8 +69,60 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     return np.clip(soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ"), -1.0, 1.0).astype(np.float32, copy=False)
 
 
-def load_audio(path: str | os.PathLike) -> Audio:
-    """Reads wav/flac/ogg/mp3 (whatever libsndfile reads), downmixes and resamples to 16 kHz.
+class StreamResampler:
+    """`resample` for audio that arrives in pieces: the pieces' outputs, joined, are exactly
+    `resample` of the whole (soxr keeps the filter's state between them)."""
+
+    def __init__(self, rate: int):
+        self._soxr = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
+                                                                           quality="HQ")
+
+    def feed(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
+        """The 16 kHz samples `samples` completes (`last`: the rest, too)."""
+        if self._soxr is None:
+            return samples
+        return np.clip(self._soxr.resample_chunk(samples, last=last), -1.0, 1.0).astype(np.float32, copy=False)
+
+
+# libsndfile's subtype of each byte encoding of contract.ENCODINGS.
+ENCODING_SUBTYPES = {"pcm16": "PCM_16", "mulaw": "ULAW", "alaw": "ALAW"}
+_SAMPLE_BYTES = {"pcm16": 2, "mulaw": 1, "alaw": 1}
+
+
+def check_encoding(encoding: str) -> None:
+    if encoding not in ENCODINGS:
+        raise AudioError(f"unknown audio encoding {encoding[:40]!r}; use one of: {', '.join(ENCODINGS)}")
+
+
+def sample_bytes(encoding: str) -> int:
+    """Bytes per sample of a byte encoding."""
+    return _SAMPLE_BYTES[encoding]
+
+
+def decode(data: bytes, encoding: str) -> np.ndarray:
+    """Samples in [-1, 1] (float32) of `data`: 16-bit little-endian PCM, G.711 mu-law or A-law."""
+    check_encoding(encoding)
+    if len(data) % _SAMPLE_BYTES[encoding]:
+        raise AudioError(f"{encoding} audio of {len(data)} bytes does not hold whole samples")
+    if not data:
+        return np.zeros(0, np.float32)
+    # libsndfile decodes G.711 itself; the rate does not change the samples.
+    return sf.read(io.BytesIO(data), samplerate=SAMPLE_RATE, channels=1, format="RAW", subtype=ENCODING_SUBTYPES[encoding],
+                   endian="LITTLE", dtype="float32")[0]
+
+
+def encode(samples: np.ndarray, encoding: str) -> bytes:
+    """`decode`'s inverse (float32 samples in [-1, 1] -> bytes)."""
+    check_encoding(encoding)
+    out = io.BytesIO()
+    sf.write(out, np.asarray(samples, np.float32), SAMPLE_RATE, format="RAW", subtype=ENCODING_SUBTYPES[encoding],
+             endian="LITTLE")
+    return out.getvalue()
+
+
+def load_audio(path: str | os.PathLike, keep_rates: tuple[int, ...] = ()) -> Audio:
+    """Reads wav/flac/ogg/mp3 (whatever libsndfile reads), downmixes and resamples to 16 kHz
+    (a file at one of `keep_rates` keeps its rate).
 
     Every AudioError message starts with the path, so callers can print it as it is.
     """
@@ -100,4 +154,6 @@ def load_audio(path: str | os.PathLike) -> Audio:
         mono = validate_samples(np.clip(mono, -1.0, 1.0, out=mono, where=np.isfinite(mono)))
     except AudioError as e:
         raise AudioError(f"{path}: {e}") from None
+    if rate in keep_rates:
+        return Audio(mono, rate, rate, channels)
     return Audio(resample(mono, rate), SAMPLE_RATE, rate, channels)

@@ -500,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.set_defaults(func=cmd_transcribe)
 
     stream = sub.add_parser("stream", help="stream an audio file through asr_stream, results as they arrive")
-    stream.add_argument("file")
+    stream.add_argument("file", help="any audio file; an 8 kHz one goes as it is, for the server to resample (mono "
+                                      "16-bit PCM, mu-law and A-law WAVs in their own encoding); other rates are "
+                                      "resampled to 16 kHz here")
     stream.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
     stream.add_argument("--chunk-ms", type=_chunk_ms, default=100, help="chunk size, 10..2000 ms")
     stream.add_argument("--realtime", action="store_true", help="send the audio at the pace it plays")

@@ -1,5 +1,5 @@
-"""What clients and servers agree on, written once: the ASR engines and languages a request may
-name, the longest stream chunk, per-request endpointing and its presets, and the exit codes of the
+"""What clients and servers agree on, written once: the audio a request may declare, the ASR
+engines and languages it may name, the longest stream chunk, per-request endpointing and its presets, and the exit codes of the
 client commands.
 
 Light on purpose: the client install imports it, and nothing here imports beyond the standard
@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, fields
+
+# The rates a request or stream may declare (SAMPLE_RATE): the server resamples to the models' 16 kHz.
+SAMPLE_RATES = (8000, 16000)
+# What a stream's chunks carry (ENCODING on its START): float32 samples in AUDIO, or the bytes of
+# 16-bit little-endian PCM, G.711 mu-law or A-law in AUDIO_BYTES, as telephony sends them.
+ENCODINGS = ("float32", "pcm16", "mulaw", "alaw")
 
 ENGINES = ("sensevoice", "parakeet")
 LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko")

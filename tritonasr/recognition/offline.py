@@ -13,8 +13,8 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from tritonasr.audio import AudioError, validate_samples
-from tritonasr.contract import Endpointing
+from tritonasr.audio import SAMPLE_RATE, AudioError, resample, validate_samples
+from tritonasr.contract import SAMPLE_RATES, Endpointing
 from tritonasr.errors import InputError
 from tritonasr.models.fbank import Extract, in_process
 from tritonasr.models.transcript import Segment
@@ -23,7 +23,6 @@ from tritonasr.models.vad import VadSpec, chunk_bounds, chunk_samples, split_lon
 from tritonasr.recognition.engines import AsrEngine
 from tritonasr.recognition.speakers import SpeakerSession, SpeakerStage
 
-SAMPLE_RATE = 16000
 # SenseVoice is trained on utterances of at most 30 s; Parakeet's full attention grows with the
 # square of the length.
 MAX_ASR_SEGMENT_MS = 30_000
@@ -84,8 +83,9 @@ class Recognizer:
 
 
 def check_sample_rate(sample_rate: int) -> None:
-    if sample_rate != SAMPLE_RATE:
-        raise AudioError(f"audio must be {SAMPLE_RATE} Hz mono; got {sample_rate} Hz (resample it on the client)")
+    if sample_rate not in SAMPLE_RATES:
+        raise AudioError(f"audio must be mono at {' or '.join(f'{r} Hz' for r in SAMPLE_RATES)}; got "
+                         f"{sample_rate} Hz (resample it on the client)")
 
 
 def endpoint_options(vad: VadSpec, endpointing: Endpointing) -> EndpointOptions:
@@ -125,16 +125,17 @@ class OfflinePipeline:
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
 
-    def check_length(self, samples: np.ndarray) -> None:
-        if samples.size > self.max_audio_s * SAMPLE_RATE:
-            raise AudioError(f"audio is {samples.size / SAMPLE_RATE:.0f} s long; this server accepts at most "
+    def check_length(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+        if samples.size > self.max_audio_s * sample_rate:
+            raise AudioError(f"audio is {samples.size / sample_rate:.0f} s long; this server accepts at most "
                              f"{self.max_audio_s:.0f} s per request: send longer recordings as a stream, "
                              "in chunks (the tritonasr client does so by itself)")
 
     def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """The request's samples at 16 kHz."""
         check_sample_rate(sample_rate)
-        self.check_length(samples)  # first: validating a huge input costs several copies of it
-        return validate_samples(samples)
+        self.check_length(samples, sample_rate)  # first: validating a huge input costs several copies of it
+        return resample(validate_samples(samples), sample_rate)
 
     async def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
                          sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,

@@ -19,15 +19,14 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from tritonasr.audio import AudioError, validate_samples
-from tritonasr.contract import Endpointing
+from tritonasr.audio import SAMPLE_RATE, AudioError, StreamResampler, check_encoding, decode, validate_samples
+from tritonasr.contract import MAX_CHUNK_MS, Endpointing
 from tritonasr.errors import IdleTimeout, RecognitionError, ServiceError, StreamError
 from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
 from tritonasr.models.fbank import Extract, Frontend
 from tritonasr.models.vad import VadSpec, chunk_samples, split_long_segments
 from tritonasr.recognition.admission import Admission, Ticket
-from tritonasr.recognition.offline import (MAX_ASR_SEGMENT_MS, SAMPLE_RATE, Recognizer, RunVad, check_sample_rate,
-                                          endpoint_options)
+from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS, Recognizer, RunVad, check_sample_rate, endpoint_options
 
 # Audio kept behind the VAD's position while no segment is open: FunASR dates a segment's start
 # up to ~400 ms (its 200 ms decision window plus 200 ms look-back) before it decides it.
@@ -80,20 +79,44 @@ class StreamOptions:
     with_speaker: bool = True  # run the speaker stage (when deployed)
     return_embedding: bool = False  # each final segment's speaker embedding in its "speaker" field
     endpointing: Endpointing = Endpointing()  # how this stream is cut into segments
+    sample_rate: int = SAMPLE_RATE  # the rate its chunks are at
+    encoding: str = "float32"  # what its chunks carry: float32 samples (AUDIO) or bytes (AUDIO_BYTES)
 
 
-def check_chunk(samples: np.ndarray, max_samples: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """A chunk as the stream takes it: 16 kHz, 1-D, finite floats, at most `max_samples`."""
-    check_sample_rate(sample_rate)
-    if samples is None:  # (Triton 2.51 checks required inputs only by their number)
-        raise AudioError("this request needs the AUDIO input (an END request may carry an empty one)")
-    samples = np.asarray(samples)
-    if samples.ndim == 2 and samples.shape[0] == 1:
-        samples = samples[0]
-    if samples.size > max_samples:
-        raise AudioError(f"chunk of {samples.size * 1000 // SAMPLE_RATE} ms is longer than this server's "
-                         f"limit of {max_samples * 1000 // SAMPLE_RATE} ms: send smaller chunks")
-    return validate_samples(samples, allow_empty=True)  # an END request may carry no audio
+class ChunkReader:
+    """A stream's chunks, as it declared them (rate, encoding), to samples at its rate: checked
+    one by one, in any order (`read`); resampled to 16 kHz in the stream's order (`resample`)."""
+
+    def __init__(self, options: StreamOptions, max_chunk_ms: int):
+        check_sample_rate(options.sample_rate)
+        check_encoding(options.encoding)
+        self.sample_rate = options.sample_rate
+        self.encoding = options.encoding
+        self.max_samples = max_chunk_ms * options.sample_rate // 1000
+        self.resampler = StreamResampler(options.sample_rate)
+
+    def read(self, audio: np.ndarray | None, audio_bytes: np.ndarray | None, sample_rate: int | None) -> np.ndarray:
+        """A chunk's samples (float32, at the stream's rate): AUDIO for a float32 stream,
+        AUDIO_BYTES for the others; a SAMPLE_RATE it carries must be the stream's."""
+        if sample_rate is not None and sample_rate != self.sample_rate:
+            raise AudioError(f"this stream was opened at {self.sample_rate} Hz; a chunk says {sample_rate} Hz")
+        wanted, given = ("AUDIO", audio) if self.encoding == "float32" else ("AUDIO_BYTES", audio_bytes)
+        if given is None:  # (Triton 2.51 checks required inputs only by their number)
+            raise AudioError(f"a {self.encoding} stream's chunks carry {wanted} (an END request may carry it empty)")
+        given = np.asarray(given)
+        if given.ndim == 2 and given.shape[0] == 1:
+            given = given[0]
+        if self.encoding != "float32":
+            if given.dtype != np.uint8 or given.ndim != 1:
+                raise AudioError(f"AUDIO_BYTES must be 1-D bytes (uint8), got {given.dtype} {given.shape}")
+            given = decode(given.tobytes(), self.encoding)
+        if given.size > self.max_samples:
+            raise AudioError(f"chunk of {given.size * 1000 // self.sample_rate} ms is longer than this server's "
+                             f"limit of {self.max_samples * 1000 // self.sample_rate} ms: send smaller chunks")
+        return validate_samples(given, allow_empty=True)  # an END request may carry no audio
+
+    def resample(self, samples: np.ndarray, final: bool) -> np.ndarray:
+        return self.resampler.feed(samples, last=final)
 
 
 class SampleBuffer:
@@ -263,13 +286,14 @@ class LiveStream:
     def __init__(self, key: StreamKey, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS,
                  on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None,
-                 on_failure: OnFailure = lambda stream, error: None):
+                 on_failure: OnFailure = lambda stream, error: None, max_chunk_ms: int = MAX_CHUNK_MS):
         self.key = key
         self.id = key.id
         self.token = ""  # set by StreamRegistry.open
         self.on_final = on_final
         self.on_failure = on_failure
         self.options = options
+        self.reader = ChunkReader(options, max_chunk_ms)
         self.request = recognizer.request(options.engine, options.language, options.use_itn)
         self.recognizer = recognizer
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
@@ -317,7 +341,7 @@ class LiveStream:
         return self.audio.end * 1000 // SAMPLE_RATE
 
     async def push(self, samples: np.ndarray, final: bool, sink: Sink) -> None:
-        """Adds the next chunk (checked by `check_chunk`); `final` ends the stream."""
+        """Adds the next chunk (read by `self.reader`, at the stream's rate); `final` ends the stream."""
         self.busy += 1
         self.last_active = arrived = time.monotonic()
         try:
@@ -325,7 +349,7 @@ class LiveStream:
                 if self.closed or self.failed:
                     raise StreamError(f"stream {self.id} is closed ({self.closed or self.failed})",
                                       kind=None if self.failed else "")  # a failure counts once
-                outputs = await self._advance(samples, final, arrived)
+                outputs = await self._advance(self.reader.resample(samples, final), final, arrived)
                 previous = self._delivered
                 self._delivered = asyncio.ensure_future(self._deliver(previous, outputs, sink, final))
         finally:
@@ -536,6 +560,7 @@ class StreamRegistry:
 
 def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100,
                    on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None,
-                   on_failure: OnFailure = lambda stream, error: None) -> StreamFactory:
+                   on_failure: OnFailure = lambda stream, error: None, max_chunk_ms: int = MAX_CHUNK_MS) -> StreamFactory:
     return lambda key, options: LiveStream(key, vad, recognizer, run_vad, options, vad_step_ms,
-                                           on_final=on_final, fbank=fbank, on_failure=on_failure)
+                                           on_final=on_final, fbank=fbank, on_failure=on_failure,
+                                           max_chunk_ms=max_chunk_ms)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonasr.audio import validate_samples
+from tritonasr.audio import SAMPLE_RATE, resample, validate_samples
 from tritonasr.contract import ENDPOINTING_INPUTS, KEEP_MODEL_VALUE, Endpointing
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                               ServiceError, SpeakerError, bounded, classify, shown, with_status)
@@ -26,11 +26,11 @@ from tritonasr.models.vad import VadSpec
 from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.recognition.engines import build_engines, pad_step
 from tritonasr.recognition.leaf_calls import LeafCalls
-from tritonasr.recognition.offline import SAMPLE_RATE, OfflinePipeline, Recognizer, check_sample_rate, detect_speech
+from tritonasr.recognition.offline import OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.recognition.settings import (OfflineSettings, PipelineSettings, RegistrySettings, SpeakerSettings,
                                             StreamSettings)
 from tritonasr.recognition.speakers import SpeakerRegistry, build_speaker_stage
-from tritonasr.recognition.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry, check_chunk,
+from tritonasr.recognition.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry,
                                              check_sequence_id, stream_factory)
 from tritonasr.runtime.access import Access, parameters_of
 from tritonasr.runtime.memory import MB, AudioBudget, release_memory
@@ -170,8 +170,8 @@ class PipelineMetrics:
     def segments(self, engine: str, count: int = 1) -> None:
         self._labelled("segments", "engine", engine).increment(count)
 
-    def audio_received(self, samples: int) -> None:
-        self.audio.increment(samples / SAMPLE_RATE)
+    def audio_received(self, seconds: float) -> None:
+        self.audio.increment(seconds)
 
     def final_sent(self, engine: str, latency_s: float) -> None:
         self.segments(engine)
@@ -259,27 +259,28 @@ class OfflineAsrModel(_PipelineModel):
     async def _handle(self, request) -> dict:
         self._caller(request)
         audio = _required(request, "AUDIO")
-        self.pipeline.check_length(audio)  # before anything is computed on it
-        with self.budget.reserve(audio.nbytes):
+        sample_rate = int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE))
+        self.pipeline.check_length(audio, sample_rate)  # before anything is computed on it
+        with self.budget.reserve(audio.nbytes * SAMPLE_RATE // sample_rate):  # as it is at 16 kHz
             try:
-                return await self._transcribe(request, audio)
+                return await self._transcribe(request, audio, sample_rate)
             finally:
                 if audio.nbytes >= TRIM_AFTER_BYTES:
                     release_memory()
 
-    async def _transcribe(self, request, audio: np.ndarray) -> dict:
+    async def _transcribe(self, request, audio: np.ndarray, sample_rate: int) -> dict:
         engine = _text(request, "ENGINE", "")
         result = await self.pipeline.transcribe(
             audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
             language=_text(request, "LANGUAGE", "auto"),
             use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
-            sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
+            sample_rate=sample_rate,
             with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
             return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
             engine=engine,
             endpointing=_endpointing(request),
         )
-        self.metrics.audio_received(audio.size)
+        self.metrics.audio_received(audio.size / sample_rate)
         self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
         return result
 
@@ -295,7 +296,7 @@ class SpeakerRegistryModel(_PipelineModel):
         super().initialize(args)
         if self.speakers is None:
             raise RuntimeError(f"speaker_registry needs the {self.calls.speaker_model!r} model: run `tritonasr export speaker`")
-        self.max_samples = int(RegistrySettings.from_parameters(self.params).max_audio_seconds * SAMPLE_RATE)
+        self.max_seconds = RegistrySettings.from_parameters(self.params).max_audio_seconds
         self.registry = SpeakerRegistry(self.speakers, self._detect_speech, SAMPLE_RATE)
 
     async def _detect_speech(self, samples: np.ndarray) -> list[tuple[int, int]]:
@@ -314,11 +315,12 @@ class SpeakerRegistryModel(_PipelineModel):
         return await handler(request)
 
     async def _embed(self, request) -> dict:
-        check_sample_rate(int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)))
-        samples = validate_samples(_required(request, "AUDIO").reshape(-1))
-        if samples.size > self.max_samples:
-            raise AudioError(f"enrollment audio is limited to {self.max_samples // SAMPLE_RATE} s")
-        return await self.registry.embed(samples)
+        sample_rate = int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE))
+        check_sample_rate(sample_rate)
+        samples = _required(request, "AUDIO").reshape(-1)
+        if samples.size > self.max_seconds * sample_rate:
+            raise AudioError(f"enrollment audio is limited to {self.max_seconds:g} s")
+        return await self.registry.embed(resample(validate_samples(samples), sample_rate))
 
     async def _enroll(self, request) -> dict:
         return self.registry.enroll(_name(request, "enroll"), _required(request, "EMBEDDINGS"),
@@ -346,11 +348,10 @@ class StreamingAsrModel(_PipelineModel):
         self.metrics.open_streams.set(0)
         settings = StreamSettings.from_parameters(self.params)
         factory = stream_factory(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
-                                 vad_step_ms=settings.vad_step_ms,
+                                 vad_step_ms=settings.vad_step_ms, max_chunk_ms=settings.max_chunk_ms,
                                  on_final=self.metrics.final_sent, on_failure=self._stream_failed)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
-        self.max_chunk_samples = settings.max_chunk_ms * SAMPLE_RATE // 1000
         self.streams = StreamRegistry(factory, idle_us / 1e6, Admission.for_this_server(settings),
                                       on_change=self.metrics.open_streams.set,
                                       require_token=settings.require_stream_token)
@@ -374,8 +375,10 @@ class StreamingAsrModel(_PipelineModel):
             else:
                 stream = self.streams.get(chunk.key, chunk.token, chunk.end)
                 chunk.check_no_options()
-            samples = check_chunk(chunk.audio, self.max_chunk_samples, int(_scalar(chunk.sample_rate, SAMPLE_RATE)))
-            self.metrics.audio_received(samples.size)
+            rate = _scalar(_input(request, "SAMPLE_RATE"), None)
+            samples = stream.reader.read(_input(request, "AUDIO"), _input(request, "AUDIO_BYTES"),
+                                         None if rate is None else int(rate))
+            self.metrics.audio_received(samples.size / stream.reader.sample_rate)
             await stream.push(samples, chunk.end, sink)
             if chunk.end:
                 self.streams.close(stream, "ended")
@@ -410,7 +413,7 @@ class StreamingAsrModel(_PipelineModel):
 
 # The inputs of asr_stream read from a START request only (see _Chunk.options).
 STREAM_OPTIONS = ("LANGUAGE", "ENGINE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER", "RETURN_EMBEDDING",
-                  *ENDPOINTING_INPUTS.values())
+                  "ENCODING", *ENDPOINTING_INPUTS.values())
 
 
 @dataclass
@@ -419,8 +422,6 @@ class _Chunk:
     token: str  # the stream_token request parameter ("" when not sent)
     start: bool
     end: bool
-    audio: np.ndarray | None
-    sample_rate: np.ndarray | None
     request: object
 
     @classmethod
@@ -432,14 +433,14 @@ class _Chunk:
         if not isinstance(token, str) or len(token) > 256:
             raise InputError("stream_token must be a string of at most 256 characters")
         return cls(key, token, bool(_scalar(_input(request, "START"), 0)), bool(_scalar(_input(request, "END"), 0)),
-                   _input(request, "AUDIO"), _input(request, "SAMPLE_RATE"), request)
+                   request)
 
     def check_no_options(self) -> None:
         """Options count on a START only: one sent later would be silently ignored."""
         sent = [name for name in STREAM_OPTIONS if _input(self.request, name) is not None]
         if sent:
             raise InputError(f"{', '.join(sent)} can only be set on a stream's START request; "
-                             "later requests carry AUDIO (and SAMPLE_RATE) only")
+                             "later requests carry AUDIO or AUDIO_BYTES (and SAMPLE_RATE) only")
 
     def options(self) -> StreamOptions:
         """The stream's options, which its START carries."""
@@ -450,7 +451,9 @@ class _Chunk:
         return StreamOptions(_text(request, "LANGUAGE", "auto"), bool(_scalar(_input(request, "USE_ITN"), False)),
                              partial_interval_ms, _text(request, "ENGINE", ""),
                              bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
-                             bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)), _endpointing(request))
+                             bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)), _endpointing(request),
+                             int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
+                             _text(request, "ENCODING", "float32"))
 
 
 class _ResponseSink:
