@@ -27,9 +27,14 @@ def line_prefix(seg: dict) -> str:
 
 def _speaker(seg: dict) -> str:
     speaker = seg.get("speaker")
+    return f"{speaker_name(speaker)}: " if speaker else ""
+
+
+def speaker_name(speaker: dict | None) -> str:
+    """`alice` (an enrolled name), `speaker B` (an anonymous label), or `no speaker` (too short)."""
     if not speaker:
-        return ""
-    return f"{speaker['id']}: " if speaker.get("id") else f"speaker {speaker['label']}: "
+        return "no speaker"
+    return speaker["id"] if speaker.get("id") else f"speaker {speaker['label']}"
 
 
 def _text_line(seg: dict) -> str:

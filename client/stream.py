@@ -25,7 +25,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import cycle, repeat
 
 import grpc
@@ -82,6 +82,17 @@ class StreamSegment:
     # None for partials and segments too short to tell.
     speaker: dict | None = None
     words: list[dict] | None = None  # parakeet: [{"text", "start_ms", "end_ms"}]
+    # A text-first stream's final whose speaker comes later, in a SpeakerUpdate.
+    speaker_pending: bool = False
+
+
+@dataclass(frozen=True)
+class SpeakerUpdate:
+    """A text-first stream's speaker for the final of `segment_index`, sent once it is known."""
+
+    segment_index: int
+    speaker: dict | None  # as StreamSegment.speaker
+    received_ms: float  # since the stream started
 
 
 @dataclass(frozen=True)
@@ -222,7 +233,7 @@ class LiveStream:
     def __init__(self, client: StreamingClient, chunks: Chunks, *, language: str, use_itn: bool,
                  partial_interval_ms: int, realtime: bool, engine: str = "", with_speaker: bool = True,
                  return_embedding: bool = False, endpointing: Endpointing | None = None,
-                 sample_rate: int = SAMPLE_RATE, encoding: str = "float32",
+                 sample_rate: int = SAMPLE_RATE, encoding: str = "float32", text_first: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
@@ -236,8 +247,12 @@ class LiveStream:
         self.with_speaker = with_speaker
         self.return_embedding = return_embedding
         self.endpointing = endpointing
+        self.text_first = text_first
         self.realtime = realtime
         self.summary: StreamSummary | None = None
+        # The finals so far by segment index, each with its speaker once known (text-first streams
+        # get it in a later SpeakerUpdate, merged in here).
+        self.finals: dict[int, StreamSegment] = {}
         self.chunk_clock: ChunkClock | None = None  # set when the stream starts
         self._chunks = chunks
         self._now = clock
@@ -312,7 +327,7 @@ class LiveStream:
         options = dict(sample_rate=self.sample_rate, encoding=self.encoding, language=self.language,
                        use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms, engine=self.engine,
                        with_speaker=self.with_speaker, return_embedding=self.return_embedding,
-                       endpointing=self.endpointing)
+                       endpointing=self.endpointing, text_first=self.text_first)
         return stream_request(self.client.model, self.sequence_id, audio, start, end, token=self.token, **options)
 
     # -- receiving -----------------------------------------------------------------------------
@@ -410,6 +425,11 @@ class LiveStream:
             if isinstance(item, StreamSummary):
                 self.summary = item
                 return
+            if isinstance(item, SpeakerUpdate) and item.segment_index in self.finals:
+                self.finals[item.segment_index] = replace(self.finals[item.segment_index], speaker=item.speaker,
+                                                          speaker_pending=False)
+            elif isinstance(item, StreamSegment) and item.final:
+                self.finals[item.segment_index] = item
             yield item
         raise StreamError("the server closed the stream before its end-of-stream response")
 
@@ -453,7 +473,7 @@ class StreamingClient:
                partial_interval_ms: int = 0, realtime: bool = False, engine: str = "",
                with_speaker: bool = True, return_embedding: bool = False,
                endpointing: Endpointing | None = None, sample_rate: int = SAMPLE_RATE,
-               encoding: str = "float32") -> LiveStream:
+               encoding: str = "float32", text_first: bool = False) -> LiveStream:
         """A live stream of `chunks` (mono audio at `sample_rate`, 0 to 2000 ms each, sizes may
         differ; a sync or async iterable). Nothing is sent until the stream is iterated.
 
@@ -467,6 +487,9 @@ class StreamingClient:
         with_speaker: False skips the server's speaker stage for this stream.
         return_embedding: each final's speaker field carries the segment's speaker embedding.
         endpointing: how speech is cut into segments (None: the server's VAD values).
+        text_first: each final comes as soon as its text is ready (speaker None, speaker_pending
+            True when the speaker stage runs) and its speaker after it, as a SpeakerUpdate;
+            `LiveStream.finals` has them merged. False: each final waits for its speaker.
         """
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
@@ -478,7 +501,8 @@ class StreamingClient:
         return LiveStream(self, chunks, language=language, use_itn=bool(use_itn),
                           partial_interval_ms=int(partial_interval_ms), realtime=realtime,
                           engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding),
-                          endpointing=endpointing, sample_rate=int(sample_rate), encoding=encoding)
+                          endpointing=endpointing, sample_rate=int(sample_rate), encoding=encoding,
+                          text_first=bool(text_first))
 
     def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
                     **options) -> LiveStream:
@@ -499,7 +523,7 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
                    sample_rate: int = SAMPLE_RATE, encoding: str = "float32",
                    language: str = "auto", use_itn: bool = False, partial_interval_ms: int = 0, engine: str = "",
                    with_speaker: bool = True, return_embedding: bool = False, endpointing: Endpointing | None = None,
-                   token: str = "") -> dict:
+                   text_first: bool = False, token: str = "") -> dict:
     """The keyword arguments of one `stream_infer` request (tritonclient's aio and sync clients
     take the same ones) carrying `chunk` of sequence `sequence_id`: float32 samples in AUDIO, or
     for a byte encoding its bytes (bytes or a uint8 array) in AUDIO_BYTES; `sample_rate` and
@@ -521,20 +545,26 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
             _input("RETURN_EMBEDDING", np.array([[return_embedding]], np.bool_), "BOOL"),
             *endpointing_inputs(endpointing),
         ]
-        if encoding != "float32":  # (left out otherwise: float32 streams work with servers before it)
+        # Each left out at its default, so that such streams work with servers before it.
+        if encoding != "float32":
             inputs.append(_input("ENCODING", np.array([[encoding.encode()]], np.object_), "BYTES"))
+        if text_first:
+            inputs.append(_input("TEXT_FIRST", np.array([[True]], np.bool_), "BOOL"))
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
             "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,
             "parameters": {"stream_token": token} if token else None}
 
 
-def parse_response(result, clock: ChunkClock, received_at: float) -> StreamSegment | StreamSummary:
+def parse_response(result, clock: ChunkClock, received_at: float) -> StreamSegment | SpeakerUpdate | StreamSummary:
     """One response of `asr_stream` (an InferResult): a segment, or the end-of-stream summary."""
     raw = result.as_numpy("RESULT").reshape(-1)[0]
     try:
         payload = json.loads(raw)
         if payload.get("complete"):
             return StreamSummary(int(payload["duration_ms"]), int(payload["segment_count"]),
+                                 (received_at - clock.start) * 1000)
+        if payload.get("speaker_update"):
+            return SpeakerUpdate(int(payload["segment_index"]), payload.get("speaker"),
                                  (received_at - clock.start) * 1000)
         return _segment(payload, clock, received_at)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -553,6 +583,7 @@ def _segment(payload: dict, clock: ChunkClock, received_at: float) -> StreamSegm
         latency_ms=clock.delay_ms(end_ms, received_at),
         after_endpoint_ms=None if endpoint_ms is None else clock.delay_ms(endpoint_ms, received_at),
         received_ms=(received_at - clock.start) * 1000, speaker=payload.get("speaker"), words=payload.get("words"),
+        speaker_pending=bool(payload.get("speaker_pending", False)),
     )
 
 

@@ -10,10 +10,11 @@ from dataclasses import asdict
 from typing import TextIO
 
 from tritonasr.audio import AudioError
-from tritonasr.client.formats import clock, line_prefix
+from tritonasr.client.formats import clock, line_prefix, speaker_name
 from tritonasr.client.connection import AccessDeniedError, Credentials
 from tritonasr.client.offline import ServerUnavailableError, exit_code
-from tritonasr.client.stream import StreamError, StreamingClient, StreamSegment, StreamSummary, load_stream_audio
+from tritonasr.client.stream import (SpeakerUpdate, StreamError, StreamingClient, StreamSegment, StreamSummary,
+                                    load_stream_audio)
 from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES, Endpointing
 
 STREAM_FORMATS = ("text", "json")
@@ -22,7 +23,8 @@ STREAM_FORMATS = ("text", "json")
 def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, realtime: bool = False,
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
                fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True,
-               credentials: Credentials | None = None, endpointing: Endpointing | None = None) -> int:
+               credentials: Credentials | None = None, endpointing: Endpointing | None = None,
+               text_first: bool = False) -> int:
     """Streams one audio file (an 8 kHz one as it is: load_stream_audio) and prints each result as
     it arrives; returns the exit code (tritonasr.contract): EXIT_OK once the stream completed,
     EXIT_FAILED when the file or the stream failed, EXIT_UNREACHABLE or EXIT_DENIED when the server
@@ -41,7 +43,8 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
     return asyncio.run(_stream(path, url, credentials, audio.chunks(chunk_ms), printer, sample_rate=audio.sample_rate,
                                encoding=audio.encoding, realtime=realtime,
                                partial_interval_ms=partial_interval_ms, language=language, use_itn=use_itn,
-                               engine=engine, with_speaker=with_speaker, endpointing=endpointing))
+                               engine=engine, with_speaker=with_speaker, endpointing=endpointing,
+                               text_first=text_first))
 
 
 async def _stream(path: str, url: str, credentials: Credentials | None, chunks: list, printer: Printer,
@@ -72,7 +75,13 @@ class Printer:
         self._pending = False  # a partial line is on screen without its newline
         self._latencies: list[float] = []
 
-    def segment(self, segment: StreamSegment) -> None:
+    def segment(self, segment: StreamSegment | SpeakerUpdate) -> None:
+        if isinstance(segment, SpeakerUpdate):
+            self.clear()
+            self._write(json.dumps({"segment_index": segment.segment_index, "speaker": segment.speaker,
+                                    "speaker_update": True}, ensure_ascii=False) + "\n" if self.fmt == "json"
+                        else f"[segment {segment.segment_index}] {speaker_name(segment.speaker)}\n")
+            return
         if segment.final and segment.latency_ms is not None:
             self._latencies.append(segment.latency_ms)
         if self.fmt == "json":

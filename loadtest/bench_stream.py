@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpointing", choices=ENDPOINTING_PRESETS, default="default",
                         help="every stream's endpointing preset (`tritonasr stream --help`); each file ends a "
                              "segment only when --gap-ms is longer than the preset's end silence")
+    parser.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
+    parser.add_argument("--text-first", action="store_true",
+                        help="finals as soon as their text is ready, their speaker after (the latency is the text's)")
     parser.add_argument("--target-ms", type=float, default=1000.0, help="p95 latency target")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--overload", type=float, default=0, metavar="F",
@@ -75,9 +78,10 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=print) -> dict:
     """`streams` concurrent real-time streams; latency figures over all their final segments."""
-    from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
+    from tritonasr.client.stream import SpeakerUpdate, StreamError, StreamingClient, split_chunks
 
     latencies, after_endpoint, errors, partials = [], [], [], 0
+    speaker_updates = []  # text-first: ms from a final to its speaker
     refusals = []  # ms from a refused stream's first chunk to its refusal
     segment_count = 0
 
@@ -85,13 +89,17 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
         nonlocal partials, segment_count
         samples = joined_speech(audios, index, args.seconds, args.gap_ms)
         stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True,
-                               partial_interval_ms=args.partials, endpointing=ENDPOINTING_PRESETS[args.endpointing])
+                               partial_interval_ms=args.partials, endpointing=ENDPOINTING_PRESETS[args.endpointing],
+                               with_speaker=not args.no_speaker, text_first=args.text_first)
         await asyncio.sleep(offset)
         received = 0
         try:
             async with stream:
                 async for segment in stream:
                     received += 1
+                    if isinstance(segment, SpeakerUpdate):
+                        speaker_updates.append((segment.received_ms - stream.finals[segment.segment_index].received_ms))
+                        continue
                     if not segment.final:
                         partials += 1
                         continue
@@ -117,7 +125,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
         log(f"  {message}")
     return {"streams": streams, "segments": segment_count, "partials": partials, "errors": len(errors),
             "refused": len(refusals), "wall_s": wall, "latency_ms": percentiles(latencies),
-            "after_endpoint_ms": percentiles(after_endpoint),
+            "after_endpoint_ms": percentiles(after_endpoint), "speaker_after_final_ms": percentiles(speaker_updates),
             "refusal_ms": {**percentiles(refusals), "max": max(refusals, default=None)}}
 
 
@@ -187,7 +195,7 @@ def main(args) -> int:
               "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "cpus": os.cpu_count(), "url": args.url or "embedded", "repository": str(repository),
               "files": len(files), "seconds_per_stream": args.seconds, "chunk_ms": args.chunk_ms,
-              "partial_interval_ms": args.partials,
+              "partial_interval_ms": args.partials, "speaker_stage": not args.no_speaker, "text_first": args.text_first,
               "endpointing": {"preset": args.endpointing, **asdict(ENDPOINTING_PRESETS[args.endpointing])},
               "target_ms": args.target_ms, "levels": levels,
               "best_streams": best_streams(levels, args.target_ms) if levels else None,
@@ -201,7 +209,10 @@ def main(args) -> int:
 def render_markdown(report: dict) -> str:
     endpointing = dict(report["endpointing"])
     preset = endpointing.pop("preset")
-    lines = [f"Endpointing preset `{preset}`: {describe(Endpointing(**endpointing))}.", ""]
+    lines = [f"Endpointing preset `{preset}`: {describe(Endpointing(**endpointing))}. Speaker stage: "
+             + ("off" if not report.get("speaker_stage", True) else
+                "on, each final's speaker after it (text first)" if report.get("text_first") else
+                "on, each final with its speaker"), ""]
     if report["levels"]:
         lines += ["| streams | segments | errors | latency p50 | p95 | p99 | after endpoint p50 | p95 | p99 |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -210,6 +221,10 @@ def render_markdown(report: dict) -> str:
             figures = [lat["p50"], lat["p95"], lat["p99"], end["p50"], end["p95"], end["p99"]]
             lines.append(f"| {level['streams']} | {level['segments']} | {level['errors']} | "
                          + " | ".join(_ms(v) for v in figures) + " |")
+        if report.get("text_first"):
+            lines += ["", "Speaker after its final (text first): " + ", ".join(
+                f"{level['streams']} streams p50 {_ms(level['speaker_after_final_ms']['p50'])}, "
+                f"p95 {_ms(level['speaker_after_final_ms']['p95'])}" for level in report["levels"])]
         best = report["best_streams"]
         lines.append("")
         lines.append(f"Largest number of streams with p95 latency under {report['target_ms']:.0f} ms and no "

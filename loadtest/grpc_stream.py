@@ -76,7 +76,7 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
             item = parse_response(result, clock, received_at)
             if isinstance(item, StreamSummary):
                 summary = item
-            elif item.final:
+            elif isinstance(item, StreamSegment) and item.final:
                 finals.append(item)
                 if on_segment is not None:
                     on_segment(item)

@@ -154,3 +154,31 @@ def test_registry_survives_a_restart(model_repository, registry, tmp_path, capsy
         assert run_speakers("remove", restarted.grpc_url, "dave") == 1
     assert "no speaker named 'dave'" in capsys.readouterr().err
     assert registry.list() == []  # the first server sees the removal made through the second
+
+
+def test_text_first_finals_come_before_their_speakers_which_match(server):
+    """A text-first stream gets each final at once (speaker pending) and its speaker in an update
+    after it, in order; merged, they are the finals of a stream that waits for its speakers."""
+    from tritonasr.client.stream import SpeakerUpdate
+
+    utterances = [_utterance(i) for i in range(8)]
+    audio = conversation([0, 1, 0, 2, 0, 3], utterances, gap_s=1.5)
+
+    async def run():
+        async with StreamingClient(server.grpc_url) as client:
+            stream = client.stream(split_chunks(audio, 100), text_first=True)
+            return [item async for item in stream], stream.finals
+
+    waited = asyncio.run(_stream_finals(server.grpc_url, audio))
+    items, merged = asyncio.run(run())
+    finals = [item for item in items if not isinstance(item, SpeakerUpdate) and item.final]
+    updates = [item for item in items if isinstance(item, SpeakerUpdate)]
+    assert [f.segment_index for f in finals] == [u.segment_index for u in updates] == list(range(len(waited)))
+    assert all(f.speaker is None and f.speaker_pending for f in finals)
+    order = [("final", item.segment_index) if not isinstance(item, SpeakerUpdate) else ("speaker", item.segment_index)
+             for item in items if isinstance(item, SpeakerUpdate) or item.final]
+    assert all(order.index(("final", i)) < order.index(("speaker", i)) for i in range(len(waited)))
+    keys = ("start_ms", "end_ms", "text", "speaker")
+    assert [{k: getattr(merged[i], k) for k in keys} for i in range(len(waited))] == \
+           [{k: getattr(seg, k) for k in keys} for seg in waited]
+    assert len({seg.speaker["label"] for seg in waited}) >= 2  # (the labels carry information)

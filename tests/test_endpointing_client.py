@@ -147,7 +147,8 @@ def test_the_stream_benchmark_streams_with_its_preset(monkeypatch):
             yield
 
     monkeypatch.setattr("tritonasr.client.stream.StreamingClient", Client)
-    args = SimpleNamespace(seconds=1.0, gap_ms=1000, chunk_ms=100, partials=0, stagger_ms=0, endpointing="assistant")
+    args = SimpleNamespace(seconds=1.0, gap_ms=1000, chunk_ms=100, partials=0, stagger_ms=0, endpointing="assistant",
+                           no_speaker=False, text_first=False)
     level = asyncio.run(run_level("localhost:1", [_chunk(16000)], 2, args))
     assert level["errors"] == 0 and opened == [ENDPOINTING_PRESETS["assistant"]] * 2
 

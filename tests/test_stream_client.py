@@ -428,7 +428,7 @@ def test_printer_json_lines_end_with_the_summary():
     assert first == {"start_ms": 1230, "end_ms": 3400, "text": "Hello there.", "language": "en",
                      "emotion": "NEUTRAL", "event": "Speech", "final": True, "segment_index": 0,
                      "endpoint_ms": 4200, "latency_ms": 812.4, "after_endpoint_ms": 95.0, "received_ms": 4312.4,
-                     "speaker": {"id": None, "score": 0.31, "label": "B"}, "words": None}
+                     "speaker": {"id": None, "score": 0.31, "label": "B"}, "words": None, "speaker_pending": False}
     assert first == segment_json(SEGMENT)
     assert last == {"complete": True, "duration_ms": 7966, "segment_count": 1}
 
@@ -457,14 +457,15 @@ def test_bench_best_streams_and_table():
     default = {"preset": "default", "end_silence_ms": None, "max_segment_ms": None, "speech_start_ms": None}
     table = render_markdown({"levels": levels, "best_streams": 4, "target_ms": 1000, "admission": [],
                              "endpointing": default})
-    assert table.startswith("Endpointing preset `default`: the server's VAD values.\n")
+    assert table.startswith("Endpointing preset `default`: the server's VAD values. Speaker stage: on, each "
+                            "final with its speaker\n")
     assert "| 4 | 40 | 0 | 350 ms | 700 ms | 770 ms | 50 ms | 80 ms | – |" in table
     assert table.endswith("under 1000 ms and no errors: **4**")
     admitted = render_markdown({"levels": [], "admission": [level(4, 700), level(12, 910, refused=8, slowest=31.0)],
                                 "capacity": 4, "overload": 3,
                                 "endpointing": {**default, "preset": "assistant", "end_silence_ms": 300,
                                                 "max_segment_ms": 15000}})
-    assert admitted.startswith("Endpointing preset `assistant`: end silence 300 ms, max segment 15000 ms.\n")
+    assert admitted.startswith("Endpointing preset `assistant`: end silence 300 ms, max segment 15000 ms. Speaker")
     assert "| 12 | 4 | 8 | 0 | 455 ms | 910 ms | 1001 ms | 31 ms | 31 ms | 31 ms |" in admitted
     assert admitted.endswith("3x capacity: 1.30x its value at capacity (target: at most 2x); "
                              "slowest refusal 31 ms (target: 100 ms)")

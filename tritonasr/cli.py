@@ -286,7 +286,7 @@ def cmd_stream(args) -> int:
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
                       fmt=args.format, engine=args.engine, with_speaker=not args.no_speaker,
-                      credentials=_credentials(args), endpointing=_endpointing(args))
+                      credentials=_credentials(args), endpointing=_endpointing(args), text_first=args.text_first)
 
 
 def cmd_speakers(args) -> int:
@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     stream.add_argument("--no-speaker", action="store_true",
                         help="skip the server's speaker stage (finals arrive sooner on a CPU server)")
+    stream.add_argument("--text-first", action="store_true",
+                        help="print each final as soon as its text is ready and its speaker on a line of "
+                             "its own after it (default: each final waits for its speaker)")
     stream.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     _add_endpointing_args(stream)
     _add_connection_args(stream)

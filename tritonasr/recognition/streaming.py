@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -81,6 +81,9 @@ class StreamOptions:
     endpointing: Endpointing = Endpointing()  # how this stream is cut into segments
     sample_rate: int = SAMPLE_RATE  # the rate its chunks are at
     encoding: str = "float32"  # what its chunks carry: float32 samples (AUDIO) or bytes (AUDIO_BYTES)
+    # Finals go out as soon as their text is ready, their speaker in an update after; else each
+    # final waits for its speaker.
+    text_first: bool = False
 
 
 class ChunkReader:
@@ -265,6 +268,7 @@ class _Output:
     segment: asyncio.Future | None = None  # of (Segment | None, speaker embedding | None)
     endpoint_ms: int = 0
     arrived: float = 0.0  # time.monotonic() when the chunk that closed the segment arrived
+    embedding: asyncio.Future | None = None  # text-first finals: their speaker embedding, sent after
 
 
 # Told of each final sent: (engine, seconds from the arrival of the chunk that ended its speech).
@@ -312,6 +316,9 @@ class LiveStream:
         self.last_active = time.monotonic()
         self._delivered: asyncio.Future | None = None
         self._held: Sink | None = None  # the last delivered chunk's sink, still open
+        self._sink: Sink | None = None  # the open sink speaker updates go through: the newest chunk's
+        self._speaker_updates: deque = deque()  # (segment index, embedding future) of text-first finals
+        self._speaker_task: asyncio.Future | None = None
         self._notice: ServiceError | None = None  # why it closed, for the held sink
 
     def close(self, reason: str, failed: bool = False, notice: ServiceError | None = None) -> None:
@@ -322,6 +329,9 @@ class LiveStream:
         self.closed = self.closed or reason
         if failed:
             self.failed = self.failed or reason
+            for _, embedding in self._speaker_updates:
+                embedding.cancel()
+            self._speaker_updates.clear()
         if self._delivered is None or self._delivered.done():
             self._release()
 
@@ -331,6 +341,8 @@ class LiveStream:
     def _release(self) -> None:
         sink, self._held = self._held, None
         if sink is not None:
+            if sink is self._sink:
+                self._sink = None
             if self._notice is not None:
                 sink.fail(self._notice)
                 self._notice = None
@@ -369,13 +381,14 @@ class LiveStream:
                 self.open_start_ms = self.last_partial_ms = start_ms
             if end_ms >= 0 and self.open_start_ms is not None:
                 for piece in split_long_segments([(self.open_start_ms, end_ms)], self.max_segment_ms):
-                    outputs.append(_Output("final", self._recognize(*piece, final=True), self.received_ms, arrived))
+                    text, embedding = self._recognize(*piece, final=True)
+                    outputs.append(_Output("final", text, self.received_ms, arrived, embedding))
                 self.open_start_ms = None
         if self._partial_due():
             position = self.endpointer.position_ms
             self.last_partial_ms = position
-            self.partial = self._recognize(max(self.open_start_ms, position - self.max_segment_ms), position,
-                                           final=False)
+            self.partial, _ = self._recognize(max(self.open_start_ms, position - self.max_segment_ms), position,
+                                              final=False)
             outputs.append(_Output("partial", self.partial))
         if final:
             outputs.append(_Output("complete"))
@@ -391,53 +404,94 @@ class LiveStream:
                 and self.endpointer.position_ms - self.last_partial_ms >= interval
                 and (self.partial is None or self.partial.done()))
 
-    def _recognize(self, start_ms: int, end_ms: int, final: bool) -> asyncio.Future:
-        """A future of (segment, speaker embedding); partials get no embedding."""
+    def _recognize(self, start_ms: int, end_ms: int, final: bool) -> tuple[asyncio.Future, asyncio.Future | None]:
+        """A future of (segment, speaker embedding), and for a text-first stream's final the
+        embedding's own future (the first then has None); partials get no embedding."""
         samples = self.audio.get(start_ms * SAMPLE_RATE // 1000, end_ms * SAMPLE_RATE // 1000)
-        return asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
-                                                             with_speaker=final and self.speakers is not None))
+        with_speaker = final and self.speakers is not None
+        separate = with_speaker and self.options.text_first
+        text = asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
+                                                             with_speaker=with_speaker and not separate))
+        return text, asyncio.ensure_future(self.recognizer.speakers.embed(samples)) if separate else None
 
     async def _deliver(self, previous: asyncio.Future | None, outputs: list[_Output], sink: Sink,
                        last: bool) -> None:
         if previous is not None:
             await previous  # never raises: errors are caught below
         self._release()  # the previous chunk's sink: this one takes its place
+        self._sink = sink
         try:
             for output in outputs:
                 if output.kind == "complete":
+                    await self._speakers_sent()
                     sink.send({"complete": True, "duration_ms": self.received_ms,
                                "segment_count": self.segments_sent})
                     continue
                 segment, embedding = await output.segment
                 if segment is None or self.failed:
+                    if output.embedding is not None:
+                        output.embedding.cancel()
                     continue
-                if output.kind == "final" and self.speakers:  # finals come in order: labels too
-                    segment.speaker = self.speakers.describe(embedding)
+                if output.kind == "final" and self.speakers and output.embedding is None:
+                    segment.speaker = self.speakers.describe(embedding)  # finals come in order: labels too
                 payload = {**segment.to_dict(), "final": output.kind == "final",
                            "segment_index": self.segments_sent}
+                if output.embedding is not None:
+                    payload["speaker_pending"] = True
+                    self._speaker_updates.append((self.segments_sent, output.embedding))
                 if output.kind == "final":
                     payload["endpoint_ms"] = output.endpoint_ms
                     self.segments_sent += 1
                 sink.send(payload)
                 if output.kind == "final":
                     self.on_final(self.request.engine.name, time.monotonic() - output.arrived)
+                if output.embedding is not None and (self._speaker_task is None or self._speaker_task.done()):
+                    self._speaker_task = asyncio.ensure_future(self._send_speakers())
         except Exception as exc:  # a failed model call ends this stream, not the server
-            error = exc if isinstance(exc, ServiceError) else RecognitionError(f"recognition failed: {exc}")
-            self.failed = self.failed or str(error)
-            for output in outputs:
-                if output.segment is not None:
-                    output.segment.cancel()
-            sink.fail(error)
+            self._fail(exc, [output.segment for output in outputs] + [output.embedding for output in outputs])
             last = True
-            self.on_failure(self, error)
         finally:
             if last or self.closed:
                 if self._notice is not None:
                     sink.fail(self._notice)
                     self._notice = None
                 sink.finish()
+                self._sink = None
             else:
                 self._held = sink
+
+    def _fail(self, exc: BaseException, pending: list) -> None:
+        """Ends the stream after a failed model call: its work in flight cancelled, the caller
+        told through the current sink."""
+        error = exc if isinstance(exc, ServiceError) else RecognitionError(f"recognition failed: {exc}")
+        self.failed = self.failed or str(error)
+        for future in pending + [embedding for _, embedding in self._speaker_updates]:
+            if future is not None:
+                future.cancel()
+        self._speaker_updates.clear()
+        if self._sink is not None:
+            self._sink.fail(error)
+        self.on_failure(self, error)
+
+    async def _send_speakers(self) -> None:
+        """Text-first finals' speakers, in the order of the finals (labels are given in that
+        order), each through whichever of the stream's senders is open when it is ready."""
+        while self._speaker_updates and not self.failed:
+            index, embedding = self._speaker_updates[0]
+            try:
+                speaker = self.speakers.describe(await embedding)
+                self._speaker_updates.popleft()
+                if self._sink is not None:
+                    self._sink.send({"segment_index": index, "speaker": speaker, "speaker_update": True})
+            except asyncio.CancelledError:
+                return
+            except Exception as exc:  # noqa: BLE001 - as a failed final would
+                self._fail(exc, [])
+                return
+
+    async def _speakers_sent(self) -> None:
+        if self._speaker_task is not None:
+            await self._speaker_task
 
 
 StreamFactory = Callable[[StreamKey, StreamOptions], LiveStream]

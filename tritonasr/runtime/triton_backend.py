@@ -413,7 +413,7 @@ class StreamingAsrModel(_PipelineModel):
 
 # The inputs of asr_stream read from a START request only (see _Chunk.options).
 STREAM_OPTIONS = ("LANGUAGE", "ENGINE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER", "RETURN_EMBEDDING",
-                  "ENCODING", *ENDPOINTING_INPUTS.values())
+                  "ENCODING", "TEXT_FIRST", *ENDPOINTING_INPUTS.values())
 
 
 @dataclass
@@ -453,7 +453,7 @@ class _Chunk:
                              bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
                              bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)), _endpointing(request),
                              int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
-                             _text(request, "ENCODING", "float32"))
+                             _text(request, "ENCODING", "float32"), bool(_scalar(_input(request, "TEXT_FIRST"), False)))
 
 
 class _ResponseSink:
