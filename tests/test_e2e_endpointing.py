@@ -74,7 +74,7 @@ def _int_input(name: str, value: int, aio: bool = False):
 @pytest.mark.parametrize("name, value, expected", [
     ("END_SILENCE_MS", 5, "END_SILENCE_MS: end_silence_ms must be a whole number of ms from 100 to 10000"),
     ("MAX_SEGMENT_MS", 100_000, "MAX_SEGMENT_MS: max_segment_ms must be a whole number of ms from 1000 to 60000"),
-    ("SPEECH_START_MS", 0, "SPEECH_START_MS"),
+    ("SPEECH_START_MS", -5, "SPEECH_START_MS: speech_start_ms must be a whole number of ms from 20 to 200"),
 ])
 def test_bad_endpointing_is_the_callers_error(server, name, value, expected):
     samples = load_audio(DATA / "one_phrase.wav").samples

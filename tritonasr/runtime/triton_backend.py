@@ -260,6 +260,7 @@ class OfflineAsrModel(_PipelineModel):
         self._caller(request)
         audio = _required(request, "AUDIO")
         sample_rate = int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE))
+        check_sample_rate(sample_rate)
         self.pipeline.check_length(audio, sample_rate)  # before anything is computed on it
         with self.budget.reserve(audio.nbytes * SAMPLE_RATE // sample_rate):  # as it is at 16 kHz
             try:
