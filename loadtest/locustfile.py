@@ -27,11 +27,13 @@ grpc_gevent.init_gevent()
 
 import csv  # noqa: E402
 import itertools  # noqa: E402
+import logging  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
 from locust import LoadTestShape, User, constant, events, task  # noqa: E402
+from locust.log import greenlet_exception_logger  # noqa: E402
 
 from tritonasr.loadtest import workload  # noqa: E402
 from tritonasr.loadtest.sweep_plan import SweepPlan, add_plan_arguments, sample_levels  # noqa: E402
@@ -39,6 +41,7 @@ from tritonasr.loadtest.sweep_plan import SweepPlan, add_plan_arguments, sample_
 _environment = None  # Locust's, from the init event
 _started_at: float | None = None  # monotonic time the sweep began
 _requests_csv = None
+_sampler: gevent.Greenlet | None = None  # sample_levels, with --csv
 
 
 @events.init_command_line_parser.add_listener
@@ -60,15 +63,17 @@ def _init(environment, **_kw) -> None:
 
 @events.test_start.add_listener
 def _start(environment, **_kw) -> None:
-    global _started_at, _requests_csv
+    global _started_at, _requests_csv, _sampler
     _started_at = time.monotonic()
     prefix = environment.parsed_options.csv_prefix
     if prefix:
         handle = open(f"{prefix}_requests.csv", "w", newline="")  # noqa: SIM115 - closed at test stop
         _requests_csv = (handle, csv.writer(handle))
         _requests_csv[1].writerow(["kind", "name", "started_s", "ended_s", "latency_ms", "audio_s", "ok", "error"])
-        gevent.spawn(sample_levels, SweepPlan.from_options(environment.parsed_options), _started_at, prefix,
-                     environment.parsed_options.metrics_url)
+        _sampler = gevent.spawn(sample_levels, SweepPlan.from_options(environment.parsed_options), _started_at,
+                                prefix, environment.parsed_options.metrics_url)
+        # A sampler that fails fails the run (Locust's exit code 2) instead of losing levels quietly.
+        _sampler.link_exception(greenlet_exception_logger(logging.getLogger(__name__)))
 
 
 @events.test_stop.add_listener
@@ -233,13 +238,16 @@ class WebsocketStreamUser(StreamCaller):
 
 
 class SweepShape(LoadTestShape):
-    """Steps through --levels concurrent users, each level held --settle + --hold seconds."""
+    """Steps through --levels concurrent users, each level held --settle + --hold seconds; stops
+    once the sampler has recorded the last level."""
 
     def tick(self):
         plan = SweepPlan.from_options(self.runner.environment.parsed_options)
-        elapsed = self.get_run_time()
-        level = plan.level_at(elapsed)
-        if level is None:
-            # A few seconds past the last level, so that the sampler records its window first.
-            return (plan.levels[-1], plan.levels[-1]) if elapsed < plan.duration_s + 3 else None
-        return level, level  # every new caller joins within a second
+        level = plan.level_at(self.get_run_time())
+        if level is not None:
+            return level, level  # every new caller joins within a second
+        # Stopping on a timer lost the last level whenever the sampler's scrape of Triton's
+        # metrics at its end took longer: the callers go on until it is done.
+        if _sampler is not None and not _sampler.ready():
+            return plan.levels[-1], plan.levels[-1]
+        return None

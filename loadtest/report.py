@@ -1,12 +1,8 @@
 """`tritonasr loadtest report RUN_DIR`: a sweep's CSVs -> report.md, report.json and PNG plots.
 
-Each level is measured over its hold window (after the settle time, as the sampler recorded it):
-- throughput (QPS, audio seconds per wall second = RTFx of the whole service) counts every
-  request that completed inside the window;
-- latency percentiles count the requests that completed inside the window and started at or
-  after the level began, so each ran entirely at that level's concurrency;
-- the error rate is failed / all requests that completed inside the window.
-Latency percentiles are exact (numpy over every request), not Locust's rounded histogram.
+Each level is measured over its hold window as the sampler recorded it, by WINDOW_RULE (which
+every report states). Latency percentiles are exact (numpy over every request), not Locust's
+rounded histogram.
 """
 from __future__ import annotations
 
@@ -18,6 +14,11 @@ from pathlib import Path
 import numpy as np
 
 ALL = "all"
+# Counting what completed, wherever it started, measures a level whose requests outlast its hold.
+WINDOW_RULE = ("Each level is measured over its hold window, the last --hold seconds of the level: throughput "
+               "(QPS; audio s / s = the audio seconds of the requests completed in the window / its length) "
+               "counts every request that completed inside the window, including those that started before it; "
+               "latency percentiles and the error rate cover the same requests.")
 TARGET_LEVEL = 8  # the targets apply at this many callers and more
 TARGETS = ("at least 3x per-session audio throughput", "at least the peer server's throughput",
            "at least 80% of the raw ceiling", "lower p95 latency than both baselines")
@@ -50,6 +51,12 @@ def windows(prefix: Path) -> list[Window]:
             for r in _read_csv(Path(f"{prefix}_levels.csv"))]
 
 
+def unmeasured(prefix: Path, levels) -> list[int]:
+    """The planned levels (callers) without a recorded hold window."""
+    recorded = {w.index for w in windows(prefix)}
+    return [users for index, users in enumerate(levels) if index not in recorded]
+
+
 def requests(prefix: Path) -> list[dict]:
     rows = _read_csv(Path(f"{prefix}_requests.csv"))
     for r in rows:
@@ -63,17 +70,17 @@ def level_figures(rows: list[dict], window: Window, kind: str) -> dict:
     """The figures of one level for requests of `kind` (already filtered to one name or not)."""
     done = [r for r in rows if r["kind"] == kind and window.hold_start_s <= r["ended_s"] <= window.end_s]
     failed = [r for r in done if not r["ok"]]
-    timed = [r["latency_ms"] for r in done if r["ok"] and r["started_s"] >= window.start_s]
+    latencies = [r["latency_ms"] for r in done if r["ok"]]
     audio_s = sum(r["audio_s"] for r in done if r["ok"])
     figures = {"users": window.users, "completed": len(done), "failed": len(failed),
-               "error_rate": len(failed) / len(done) if done else 0.0, "timed": len(timed),
-               "qps": (len(done) - len(failed)) / window.hold_s, "audio_s": audio_s,
+               "error_rate": len(failed) / len(done) if done else 0.0,
+               "qps": len(latencies) / window.hold_s, "audio_s": audio_s,
                "rtfx": audio_s / window.hold_s,
                "client_cpu": None if window.client_cpu_s is None else window.client_cpu_s / window.hold_s}
-    if timed:
-        p50, p95, p99 = np.percentile(timed, [50, 95, 99])
-        figures.update(mean_ms=float(np.mean(timed)), p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
-                       max_ms=float(max(timed)))
+    if latencies:
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+        figures.update(mean_ms=float(np.mean(latencies)), p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
+                       max_ms=float(max(latencies)))
     else:
         figures.update(mean_ms=None, p50_ms=None, p95_ms=None, p99_ms=None, max_ms=None)
     return figures
@@ -91,11 +98,12 @@ def server_figures(prefix: Path) -> list[dict]:
     return out
 
 
-def system_results(run_dir: Path, system: dict, workload: str) -> dict:
-    """{"levels": {name: [figures per level]}, "server": [...]} for one system of a run."""
+def system_results(run_dir: Path, system: dict, run: dict) -> dict:
+    """{"levels": {name: [figures per level]}, "server": [...], "not_measured": [callers]} for
+    one system of a run."""
     prefix = run_dir / system["name"]
     rows, levels = requests(prefix), windows(prefix)
-    if workload == "offline":
+    if run["workload"] == "offline":
         names = sorted({r["name"] for r in rows if r["kind"] == "offline"}, key=lambda n: float(n.split()[0]))
         by_name = {name: [level_figures([r for r in rows if r["name"] == name], w, "offline") for w in levels]
                    for name in names}
@@ -103,12 +111,13 @@ def system_results(run_dir: Path, system: dict, workload: str) -> dict:
     else:
         by_name = {kind: [level_figures(rows, w, kind) for w in levels]
                    for kind in ("final", "first_response", "stream")}
-    return {"levels": by_name, "server": server_figures(prefix)}
+    return {"levels": by_name, "server": server_figures(prefix),
+            "not_measured": unmeasured(prefix, run["plan"]["levels"])}
 
 
 def build(run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
-    results = {s["name"]: system_results(run_dir, s, run["workload"]) for s in run["systems"] if not s.get("skipped")}
+    results = {s["name"]: system_results(run_dir, s, run) for s in run["systems"] if not s.get("skipped")}
     return {"run": run, "results": results, "targets": targets(run, results)}
 
 
@@ -161,12 +170,16 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _callers(n: int) -> str:
+    return f"{n} caller" + "s" * (n != 1)
+
+
 def render(report: dict) -> str:
     run, results = report["run"], report["results"]
     lines = [f"Sweep of {run['date']} on {run['machine']} ({run['cpus']} CPUs{', ' + run['gpu'] if run.get('gpu') else ''}); "
              f"workload **{run['workload']}**; levels {', '.join(map(str, run['plan']['levels']))} callers, "
              f"each {run['plan']['settle_s']:g} s settle + {run['plan']['hold_s']:g} s measured.",
-             "", f"Command: `{run['command']}`", ""]
+             "", f"Command: `{run['command']}`", "", WINDOW_RULE, ""]
     for s in run["systems"]:
         lines.append(f"- **{s['name']}**: {s['description']}" + (f" (skipped: {s['skipped']})" if s.get("skipped") else ""))
     if run.get("raw"):
@@ -175,6 +188,7 @@ def render(report: dict) -> str:
                      f"{raw['best_batch']} ({', '.join(f'batch {b}: {v:.1f}' for b, v in raw['by_batch'].items())})")
     lines.append("")
     lines += _offline_tables(run, results) if run["workload"] == "offline" else _stream_tables(results)
+    lines += _unreported(run, results)
     if report["targets"]:
         lines += ["", f"Targets at {TARGET_LEVEL}+ callers (tritonasr against the others, all clip lengths pooled):", "",
                   "| callers | " + " | ".join(TARGETS) + " |", "|---:|" + "---|" * len(TARGETS)]
@@ -234,6 +248,22 @@ def _stream_tables(results: dict) -> list[str]:
     return lines
 
 
+def _unreported(run: dict, results: dict) -> list[str]:
+    """What the tables cannot say: levels not measured, and levels in which nothing completed."""
+    key = ALL if run["workload"] == "offline" else "final"
+    reasons = {s["name"]: s.get("not_measured") for s in run["systems"]}
+    lines = []
+    for name, result in results.items():
+        for users in result["not_measured"]:
+            reason = reasons[name] or "no hold window was recorded"
+            lines.append(f"- **{name}, {_callers(users)}: not measured**: {reason}")
+        for f in result["levels"][key]:
+            if not f["completed"]:
+                lines.append(f"- {name}, {_callers(f['users'])}: no request completed in the "
+                             f"{run['plan']['hold_s']:g} s hold: latency exceeds the hold; raise --hold")
+    return [""] + lines if lines else []
+
+
 def plot(report: dict, run_dir: Path) -> list[Path]:
     """latency.png and throughput.png against concurrency, one line per system."""
     import matplotlib
@@ -246,13 +276,16 @@ def plot(report: dict, run_dir: Path) -> list[Path]:
     unit = 1000 if run["workload"] == "offline" else 1
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = False
     for name, result in results.items():
         levels = [f for f in result["levels"][key] if f["p95_ms"] is not None]
+        timed = timed or bool(levels)
         users = [f["users"] for f in levels]
         line, = ax.plot(users, [f["p95_ms"] / unit for f in levels], marker="o", label=f"{name} p95")
         ax.plot(users, [f["p50_ms"] / unit for f in levels], marker=".", linestyle="--", color=line.get_color(),
                 label=f"{name} p50")
-    ax.set(xscale="log", yscale="log", xlabel="concurrent callers",
+    # An empty log axis cannot be drawn (no level completed a request).
+    ax.set(xscale="log", yscale="log" if timed else "linear", xlabel="concurrent callers",
            ylabel="latency (s)" if unit == 1000 else "end of speech -> final (ms)",
            title=f"Latency against concurrency ({run['workload']})")
     _finish(ax, run)

@@ -3,6 +3,7 @@ level's hold window, and the report that cuts the results by those windows."""
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from dataclasses import dataclass
 
@@ -74,7 +75,8 @@ SERVER_FIELDS = ["level", "users", "model", "requests", "inferences", "execution
 def sample_levels(plan: SweepPlan, started_at: float, prefix: str, metrics_url: str = "") -> None:
     """Runs beside the users (a greenlet): at each level's hold start and end, reads this
     process's CPU time and Triton's counters; writes one row per level as it ends, so a sweep
-    cut short keeps what it measured."""
+    cut short keeps what it measured. The sweep shape keeps the users running until it returns."""
+    import gevent
     import psutil
 
     from tritonasr.loadtest.triton_metrics import counter_deltas, scrape
@@ -85,24 +87,43 @@ def sample_levels(plan: SweepPlan, started_at: float, prefix: str, metrics_url: 
         times = process.cpu_times()
         return times.user + times.system
 
+    def counters(index: int) -> dict | None:
+        """Triton's counters, or None without them: a metrics endpoint that does not answer
+        costs that level its server rows, not its own row."""
+        if not metrics_url:
+            return None
+        try:
+            return scrape(metrics_url)
+        except (OSError, ValueError) as error:
+            logging.getLogger(__name__).warning("level %d: no server figures, Triton's metrics failed: %s",
+                                                index, error)
+            return None
+
+    def server_rows(index: int, users: int, before: gevent.Greenlet, after: gevent.Greenlet) -> None:
+        if before.get() is not None and after.get() is not None:
+            for model, delta in counter_deltas(before.get(), after.get()).items():
+                server.writerow([index, users, model] + [delta[f] for f in SERVER_FIELDS[3:]])
+            server_file.flush()
+
     with open(f"{prefix}_levels.csv", "w", newline="") as levels_file, \
             open(f"{prefix}_server.csv", "w", newline="") as server_file:
         levels, server = csv.writer(levels_file), csv.writer(server_file)
         levels.writerow(LEVEL_FIELDS)
         server.writerow(SERVER_FIELDS)
+        writing = []
         for index, users in enumerate(plan.levels):
             start, hold_start, end = plan.hold_window(index)
             _sleep_until(started_at + hold_start)
             cpu_before, hold_began = cpu_s(), time.monotonic() - started_at
-            counters_before = scrape(metrics_url) if metrics_url else {}
+            # The scrapes run beside the timetable: under load Triton's metrics can take seconds
+            # to answer, which would shift every later window.
+            before = gevent.spawn(counters, index)
             _sleep_until(started_at + end)
             cpu_used, hold_ended = cpu_s() - cpu_before, time.monotonic() - started_at
-            if metrics_url:
-                for model, delta in counter_deltas(counters_before, scrape(metrics_url)).items():
-                    server.writerow([index, users, model] + [delta[f] for f in SERVER_FIELDS[3:]])
             levels.writerow([index, users, f"{start:.3f}", f"{hold_began:.3f}", f"{hold_ended:.3f}", f"{cpu_used:.3f}"])
             levels_file.flush()
-            server_file.flush()
+            writing.append(gevent.spawn(server_rows, index, users, before, gevent.spawn(counters, index)))
+        gevent.joinall(writing)
 
 
 def _sleep_until(when: float) -> None:

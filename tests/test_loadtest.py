@@ -4,16 +4,19 @@ report is parsed back and checked against what was sent."""
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tritonasr.loadtest import workload
-from tritonasr.loadtest.report import ALL, Window, level_figures
+from tritonasr.loadtest.report import (ALL, WINDOW_RULE, Window, build, level_figures, render, requests, windows,
+                                      write_report)
 from tritonasr.loadtest.sweep_plan import SweepPlan, number_list
 from tritonasr.loadtest.triton_metrics import counter_deltas, parse
 
@@ -66,7 +69,7 @@ def test_level_figures_count_the_hold_window():
     window = Window(index=1, users=2, start_s=10.0, hold_start_s=12.0, end_s=22.0, client_cpu_s=1.0)
     rows = [
         _row("offline", 5.0, 11.0, 6000),  # ended before the hold: not counted
-        _row("offline", 8.0, 13.0, 5000),  # started at the previous level: throughput, not latency
+        _row("offline", 8.0, 13.0, 5000),  # started at the previous level: counted all the same
         _row("offline", 12.0, 14.0, 2000),
         _row("offline", 14.0, 16.0, 2000),
         _row("offline", 16.0, 19.0, 3000, ok=False),
@@ -74,12 +77,46 @@ def test_level_figures_count_the_hold_window():
         _row("final", 12.0, 14.0, 100),  # another kind
     ]
     f = level_figures(rows, window, "offline")
-    assert (f["completed"], f["failed"], f["timed"]) == (4, 1, 2)
+    assert (f["completed"], f["failed"]) == (4, 1)
     assert f["error_rate"] == 0.25
     assert f["qps"] == pytest.approx(3 / 10)
     assert f["rtfx"] == pytest.approx(30 / 10)
-    assert f["p50_ms"] == 2000 and f["max_ms"] == 2000
+    assert (f["p50_ms"], f["mean_ms"], f["max_ms"]) == (2000, 3000, 5000)
     assert f["client_cpu"] == pytest.approx(0.1)
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def test_report_names_levels_not_measured_or_without_completions(tmp_path):
+    """A level without a window says so with the sweep's reason; one in which nothing completed
+    says that too."""
+    run = {"date": "2026-01-01", "machine": "m", "gpu": "", "cpus": 2, "command": "c", "workload": "offline",
+           "plan": {"levels": [1, 2, 4], "settle_s": 1.0, "hold_s": 2.0}, "clip_seconds": [60], "raw": None,
+           "systems": [{"name": "tritonasr", "description": "d",
+                        "not_measured": "Locust ended before their hold windows did (exit code 2)"}]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    _write_csv(tmp_path / "tritonasr_levels.csv",
+               [["level", "users", "start_s", "hold_start_s", "end_s", "client_cpu_s"],
+                [0, 1, 0, 1, 3, 0.1], [1, 2, 3, 4, 6, 0.1]])
+    _write_csv(tmp_path / "tritonasr_requests.csv",
+               [["kind", "name", "started_s", "ended_s", "latency_ms", "audio_s", "ok", "error"],
+                ["offline", "60 s clip", 0.5, 2.5, 2000, 60, 1, ""]])
+    report = build(tmp_path)
+    assert report["results"]["tritonasr"]["not_measured"] == [4]
+    text = render(report)
+    assert WINDOW_RULE in text
+    assert "- **tritonasr, 4 callers: not measured**: Locust ended before their hold windows did (exit code 2)" in text
+    assert ("- tritonasr, 2 callers: no request completed in the 2 s hold: latency exceeds the hold; raise --hold"
+            in text)
+    assert "tritonasr, 1 caller:" not in text
+    # With nothing completed anywhere, the plots are drawn all the same.
+    _write_csv(tmp_path / "tritonasr_requests.csv",
+               [["kind", "name", "started_s", "ended_s", "latency_ms", "audio_s", "ok", "error"]])
+    write_report(tmp_path)
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_clips_are_exact_lengths_of_speech_and_differ():
@@ -178,3 +215,99 @@ def test_short_stream_sweep_times_every_final(model_repository, tmp_path):
         assert final["completed"] >= stream["completed"]  # each 8 s call holds several sentences
         assert 0 < final["p50_ms"] <= final["p95_ms"] <= final["p99_ms"] < 10_000
         assert levels["first_response"][0]["completed"] == stream["completed"]
+
+
+# Offline callers whose every request takes 2.2 s, longer than the 2 s hold; with the sweep's shape,
+# options and events.
+SLOW_CALLERS = """
+import gevent
+
+from tritonasr.loadtest.locustfile import OfflineCaller, SweepShape  # noqa: F401
+
+
+class SlowCaller(OfflineCaller):
+    def transcribe(self, samples):
+        gevent.sleep(2.2)
+"""
+
+
+def test_sweep_records_every_level_when_requests_outlast_the_hold_and_metrics_are_slow(tmp_path):
+    """Locust with the sweep shape, callers slower than the hold and a metrics endpoint that
+    takes 4 s to answer the last level's scrape (as Triton's can under load): both levels are
+    recorded on the plan's timetable with their server counters, and each counts the requests
+    that completed in its hold, including those started before it."""
+    scrapes = []
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            scrapes.append(self.path)
+            if len(scrapes) == 4:  # the end of the last level
+                threading.Event().wait(4)
+            n = 10 * len(scrapes)
+            body = f'nv_inference_request_success{{model="asr_offline",version="1"}} {n}\n' \
+                   f'nv_inference_exec_count{{model="asr_offline",version="1"}} {n}\n'
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    metrics = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    locustfile = tmp_path / "slow_callers.py"
+    locustfile.write_text(SLOW_CALLERS)
+    prefix = tmp_path / "slow"
+    try:
+        done = subprocess.run([sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--only-summary",
+                               "--loglevel", "WARNING", "--csv", str(prefix), "--levels", "1,2", "--settle", "1",
+                               "--hold", "2", "--clip-seconds", "5",
+                               "--metrics-url", f"http://127.0.0.1:{metrics.server_port}/metrics", "SlowCaller"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        metrics.shutdown()
+    assert done.returncode == 0, done.stderr[-4000:]
+    levels = windows(prefix)
+    assert [(w.users, w.start_s) for w in levels] == [(1, 0.0), (2, 3.0)]
+    for w, planned in zip(levels, (1.0, 4.0)):
+        assert w.hold_start_s == pytest.approx(planned, abs=0.3) and w.hold_s == pytest.approx(2.0, abs=0.3)
+    with open(f"{prefix}_server.csv", newline="") as handle:
+        assert [(r["users"], r["model"]) for r in csv.DictReader(handle)] == [("1", "asr_offline"),
+                                                                                ("2", "asr_offline")]
+    rows = requests(prefix)
+    first, second = (level_figures(rows, w, "offline") for w in levels)
+    # Level 1: the first request (started before the hold); level 2: the first caller's second
+    # request, started at level 1, and the second caller's first.
+    assert (first["completed"], second["completed"]) == (1, 2)
+    assert second["rtfx"] == pytest.approx(2 * 5 / levels[1].hold_s)
+    assert second["p50_ms"] == pytest.approx(2200, abs=100)
+    assert any(r["started_s"] < levels[1].start_s <= levels[1].hold_start_s <= r["ended_s"] for r in rows)
+
+
+@pytest.mark.e2e
+def test_sweep_whose_requests_outlast_the_hold_reports_every_level(model_repository, tmp_path):
+    """300 s clips take about a second here, longer than the 0.5 s hold: each level still has its
+    row, counting the requests that completed in its hold though they started before it, or
+    saying that none did."""
+    command = [sys.executable, "-m", "tritonasr.cli", "loadtest", "sweep", "--systems", "tritonasr", "--no-raw",
+               "--model-repository", str(model_repository), "--out", str(tmp_path), "--levels", "1,2",
+               "--settle", "1", "--hold", "0.5", "--clip-seconds", "300"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = (tmp_path / "report.md").read_text()
+    assert WINDOW_RULE in report
+    rows = {r["callers"]: r for r in _markdown_rows(report, "| system | clip |") if r["clip"] == ALL}
+    sent = requests(tmp_path / "tritonasr")
+    levels = windows(tmp_path / "tritonasr")
+    assert [w.users for w in levels] == [1, 2] and set(rows) == {"1", "2"}
+    for w in levels:
+        row = rows[str(w.users)]
+        completed = [r for r in sent if w.hold_start_s <= r["ended_s"] <= w.end_s]
+        assert int(row["requests"]) == len(completed)
+        if completed:
+            assert all(r["ok"] and r["started_s"] < w.hold_start_s for r in completed)
+            assert float(row["RTFx"]) == pytest.approx(300 * len(completed) / w.hold_s, rel=0.02)
+            assert float(row["p50"]) == pytest.approx(np.median([r["latency_ms"] for r in completed]) / 1000, abs=0.01)
+        else:
+            assert (f"- tritonasr, {w.users} caller{'s' * (w.users != 1)}: no request completed in the 0.5 s hold"
+                    in report)
