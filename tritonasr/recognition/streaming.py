@@ -412,7 +412,13 @@ class LiveStream:
         separate = with_speaker and self.options.text_first
         text = asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
                                                              with_speaker=with_speaker and not separate))
-        return text, asyncio.ensure_future(self.recognizer.speakers.embed(samples)) if separate else None
+        return text, asyncio.ensure_future(self._embed_after(text, samples)) if separate else None
+
+    async def _embed_after(self, text: asyncio.Future, samples: np.ndarray):
+        """The speaker embedding, started once the text is done: the speaker model does not
+        compete with the ASR model for the final that callers wait for."""
+        await asyncio.wait([text])
+        return await self.recognizer.speakers.embed(samples)
 
     async def _deliver(self, previous: asyncio.Future | None, outputs: list[_Output], sink: Sink,
                        last: bool) -> None:
