@@ -252,3 +252,21 @@ def test_model_files_come_from_the_package_and_never_overwrite_a_config(tmp_path
     old.write_text("from tritonasr.triton_models import OnnxLeafModel\n")
     install_model_files(tmp_path, ["vad"])
     assert old.read_bytes() == (model_templates() / "vad" / "1" / "model.py").read_bytes()
+
+
+def test_a_config_kept_from_an_earlier_version_is_reported(tmp_path):
+    """Configs are never overwritten: one that predates an input the clients now send is named,
+    by `repo check` and in `serve`'s warnings, with where to copy the inputs from."""
+    from tritonasr.paths import model_templates
+    from tritonasr.repository.check import stale_configs
+
+    (tmp_path / "asr_stream").mkdir()
+    template = (model_templates() / "asr_stream" / "config.pbtxt").read_text()
+    old = "\n".join(line for line in template.splitlines() if '"TEXT_FIRST"' not in line and '"ENCODING"' not in line)
+    (tmp_path / "asr_stream" / "config.pbtxt").write_text(old)
+    stale = [p for p in check_repository(tmp_path) if "lacks the inputs" in p]  # (the others: models it calls)
+    assert len(stale) == 1 and "lacks the inputs ENCODING, TEXT_FIRST" in stale[0]
+    assert len(stale_configs(tmp_path, ["asr_stream"])) == 1
+    (tmp_path / "asr_stream" / "config.pbtxt").write_text(template)
+    assert not [p for p in check_repository(tmp_path) if "lacks the inputs" in p]
+    assert stale_configs(tmp_path, ["asr_stream"]) == []

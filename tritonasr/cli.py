@@ -155,6 +155,7 @@ SPEAKER_FLAGS = ("store", "threshold", "cluster_threshold", "min_segment_ms", "w
 
 
 def _server_config(args):
+    from tritonasr.repository.check import stale_configs
     from tritonasr.repository.layout import exported_models, install_model_files
     from tritonasr.runtime.access import is_loopback, split_keys
     from tritonasr.serving.server import ServerConfig, ServerError, TlsFiles
@@ -163,6 +164,8 @@ def _server_config(args):
     models = exported_models(repository)
     # The shipped config and model.py of each exported model, where the repository lacks them.
     install_model_files(repository, models)
+    for line in stale_configs(repository, models):
+        print(f"warning: {line}", file=sys.stderr)
     api_keys = [key for value in (args.api_key or [os.environ.get("TRITONASR_API_KEY", "")])
                 for key in split_keys(value)]
     if not is_loopback(args.host) and not api_keys and not args.allow_unauthenticated:

@@ -9,6 +9,8 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tritonasr.paths import model_templates
+
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
     onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.INT64: mc.TYPE_INT64,
@@ -87,7 +89,36 @@ def check_model(model_dir: Path, config_file: Path, require_plans: bool = True) 
             target = config.parameters[key].string_value
             if target and not (model_dir.parent / target / "config.pbtxt").exists():  # "": stage off
                 problems.append(f"{where}: parameter {key} names model {target!r}, which is not in the repository")
+    missing = missing_inputs(config, model_dir.name)
+    if missing:
+        problems.append(f"{where}: lacks the inputs {', '.join(missing)} that this version's clients may send "
+                        f"(a config from an earlier version): copy them from {model_templates() / model_dir.name}"
+                        "/config.pbtxt")
     return problems
+
+
+def missing_inputs(config: mc.ModelConfig, model: str) -> list[str]:
+    """The inputs the shipped template of `model` declares and `config` does not: a config kept
+    from an earlier version (configs are never overwritten) refuses every request carrying one."""
+    template = model_templates() / model / "config.pbtxt"
+    if not template.is_file():
+        return []
+    have = {tensor.name for tensor in config.input}
+    return [tensor.name for tensor in parse_config(template).input if tensor.name not in have]
+
+
+def stale_configs(repository: Path, models: list[str]) -> list[str]:
+    """For `serve`: a line for each config.pbtxt among `models` that lacks inputs of its template."""
+    lines = []
+    for model in models:
+        config_file = Path(repository) / model / "config.pbtxt"
+        if config_file.is_file():
+            missing = missing_inputs(parse_config(config_file), model)
+            if missing:
+                lines.append(f"{config_file} lacks the inputs {', '.join(missing)}: requests carrying them are "
+                             f"refused; copy them from {model_templates() / model}/config.pbtxt "
+                             "(`tritonasr repo check` lists every such config)")
+    return lines
 
 
 def check_repository(repository: Path, require_plans: bool = True) -> list[str]:
