@@ -19,10 +19,12 @@ def render(result: dict, fmt: str) -> str:
 
 
 def line_prefix(seg: dict) -> str:
-    """SenseVoice's rich tags, compact and only those the server filled in, then the speaker:
-    `<en|NEUTRAL|Speech> alice: ` (an enrolled name) or `speaker B: ` (an anonymous label)."""
+    """The channel (recognised separately), SenseVoice's rich tags, compact and only those the server
+    filled in, then the speaker: `ch1 <en|NEUTRAL|Speech> alice: ` (an enrolled name) or
+    `speaker B: ` (an anonymous label)."""
     tags = "|".join(t for t in (seg.get(k) for k in ("language", "emotion", "event")) if t)
-    return (f"<{tags}> " if tags else "") + _speaker(seg)
+    channel = f"ch{seg['channel']} " if seg.get("channel") is not None else ""
+    return channel + (f"<{tags}> " if tags else "") + _speaker(seg)
 
 
 def _speaker(seg: dict) -> str:

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, Audio, load_audio, resample, validate_samples
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES, SAMPLE_RATES, Endpointing
+from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES, MAX_CHANNELS, SAMPLE_RATES, Endpointing
 
 # Longer recordings go in pieces: one request holds a file whole in the server's shared memory,
 # which never shrinks (10 minutes: 38 MB). Below this, one request is simpler and batches better.
@@ -121,41 +121,62 @@ class OfflineClient(ModelClient):
                    language: str = "auto", use_itn: bool = False, with_speaker: bool = True,
                    return_embedding: bool = False, engine: str = "",
                    on_progress: Callable[[int, int], None] | None = None,
-                   endpointing: Endpointing | None = None) -> dict:
-        """Transcribes mono float samples in [-1, 1] at `sample_rate`; returns the server's result JSON.
-        8 kHz samples go as they are (see sent_audio).
+                   endpointing: Endpointing | None = None, separate_channels: bool = False) -> dict:
+        """Transcribes float samples in [-1, 1] at `sample_rate` (mono, or [frames, channels]);
+        returns the server's result JSON. 8 kHz samples go as they are (see sent_audio).
         engine: sensevoice or parakeet; "" for the server's default.
         on_progress: for recordings sent in pieces, told (ms done, ms in all) as the server goes.
-        endpointing: how speech is cut into segments (None: the server's VAD values)."""
+        endpointing: how speech is cut into segments (None: the server's VAD values).
+        separate_channels: each channel recognised on its own (a call's agent and customer), its
+            segments marked with "channel"; else their mix."""
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
-        audio, rate = sent_audio(samples, sample_rate)
+        samples = np.asarray(samples)
+        if samples.ndim == 2 and not separate_channels:
+            samples = samples.mean(axis=1, dtype=np.float32)
+        if samples.ndim == 2 and samples.shape[1] > 1:
+            return self._transcribe_channels(samples, sample_rate, language, use_itn, with_speaker,
+                                             return_embedding, engine, endpointing)
+        audio, rate = sent_audio(samples.reshape(-1), sample_rate)
         if audio.size > self.pieces_above_s * rate:
             from tritonasr.client.pieces import transcribe_in_pieces  # (it imports this module)
 
             return transcribe_in_pieces(self, audio, on_progress, sample_rate=rate, language=language,
                                         use_itn=use_itn, engine=engine, with_speaker=with_speaker,
                                         return_embedding=return_embedding, endpointing=endpointing)
-        return self.infer([
-            tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
-            tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
-            tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
-            tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
-            tensor_input("ENGINE", np.array([[engine.encode()]], dtype=np.object_), "BYTES"),
-            tensor_input("WITH_SPEAKER", np.array([[with_speaker]], dtype=np.bool_), "BOOL"),
-            tensor_input("RETURN_EMBEDDING", np.array([[return_embedding]], dtype=np.bool_), "BOOL"),
-            *endpointing_inputs(endpointing),
-        ])
+        return self.infer([tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
+                           tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
+                           *_option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
+
+    def _transcribe_channels(self, frames: np.ndarray, sample_rate: int, language: str, use_itn: bool,
+                             with_speaker: bool, return_embedding: bool, engine: str,
+                             endpointing: Endpointing | None) -> dict:
+        """One asr_offline request of interleaved channels, each recognised on its own."""
+        channels = frames.shape[1]
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"at most {MAX_CHANNELS} channels can be recognised separately, got {channels}")
+        if frames.shape[0] > self.pieces_above_s * sample_rate:
+            raise ValueError(f"channels are recognised separately in recordings of up to {self.pieces_above_s:g} s "
+                             f"(this one is {frames.shape[0] / sample_rate:.0f} s): split it, or mix its channels")
+        if sample_rate not in SAMPLE_RATES:
+            frames, sample_rate = resample(frames, sample_rate), SAMPLE_RATE
+        audio = validate_samples(np.ascontiguousarray(frames, dtype=np.float32).reshape(-1))
+        return self.infer([tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
+                           tensor_input("SAMPLE_RATE", np.array([[sample_rate]], dtype=np.int32), "INT32"),
+                           tensor_input("CHANNEL_COUNT", np.array([[channels]], dtype=np.int32), "INT32"),
+                           tensor_input("CHANNELS", np.array([[b"separate"]], dtype=np.object_), "BYTES"),
+                           *_option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",
                         with_speaker: bool = True, on_progress: Callable[[int, int], None] | None = None,
-                        endpointing: Endpointing | None = None) -> dict:
-        """Loads any audio file (load_server_audio) and returns `{"file", "duration_ms", "segments"}`."""
-        audio = load_server_audio(path)
+                        endpointing: Endpointing | None = None, separate_channels: bool = False) -> dict:
+        """Loads any audio file (load_server_audio) and returns `{"file", "duration_ms", "segments"}`;
+        separate_channels: see `transcribe`."""
+        audio = load_server_audio(path, keep_channels=separate_channels)
         result = self.transcribe(audio.samples, audio.sample_rate, language, use_itn, with_speaker=with_speaker,
                                  return_embedding=return_embedding, engine=engine, endpointing=endpointing,
-                                 on_progress=on_progress)
+                                 on_progress=on_progress, separate_channels=separate_channels)
         return {"file": str(path), "duration_ms": audio.duration_ms,
                 "segments": result["segments"]}
 
@@ -174,9 +195,21 @@ def sent_audio(samples: np.ndarray, sample_rate: int) -> tuple[np.ndarray, int]:
     return server_audio(samples, sample_rate), SAMPLE_RATE
 
 
-def load_server_audio(path: str | os.PathLike) -> Audio:
+def load_server_audio(path: str | os.PathLike, keep_channels: bool = False) -> Audio:
     """load_audio, except that a file at a rate the server takes (8 kHz) keeps its rate."""
-    return load_audio(path, keep_rates=SAMPLE_RATES)
+    return load_audio(path, keep_rates=SAMPLE_RATES, keep_channels=keep_channels)
+
+
+def _option_inputs(language: str, use_itn: bool, engine: str, with_speaker: bool, return_embedding: bool,
+                   endpointing: Endpointing | None) -> list[grpcclient.InferInput]:
+    """An asr_offline request's options, all of them on every request (Triton batches only
+    requests that carry the same inputs)."""
+    return [tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
+            tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
+            tensor_input("ENGINE", np.array([[engine.encode()]], dtype=np.object_), "BYTES"),
+            tensor_input("WITH_SPEAKER", np.array([[with_speaker]], dtype=np.bool_), "BOOL"),
+            tensor_input("RETURN_EMBEDDING", np.array([[return_embedding]], dtype=np.bool_), "BOOL"),
+            *endpointing_inputs(endpointing)]
 
 
 def endpointing_inputs(endpointing: Endpointing | None) -> list[grpcclient.InferInput]:

@@ -19,7 +19,8 @@ from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES, Endpointing
 def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
                    concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False,
                    engine: str = "", with_speaker: bool = True, credentials: Credentials | None = None,
-                   use_itn: bool = False, endpointing: Endpointing | None = None) -> int:
+                   use_itn: bool = False, endpointing: Endpointing | None = None,
+                   separate_channels: bool = False) -> int:
     """Transcribes `files` with `concurrency` requests in flight; returns the exit code
     (tritonasr.contract): EXIT_OK, EXIT_FAILED when some failed (each reported on stderr),
     EXIT_UNREACHABLE or EXIT_DENIED when the server cannot be used (reported once, remaining files
@@ -48,7 +49,8 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
             clients.append(local.client)
         return local.client.transcribe_file(path, language=language, use_itn=use_itn, engine=engine,
                                             return_embedding=return_embedding, with_speaker=with_speaker,
-                                            endpointing=endpointing, on_progress=progress)
+                                            endpointing=endpointing, on_progress=progress,
+                                            separate_channels=separate_channels)
 
     headers = fmt != "json" and len(files) > 1
     code = EXIT_OK

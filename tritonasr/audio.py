@@ -26,14 +26,14 @@ SFE_BAD_FILE = 7  # libsndfile: "File does not exist or is not a regular file (p
 
 @dataclass(frozen=True)
 class Audio:
-    samples: np.ndarray  # float32, mono, SAMPLE_RATE, in [-1, 1]
+    samples: np.ndarray  # float32 in [-1, 1] at sample_rate: mono, or [frames, channels] (keep_channels)
     sample_rate: int
     source_rate: int
     source_channels: int
 
     @property
     def duration_ms(self) -> int:
-        return len(self.samples) * 1000 // self.sample_rate
+        return len(self.samples) * 1000 // self.sample_rate  # (len: frames, whatever the channels)
 
 
 def validate_samples(samples: np.ndarray, allow_empty: bool = False) -> np.ndarray:
@@ -120,9 +120,10 @@ def encode(samples: np.ndarray, encoding: str) -> bytes:
     return out.getvalue()
 
 
-def load_audio(path: str | os.PathLike, keep_rates: tuple[int, ...] = ()) -> Audio:
+def load_audio(path: str | os.PathLike, keep_rates: tuple[int, ...] = (), keep_channels: bool = False) -> Audio:
     """Reads wav/flac/ogg/mp3 (whatever libsndfile reads), downmixes and resamples to 16 kHz
-    (a file at one of `keep_rates` keeps its rate).
+    (a file at one of `keep_rates` keeps its rate; with `keep_channels`, a multi-channel file's
+    samples are [frames, channels]).
 
     Every AudioError message starts with the path, so callers can print it as it is.
     """
@@ -147,13 +148,17 @@ def load_audio(path: str | os.PathLike, keep_rates: tuple[int, ...] = ()) -> Aud
             reason = "Format not recognised" if e.code == SFE_BAD_FILE else e.error_string.rstrip(".")
             raise AudioError(f"{path} is not a readable audio file ({reason})") from None
     channels = data.shape[1]
-    mono = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
+    if keep_channels and channels > 1:
+        audio = data
+    else:
+        audio = data[:, 0] if channels == 1 else data.mean(axis=1, dtype=np.float32)
     try:
         # Float files can go past full scale: clipped; NaN and infinities are refused (clipping
         # would have passed an infinity as full scale).
-        mono = validate_samples(np.clip(mono, -1.0, 1.0, out=mono, where=np.isfinite(mono)))
+        validate_samples(np.clip(audio, -1.0, 1.0, out=audio, where=np.isfinite(audio)).reshape(-1))
     except AudioError as e:
         raise AudioError(f"{path}: {e}") from None
+    audio = audio.astype(np.float32, copy=False)
     if rate in keep_rates:
-        return Audio(mono, rate, rate, channels)
-    return Audio(resample(mono, rate), SAMPLE_RATE, rate, channels)
+        return Audio(audio, rate, rate, channels)
+    return Audio(resample(audio, rate), SAMPLE_RATE, rate, channels)

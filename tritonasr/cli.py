@@ -15,7 +15,7 @@ from tritonasr.client.connection import add_arguments as _add_connection_args
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
 from tritonasr.client.endpointing import from_arguments as _endpointing
-from tritonasr.contract import ENGINES, EXIT_USAGE, LANGUAGES
+from tritonasr.contract import CHANNEL_MODES, ENGINES, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
 from tritonasr.serving.server import MODEL_CONTROL_MODES
 
@@ -280,7 +280,7 @@ def cmd_transcribe(args) -> int:
     return run_transcribe(args.files, args.url, args.format, language=args.language,
                           concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
                           with_speaker=not args.no_speaker, credentials=_credentials(args), use_itn=args.itn,
-                          endpointing=_endpointing(args))
+                          endpointing=_endpointing(args), separate_channels=args.channels == "separate")
 
 
 def cmd_stream(args) -> int:
@@ -498,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
                             help="each segment's speaker embedding in the JSON output")
+    transcribe.add_argument("--channels", choices=CHANNEL_MODES, default="mix",
+                            help="mix (default): a multi-channel file's channels recognised as one; separate: each "
+                                 "on its own (a call's agent and customer), segments marked with their channel")
     _add_endpointing_args(transcribe)
     _add_connection_args(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)

@@ -12,6 +12,10 @@ from dataclasses import dataclass, fields
 
 # The rates a request or stream may declare (SAMPLE_RATE): the server resamples to the models' 16 kHz.
 SAMPLE_RATES = (8000, 16000)
+# A request may carry this many interleaved channels (CHANNEL_COUNT), recognised as their mix or
+# one by one (CHANNELS: "mix" or "separate").
+MAX_CHANNELS = 8
+CHANNEL_MODES = ("mix", "separate")
 # What a stream's chunks carry (ENCODING on its START): float32 samples in AUDIO, or the bytes of
 # 16-bit little-endian PCM, G.711 mu-law or A-law in AUDIO_BYTES, as telephony sends them.
 ENCODINGS = ("float32", "pcm16", "mulaw", "alaw")

@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, resample, validate_samples
-from tritonasr.contract import SAMPLE_RATES, Endpointing
+from tritonasr.contract import MAX_CHANNELS, SAMPLE_RATES, Endpointing
 from tritonasr.errors import InputError
 from tritonasr.models.fbank import Extract, in_process
 from tritonasr.models.transcript import Segment
@@ -82,6 +82,11 @@ class Recognizer:
         return segment, embedding
 
 
+def check_channels(channels: int) -> None:
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"audio must have 1 to {MAX_CHANNELS} channels, got {channels}")
+
+
 def check_sample_rate(sample_rate: int) -> None:
     if sample_rate not in SAMPLE_RATES:
         raise AudioError(f"audio must be mono at {' or '.join(f'{r} Hz' for r in SAMPLE_RATES)}; got "
@@ -125,47 +130,65 @@ class OfflinePipeline:
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
 
-    def check_length(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-        if samples.size > self.max_audio_s * sample_rate:
-            raise AudioError(f"audio is {samples.size / sample_rate:.0f} s long; this server accepts at most "
+    def check_length(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+        seconds = samples.size / channels / sample_rate
+        if seconds > self.max_audio_s:
+            raise AudioError(f"audio is {seconds:.0f} s long; this server accepts at most "
                              f"{self.max_audio_s:.0f} s per request: send longer recordings as a stream, "
                              "in chunks (the tritonasr client does so by itself)")
 
-    def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-        """The request's samples at 16 kHz."""
+    def check_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1,
+                    separate: bool = False) -> list[np.ndarray]:
+        """The request's audio at 16 kHz: one track per channel (`separate`), else one mixed track.
+        `samples` holds `channels` interleaved channels, as a WAV file's frames do."""
         check_sample_rate(sample_rate)
-        self.check_length(samples, sample_rate)  # first: validating a huge input costs several copies of it
-        return resample(validate_samples(samples), sample_rate)
+        check_channels(channels)
+        self.check_length(samples, sample_rate, channels)  # first: validating a huge input costs several copies of it
+        samples = validate_samples(samples)
+        if samples.size % channels:
+            raise AudioError(f"{samples.size} samples do not make whole frames of {channels} channels")
+        frames = samples.reshape(-1, channels)
+        tracks = [frames[:, c] for c in range(channels)] if separate else [frames.mean(axis=1, dtype=np.float32)]
+        return [resample(np.ascontiguousarray(track), sample_rate) for track in tracks]
 
     async def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
                          sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,
                          return_embedding: bool = False, engine: str = "",
-                         endpointing: Endpointing = Endpointing()) -> dict:
+                         endpointing: Endpointing = Endpointing(), channels: int = 1,
+                         separate_channels: bool = False) -> dict:
         """with_speaker: run the speaker stage (when deployed); False skips it for this request.
-        engine: the ASR engine ("" for the deployment's default)."""
-        samples = self.check_audio(samples, sample_rate)
+        engine: the ASR engine ("" for the deployment's default). channels: how many interleaved
+        channels `samples` holds; separate_channels: recognise each on its own (segments carry
+        "channel", ordered by start) instead of their mix."""
+        tracks = self.check_audio(samples, sample_rate, channels, separate_channels)
         request = self.recognizer.request(engine, language, use_itn)
         endpoint = endpoint_options(self.vad, endpointing)
-        fbank = await self.fbank(samples)
-        speech = await detect_speech(self.vad, self.run_vad, samples, fbank, endpoint)
-        pieces = split_long_segments(speech, self.max_asr_segment_ms)
         # Many segments go out at once so the leaf models' batchers can batch them, but not all of
         # a long file's: their inputs all sit in the Python backend's shared memory, which never
         # shrinks once grown.
         speakers = self.recognizer.speaker_session(with_speaker, return_embedding)
         in_flight = asyncio.Semaphore(SEGMENTS_IN_FLIGHT)
 
-        async def analyse(start_ms: int, end_ms: int):
-            async with in_flight:
-                return await self.analyse(request, samples, fbank, start_ms, end_ms, speakers is not None)
+        async def recognise(track: np.ndarray) -> list[tuple[Segment | None, np.ndarray | None]]:
+            fbank = await self.fbank(track)
+            speech = await detect_speech(self.vad, self.run_vad, track, fbank, endpoint)
 
-        results = await asyncio.gather(*(analyse(s, e) for s, e in pieces))
+            async def analyse(start_ms: int, end_ms: int):
+                async with in_flight:
+                    return await self.analyse(request, track, fbank, start_ms, end_ms, speakers is not None)
+
+            pieces = split_long_segments(speech, self.max_asr_segment_ms)
+            return await asyncio.gather(*(analyse(s, e) for s, e in pieces))
+
+        found = [(segment, embedding, channel)
+                 for channel, results in enumerate(await asyncio.gather(*(recognise(t) for t in tracks)))
+                 for segment, embedding in results if segment is not None]
+        found.sort(key=lambda item: (item[0].start_ms, item[2]))  # (one track: already in order)
         segments = []
-        for segment, embedding in results:  # in order: speaker labels are given in order of speech
-            if segment is not None:
-                segment.speaker = speakers.describe(embedding) if speakers else None
-                segments.append(segment.to_dict())
-        return {"duration_ms": int(samples.size * 1000 // SAMPLE_RATE), "segments": segments}
+        for segment, embedding, channel in found:  # in order: speaker labels are given in order of speech
+            segment.speaker = speakers.describe(embedding) if speakers else None
+            segments.append({**segment.to_dict(), "channel": channel} if separate_channels else segment.to_dict())
+        return {"duration_ms": int(tracks[0].size * 1000 // SAMPLE_RATE), "segments": segments}
 
     async def analyse(self, request: AsrRequest, samples: np.ndarray, fbank: np.ndarray, start_ms: int,
                       end_ms: int, with_speaker: bool) -> tuple[Segment | None, np.ndarray | None]:

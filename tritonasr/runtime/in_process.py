@@ -60,9 +60,11 @@ class LocalPipeline:
         return [result.tokens[None], result.frames[None], result.durations[None]]
 
     def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
-                   return_embedding: bool = False, engine: str = "", endpointing: Endpointing = Endpointing()) -> dict:
+                   return_embedding: bool = False, engine: str = "", endpointing: Endpointing = Endpointing(),
+                   channels: int = 1, separate_channels: bool = False) -> dict:
         return asyncio.run(self.pipeline.transcribe(samples, language, use_itn, return_embedding=return_embedding,
-                                                    engine=engine, endpointing=endpointing))
+                                                    engine=engine, endpointing=endpointing, channels=channels,
+                                                    separate_channels=separate_channels))
 
     def open_stream(self, options: StreamOptions = StreamOptions()) -> LiveStream:
         """A live stream whose `push` must be awaited inside one event loop."""

@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import SAMPLE_RATE, resample, validate_samples
-from tritonasr.contract import ENDPOINTING_INPUTS, KEEP_MODEL_VALUE, Endpointing
+from tritonasr.contract import CHANNEL_MODES, ENDPOINTING_INPUTS, KEEP_MODEL_VALUE, Endpointing
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                               ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.models.fbank import Extract, in_pieces
@@ -26,7 +26,7 @@ from tritonasr.models.vad import VadSpec
 from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.recognition.engines import build_engines, pad_step
 from tritonasr.recognition.leaf_calls import LeafCalls
-from tritonasr.recognition.offline import OfflinePipeline, Recognizer, check_sample_rate, detect_speech
+from tritonasr.recognition.offline import OfflinePipeline, Recognizer, check_channels, check_sample_rate, detect_speech
 from tritonasr.recognition.settings import (OfflineSettings, PipelineSettings, RegistrySettings, SpeakerSettings,
                                             StreamSettings)
 from tritonasr.recognition.speakers import SpeakerRegistry, build_speaker_stage
@@ -260,17 +260,22 @@ class OfflineAsrModel(_PipelineModel):
         self._caller(request)
         audio = _required(request, "AUDIO")
         sample_rate = int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE))
+        channels = int(_scalar(_input(request, "CHANNEL_COUNT"), 1))
         check_sample_rate(sample_rate)
-        self.pipeline.check_length(audio, sample_rate)  # before anything is computed on it
+        check_channels(channels)
+        self.pipeline.check_length(audio, sample_rate, channels)  # before anything is computed on it
         with self.budget.reserve(audio.nbytes * SAMPLE_RATE // sample_rate):  # as it is at 16 kHz
             try:
-                return await self._transcribe(request, audio, sample_rate)
+                return await self._transcribe(request, audio, sample_rate, channels)
             finally:
                 if audio.nbytes >= TRIM_AFTER_BYTES:
                     release_memory()
 
-    async def _transcribe(self, request, audio: np.ndarray, sample_rate: int) -> dict:
+    async def _transcribe(self, request, audio: np.ndarray, sample_rate: int, channels: int) -> dict:
         engine = _text(request, "ENGINE", "")
+        mode = _text(request, "CHANNELS", CHANNEL_MODES[0])
+        if mode not in CHANNEL_MODES:
+            raise InputError(f"CHANNELS must be one of {', '.join(CHANNEL_MODES)}, got {shown(mode)}")
         result = await self.pipeline.transcribe(
             audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
             language=_text(request, "LANGUAGE", "auto"),
@@ -280,8 +285,10 @@ class OfflineAsrModel(_PipelineModel):
             return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
             engine=engine,
             endpointing=_endpointing(request),
+            channels=channels,
+            separate_channels=mode == "separate",
         )
-        self.metrics.audio_received(audio.size / sample_rate)
+        self.metrics.audio_received(audio.size / channels / sample_rate)
         self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
         return result
 
