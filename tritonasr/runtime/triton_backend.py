@@ -456,12 +456,15 @@ class _Chunk:
         partial_interval_ms = int(_scalar(_input(request, "PARTIAL_INTERVAL_MS"), 0))
         if partial_interval_ms < 0:  # (the client library refuses it too)
             raise InputError(f"PARTIAL_INTERVAL_MS must be >= 0 (0: no partials), got {partial_interval_ms}")
-        return StreamOptions(_text(request, "LANGUAGE", "auto"), bool(_scalar(_input(request, "USE_ITN"), False)),
-                             partial_interval_ms, _text(request, "ENGINE", ""),
-                             bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
-                             bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)), _endpointing(request),
-                             int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
-                             _text(request, "ENCODING", "float32"), bool(_scalar(_input(request, "TEXT_FIRST"), False)))
+        return StreamOptions(language=_text(request, "LANGUAGE", "auto"),
+                             use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
+                             partial_interval_ms=partial_interval_ms, engine=_text(request, "ENGINE", ""),
+                             with_speaker=bool(_scalar(_input(request, "WITH_SPEAKER"), True)),
+                             return_embedding=bool(_scalar(_input(request, "RETURN_EMBEDDING"), False)),
+                             endpointing=_endpointing(request),
+                             sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
+                             encoding=_text(request, "ENCODING", "float32"),
+                             text_first=bool(_scalar(_input(request, "TEXT_FIRST"), False)))
 
 
 class _ResponseSink:
