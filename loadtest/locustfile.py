@@ -42,6 +42,7 @@ _environment = None  # Locust's, from the init event
 _started_at: float | None = None  # monotonic time the sweep began
 _requests_csv = None
 _sampler: gevent.Greenlet | None = None  # sample_levels, with --csv
+_clients: list = []  # the users' gRPC clients (see _quit)
 
 
 @events.init_command_line_parser.add_listener
@@ -86,6 +87,17 @@ def _stop(**_kw) -> None:
 def _quit(**_kw) -> None:
     if _requests_csv is not None:
         _requests_csv[0].close()
+    # Every gRPC client closed here, while gevent still runs: one left to the garbage collector
+    # at exit (a user stopped before its on_stop) hung Locust in grpc's Channel.close.
+    for client in _clients:
+        client.close()
+    _clients.clear()
+
+
+def _opened(client):
+    """`client`, to be closed when Locust quits (closing twice is harmless)."""
+    _clients.append(client)
+    return client
 
 
 class Caller(User):
@@ -175,7 +187,7 @@ class TritonOfflineUser(OfflineCaller):
         from tritonasr.client.offline import OfflineClient
 
         super().on_start()
-        self.client = OfflineClient(self.host)
+        self.client = _opened(OfflineClient(self.host))
 
     def on_stop(self) -> None:
         self.client.close()
@@ -196,7 +208,7 @@ class TritonStreamUser(StreamCaller):
         super().on_start()
         # TLS and keys from the $TRITONASR_* variables, as for every client.
         self.credentials = Credentials.from_environment()
-        self.client = grpcclient.InferenceServerClient(self.host, **self.credentials.grpc_options())
+        self.client = _opened(grpcclient.InferenceServerClient(self.host, **self.credentials.grpc_options()))
 
     def on_stop(self) -> None:
         self.client.close()
