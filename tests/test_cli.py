@@ -46,3 +46,9 @@ def test_an_unknown_language_is_a_usage_error(capsys):
         main(["transcribe", "--language", "fr", "any.wav"])
     assert exited.value.code == EXIT_USAGE
     assert "invalid choice: 'fr'" in capsys.readouterr().err
+
+
+def test_a_benchmark_whose_server_cannot_start_says_why_without_a_traceback(tmp_path, capsys):
+    assert main(["bench", "memory", "--model-repository", str(tmp_path / "none"), "--scenarios", "abandoned"]) == 1
+    err = capsys.readouterr().err
+    assert "error: model repository" in err and "does not exist" in err and "Traceback" not in err

@@ -15,9 +15,9 @@ from tritonasr.client.connection import add_arguments as _add_connection_args
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
 from tritonasr.client.endpointing import from_arguments as _endpointing
-from tritonasr.contract import CHANNEL_MODES, ENGINES, EXIT_USAGE, LANGUAGES
+from tritonasr.contract import CHANNEL_MODES, ENGINES, EXIT_FAILED, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
-from tritonasr.serving.server import MODEL_CONTROL_MODES
+from tritonasr.serving.server import MODEL_CONTROL_MODES, ServerError
 
 PACKAGE = "tritonasr"
 
@@ -616,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
+    except ServerError as exc:  # an embedded server (bench, loadtest) that could not start
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
