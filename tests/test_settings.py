@@ -60,3 +60,7 @@ def test_serve_sets_the_default_engine_for_every_pipeline(tmp_path):
     env = ServerConfig(tmp_path, asr_engine="parakeet").environment()
     assert PipelineSettings.from_parameters({"default_asr_engine": "sensevoice"}, env).default_asr_engine == "parakeet"
     assert "TRITONASR_DEFAULT_ASR_ENGINE" not in ServerConfig(tmp_path).environment()
+
+
+def test_an_empty_environment_variable_is_unset():
+    assert StreamSettings.from_parameters({"max_streams": "4"}, {"TRITONASR_MAX_STREAMS": ""}).max_streams == 4

@@ -49,7 +49,8 @@ class ModelSettings:
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
-            given = environ.get(cls.variable(f.name), params.get(cls.parameter(f.name)))
+            # An empty variable is unset (compose files pass `${VAR:-}` through).
+            given = environ.get(cls.variable(f.name)) or params.get(cls.parameter(f.name))
             if given is not None:
                 try:
                     values[f.name] = _parse(given, type(f.default))
