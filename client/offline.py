@@ -154,9 +154,9 @@ class OfflineClient(ModelClient):
         """One asr_offline request of interleaved channels, each recognised on its own."""
         channels = frames.shape[1]
         if not 1 <= channels <= MAX_CHANNELS:
-            raise ValueError(f"at most {MAX_CHANNELS} channels can be recognised separately, got {channels}")
+            raise TranscriptionError(f"at most {MAX_CHANNELS} channels can be recognised separately, got {channels}")
         if frames.shape[0] > self.pieces_above_s * sample_rate:
-            raise ValueError(f"channels are recognised separately in recordings of up to {self.pieces_above_s:g} s "
+            raise TranscriptionError(f"channels are recognised separately in recordings of up to {self.pieces_above_s:g} s "
                              f"(this one is {frames.shape[0] / sample_rate:.0f} s): split it, or mix its channels")
         if sample_rate not in SAMPLE_RATES:
             frames, sample_rate = resample(frames, sample_rate), SAMPLE_RATE
