@@ -189,12 +189,16 @@ def main(args) -> int:
                                       timeout=plan.duration_s + LOCUST_GRACE_S).returncode
             except subprocess.TimeoutExpired:  # (run() has killed it)
                 code = f"killed: still running {LOCUST_GRACE_S} s after the sweep's end"
-        # Locust exits 1 when any request failed: the report counts those; other codes are crashes.
-        if code not in (0, 1):
+        missing = unmeasured(run_dir / system, plan.levels)
+        if isinstance(code, str) and not missing:
+            # gRPC under gevent now and then hangs Locust at interpreter exit, after every level
+            # and request was written: the measurement is whole.
+            log(f"warning: {system}: Locust hung at exit and was killed; every level was recorded")
+            entry["locust_killed_at_exit"] = True
+        elif code not in (0, 1):  # 1: some request failed (the report counts it); others: a crash
             log(f"error: Locust exited with {code} on {system}")
             entry["locust_exit_code"] = code
             failed = True
-        missing = unmeasured(run_dir / system, plan.levels)
         if missing:
             ended = code if isinstance(code, str) else f"exit code {code}"
             entry["not_measured"] = f"Locust ended before their hold windows did ({ended})"
