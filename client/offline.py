@@ -146,7 +146,7 @@ class OfflineClient(ModelClient):
                                         return_embedding=return_embedding, endpointing=endpointing)
         return self.infer([tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
                            tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
-                           *_option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
+                           *option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
 
     def _transcribe_channels(self, frames: np.ndarray, sample_rate: int, language: str, use_itn: bool,
                              with_speaker: bool, return_embedding: bool, engine: str,
@@ -165,7 +165,7 @@ class OfflineClient(ModelClient):
                            tensor_input("SAMPLE_RATE", np.array([[sample_rate]], dtype=np.int32), "INT32"),
                            tensor_input("CHANNEL_COUNT", np.array([[channels]], dtype=np.int32), "INT32"),
                            tensor_input("CHANNELS", np.array([[b"separate"]], dtype=np.object_), "BYTES"),
-                           *_option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
+                           *option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",
@@ -200,10 +200,9 @@ def load_server_audio(path: str | os.PathLike, keep_channels: bool = False) -> A
     return load_audio(path, keep_rates=SAMPLE_RATES, keep_channels=keep_channels)
 
 
-def _option_inputs(language: str, use_itn: bool, engine: str, with_speaker: bool, return_embedding: bool,
+def option_inputs(language: str, use_itn: bool, engine: str, with_speaker: bool, return_embedding: bool,
                    endpointing: Endpointing | None) -> list[grpcclient.InferInput]:
-    """An asr_offline request's options, all of them on every request (Triton batches only
-    requests that carry the same inputs)."""
+    """The recognition options of an asr_offline request, as a stream's START carries them too."""
     return [tensor_input("LANGUAGE", np.array([[language.encode()]], dtype=np.object_), "BYTES"),
             tensor_input("USE_ITN", np.array([[use_itn]], dtype=np.bool_), "BOOL"),
             tensor_input("ENGINE", np.array([[engine.encode()]], dtype=np.object_), "BYTES"),
@@ -213,7 +212,6 @@ def _option_inputs(language: str, use_itn: bool, engine: str, with_speaker: bool
 
 
 def endpointing_inputs(endpointing: Endpointing | None) -> list[grpcclient.InferInput]:
-    """The endpointing inputs (INT32), as asr_offline and asr_stream's START take them."""
     values = (endpointing or Endpointing()).inputs()
     return [tensor_input(name, np.array([[value]], dtype=np.int32), "INT32") for name, value in values.items()]
 

@@ -37,7 +37,8 @@ from tritonclient.utils import InferenceServerException
 from tritonasr.audio import (ENCODING_SUBTYPES, SAMPLE_RATE, AudioError, check_encoding, encode, sample_bytes,
                              validate_samples)
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.client.offline import ServerUnavailableError, TranscriptionError, endpointing_inputs, load_server_audio
+from tritonasr.client.offline import (ServerUnavailableError, TranscriptionError, load_server_audio, option_inputs,
+                                      tensor_input)
 from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS, SAMPLE_RATES, Endpointing
 from tritonasr.errors import split_status
 
@@ -529,27 +530,22 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
     for a byte encoding its bytes (bytes or a uint8 array) in AUDIO_BYTES; `sample_rate` and
     `encoding`: the stream's; `token`: the stream's secret, the same on every chunk ("" for none)."""
     if encoding == "float32":
-        inputs = [_input("AUDIO", chunk[np.newaxis, :], "FP32")]
+        inputs = [tensor_input("AUDIO", chunk[np.newaxis, :], "FP32")]
     else:
-        inputs = [_input("AUDIO_BYTES", np.frombuffer(chunk, np.uint8)[np.newaxis, :], "UINT8")]
+        inputs = [tensor_input("AUDIO_BYTES", np.frombuffer(chunk, np.uint8)[np.newaxis, :], "UINT8")]
     if start:
         # Options go on the START request only, so that the other requests of every stream
         # carry the same single input and batch together on the server.
         inputs += [
-            _input("SAMPLE_RATE", np.array([[sample_rate]], np.int32), "INT32"),
-            _input("LANGUAGE", np.array([[language.encode()]], np.object_), "BYTES"),
-            _input("USE_ITN", np.array([[use_itn]], np.bool_), "BOOL"),
-            _input("PARTIAL_INTERVAL_MS", np.array([[partial_interval_ms]], np.int32), "INT32"),
-            _input("ENGINE", np.array([[engine.encode()]], np.object_), "BYTES"),
-            _input("WITH_SPEAKER", np.array([[with_speaker]], np.bool_), "BOOL"),
-            _input("RETURN_EMBEDDING", np.array([[return_embedding]], np.bool_), "BOOL"),
-            *endpointing_inputs(endpointing),
+            tensor_input("SAMPLE_RATE", np.array([[sample_rate]], np.int32), "INT32"),
+            tensor_input("PARTIAL_INTERVAL_MS", np.array([[partial_interval_ms]], np.int32), "INT32"),
+            *option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing),
         ]
         # Each left out at its default, so that such streams work with servers before it.
         if encoding != "float32":
-            inputs.append(_input("ENCODING", np.array([[encoding.encode()]], np.object_), "BYTES"))
+            inputs.append(tensor_input("ENCODING", np.array([[encoding.encode()]], np.object_), "BYTES"))
         if text_first:
-            inputs.append(_input("TEXT_FIRST", np.array([[True]], np.bool_), "BOOL"))
+            inputs.append(tensor_input("TEXT_FIRST", np.array([[True]], np.bool_), "BOOL"))
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
             "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,
             "parameters": {"stream_token": token} if token else None}
@@ -614,8 +610,3 @@ async def _until(stop: asyncio.Event, items: AsyncIterator) -> AsyncIterator:
     finally:
         stopped.cancel()
 
-
-def _input(name: str, data: np.ndarray, datatype: str) -> grpcaio.InferInput:
-    tensor = grpcaio.InferInput(name, list(data.shape), datatype)
-    tensor.set_data_from_numpy(data)
-    return tensor

@@ -1,7 +1,9 @@
 """Admission control against the real tritonserver: a server with two API keys, at most 3 open
-streams and 2 per key (`max_streams`, `max_streams_per_client`), and an asr_offline queue of 1.
-A stream beyond a limit is refused at once while the others go on unchanged; every way a stream
-ends gives its slot back; refusals are counted; a full offline queue answers at once."""
+streams and 2 per key (`max_streams`, `max_streams_per_client`), and one asr_offline instance
+working on 2 requests at once with a queue of 1. A stream beyond a limit is refused at once while
+the others go on unchanged; every way a stream ends gives its slot back; refusals are counted; a
+short offline request is answered while a long one is still in flight; a full offline queue
+answers at once."""
 from __future__ import annotations
 
 import asyncio
@@ -22,12 +24,13 @@ from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 from tritonasr.runtime.access import API_KEY_HEADER
 from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
-from conftest import DATA
+from conftest import DATA, set_parameter
 
 pytestmark = pytest.mark.e2e
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
 MAX_STREAMS, PER_CLIENT = 3, 2
+OFFLINE_IN_FLIGHT = 2
 SPEECH = load_audio(DATA / "pause_1s.wav").samples
 CHUNKS = split_chunks(SPEECH, 100)
 SEGMENT_KEYS = ("start_ms", "end_ms", "text")
@@ -36,7 +39,7 @@ SEGMENT_KEYS = ("start_ms", "end_ms", "text")
 @pytest.fixture(scope="module")
 def limited(model_repository, tmp_path_factory):
     """The test repository's vad, sensevoice and asr_stream (idle timeout 4 s), and asr_offline
-    with a queue of one request."""
+    on one instance that works on OFFLINE_IN_FLIGHT requests at once, with a queue of one."""
     view = tmp_path_factory.mktemp("admission_models")
     for name in ("vad", "sensevoice", "asr_stream"):
         (view / name).symlink_to(model_repository / name, target_is_directory=True)
@@ -44,7 +47,8 @@ def limited(model_repository, tmp_path_factory):
     config = view / "asr_offline" / "config.pbtxt"
     text, count = re.subn(r"max_queue_size: \d+", "max_queue_size: 1", config.read_text())
     assert count == 1
-    config.write_text(text)
+    config.write_text(text.replace("{ count: 2 kind: KIND_CPU }", "{ count: 1 kind: KIND_CPU }"))
+    set_parameter(config, "max_inflight_requests", str(OFFLINE_IN_FLIGHT))
     server_config = ServerConfig(view, free_port(), free_port(), free_port(), api_keys=[ALICE, BOB],
                                  max_streams=MAX_STREAMS, max_streams_per_client=PER_CLIENT,
                                  extra_args=["--exit-timeout-secs=5"])
@@ -230,9 +234,37 @@ def test_a_stream_closed_by_an_error_gives_its_slot_back(limited):
     asyncio.run(asyncio.wait_for(run(), 120))
 
 
+def test_a_short_offline_request_is_not_held_behind_a_long_one(limited):
+    """On one instance, a short recording sent while a long one is in flight is answered first,
+    and both as they are alone (before, the instance finished one request before the next)."""
+    long_audio = np.tile(load_audio(DATA / "long_70s.wav").samples, 8)  # 560 s: seconds here
+    short_audio = load_audio(DATA / "one_phrase.wav").samples
+    credentials = Credentials(api_key=BOB)
+    with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
+        began = time.monotonic()
+        long_alone = client.transcribe(long_audio)
+        long_s = time.monotonic() - began
+        short_alone = client.transcribe(short_audio)
+    assert long_s > 1.0, f"the long request takes {long_s:.1f} s: too short to overtake"
+    finished = []
+
+    def transcribe(audio):
+        with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
+            result = client.transcribe(audio)
+        finished.append(result)
+        return result
+
+    with ThreadPoolExecutor(2) as pool:
+        long_run = pool.submit(transcribe, long_audio)
+        time.sleep(long_s / 4)  # the long one is in flight
+        assert pool.submit(transcribe, short_audio).result() == short_alone
+        assert long_run.result() == long_alone
+    assert finished == [short_alone, long_alone]
+
+
 def test_a_full_offline_queue_refuses_at_once_with_a_clear_message(limited):
-    """30 requests of 70 s at once against 2 instances and a queue of one: those that find the
-    queue full are refused at once; the others are transcribed as a lone request is."""
+    """30 requests of 70 s at once against an instance that works on 2 and a queue of one: those
+    that find the queue full are refused at once; the others are transcribed as a lone request is."""
     audio = load_audio(DATA / "long_70s.wav").samples
     credentials = Credentials(api_key=BOB)
     with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
@@ -255,5 +287,7 @@ def test_a_full_offline_queue_refuses_at_once_with_a_clear_message(limited):
     assert max(full) < 2, full
     assert str(refused[0][0]).startswith("asr_offline is at capacity: ")
     assert served and all(result == reference for result in served)
+    # 2 in flight and 1 waiting: most are refused (a few may start as early ones finish).
+    assert len(refused) >= 15, len(refused)
     with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
         assert client.transcribe(audio) == reference

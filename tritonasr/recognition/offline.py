@@ -82,14 +82,9 @@ class Recognizer:
         return segment, embedding
 
 
-def check_channels(channels: int) -> None:
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise AudioError(f"audio must have 1 to {MAX_CHANNELS} channels, got {channels}")
-
-
 def check_sample_rate(sample_rate: int) -> None:
     if sample_rate not in SAMPLE_RATES:
-        raise AudioError(f"audio must be mono at {' or '.join(f'{r} Hz' for r in SAMPLE_RATES)}; got "
+        raise AudioError(f"audio must be at {' or '.join(f'{r} Hz' for r in SAMPLE_RATES)}; got "
                          f"{sample_rate} Hz (resample it on the client)")
 
 
@@ -130,7 +125,12 @@ class OfflinePipeline:
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
 
-    def check_length(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+    def check_size(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+        """The request's rate, channel count and length: checked before anything is computed on
+        its audio (validating a huge input costs several copies of it)."""
+        check_sample_rate(sample_rate)
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise AudioError(f"audio must have 1 to {MAX_CHANNELS} channels, got {channels}")
         seconds = samples.size / channels / sample_rate
         if seconds > self.max_audio_s:
             raise AudioError(f"audio is {seconds:.0f} s long; this server accepts at most "
@@ -141,9 +141,7 @@ class OfflinePipeline:
                     separate: bool = False) -> list[np.ndarray]:
         """The request's audio at 16 kHz: one track per channel (`separate`), else one mixed track.
         `samples` holds `channels` interleaved channels, as a WAV file's frames do."""
-        check_sample_rate(sample_rate)
-        check_channels(channels)
-        self.check_length(samples, sample_rate, channels)  # first: validating a huge input costs several copies of it
+        self.check_size(samples, sample_rate, channels)
         samples = validate_samples(samples)
         if samples.size % channels:
             raise AudioError(f"{samples.size} samples do not make whole frames of {channels} channels")

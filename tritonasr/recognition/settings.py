@@ -106,10 +106,15 @@ class OfflineSettings(ModelSettings):
     # instances x this). Past it a request is refused at once (UNAVAILABLE) rather than queued in
     # memory; a lone request is always taken.
     max_inflight_audio_mb: float = 1024.0
+    # Requests one instance works on at once, sharing the leaf models (a short one is not held
+    # behind long ones). Past it the instance takes no more: the rest wait in Triton's queue,
+    # whose policy (max_queue_size, the timeout) refuses what cannot start in time.
+    max_inflight_requests: int = 16
 
     def __post_init__(self):
         self._check(self.max_audio_seconds > 0, "max_audio_seconds", "positive")
         self._check(self.max_inflight_audio_mb > 0, "max_inflight_audio_mb", "positive")
+        self._check(self.max_inflight_requests > 0, "max_inflight_requests", "positive")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from tritonasr.models.vad import VadSpec
 from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
 from tritonasr.recognition.engines import build_engines, pad_step
 from tritonasr.recognition.leaf_calls import LeafCalls
-from tritonasr.recognition.offline import OfflinePipeline, Recognizer, check_channels, check_sample_rate, detect_speech
+from tritonasr.recognition.offline import OfflinePipeline, Recognizer, check_sample_rate, detect_speech
 from tritonasr.recognition.settings import (OfflineSettings, PipelineSettings, RegistrySettings, SpeakerSettings,
                                             StreamSettings)
 from tritonasr.recognition.speakers import SpeakerRegistry, build_speaker_stage
@@ -255,15 +256,14 @@ class OfflineAsrModel(_PipelineModel):
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
                                         max_audio_s=limits.max_audio_seconds)
         self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
+        self.requests = _RequestPool("asr_offline", limits.max_inflight_requests)
 
     async def _handle(self, request) -> dict:
         self._caller(request)
         audio = _required(request, "AUDIO")
         sample_rate = int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE))
         channels = int(_scalar(_input(request, "CHANNEL_COUNT"), 1))
-        check_sample_rate(sample_rate)
-        check_channels(channels)
-        self.pipeline.check_length(audio, sample_rate, channels)  # before anything is computed on it
+        self.pipeline.check_size(audio, sample_rate, channels)  # before the budget counts it
         with self.budget.reserve(audio.nbytes * SAMPLE_RATE // sample_rate):  # as it is at 16 kHz
             try:
                 return await self._transcribe(request, audio, sample_rate, channels)
@@ -277,7 +277,7 @@ class OfflineAsrModel(_PipelineModel):
         if mode not in CHANNEL_MODES:
             raise InputError(f"CHANNELS must be one of {', '.join(CHANNEL_MODES)}, got {shown(mode)}")
         result = await self.pipeline.transcribe(
-            audio.reshape(-1) if audio.ndim == 2 and audio.shape[0] == 1 else audio,
+            audio.reshape(-1),  # [1, N]: one recording per request (max_batch_size 1)
             language=_text(request, "LANGUAGE", "auto"),
             use_itn=bool(_scalar(_input(request, "USE_ITN"), False)),
             sample_rate=sample_rate,
@@ -292,8 +292,58 @@ class OfflineAsrModel(_PipelineModel):
         self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
         return result
 
-    async def execute(self, requests):
-        return list(await asyncio.gather(*(_respond("asr_offline", self._handle(r), self.metrics) for r in requests)))
+    def execute(self, requests):
+        for request in requests:
+            self.requests.submit(request, _respond("asr_offline", self._handle(request), self.metrics))
+        self.requests.wait_for_room()
+        return None  # each request is answered through its response sender when it is done
+
+    def finalize(self) -> None:
+        self.requests.close()
+
+
+class _RequestPool:
+    """A non-decoupled model's requests worked on concurrently, each answered on its own.
+
+    A coroutine `execute` of a non-decoupled Python model holds its instance until the whole batch
+    is answered (Triton 2.51's stub runs it to the end), so a short recording waited for the
+    longest one in its batch and new requests for all of them. Here `execute` hands each request to
+    an event loop of the instance's own and returns; the request answers through its response
+    sender when it is done. Once `limit` requests are in flight `execute` waits for one to finish,
+    so the instance takes no more and the rest wait in Triton's queue, under its queue policy."""
+
+    def __init__(self, model: str, limit: int):
+        self.model = model
+        self.limit = limit
+        self.in_flight = 0
+        self._room = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"{model} requests", daemon=True)
+        self._thread.start()
+
+    def submit(self, request, answer) -> None:
+        """Starts the coroutine `answer` (a response for `request`) on the loop."""
+        with self._room:
+            self.in_flight += 1
+        asyncio.run_coroutine_threadsafe(self._send(request.get_response_sender(), answer), self._loop)
+
+    async def _send(self, sender, answer) -> None:
+        try:
+            sender.send(await answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # the caller is gone; the response has nowhere to go
+            log.warning("%s: a response could not be sent: %s", self.model, traceback.format_exc())
+        finally:
+            with self._room:
+                self.in_flight -= 1
+                self._room.notify()
+
+    def wait_for_room(self) -> None:
+        with self._room:
+            self._room.wait_for(lambda: self.in_flight < self.limit)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
 
 class SpeakerRegistryModel(_PipelineModel):
