@@ -134,38 +134,29 @@ class OfflineClient(ModelClient):
         samples = np.asarray(samples)
         if samples.ndim == 2 and not separate_channels:
             samples = samples.mean(axis=1, dtype=np.float32)
-        if samples.ndim == 2 and samples.shape[1] > 1:
-            return self._transcribe_channels(samples, sample_rate, language, use_itn, with_speaker,
-                                             return_embedding, engine, endpointing)
-        audio, rate = sent_audio(samples.reshape(-1), sample_rate)
-        if audio.size > self.pieces_above_s * rate:
-            from tritonasr.client.pieces import transcribe_in_pieces  # (it imports this module)
-
-            return transcribe_in_pieces(self, audio, on_progress, sample_rate=rate, language=language,
-                                        use_itn=use_itn, engine=engine, with_speaker=with_speaker,
-                                        return_embedding=return_embedding, endpointing=endpointing)
-        return self.infer([tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
-                           tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
-                           *option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
-
-    def _transcribe_channels(self, frames: np.ndarray, sample_rate: int, language: str, use_itn: bool,
-                             with_speaker: bool, return_embedding: bool, engine: str,
-                             endpointing: Endpointing | None) -> dict:
-        """One asr_offline request of interleaved channels, each recognised on its own."""
-        channels = frames.shape[1]
+        options = dict(language=language, use_itn=use_itn, engine=engine, with_speaker=with_speaker,
+                       return_embedding=return_embedding, endpointing=endpointing)
+        channels = samples.shape[1] if samples.ndim == 2 else 1
         if not 1 <= channels <= MAX_CHANNELS:
             raise TranscriptionError(f"at most {MAX_CHANNELS} channels can be recognised separately, got {channels}")
-        if frames.shape[0] > self.pieces_above_s * sample_rate:
-            raise TranscriptionError(f"channels are recognised separately in recordings of up to {self.pieces_above_s:g} s "
-                             f"(this one is {frames.shape[0] / sample_rate:.0f} s): split it, or mix its channels")
-        if sample_rate not in SAMPLE_RATES:
-            frames, sample_rate = resample(frames, sample_rate), SAMPLE_RATE
-        audio = validate_samples(np.ascontiguousarray(frames, dtype=np.float32).reshape(-1))
-        return self.infer([tensor_input("AUDIO", audio[np.newaxis, :], "FP32"),
-                           tensor_input("SAMPLE_RATE", np.array([[sample_rate]], dtype=np.int32), "INT32"),
-                           tensor_input("CHANNEL_COUNT", np.array([[channels]], dtype=np.int32), "INT32"),
-                           tensor_input("CHANNELS", np.array([[b"separate"]], dtype=np.object_), "BYTES"),
-                           *option_inputs(language, use_itn, engine, with_speaker, return_embedding, endpointing)])
+        if channels > 1:  # frames [n, channels], each channel recognised on its own
+            if sample_rate not in SAMPLE_RATES:
+                samples, sample_rate = resample(samples, sample_rate), SAMPLE_RATE
+            audio, rate = np.ascontiguousarray(samples, np.float32), sample_rate
+            validate_samples(audio.reshape(-1))
+        else:
+            audio, rate = sent_audio(samples.reshape(-1), sample_rate)
+        if len(audio) > self.pieces_above_s * rate:
+            from tritonasr.client.pieces import transcribe_in_pieces  # (it imports this module)
+
+            return transcribe_in_pieces(self, audio, on_progress, sample_rate=rate, channels=channels,
+                                        separate_channels=channels > 1, **options)
+        channel_inputs = [] if channels == 1 else [
+            tensor_input("CHANNEL_COUNT", np.array([[channels]], dtype=np.int32), "INT32"),
+            tensor_input("CHANNELS", np.array([[b"separate"]], dtype=np.object_), "BYTES")]
+        return self.infer([tensor_input("AUDIO", audio.reshape(1, -1), "FP32"),  # (frames interleaved)
+                           tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
+                           *channel_inputs, *option_inputs(**options)])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",

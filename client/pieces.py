@@ -42,8 +42,8 @@ OnProgress = Callable[[int, int], None]
 def transcribe_in_pieces(client: OfflineClient, audio: np.ndarray, on_progress: OnProgress | None = None,
                          sample_rate: int = SAMPLE_RATE, **options) -> dict:
     """asr_offline's result (`{"duration_ms", "segments"}`) for float32 `audio` at `sample_rate`
-    (contract.SAMPLE_RATES), sent to the client's stream model in chunks; `options` are
-    stream_request's (language, engine, endpointing, ...)."""
+    (contract.SAMPLE_RATES; samples, or frames [n, channels]), sent to the client's stream model in
+    chunks; `options` are stream_request's (language, engine, endpointing, channels, ...)."""
     answers: queue.Queue = queue.Queue()
     sequence_id, token = new_stream_identity()
     chunks = split_chunks(audio, MAX_CHUNK_MS, sample_rate=sample_rate) + [np.zeros(0, np.float32)]  # the last: END
@@ -70,7 +70,10 @@ def transcribe_in_pieces(client: OfflineClient, audio: np.ndarray, on_progress: 
         # Cancelling a stream the server is still finishing can crash Triton 2.51
         # (triton-inference-server/server#7368): cancel only a stream that did not end.
         client._client.stop_stream(cancel_requests=not drained)
-    return upload.result()
+    result = upload.result()
+    if options.get("separate_channels"):  # in asr_offline's order: by start, then channel
+        result["segments"].sort(key=lambda segment: (segment["start_ms"], segment["channel"]))
+    return result
 
 
 class _ServerRefused(Exception):

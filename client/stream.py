@@ -39,7 +39,7 @@ from tritonasr.audio import (ENCODING_SUBTYPES, SAMPLE_RATE, AudioError, check_e
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
 from tritonasr.client.offline import (ServerUnavailableError, TranscriptionError, load_server_audio, option_inputs,
                                       tensor_input)
-from tritonasr.contract import LANGUAGES, MAX_CHUNK_MS, SAMPLE_RATES, Endpointing
+from tritonasr.contract import LANGUAGES, MAX_CHANNELS, MAX_CHUNK_MS, SAMPLE_RATES, Endpointing
 from tritonasr.errors import split_status
 
 # A chunk of a stream: float32 samples, or the bytes of its byte encoding (bytes or a uint8 array).
@@ -85,6 +85,7 @@ class StreamSegment:
     words: list[dict] | None = None  # parakeet: [{"text", "start_ms", "end_ms"}]
     # A text-first stream's final whose speaker comes later, in a SpeakerUpdate.
     speaker_pending: bool = False
+    channel: int | None = None  # streams with separate channels: the channel it was heard on
 
 
 @dataclass(frozen=True)
@@ -143,21 +144,26 @@ class ChunkClock:
         return None if sent is None else (received_at - sent) * 1000
 
 
-def validate_chunk(chunk: Chunk, sample_rate: int = SAMPLE_RATE, encoding: str = "float32") -> np.ndarray:
+def validate_chunk(chunk: Chunk, sample_rate: int = SAMPLE_RATE, encoding: str = "float32",
+                   channels: int = 1) -> np.ndarray:
     """A chunk as sent, at most 2 s of audio at `sample_rate` (may be empty): float32 (1-D
-    floating-point samples, finite), or for a byte encoding its bytes as uint8, whole samples."""
+    floating-point samples, finite; with several channels interleaved, or frames [n, channels]),
+    or for a byte encoding its bytes as uint8, whole frames."""
     if encoding == "float32":
         chunk, unit = np.asarray(chunk), "samples"
+        if chunk.ndim == 2 and chunk.shape[1] == channels:
+            chunk = chunk.reshape(-1)  # frames [n, channels] -> interleaved
     else:
         chunk, unit = _chunk_bytes(chunk, encoding), f"bytes of {encoding}"
-    limit = MAX_CHUNK_MS * sample_rate // 1000 * _chunk_items(encoding)
+    limit = MAX_CHUNK_MS * sample_rate // 1000 * _chunk_items(encoding) * channels
     if chunk.size > limit:
         raise AudioError(f"an audio chunk may hold at most {MAX_CHUNK_MS} ms ({limit} {unit} at "
                          f"{sample_rate / 1000:g} kHz), got {chunk.size} {unit}")
     if encoding == "float32":
-        return validate_samples(chunk, allow_empty=True)
-    if chunk.size % sample_bytes(encoding):
-        raise AudioError(f"a chunk of {chunk.size} bytes of {encoding} does not hold whole samples")
+        chunk = validate_samples(chunk, allow_empty=True)
+    if chunk.size % (_chunk_items(encoding) * channels):
+        whole = "samples" if channels == 1 else f"frames of {channels} channels"
+        raise AudioError(f"a chunk of {chunk.size} {unit} does not hold whole {whole}")
     return chunk
 
 
@@ -178,11 +184,12 @@ def _chunk_items(encoding: str) -> int:
 
 def split_chunks(audio: Chunk, chunk_ms: float | Iterable[float] = 100, *, sample_rate: int = SAMPLE_RATE,
                  encoding: str = "float32") -> list[Chunk]:
-    """Cuts audio at `sample_rate` (float32 samples, or the bytes of a byte encoding) into chunks:
-    `chunk_ms` an int for equal chunks (the last one may be shorter), or an iterable of sizes in ms
-    for uneven chunks, taken in order and cycled if it runs out (e.g. `rng.integers(10, 2001, size=50)`)."""
+    """Cuts audio at `sample_rate` (float32 samples or frames [n, channels], or the bytes of a byte
+    encoding) into chunks: `chunk_ms` an int for equal chunks (the last one may be shorter), or an
+    iterable of sizes in ms for uneven chunks, taken in order and cycled if it runs out (e.g.
+    `rng.integers(10, 2001, size=50)`)."""
     sizes = repeat(chunk_ms) if isinstance(chunk_ms, numbers.Real) else cycle(chunk_ms)
-    items = _chunk_items(encoding)
+    items = _chunk_items(encoding)  # per row of `audio`
     chunks, pos = [], 0
     while pos < len(audio):
         ms = next(sizes, None)
@@ -200,19 +207,23 @@ def split_chunks(audio: Chunk, chunk_ms: float | Iterable[float] = 100, *, sampl
 class FileAudio:
     """A file's audio as a stream sends it (load_stream_audio)."""
 
-    data: Chunk  # float32 samples, or the bytes of `encoding`
+    data: Chunk  # float32 samples (frames [n, channels] for several), or the bytes of `encoding`
     sample_rate: int
     encoding: str
+    channels: int = 1
 
     def chunks(self, chunk_ms: float | Iterable[float] = 100) -> list[Chunk]:
         return split_chunks(self.data, chunk_ms, sample_rate=self.sample_rate, encoding=self.encoding)
 
 
-def load_stream_audio(path: str | os.PathLike) -> FileAudio:
+def load_stream_audio(path: str | os.PathLike, keep_channels: bool = False) -> FileAudio:
     """Any audio file as a stream sends it: an 8 kHz file as it is (the server resamples it), in
-    its own encoding when it is mono 16-bit PCM, mu-law or A-law, else float32 (downmixed); files
-    at other rates resampled to 16 kHz float32 (load_server_audio)."""
-    audio = load_server_audio(path)
+    its own encoding when it is mono 16-bit PCM, mu-law or A-law, else float32 (downmixed, or
+    with `keep_channels` its frames); files at other rates resampled to 16 kHz float32
+    (load_server_audio)."""
+    audio = load_server_audio(path, keep_channels=keep_channels)
+    if audio.samples.ndim == 2:
+        return FileAudio(audio.samples, audio.sample_rate, "float32", audio.samples.shape[1])
     mono_telephony = audio.sample_rate != SAMPLE_RATE and audio.source_channels == 1
     encoding = FILE_ENCODINGS.get(sf.info(path).subtype) if mono_telephony else None
     if encoding is None:
@@ -235,6 +246,7 @@ class LiveStream:
                  partial_interval_ms: int, realtime: bool, engine: str = "", with_speaker: bool = True,
                  return_embedding: bool = False, endpointing: Endpointing | None = None,
                  sample_rate: int = SAMPLE_RATE, encoding: str = "float32", text_first: bool = False,
+                 channels: int = 1, separate_channels: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
@@ -249,6 +261,8 @@ class LiveStream:
         self.return_embedding = return_embedding
         self.endpointing = endpointing
         self.text_first = text_first
+        self.channels = channels
+        self.separate_channels = separate_channels
         self.realtime = realtime
         self.summary: StreamSummary | None = None
         # The finals so far by segment index, each with its speaker once known (text-first streams
@@ -297,12 +311,12 @@ class LiveStream:
     async def requests(self) -> AsyncIterator[dict]:
         """The request dicts for `stream_infer`, paced in real time if asked; records each send."""
         clock = self.chunk_clock = ChunkClock(self._now(), self.sample_rate)
-        items = _chunk_items(self.encoding)
+        items = _chunk_items(self.encoding) * self.channels  # per frame
         no_audio = np.zeros(0, np.float32 if self.encoding == "float32" else np.uint8)
         first = True
         try:
             async for chunk in _until(self._stop_sending, _aiter(self._chunks)):
-                audio = validate_chunk(chunk, self.sample_rate, self.encoding)
+                audio = validate_chunk(chunk, self.sample_rate, self.encoding, self.channels)
                 samples = audio.size // items
                 if self.realtime:
                     # A chunk covering audio [a, b) leaves at start + b, as if recorded live.
@@ -328,7 +342,8 @@ class LiveStream:
         options = dict(sample_rate=self.sample_rate, encoding=self.encoding, language=self.language,
                        use_itn=self.use_itn, partial_interval_ms=self.partial_interval_ms, engine=self.engine,
                        with_speaker=self.with_speaker, return_embedding=self.return_embedding,
-                       endpointing=self.endpointing, text_first=self.text_first)
+                       endpointing=self.endpointing, text_first=self.text_first, channels=self.channels,
+                       separate_channels=self.separate_channels)
         return stream_request(self.client.model, self.sequence_id, audio, start, end, token=self.token, **options)
 
     # -- receiving -----------------------------------------------------------------------------
@@ -474,8 +489,9 @@ class StreamingClient:
                partial_interval_ms: int = 0, realtime: bool = False, engine: str = "",
                with_speaker: bool = True, return_embedding: bool = False,
                endpointing: Endpointing | None = None, sample_rate: int = SAMPLE_RATE,
-               encoding: str = "float32", text_first: bool = False) -> LiveStream:
-        """A live stream of `chunks` (mono audio at `sample_rate`, 0 to 2000 ms each, sizes may
+               encoding: str = "float32", text_first: bool = False, channels: int = 1,
+               separate_channels: bool = False) -> LiveStream:
+        """A live stream of `chunks` (audio at `sample_rate`, 0 to 2000 ms each, sizes may
         differ; a sync or async iterable). Nothing is sent until the stream is iterated.
 
         sample_rate: 8000 or 16000 (contract.SAMPLE_RATES); the server resamples 8 kHz.
@@ -491,6 +507,10 @@ class StreamingClient:
         text_first: each final comes as soon as its text is ready (speaker None, speaker_pending
             True when the speaker stage runs) and its speaker after it, as a SpeakerUpdate;
             `LiveStream.finals` has them merged. False: each final waits for its speaker.
+        channels: how many channels the chunks hold (float32 frames [n, channels] or interleaved;
+            bytes interleaved), 1 to contract.MAX_CHANNELS. The server recognises their mix, or
+            with separate_channels each on its own: finals then carry `channel`, each channel's
+            sent as its speech ends; speaker labels are the stream's, across channels.
         """
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
@@ -499,18 +519,23 @@ class StreamingClient:
         if sample_rate not in SAMPLE_RATES:
             raise ValueError(f"sample_rate must be one of {', '.join(map(str, SAMPLE_RATES))}, got {sample_rate!r}")
         check_encoding(encoding)
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"channels must be 1 to {MAX_CHANNELS}, got {channels!r}")
         return LiveStream(self, chunks, language=language, use_itn=bool(use_itn),
                           partial_interval_ms=int(partial_interval_ms), realtime=realtime,
                           engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding),
                           endpointing=endpointing, sample_rate=int(sample_rate), encoding=encoding,
-                          text_first=bool(text_first))
+                          text_first=bool(text_first), channels=int(channels),
+                          separate_channels=bool(separate_channels))
 
     def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
-                    **options) -> LiveStream:
+                    separate_channels: bool = False, **options) -> LiveStream:
         """Streams any audio file as load_stream_audio reads it (8 kHz as it is, else 16 kHz), in
-        chunks of `chunk_ms` (see split_chunks); `options` are those of stream()."""
-        audio = load_stream_audio(path)
-        return self.stream(audio.chunks(chunk_ms), sample_rate=audio.sample_rate, encoding=audio.encoding, **options)
+        chunks of `chunk_ms` (see split_chunks), its channels mixed or each recognised on its
+        own (`separate_channels`); `options` are those of stream()."""
+        audio = load_stream_audio(path, keep_channels=separate_channels)
+        return self.stream(audio.chunks(chunk_ms), sample_rate=audio.sample_rate, encoding=audio.encoding,
+                           channels=audio.channels, separate_channels=separate_channels, **options)
 
 
 def new_stream_identity() -> tuple[int, str]:
@@ -524,13 +549,15 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
                    sample_rate: int = SAMPLE_RATE, encoding: str = "float32",
                    language: str = "auto", use_itn: bool = False, partial_interval_ms: int = 0, engine: str = "",
                    with_speaker: bool = True, return_embedding: bool = False, endpointing: Endpointing | None = None,
-                   text_first: bool = False, token: str = "") -> dict:
+                   text_first: bool = False, channels: int = 1, separate_channels: bool = False,
+                   token: str = "") -> dict:
     """The keyword arguments of one `stream_infer` request (tritonclient's aio and sync clients
     take the same ones) carrying `chunk` of sequence `sequence_id`: float32 samples in AUDIO, or
     for a byte encoding its bytes (bytes or a uint8 array) in AUDIO_BYTES; `sample_rate` and
-    `encoding`: the stream's; `token`: the stream's secret, the same on every chunk ("" for none)."""
+    `encoding`, `channels` (interleaved in `chunk`): the stream's; `token`: the stream's secret,
+    the same on every chunk ("" for none)."""
     if encoding == "float32":
-        inputs = [tensor_input("AUDIO", chunk[np.newaxis, :], "FP32")]
+        inputs = [tensor_input("AUDIO", chunk.reshape(1, -1), "FP32")]  # (channels interleaved)
     else:
         inputs = [tensor_input("AUDIO_BYTES", np.frombuffer(chunk, np.uint8)[np.newaxis, :], "UINT8")]
     if start:
@@ -546,6 +573,10 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
             inputs.append(tensor_input("ENCODING", np.array([[encoding.encode()]], np.object_), "BYTES"))
         if text_first:
             inputs.append(tensor_input("TEXT_FIRST", np.array([[True]], np.bool_), "BOOL"))
+        if channels != 1:
+            inputs.append(tensor_input("CHANNEL_COUNT", np.array([[channels]], np.int32), "INT32"))
+        if separate_channels:
+            inputs.append(tensor_input("CHANNELS", np.array([[b"separate"]], np.object_), "BYTES"))
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
             "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,
             "parameters": {"stream_token": token} if token else None}
@@ -579,7 +610,7 @@ def _segment(payload: dict, clock: ChunkClock, received_at: float) -> StreamSegm
         latency_ms=clock.delay_ms(end_ms, received_at),
         after_endpoint_ms=None if endpoint_ms is None else clock.delay_ms(endpoint_ms, received_at),
         received_ms=(received_at - clock.start) * 1000, speaker=payload.get("speaker"), words=payload.get("words"),
-        speaker_pending=bool(payload.get("speaker_pending", False)),
+        speaker_pending=bool(payload.get("speaker_pending", False)), channel=payload.get("channel"),
     )
 
 

@@ -24,9 +24,9 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
                partial_interval_ms: int = 0, language: str = "auto", use_itn: bool = False,
                fmt: str = "text", output: TextIO = sys.stdout, engine: str = "", with_speaker: bool = True,
                credentials: Credentials | None = None, endpointing: Endpointing | None = None,
-               text_first: bool = False) -> int:
-    """Streams one audio file (an 8 kHz one as it is: load_stream_audio) and prints each result as
-    it arrives; returns the exit code (tritonasr.contract): EXIT_OK once the stream completed,
+               text_first: bool = False, separate_channels: bool = False) -> int:
+    """Streams one audio file (an 8 kHz one as it is: load_stream_audio; its channels mixed, or
+    each recognised on its own) and prints each result as it arrives; returns the exit code (tritonasr.contract): EXIT_OK once the stream completed,
     EXIT_FAILED when the file or the stream failed, EXIT_UNREACHABLE or EXIT_DENIED when the server
     cannot be used (on stderr).
     """
@@ -35,7 +35,7 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
     if language not in LANGUAGES:
         raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
     try:
-        audio = load_stream_audio(path)
+        audio = load_stream_audio(path, keep_channels=separate_channels)
     except AudioError as exc:
         print(f"error: {exc}", file=sys.stderr)  # load_audio's messages start with the path
         return EXIT_FAILED
@@ -44,7 +44,8 @@ def run_stream(path: str, url: str = "localhost:8001", *, chunk_ms: int = 100, r
                                encoding=audio.encoding, realtime=realtime,
                                partial_interval_ms=partial_interval_ms, language=language, use_itn=use_itn,
                                engine=engine, with_speaker=with_speaker, endpointing=endpointing,
-                               text_first=text_first))
+                               text_first=text_first, channels=audio.channels,
+                               separate_channels=separate_channels))
 
 
 async def _stream(path: str, url: str, credentials: Credentials | None, chunks: list, printer: Printer,
@@ -129,8 +130,11 @@ def text_line(segment: StreamSegment) -> str:
 
 
 def segment_json(segment: StreamSegment) -> dict:
-    """The server's segment JSON plus the client's timings (ms, rounded to 0.1)."""
+    """The server's segment JSON plus the client's timings (ms, rounded to 0.1); `channel` only
+    where the stream recognises channels separately, as the server sends it."""
     fields = asdict(segment)
+    if fields["channel"] is None:
+        del fields["channel"]
     for key in ("latency_ms", "after_endpoint_ms", "received_ms"):
         if fields[key] is not None:
             fields[key] = round(fields[key], 1)

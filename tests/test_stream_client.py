@@ -469,3 +469,39 @@ def test_bench_best_streams_and_table():
     assert "| 12 | 4 | 8 | 0 | 455 ms | 910 ms | 1001 ms | 31 ms | 31 ms | 31 ms |" in admitted
     assert admitted.endswith("3x capacity: 1.30x its value at capacity (target: at most 2x); "
                              "slowest refusal 31 ms (target: 100 ms)")
+
+
+# -- several channels ------------------------------------------------------------------------------
+
+def test_a_stream_of_frames_sends_them_interleaved_and_declares_its_channels_on_start():
+    from test_telephony_client import _inputs, _requests, _value
+
+    frames = np.arange(3200, dtype=np.float32).reshape(1600, 2) / 4000  # 100 ms of 2 channels
+    stream, requests = _requests([frames, frames], channels=2, separate_channels=True)
+    assert [_inputs(r)["AUDIO"] for r in requests] == [("FP32", [1, 3200]), ("FP32", [1, 3200]), ("FP32", [1, 0])]
+    assert np.array_equal(_value(requests[0], "AUDIO"), frames.reshape(-1))
+    assert _value(requests[0], "CHANNEL_COUNT") == [2] and _value(requests[0], "CHANNELS") == "separate"
+    assert _inputs(requests[1]) == {"AUDIO": ("FP32", [1, 3200])}  # options on the START only
+    assert stream.chunk_clock.samples == 3200  # frames: 200 ms
+
+
+def test_a_mono_stream_declares_no_channels():
+    from test_telephony_client import _inputs, _requests
+
+    _, requests = _requests([np.zeros(1600, np.float32)])
+    assert "CHANNEL_COUNT" not in _inputs(requests[0]) and "CHANNELS" not in _inputs(requests[0])
+
+
+def test_chunks_of_several_channels_hold_whole_frames_and_at_most_2_s():
+    assert validate_chunk(np.zeros((32000, 2), np.float32), channels=2).shape == (64000,)
+    with pytest.raises(AudioError, match="does not hold whole frames of 2 channels"):
+        validate_chunk(np.zeros(3201, np.float32), channels=2)
+    with pytest.raises(AudioError, match="at most 2000 ms"):
+        validate_chunk(np.zeros((32001, 2), np.float32), channels=2)
+
+    async def nine():
+        async with StreamingClient("localhost:1") as client:
+            client.stream([], channels=9)
+
+    with pytest.raises(ValueError, match="channels must be 1 to 8"):
+        asyncio.run(nine())

@@ -303,10 +303,11 @@ def test_a_long_stream_keeps_only_recent_state(local):
     async def feed():
         for pos in range(0, samples.size, 16000):
             await stream.push(samples[pos:pos + 16000], False, _Collect(out))
-            held_ms = (stream.audio.end - stream.audio.start) * 1000 // 16000
-            open_ms = 0 if stream.open_start_ms is None else stream.endpointer.position_ms - stream.open_start_ms
+            (track,) = stream.tracks
+            held_ms = (track.audio.end - track.audio.start) * 1000 // 16000
+            open_ms = 0 if track.open_start_ms is None else track.endpointer.position_ms - track.open_start_ms
             assert held_ms <= max(open_ms, 1000) + 2000
-            assert stream.endpointer.detector.pending_frames == 0
+            assert track.endpointer.detector.pending_frames == 0
         await stream._delivered
 
     asyncio.run(feed())

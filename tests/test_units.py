@@ -82,3 +82,38 @@ def test_split_long_segments_caps_length():
     pieces = split_long_segments([(0, 59990)], 30000)
     assert all(e - s <= 30000 for s, e in pieces) and pieces[0][0] == 0 and pieces[-1][1] == 59990
     assert all(s % 10 == 0 and e % 10 == 0 for s, e in pieces)
+
+
+def test_segment_slots_go_to_the_waiting_requests_in_turn():
+    """Slots are taken while free; once they are all taken, each freed one goes to the next
+    waiting request in turn, so a short request's segments do not queue behind a long one's."""
+    from tritonasr.recognition.offline import FairShare
+
+    share, order, gates = FairShare(2), [], {}
+
+    async def segment(owner: str, i: int):
+        async with share.slot(owner):
+            order.append(f"{owner}{i}")
+            gates[owner, i] = asyncio.Event()
+            await gates[owner, i].wait()
+
+    async def run():
+        tasks = [asyncio.ensure_future(segment("long", i)) for i in range(6)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.ensure_future(segment("short", i)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert order == ["long0", "long1"]  # both slots taken, the rest wait
+        cancelled = asyncio.ensure_future(segment("gone", 0))  # a waiter that is cancelled skips its turn
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        while len(order) < 8:
+            gates[next(key for key in gates if not gates[key].is_set())].set()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        for gate in gates.values():
+            gate.set()
+        await asyncio.gather(*tasks)
+        assert share.free == 2 and not share._waiting
+
+    asyncio.run(run())
+    assert order == ["long0", "long1", "long2", "short0", "long3", "short1", "long4", "long5"]

@@ -283,13 +283,20 @@ def cmd_transcribe(args) -> int:
                           endpointing=_endpointing(args), separate_channels=args.channels == "separate")
 
 
+def _add_channels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--channels", choices=CHANNEL_MODES, default="mix",
+                        help="mix (default): a multi-channel file's channels recognised as one; separate: each "
+                             "on its own (a call's agent and customer), segments marked with their channel")
+
+
 def cmd_stream(args) -> int:
     from tritonasr.client.stream_cli import run_stream
 
     return run_stream(args.file, args.url, chunk_ms=args.chunk_ms, realtime=args.realtime,
                       partial_interval_ms=args.partials, language=args.language, use_itn=args.itn,
                       fmt=args.format, engine=args.engine, with_speaker=not args.no_speaker,
-                      credentials=_credentials(args), endpointing=_endpointing(args), text_first=args.text_first)
+                      credentials=_credentials(args), endpointing=_endpointing(args), text_first=args.text_first,
+                      separate_channels=args.channels == "separate")
 
 
 def cmd_speakers(args) -> int:
@@ -498,9 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
                             help="each segment's speaker embedding in the JSON output")
-    transcribe.add_argument("--channels", choices=CHANNEL_MODES, default="mix",
-                            help="mix (default): a multi-channel file's channels recognised as one; separate: each "
-                                 "on its own (a call's agent and customer), segments marked with their channel")
+    _add_channels_arg(transcribe)
     _add_endpointing_args(transcribe)
     _add_connection_args(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)
@@ -523,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print each final as soon as its text is ready and its speaker on a line of "
                              "its own after it (default: each final waits for its speaker)")
     stream.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    _add_channels_arg(stream)
     _add_endpointing_args(stream)
     _add_connection_args(stream)
     stream.set_defaults(func=cmd_stream)

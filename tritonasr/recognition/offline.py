@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import OrderedDict, deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -26,9 +28,6 @@ from tritonasr.recognition.speakers import SpeakerSession, SpeakerStage
 # SenseVoice is trained on utterances of at most 30 s; Parakeet's full attention grows with the
 # square of the length.
 MAX_ASR_SEGMENT_MS = 30_000
-# Segments of one request in the ASR and speaker models at once: twice the largest batch the
-# shipped leaf models take (sensevoice 16), so batches still fill.
-SEGMENTS_IN_FLIGHT = 32
 
 # (features [1,T,400], caches) -> (scores [1,T,C], caches)
 RunVad = Callable[[np.ndarray, list[np.ndarray]], Awaitable[tuple[np.ndarray, list[np.ndarray]]]]
@@ -82,6 +81,24 @@ class Recognizer:
         return segment, embedding
 
 
+def check_channels(channels: int) -> None:
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"audio must have 1 to {MAX_CHANNELS} channels, got {channels}")
+
+
+def split_channels(samples: np.ndarray, channels: int, separate: bool) -> list[np.ndarray]:
+    """Interleaved samples (a WAV file's frames) as tracks: one per channel (`separate`), else
+    their mix."""
+    if samples.size % channels:
+        raise AudioError(f"{samples.size} samples do not make whole frames of {channels} channels")
+    if channels == 1:
+        return [samples]
+    frames = samples.reshape(-1, channels)
+    if not separate:
+        return [frames.mean(axis=1, dtype=np.float32)]
+    return [np.ascontiguousarray(frames[:, c]) for c in range(channels)]
+
+
 def check_sample_rate(sample_rate: int) -> None:
     if sample_rate not in SAMPLE_RATES:
         raise AudioError(f"audio must be at {' or '.join(f'{r} Hz' for r in SAMPLE_RATES)}; got "
@@ -114,23 +131,65 @@ async def detect_speech(vad: VadSpec, run_vad: RunVad, samples: np.ndarray, fban
     return segments
 
 
+class FairShare:
+    """Slots for segments in the leaf models, shared by the requests of one pipeline: a request
+    takes every free slot, and once they are all taken each one that frees goes to the next
+    waiting request in turn. A 15 s recording then waits behind a few segments of each other
+    request, not behind every segment of the 60 s recordings that came before it."""
+
+    def __init__(self, slots: int):
+        self.free = slots
+        self._waiting: OrderedDict[object, deque[asyncio.Future]] = OrderedDict()  # owner -> its waiters
+
+    @asynccontextmanager
+    async def slot(self, owner: object):
+        if self.free and not self._waiting:
+            self.free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(owner, deque()).append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._release()  # it was handed the slot as it was cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            owner, waiters = next(iter(self._waiting.items()))
+            granted = waiters.popleft()
+            if waiters:
+                self._waiting.move_to_end(owner)  # its next segment waits for the others' turns
+            else:
+                del self._waiting[owner]
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self.free += 1
+
+
 class OfflinePipeline:
     def __init__(self, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS,
-                 fbank: Extract | None = None):
+                 fbank: Extract | None = None, max_inflight_segments: int = 32):
         self.vad = vad
         self.run_vad = run_vad
         self.fbank = fbank or in_process(vad.frontend.fbank)  # the VAD's, which SenseVoice shares
         self.recognizer = recognizer
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
+        self.segment_slots = FairShare(max_inflight_segments)
 
     def check_size(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
         """The request's rate, channel count and length: checked before anything is computed on
         its audio (validating a huge input costs several copies of it)."""
         check_sample_rate(sample_rate)
-        if not 1 <= channels <= MAX_CHANNELS:
-            raise AudioError(f"audio must have 1 to {MAX_CHANNELS} channels, got {channels}")
+        check_channels(channels)
         seconds = samples.size / channels / sample_rate
         if seconds > self.max_audio_s:
             raise AudioError(f"audio is {seconds:.0f} s long; this server accepts at most "
@@ -142,12 +201,8 @@ class OfflinePipeline:
         """The request's audio at 16 kHz: one track per channel (`separate`), else one mixed track.
         `samples` holds `channels` interleaved channels, as a WAV file's frames do."""
         self.check_size(samples, sample_rate, channels)
-        samples = validate_samples(samples)
-        if samples.size % channels:
-            raise AudioError(f"{samples.size} samples do not make whole frames of {channels} channels")
-        frames = samples.reshape(-1, channels)
-        tracks = [frames[:, c] for c in range(channels)] if separate else [frames.mean(axis=1, dtype=np.float32)]
-        return [resample(np.ascontiguousarray(track), sample_rate) for track in tracks]
+        tracks = split_channels(validate_samples(samples), channels, separate)
+        return [resample(track, sample_rate) for track in tracks]
 
     async def transcribe(self, samples: np.ndarray, language: str = "auto", use_itn: bool = False,
                          sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,
@@ -161,18 +216,15 @@ class OfflinePipeline:
         tracks = self.check_audio(samples, sample_rate, channels, separate_channels)
         request = self.recognizer.request(engine, language, use_itn)
         endpoint = endpoint_options(self.vad, endpointing)
-        # Many segments go out at once so the leaf models' batchers can batch them, but not all of
-        # a long file's: their inputs all sit in the Python backend's shared memory, which never
-        # shrinks once grown.
         speakers = self.recognizer.speaker_session(with_speaker, return_embedding)
-        in_flight = asyncio.Semaphore(SEGMENTS_IN_FLIGHT)
+        owner = object()  # this request, in the segment slots' turns
 
         async def recognise(track: np.ndarray) -> list[tuple[Segment | None, np.ndarray | None]]:
             fbank = await self.fbank(track)
             speech = await detect_speech(self.vad, self.run_vad, track, fbank, endpoint)
 
             async def analyse(start_ms: int, end_ms: int):
-                async with in_flight:
+                async with self.segment_slots.slot(owner):
                     return await self.analyse(request, track, fbank, start_ms, end_ms, speakers is not None)
 
             pieces = split_long_segments(speech, self.max_asr_segment_ms)

@@ -110,11 +110,16 @@ class OfflineSettings(ModelSettings):
     # behind long ones). Past it the instance takes no more: the rest wait in Triton's queue,
     # whose policy (max_queue_size, the timeout) refuses what cannot start in time.
     max_inflight_requests: int = 16
+    # Segments of those requests in the ASR and speaker models at once, taken in turn: enough for
+    # the leaf models' batches to fill, and no more, since each segment queued ahead of a
+    # request's is time it waits (and their inputs sit in shared memory, which never shrinks).
+    max_inflight_segments: int = 32
 
     def __post_init__(self):
         self._check(self.max_audio_seconds > 0, "max_audio_seconds", "positive")
         self._check(self.max_inflight_audio_mb > 0, "max_inflight_audio_mb", "positive")
         self._check(self.max_inflight_requests > 0, "max_inflight_requests", "positive")
+        self._check(self.max_inflight_segments > 0, "max_inflight_segments", "positive")
 
 
 @dataclass(frozen=True)

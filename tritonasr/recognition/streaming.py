@@ -26,7 +26,8 @@ from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
 from tritonasr.models.fbank import Extract, Frontend
 from tritonasr.models.vad import VadSpec, chunk_samples, split_long_segments
 from tritonasr.recognition.admission import Admission, Ticket
-from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS, Recognizer, RunVad, check_sample_rate, endpoint_options
+from tritonasr.recognition.offline import (MAX_ASR_SEGMENT_MS, Recognizer, RunVad, check_channels, check_sample_rate,
+                                           endpoint_options, split_channels)
 
 # Audio kept behind the VAD's position while no segment is open: FunASR dates a segment's start
 # up to ~400 ms (its 200 ms decision window plus 200 ms look-back) before it decides it.
@@ -84,19 +85,29 @@ class StreamOptions:
     # Finals go out as soon as their text is ready, their speaker in an update after; else each
     # final waits for its speaker.
     text_first: bool = False
+    channels: int = 1  # interleaved in each chunk, as a WAV file's frames
+    separate_channels: bool = False  # each channel recognised on its own, else their mix
 
 
 class ChunkReader:
-    """A stream's chunks, as it declared them (rate, encoding), to samples at its rate: checked
-    one by one, in any order (`read`); resampled to 16 kHz in the stream's order (`resample`)."""
+    """A stream's chunks, as it declared them (rate, encoding, channels), to interleaved samples
+    at its rate: checked one by one, in any order (`read`); split into its tracks (each channel,
+    or their mix) and resampled to 16 kHz in the stream's order (`tracks`)."""
 
     def __init__(self, options: StreamOptions, max_chunk_ms: int):
         check_sample_rate(options.sample_rate)
         check_encoding(options.encoding)
+        check_channels(options.channels)
         self.sample_rate = options.sample_rate
         self.encoding = options.encoding
-        self.max_samples = max_chunk_ms * options.sample_rate // 1000
-        self.resampler = StreamResampler(options.sample_rate)
+        self.channels = options.channels
+        self.separate = options.separate_channels
+        self.max_samples = max_chunk_ms * options.sample_rate // 1000 * options.channels
+        self.resamplers = [StreamResampler(options.sample_rate)
+                           for _ in range(options.channels if self.separate else 1)]
+
+    def seconds(self, samples: np.ndarray) -> float:
+        return samples.size / self.channels / self.sample_rate
 
     def read(self, audio: np.ndarray | None, audio_bytes: np.ndarray | None, sample_rate: int | None) -> np.ndarray:
         """A chunk's samples (float32, at the stream's rate): AUDIO for a float32 stream,
@@ -114,12 +125,17 @@ class ChunkReader:
                 raise AudioError(f"AUDIO_BYTES must be 1-D bytes (uint8), got {given.dtype} {given.shape}")
             given = decode(given.tobytes(), self.encoding)
         if given.size > self.max_samples:
-            raise AudioError(f"chunk of {given.size * 1000 // self.sample_rate} ms is longer than this server's "
-                             f"limit of {self.max_samples * 1000 // self.sample_rate} ms: send smaller chunks")
-        return validate_samples(given, allow_empty=True)  # an END request may carry no audio
+            per_ms = self.sample_rate * self.channels / 1000
+            raise AudioError(f"chunk of {given.size / per_ms:.0f} ms is longer than this server's "
+                             f"limit of {self.max_samples / per_ms:.0f} ms: send smaller chunks")
+        samples = validate_samples(given, allow_empty=True)  # an END request may carry no audio
+        if samples.size % self.channels:
+            raise AudioError(f"a chunk of {samples.size} samples does not hold whole frames of {self.channels} channels")
+        return samples
 
-    def resample(self, samples: np.ndarray, final: bool) -> np.ndarray:
-        return self.resampler.feed(samples, last=final)
+    def tracks(self, samples: np.ndarray, final: bool) -> list[np.ndarray]:
+        tracks = split_channels(samples, self.channels, self.separate)
+        return [resampler.feed(track, last=final) for resampler, track in zip(self.resamplers, tracks)]
 
 
 class SampleBuffer:
@@ -269,6 +285,27 @@ class _Output:
     endpoint_ms: int = 0
     arrived: float = 0.0  # time.monotonic() when the chunk that closed the segment arrived
     embedding: asyncio.Future | None = None  # text-first finals: their speaker embedding, sent after
+    channel: int | None = None  # streams with separate channels: the segment's
+
+
+class _Track:
+    """What a stream keeps per track (its one track, or each channel of a stream recognised per
+    channel): the audio still needed, the VAD's state and the segment being spoken."""
+
+    def __init__(self, channel: int | None, endpointer: Endpointer):
+        self.channel = channel
+        self.endpointer = endpointer
+        self.audio = SampleBuffer()
+        self.open_start_ms: int | None = None  # start of the segment being spoken, once decided
+        self.last_partial_ms = 0
+        self.partial: asyncio.Future | None = None
+
+    def accept(self, samples: np.ndarray, final: bool) -> None:
+        if samples.size:
+            self.audio.append(samples)
+            self.endpointer.features.accept(samples)
+        if final:
+            self.endpointer.features.finish()
 
 
 # Told of each final sent: (engine, seconds from the arrival of the chunk that ended its speech).
@@ -302,13 +339,12 @@ class LiveStream:
         self.recognizer = recognizer
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
-        self.endpointer = Endpointer(vad, run_vad, max(1, vad_step_ms // vad.frontend.frame_ms), fbank,
-                                     endpoint_options(vad, options.endpointing))
-        self.audio = SampleBuffer()
+        endpoint = endpoint_options(vad, options.endpointing)
+        step_frames = max(1, vad_step_ms // vad.frontend.frame_ms)
+        self.tracks = [_Track(i if options.separate_channels else None,
+                              Endpointer(vad, run_vad, step_frames, fbank, endpoint))
+                       for i in range(len(self.reader.resamplers))]
         self.lock = asyncio.Lock()
-        self.open_start_ms: int | None = None  # start of the segment being spoken, once decided
-        self.last_partial_ms = 0
-        self.partial: asyncio.Future | None = None
         self.segments_sent = 0
         self.failed: str | None = None
         self.closed: str | None = None
@@ -350,7 +386,7 @@ class LiveStream:
 
     @property
     def received_ms(self) -> int:
-        return self.audio.end * 1000 // SAMPLE_RATE
+        return self.tracks[0].audio.end * 1000 // SAMPLE_RATE
 
     async def push(self, samples: np.ndarray, final: bool, sink: Sink) -> None:
         """Adds the next chunk (read by `self.reader`, at the stream's rate); `final` ends the stream."""
@@ -361,53 +397,63 @@ class LiveStream:
                 if self.closed or self.failed:
                     raise StreamError(f"stream {self.id} is closed ({self.closed or self.failed})",
                                       kind=None if self.failed else "")  # a failure counts once
-                outputs = await self._advance(self.reader.resample(samples, final), final, arrived)
+                outputs = await self._advance(self.reader.tracks(samples, final), final, arrived)
                 previous = self._delivered
                 self._delivered = asyncio.ensure_future(self._deliver(previous, outputs, sink, final))
         finally:
             self.busy -= 1
             self.last_active = time.monotonic()
 
-    async def _advance(self, samples: np.ndarray, final: bool, arrived: float) -> list[_Output]:
-        if samples.size:
-            self.audio.append(samples)
-            self.endpointer.features.accept(samples)
-        if final:
-            self.endpointer.features.finish()
-        decisions = await self.endpointer.advance(self.audio, final)
-        outputs = []
-        for start_ms, end_ms in decisions:
-            if start_ms >= 0:
-                self.open_start_ms = self.last_partial_ms = start_ms
-            if end_ms >= 0 and self.open_start_ms is not None:
-                for piece in split_long_segments([(self.open_start_ms, end_ms)], self.max_segment_ms):
-                    text, embedding = self._recognize(*piece, final=True)
-                    outputs.append(_Output("final", text, self.received_ms, arrived, embedding))
-                self.open_start_ms = None
-        if self._partial_due():
-            position = self.endpointer.position_ms
-            self.last_partial_ms = position
-            self.partial, _ = self._recognize(max(self.open_start_ms, position - self.max_segment_ms), position,
-                                              final=False)
-            outputs.append(_Output("partial", self.partial))
+    async def _advance(self, tracks: list[np.ndarray], final: bool, arrived: float) -> list[_Output]:
+        """The outputs of a chunk (one array per track): the finals it ended, by start (then
+        channel), the partials due, and at the end the stream's summary."""
+        for track, samples in zip(self.tracks, tracks):
+            track.accept(samples, final)
+        # The tracks' VAD steps go out together (the vad model batches them).
+        decided = await asyncio.gather(*(self._advance_track(track, final, arrived) for track in self.tracks))
+        finals = sorted((item for track_finals, _ in decided for item in track_finals), key=lambda item: item[0])
+        outputs = [output for _, output in finals] + [partial for _, partial in decided if partial is not None]
         if final:
             outputs.append(_Output("complete"))
-        keep_ms = self.endpointer.position_ms - RETAIN_MS
-        if self.open_start_ms is not None:
-            keep_ms = min(keep_ms, self.open_start_ms)
-        self.audio.discard_before(max(0, keep_ms) * SAMPLE_RATE // 1000)
         return outputs
 
-    def _partial_due(self) -> bool:
-        interval = self.options.partial_interval_ms
-        return (interval > 0 and self.open_start_ms is not None
-                and self.endpointer.position_ms - self.last_partial_ms >= interval
-                and (self.partial is None or self.partial.done()))
+    async def _advance_track(self, track: _Track, final: bool,
+                             arrived: float) -> tuple[list[tuple[tuple[int, int], _Output]], _Output | None]:
+        """A track's finals ((start ms, channel), output) and its partial, if one is due."""
+        finals = []
+        for start_ms, end_ms in await track.endpointer.advance(track.audio, final):
+            if start_ms >= 0:
+                track.open_start_ms = track.last_partial_ms = start_ms
+            if end_ms >= 0 and track.open_start_ms is not None:
+                for piece in split_long_segments([(track.open_start_ms, end_ms)], self.max_segment_ms):
+                    text, embedding = self._recognize(track, *piece, final=True)
+                    output = _Output("final", text, self.received_ms, arrived, embedding, track.channel)
+                    finals.append(((piece[0], track.channel or 0), output))
+                track.open_start_ms = None
+        partial = None
+        if self._partial_due(track):
+            position = track.endpointer.position_ms
+            track.last_partial_ms = position
+            track.partial, _ = self._recognize(track, max(track.open_start_ms, position - self.max_segment_ms),
+                                               position, final=False)
+            partial = _Output("partial", track.partial, channel=track.channel)
+        keep_ms = track.endpointer.position_ms - RETAIN_MS
+        if track.open_start_ms is not None:
+            keep_ms = min(keep_ms, track.open_start_ms)
+        track.audio.discard_before(max(0, keep_ms) * SAMPLE_RATE // 1000)
+        return finals, partial
 
-    def _recognize(self, start_ms: int, end_ms: int, final: bool) -> tuple[asyncio.Future, asyncio.Future | None]:
+    def _partial_due(self, track: _Track) -> bool:
+        interval = self.options.partial_interval_ms
+        return (interval > 0 and track.open_start_ms is not None
+                and track.endpointer.position_ms - track.last_partial_ms >= interval
+                and (track.partial is None or track.partial.done()))
+
+    def _recognize(self, track: _Track, start_ms: int, end_ms: int,
+                   final: bool) -> tuple[asyncio.Future, asyncio.Future | None]:
         """A future of (segment, speaker embedding), and for a text-first stream's final the
         embedding's own future (the first then has None); partials get no embedding."""
-        samples = self.audio.get(start_ms * SAMPLE_RATE // 1000, end_ms * SAMPLE_RATE // 1000)
+        samples = track.audio.get(start_ms * SAMPLE_RATE // 1000, end_ms * SAMPLE_RATE // 1000)
         with_speaker = final and self.speakers is not None
         separate = with_speaker and self.options.text_first
         text = asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
@@ -442,6 +488,8 @@ class LiveStream:
                     segment.speaker = self.speakers.describe(embedding)  # finals come in order: labels too
                 payload = {**segment.to_dict(), "final": output.kind == "final",
                            "segment_index": self.segments_sent}
+                if output.channel is not None:
+                    payload["channel"] = output.channel
                 if output.embedding is not None:
                     payload["speaker_pending"] = True
                     self._speaker_updates.append((self.segments_sent, output.embedding))

@@ -254,7 +254,8 @@ class OfflineAsrModel(_PipelineModel):
         super().initialize(args)
         limits = OfflineSettings.from_parameters(self.params)
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
-                                        max_audio_s=limits.max_audio_seconds)
+                                        max_audio_s=limits.max_audio_seconds,
+                                        max_inflight_segments=limits.max_inflight_segments)
         self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
         self.requests = _RequestPool("asr_offline", limits.max_inflight_requests)
 
@@ -273,9 +274,6 @@ class OfflineAsrModel(_PipelineModel):
 
     async def _transcribe(self, request, audio: np.ndarray, sample_rate: int, channels: int) -> dict:
         engine = _text(request, "ENGINE", "")
-        mode = _text(request, "CHANNELS", CHANNEL_MODES[0])
-        if mode not in CHANNEL_MODES:
-            raise InputError(f"CHANNELS must be one of {', '.join(CHANNEL_MODES)}, got {shown(mode)}")
         result = await self.pipeline.transcribe(
             audio.reshape(-1),  # [1, N]: one recording per request (max_batch_size 1)
             language=_text(request, "LANGUAGE", "auto"),
@@ -286,7 +284,7 @@ class OfflineAsrModel(_PipelineModel):
             engine=engine,
             endpointing=_endpointing(request),
             channels=channels,
-            separate_channels=mode == "separate",
+            separate_channels=_separate_channels(request),
         )
         self.metrics.audio_received(audio.size / channels / sample_rate)
         self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
@@ -436,7 +434,7 @@ class StreamingAsrModel(_PipelineModel):
             rate = _scalar(_input(request, "SAMPLE_RATE"), None)
             samples = stream.reader.read(_input(request, "AUDIO"), _input(request, "AUDIO_BYTES"),
                                          None if rate is None else int(rate))
-            self.metrics.audio_received(samples.size / stream.reader.sample_rate)
+            self.metrics.audio_received(stream.reader.seconds(samples))
             await stream.push(samples, chunk.end, sink)
             if chunk.end:
                 self.streams.close(stream, "ended")
@@ -471,6 +469,7 @@ class StreamingAsrModel(_PipelineModel):
 
 # The inputs of asr_stream read from a START request only (see _Chunk.options).
 STREAM_OPTIONS = ("LANGUAGE", "ENGINE", "USE_ITN", "PARTIAL_INTERVAL_MS", "WITH_SPEAKER", "RETURN_EMBEDDING",
+                  "CHANNEL_COUNT", "CHANNELS",
                   "ENCODING", "TEXT_FIRST", *ENDPOINTING_INPUTS.values())
 
 
@@ -514,7 +513,9 @@ class _Chunk:
                              endpointing=_endpointing(request),
                              sample_rate=int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE)),
                              encoding=_text(request, "ENCODING", "float32"),
-                             text_first=bool(_scalar(_input(request, "TEXT_FIRST"), False)))
+                             text_first=bool(_scalar(_input(request, "TEXT_FIRST"), False)),
+                             channels=int(_scalar(_input(request, "CHANNEL_COUNT"), 1)),
+                             separate_channels=_separate_channels(request))
 
 
 class _ResponseSink:
@@ -577,6 +578,14 @@ def _scalar(value: np.ndarray | None, default):
     if value.size == 0:
         raise InputError("an option tensor is empty")
     return value.reshape(-1)[0]
+
+
+def _separate_channels(request) -> bool:
+    """CHANNELS: "separate" recognises each channel on its own; "mix" (the default) their mix."""
+    mode = _text(request, "CHANNELS", CHANNEL_MODES[0])
+    if mode not in CHANNEL_MODES:
+        raise InputError(f"CHANNELS must be one of {', '.join(CHANNEL_MODES)}, got {shown(mode)}")
+    return mode == "separate"
 
 
 def _endpointing(request) -> Endpointing:
