@@ -262,6 +262,38 @@ def test_a_short_offline_request_is_not_held_behind_a_long_one(limited):
     assert finished == [short_alone, long_alone]
 
 
+def _sensevoice_inferences(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("nv_inference_count{") and 'model="sensevoice"' in line)
+
+
+def test_an_offline_request_past_its_deadline_stops_its_work(limited):
+    """A caller whose deadline passes (a balancer's timeout) is told so, and its request stops
+    taking segments to the leaf models instead of running to the end for nobody."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from tritonasr.client.offline import tensor_input
+    from tritonasr.runtime.access import API_KEY_HEADER
+
+    audio = np.tile(load_audio(DATA / "long_70s.wav").samples, 16)  # 1120 s: seconds here
+    inputs = [tensor_input("AUDIO", audio[None], "FP32")]
+    headers = {API_KEY_HEADER: f"Bearer {BOB}"}
+    with grpcclient.InferenceServerClient(limited.grpc_url) as client:
+        before, began = _sensevoice_inferences(limited), time.monotonic()
+        client.infer("asr_offline", inputs, headers=headers, client_timeout=120)
+        whole_s, whole = time.monotonic() - began, _sensevoice_inferences(limited) - before
+        assert whole_s > 1.0, f"the request takes {whole_s:.1f} s: too short to cut"
+        before = _sensevoice_inferences(limited)
+        with pytest.raises(InferenceServerException, match="Deadline Exceeded"):
+            client.infer("asr_offline", inputs, headers=headers, client_timeout=0.3)
+    time.sleep(2 * whole_s)  # the request would have finished by now
+    assert _sensevoice_inferences(limited) - before < whole / 2, whole
+    with OfflineClient(limited.grpc_url, timeout_s=60, credentials=Credentials(api_key=BOB)) as offline:
+        assert offline.transcribe(load_audio(DATA / "one_phrase.wav").samples)["segments"]
+
+
 def test_a_full_offline_queue_refuses_at_once_with_a_clear_message(limited):
     """30 requests of 70 s at once against an instance that works on 2 and a queue of one: those
     that find the queue full are refused at once; the others are transcribed as a lone request is."""

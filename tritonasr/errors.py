@@ -104,6 +104,14 @@ class RecognitionError(ServiceError):
     kind = "recognition"
 
 
+class CallerGone(ServiceError):
+    """The caller cancelled its request (a deadline, a hang-up): its work stops, and nobody is at
+    fault (not counted as an error)."""
+
+    code = "CANCELLED"
+    kind = None
+
+
 class IdleTimeout(ServiceError):
     """A stream that sent nothing for the idle timeout (the caller stalled or vanished)."""
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from tritonasr.audio import SAMPLE_RATE, AudioError, resample, validate_samples
 from tritonasr.contract import MAX_CHANNELS, SAMPLE_RATES, Endpointing
-from tritonasr.errors import InputError
+from tritonasr.errors import CallerGone, InputError
 from tritonasr.models.fbank import Extract, in_process
 from tritonasr.models.transcript import Segment
 from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
@@ -208,11 +208,12 @@ class OfflinePipeline:
                          sample_rate: int = SAMPLE_RATE, with_speaker: bool = True,
                          return_embedding: bool = False, engine: str = "",
                          endpointing: Endpointing = Endpointing(), channels: int = 1,
-                         separate_channels: bool = False) -> dict:
+                         separate_channels: bool = False, cancelled: Callable[[], bool] | None = None) -> dict:
         """with_speaker: run the speaker stage (when deployed); False skips it for this request.
         engine: the ASR engine ("" for the deployment's default). channels: how many interleaved
         channels `samples` holds; separate_channels: recognise each on its own (segments carry
-        "channel", ordered by start) instead of their mix."""
+        "channel", ordered by start) instead of their mix. cancelled: asked before each segment
+        goes to the leaf models; True stops the work (CallerGone)."""
         tracks = self.check_audio(samples, sample_rate, channels, separate_channels)
         request = self.recognizer.request(engine, language, use_itn)
         endpoint = endpoint_options(self.vad, endpointing)
@@ -225,6 +226,8 @@ class OfflinePipeline:
 
             async def analyse(start_ms: int, end_ms: int):
                 async with self.segment_slots.slot(owner):
+                    if cancelled is not None and cancelled():
+                        raise CallerGone("the caller cancelled the request; its work stopped")
                     return await self.analyse(request, track, fbank, start_ms, end_ms, speakers is not None)
 
             pieces = split_long_segments(speech, self.max_asr_segment_ms)

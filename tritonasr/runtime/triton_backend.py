@@ -285,6 +285,7 @@ class OfflineAsrModel(_PipelineModel):
             endpointing=_endpointing(request),
             channels=channels,
             separate_channels=_separate_channels(request),
+            cancelled=request.is_cancelled,  # a caller past its deadline frees what it held
         )
         self.metrics.audio_received(audio.size / channels / sample_rate)
         self.metrics.segments(self.pipeline.recognizer.request(engine).engine.name, len(result["segments"]))
