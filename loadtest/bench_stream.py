@@ -8,7 +8,9 @@ start at staggered offsets so that they do not all reach the end of a sentence a
 Per N it reports, over every final segment of every stream: `latency_ms` (the chunk holding the
 end of the speech was sent -> the final result arrived) and `after_endpoint_ms` (the chunk that
 let the server decide the segment had ended was sent -> arrived), p50/p95/p99; segments; errors;
-and the largest N whose p95 latency stays under the target (1 s) with no errors.
+and the largest N whose p95 latency stays under the target (1 s) with no errors. For a server on
+this machine it also reports the CPU each process of the server used per second of streamed audio
+(cores per real-time stream), which the machine's noise moves far less than the latencies.
 
 `--overload F` then measures admission control: a server limited to that largest N (the capacity,
 or `--capacity N`) is offered N streams, then F x N; streams it refuses at their start are counted
@@ -76,8 +78,11 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
 
-async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=print) -> dict:
-    """`streams` concurrent real-time streams; latency figures over all their final segments."""
+async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=print,
+                    server_pid: int | None = None) -> dict:
+    """`streams` concurrent real-time streams; latency figures over all their final segments, and
+    with `server_pid` the CPU seconds each server process used per second of audio streamed."""
+    from tritonasr.loadtest.rss import cpu_seconds
     from tritonasr.client.stream import SpeakerUpdate, StreamError, StreamingClient, split_chunks
 
     latencies, after_endpoint, errors, partials = [], [], [], 0
@@ -116,17 +121,23 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
         except Exception as exc:  # noqa: BLE001 - counted and reported, the other streams go on
             errors.append(f"stream {index}: {type(exc).__name__}: {exc}")
 
+    cpu_before = cpu_seconds(server_pid) if server_pid else {}
     began = time.perf_counter()
     async with StreamingClient(url) as client:
         offsets = start_offsets(streams, args.stagger_ms)
         await asyncio.gather(*(one(i, offset, client) for i, offset in enumerate(offsets)))
     wall = time.perf_counter() - began
+    cpu = {}
+    if server_pid:
+        audio_s = sum(joined_speech(audios, i, args.seconds, args.gap_ms).size for i in range(streams)) / 16000
+        cpu = {name: (used - cpu_before.get(name, 0.0)) / audio_s for name, used in cpu_seconds(server_pid).items()}
     for message in errors[:5]:
         log(f"  {message}")
     return {"streams": streams, "segments": segment_count, "partials": partials, "errors": len(errors),
             "refused": len(refusals), "wall_s": wall, "latency_ms": percentiles(latencies),
             "after_endpoint_ms": percentiles(after_endpoint), "speaker_after_final_ms": percentiles(speaker_updates),
-            "refusal_ms": {**percentiles(refusals), "max": max(refusals, default=None)}}
+            "refusal_ms": {**percentiles(refusals), "max": max(refusals, default=None)},
+            "cpu_per_audio_s": cpu}
 
 
 async def warm_up(url: str, samples: np.ndarray) -> None:
@@ -147,11 +158,12 @@ def best_streams(levels: list[dict], target_ms: float) -> int | None:
     return max(good, default=None)
 
 
-def _run_levels(url: str, audios: list[np.ndarray], counts: list[int], args, log) -> list[dict]:
+def _run_levels(url: str, audios: list[np.ndarray], counts: list[int], args, log,
+                server_pid: int | None = None) -> list[dict]:
     levels = []
     for streams in counts:
         log(f"{streams} streams of ~{args.seconds:g} s, real time…")
-        level = asyncio.run(run_level(url, audios, streams, args, log))
+        level = asyncio.run(run_level(url, audios, streams, args, log, server_pid))
         lat, refusal = level["latency_ms"], level["refusal_ms"]
         log(f"  {level['segments']} segments, {level['errors']} errors, {level['refused']} refused "
             f"(slowest refusal {_ms(refusal['max'])}), latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])}")
@@ -176,7 +188,7 @@ def main(args) -> int:
         """`counts` streams at a time, on a server limited to `max_streams` (0: no limit)."""
         with served(args.url, repository, log, server_args={"max_streams": max_streams}) as target:
             asyncio.run(warm_up(target.url, audios[0]))
-            return _run_levels(target.url, audios, counts, args, log)
+            return _run_levels(target.url, audios, counts, args, log, target.pid)
 
     levels, admitted, capacity = [], [], args.capacity
     try:
@@ -225,6 +237,16 @@ def render_markdown(report: dict) -> str:
             lines += ["", "Speaker after its final (text first): " + ", ".join(
                 f"{level['streams']} streams p50 {_ms(level['speaker_after_final_ms']['p50'])}, "
                 f"p95 {_ms(level['speaker_after_final_ms']['p95'])}" for level in report["levels"])]
+        cpu_levels = [level for level in report["levels"] if level.get("cpu_per_audio_s")]
+        if cpu_levels:
+            names = sorted({name for level in cpu_levels for name in level["cpu_per_audio_s"]},
+                           key=lambda name: -cpu_levels[-1]["cpu_per_audio_s"].get(name, 0.0))
+            lines += ["", "CPU seconds per second of streamed audio (= cores per real-time stream), by server process:",
+                      "", "| streams | " + " | ".join(names) + " | all |", "|---:|" + "---:|" * (len(names) + 1)]
+            for level in cpu_levels:
+                used = level["cpu_per_audio_s"]
+                lines.append(f"| {level['streams']} | " + " | ".join(f"{used.get(name, 0.0):.3f}" for name in names)
+                             + f" | {sum(used.values()):.3f} |")
         best = report["best_streams"]
         lines.append("")
         lines.append(f"Largest number of streams with p95 latency under {report['target_ms']:.0f} ms and no "

@@ -1,4 +1,4 @@
-"""Memory of a running tritonserver and its model processes, read from /proc.
+"""Memory and CPU time of a running tritonserver and its model processes, read from /proc.
 
 RSS counts a process's touched shared memory too (the Python backend's /dev/shm regions, mapped by
 tritonserver and by the stub), so `anon` (private heap) and `shmem` are given apart; the regions'
@@ -86,6 +86,21 @@ def snapshot(server_pid: int) -> Snapshot:
         except OSError:
             pass
     return Snapshot(usage, shm)
+
+
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by tritonserver and by each model (its instances
+    summed); a process that has gone is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for pid, name in [(server_pid, SERVER), *((pid, model_of(argv)) for pid, argv in stub_processes(server_pid).items())]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
 
 
 def find_server_pid(grpc_port: int) -> int | None:

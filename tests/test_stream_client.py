@@ -505,3 +505,21 @@ def test_chunks_of_several_channels_hold_whole_frames_and_at_most_2_s():
 
     with pytest.raises(ValueError, match="channels must be 1 to 8"):
         asyncio.run(nine())
+
+
+def test_bench_stream_reports_the_servers_cpu_per_second_of_audio():
+    import os
+
+    from tritonasr.loadtest.rss import cpu_seconds
+
+    used = cpu_seconds(os.getpid())  # a process without model processes: itself, as "tritonserver"
+    assert list(used) == ["tritonserver"] and used["tritonserver"] > 0
+    level = {"streams": 8, "segments": 40, "errors": 0, "refused": 0,
+             "latency_ms": {"p50": 350.0, "p95": 700.0, "p99": 770.0},
+             "after_endpoint_ms": {"p50": 50.0, "p95": 80.0, "p99": None},
+             "cpu_per_audio_s": {"tritonserver": 0.01, "sensevoice": 0.06, "asr_stream": 0.02}}
+    table = render_markdown({"levels": [level], "best_streams": 8, "target_ms": 1000, "admission": [],
+                             "endpointing": {"preset": "default", "end_silence_ms": None, "max_segment_ms": None,
+                                             "speech_start_ms": None}})
+    assert "| streams | sensevoice | asr_stream | tritonserver | all |" in table
+    assert "| 8 | 0.060 | 0.020 | 0.010 | 0.090 |" in table
