@@ -644,10 +644,12 @@ class StreamRegistry:
         while len(self._closed) > CLOSED_REMEMBERED:
             self._closed.popitem(last=False)
 
-    def expire(self, now: float | None = None) -> list[tuple[LiveStream, ServiceError]]:
+    def expire(self, now: float | None = None,
+               before_close: OnFailure = lambda stream, error: None) -> list[tuple[LiveStream, ServiceError]]:
         """Closes streams whose caller hung up, and streams that sent nothing for
         `idle_timeout_s` (a caller that stalled: told why, if it still listens). Returns them,
-        each with its error (one that does not `notify` for a hang-up)."""
+        each with its error (one that does not `notify` for a hang-up); `before_close` is told of
+        each before its caller is (so that what it counts is counted when the caller hears)."""
         now = time.monotonic() if now is None else now
         closing = []
         for stream in list(self.streams.values()):
@@ -662,6 +664,7 @@ class StreamRegistry:
                 reason = f"no audio for {self.idle_timeout_s:g} s"
                 closing.append((stream, reason, IdleTimeout(f"stream {stream.id} was closed: {reason}")))
         for stream, reason, error in closing:
+            before_close(stream, error)
             self.close(stream, reason, failed=True, notice=error if error.notify else None)
         return [(stream, error) for stream, _, error in closing]
 

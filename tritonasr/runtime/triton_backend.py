@@ -453,15 +453,15 @@ class StreamingAsrModel(_PipelineModel):
         self.metrics.failed(error, "asr_stream")
         self.streams.close(stream, f"closed after an error: {error}", failed=True)
 
+    def _expired(self, stream: LiveStream, error: ServiceError) -> None:
+        self.metrics.failed(error, "asr_stream")
+        log.info("asr_stream: %s", error)
+
     async def _close_idle_streams(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            expired = self.streams.expire()
-            for stream, error in expired:
-                self.metrics.failed(error, "asr_stream")
-                log.info("asr_stream: %s", error)
-            if expired:  # abandoned streams come in crowds: give their memory back
-                release_memory()
+            if self.streams.expire(before_close=self._expired):
+                release_memory()  # abandoned streams come in crowds: give their memory back
 
     def finalize(self) -> None:
         if self._sweeper is not None:
