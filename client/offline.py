@@ -151,12 +151,9 @@ class OfflineClient(ModelClient):
 
             return transcribe_in_pieces(self, audio, on_progress, sample_rate=rate, channels=channels,
                                         separate_channels=channels > 1, **options)
-        channel_inputs = [] if channels == 1 else [
-            tensor_input("CHANNEL_COUNT", np.array([[channels]], dtype=np.int32), "INT32"),
-            tensor_input("CHANNELS", np.array([[b"separate"]], dtype=np.object_), "BYTES")]
         return self.infer([tensor_input("AUDIO", audio.reshape(1, -1), "FP32"),  # (frames interleaved)
                            tensor_input("SAMPLE_RATE", np.array([[rate]], dtype=np.int32), "INT32"),
-                           *channel_inputs, *option_inputs(**options)])
+                           *channel_inputs(channels, channels > 1), *option_inputs(**options)])
 
     def transcribe_file(self, path: str | os.PathLike, language: str = "auto",
                         use_itn: bool = False, return_embedding: bool = False, engine: str = "",
@@ -200,6 +197,17 @@ def option_inputs(language: str, use_itn: bool, engine: str, with_speaker: bool,
             tensor_input("WITH_SPEAKER", np.array([[with_speaker]], dtype=np.bool_), "BOOL"),
             tensor_input("RETURN_EMBEDDING", np.array([[return_embedding]], dtype=np.bool_), "BOOL"),
             *endpointing_inputs(endpointing)]
+
+
+def channel_inputs(channels: int, separate: bool) -> list[grpcclient.InferInput]:
+    """CHANNEL_COUNT and CHANNELS, as asr_offline and asr_stream's START take them; each left out
+    at its default (1, mix), so that mono requests work with servers before them."""
+    inputs = []
+    if channels != 1:
+        inputs.append(tensor_input("CHANNEL_COUNT", np.array([[channels]], dtype=np.int32), "INT32"))
+    if separate:
+        inputs.append(tensor_input("CHANNELS", np.array([[b"separate"]], dtype=np.object_), "BYTES"))
+    return inputs
 
 
 def endpointing_inputs(endpointing: Endpointing | None) -> list[grpcclient.InferInput]:

@@ -37,8 +37,8 @@ from tritonclient.utils import InferenceServerException
 from tritonasr.audio import (ENCODING_SUBTYPES, SAMPLE_RATE, AudioError, check_encoding, encode, sample_bytes,
                              validate_samples)
 from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
-from tritonasr.client.offline import (ServerUnavailableError, TranscriptionError, load_server_audio, option_inputs,
-                                      tensor_input)
+from tritonasr.client.offline import (ServerUnavailableError, TranscriptionError, channel_inputs, load_server_audio,
+                                      option_inputs, tensor_input)
 from tritonasr.contract import LANGUAGES, MAX_CHANNELS, MAX_CHUNK_MS, SAMPLE_RATES, Endpointing
 from tritonasr.errors import split_status
 
@@ -573,10 +573,7 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
             inputs.append(tensor_input("ENCODING", np.array([[encoding.encode()]], np.object_), "BYTES"))
         if text_first:
             inputs.append(tensor_input("TEXT_FIRST", np.array([[True]], np.bool_), "BOOL"))
-        if channels != 1:
-            inputs.append(tensor_input("CHANNEL_COUNT", np.array([[channels]], np.int32), "INT32"))
-        if separate_channels:
-            inputs.append(tensor_input("CHANNELS", np.array([[b"separate"]], np.object_), "BYTES"))
+        inputs += channel_inputs(channels, separate_channels)
     return {"model_name": model, "inputs": inputs, "outputs": [grpcaio.InferRequestedOutput("RESULT")],
             "sequence_id": sequence_id, "sequence_start": start, "sequence_end": end,
             "parameters": {"stream_token": token} if token else None}

@@ -89,10 +89,12 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
     speaker_updates = []  # text-first: ms from a final to its speaker
     refusals = []  # ms from a refused stream's first chunk to its refusal
     segment_count = 0
+    audio_samples = 0  # streamed, by all the streams
 
     async def one(index: int, offset: float, client: StreamingClient) -> None:
-        nonlocal partials, segment_count
+        nonlocal partials, segment_count, audio_samples
         samples = joined_speech(audios, index, args.seconds, args.gap_ms)
+        audio_samples += samples.size
         stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True,
                                partial_interval_ms=args.partials, endpointing=ENDPOINTING_PRESETS[args.endpointing],
                                with_speaker=not args.no_speaker, text_first=args.text_first)
@@ -129,7 +131,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
     wall = time.perf_counter() - began
     cpu = {}
     if server_pid:
-        audio_s = sum(joined_speech(audios, i, args.seconds, args.gap_ms).size for i in range(streams)) / 16000
+        audio_s = audio_samples / 16000
         cpu = {name: (used - cpu_before.get(name, 0.0)) / audio_s for name, used in cpu_seconds(server_pid).items()}
     for message in errors[:5]:
         log(f"  {message}")
