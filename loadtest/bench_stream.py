@@ -124,14 +124,16 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
             errors.append(f"stream {index}: {type(exc).__name__}: {exc}")
 
     cpu_before = cpu_seconds(server_pid) if server_pid else {}
+    client_before = time.process_time()
     began = time.perf_counter()
     async with StreamingClient(url) as client:
         offsets = start_offsets(streams, args.stagger_ms)
         await asyncio.gather(*(one(i, offset, client) for i, offset in enumerate(offsets)))
     wall = time.perf_counter() - began
+    audio_s = audio_samples / 16000
+    client_cpu = (time.process_time() - client_before) / audio_s
     cpu = {}
     if server_pid:
-        audio_s = audio_samples / 16000
         cpu = {name: (used - cpu_before.get(name, 0.0)) / audio_s for name, used in cpu_seconds(server_pid).items()}
     for message in errors[:5]:
         log(f"  {message}")
@@ -139,7 +141,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
             "refused": len(refusals), "wall_s": wall, "latency_ms": percentiles(latencies),
             "after_endpoint_ms": percentiles(after_endpoint), "speaker_after_final_ms": percentiles(speaker_updates),
             "refusal_ms": {**percentiles(refusals), "max": max(refusals, default=None)},
-            "cpu_per_audio_s": cpu}
+            "cpu_per_audio_s": cpu, "client_cpu_per_audio_s": client_cpu}
 
 
 async def warm_up(url: str, samples: np.ndarray) -> None:
@@ -243,12 +245,14 @@ def render_markdown(report: dict) -> str:
         if cpu_levels:
             names = sorted({name for level in cpu_levels for name in level["cpu_per_audio_s"]},
                            key=lambda name: -cpu_levels[-1]["cpu_per_audio_s"].get(name, 0.0))
-            lines += ["", "CPU seconds per second of streamed audio (= cores per real-time stream), by server process:",
-                      "", "| streams | " + " | ".join(names) + " | all |", "|---:|" + "---:|" * (len(names) + 1)]
+            lines += ["", "CPU seconds per second of streamed audio (= cores per real-time stream), by server process, "
+                      "and this benchmark's own client beside them (on the same cores when the server is embedded):",
+                      "", "| streams | " + " | ".join(names) + " | all | client |",
+                      "|---:|" + "---:|" * (len(names) + 2)]
             for level in cpu_levels:
                 used = level["cpu_per_audio_s"]
                 lines.append(f"| {level['streams']} | " + " | ".join(f"{used.get(name, 0.0):.3f}" for name in names)
-                             + f" | {sum(used.values()):.3f} |")
+                             + f" | {sum(used.values()):.3f} | {level['client_cpu_per_audio_s']:.3f} |")
         best = report["best_streams"]
         lines.append("")
         lines.append(f"Largest number of streams with p95 latency under {report['target_ms']:.0f} ms and no "

@@ -470,3 +470,38 @@ def test_energies_are_held_only_until_their_scores_arrive():
         detector.feed(part, piece, final)
         assert detector.pending_frames == 0 and not detector._closed
         assert len(detector._window.votes) == 20
+
+
+def test_stream_vad_steps_batched_per_loop_turn_equal_each_alone(model_repository):
+    """asr_stream scores its streams' VAD steps in-process (LoopBatcher): the steps awaited in one
+    turn of the event loop run as one ONNX Runtime call, and each stream gets the scores and
+    caches it would get alone; steps of another length run in a call of their own."""
+    from tritonasr.runtime.onnx_session import LoopBatcher
+
+    spec = VadSpec.load(model_repository / "vad" / "1")
+    model = OnnxModel(model_repository / "vad" / "1" / "model.onnx", intra_op_threads=1)
+    batches = []  # the batch size of each ONNX Runtime call
+    run = model.run
+    model.run = lambda feeds, outputs: batches.append(feeds["speech"].shape[0]) or run(feeds, outputs)
+    batcher = LoopBatcher(model)
+    outputs = ["logits"] + [f"out_cache{i}" for i in range(len(spec.zero_caches()))]
+    rng = np.random.default_rng(5)
+    speech = [load_audio(DATA / name).samples for name in SPEECH_FILES[:4]]
+    # Each stream: one step of 10 LFR frames (a 12-frame step for the last) from its own audio, with
+    # the caches its earlier steps left.
+    steps = []
+    for i, samples in enumerate(speech):
+        fbank = spec.frontend.fbank(samples[:16_000])
+        feats = spec.frontend.lfr(fbank, 20, 32 if i == 3 else 30)[None]
+        caches = [rng.standard_normal(c.shape).astype(np.float32) for c in spec.zero_caches()]
+        steps.append({"speech": feats, **{f"in_cache{j}": c for j, c in enumerate(caches)}})
+
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.infer(step, outputs) for step in steps))
+
+    together = asyncio.run(all_at_once())
+    assert sorted(batches) == [1, 3]  # the three 10-frame steps in one call, the 12-frame one alone
+    for step, got in zip(steps, together):
+        alone = run(step, outputs)
+        for name, value in zip(outputs, got):
+            np.testing.assert_allclose(value, alone[name], rtol=1e-5, atol=1e-6)

@@ -517,9 +517,10 @@ def test_bench_stream_reports_the_servers_cpu_per_second_of_audio():
     level = {"streams": 8, "segments": 40, "errors": 0, "refused": 0,
              "latency_ms": {"p50": 350.0, "p95": 700.0, "p99": 770.0},
              "after_endpoint_ms": {"p50": 50.0, "p95": 80.0, "p99": None},
-             "cpu_per_audio_s": {"tritonserver": 0.01, "sensevoice": 0.06, "asr_stream": 0.02}}
+             "cpu_per_audio_s": {"tritonserver": 0.01, "sensevoice": 0.06, "asr_stream": 0.02},
+             "client_cpu_per_audio_s": 0.015}
     table = render_markdown({"levels": [level], "best_streams": 8, "target_ms": 1000, "admission": [],
                              "endpointing": {"preset": "default", "end_silence_ms": None, "max_segment_ms": None,
                                              "speech_start_ms": None}})
-    assert "| streams | sensevoice | asr_stream | tritonserver | all |" in table
-    assert "| 8 | 0.060 | 0.020 | 0.010 | 0.090 |" in table
+    assert "| streams | sensevoice | asr_stream | tritonserver | all | client |" in table
+    assert "| 8 | 0.060 | 0.020 | 0.010 | 0.090 | 0.015 |" in table

@@ -117,3 +117,29 @@ def test_segment_slots_go_to_the_waiting_requests_in_turn():
 
     asyncio.run(run())
     assert order == ["long0", "long1", "long2", "short0", "long3", "short1", "long4", "long5"]
+
+
+def test_a_failed_batch_fails_each_of_its_calls_and_the_next_turn_runs_anew():
+    from tritonasr.runtime.onnx_session import LoopBatcher
+
+    class Flaky:  # fails its first batch, then echoes
+        calls = 0
+
+        def run_batch(self, requests, outputs):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("ort failed")
+            return [{"y": r["x"] * 2} for r in requests]
+
+    batcher = LoopBatcher(Flaky())
+
+    async def turn(values):
+        return await asyncio.gather(*(batcher.infer({"x": np.array([v])}, ["y"]) for v in values),
+                                    return_exceptions=True)
+
+    async def main():
+        return await turn([1, 2]), await turn([3])
+
+    failed, fine = asyncio.run(main())
+    assert [type(e) for e in failed] == [RuntimeError, RuntimeError]
+    assert fine[0][0].tolist() == [6] and Flaky.calls == 2

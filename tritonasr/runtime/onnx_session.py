@@ -1,6 +1,7 @@
 """Run an ONNX graph over a list of requests as few batched ONNX Runtime calls as is sensible."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,37 @@ def _pad_axis1(parts: list[np.ndarray]) -> list[np.ndarray]:
     longest = max(p.shape[1] for p in parts)
     return [p if p.shape[1] == longest else
             np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
+
+
+class LoopBatcher:
+    """An `OnnxModel` awaited by many tasks of one event loop: the calls made in one turn of the
+    loop run as one `run_batch`, as Triton's dynamic batcher would batch them, but without a
+    request through the server. For small graphs called per chunk (the streams' VAD steps),
+    where that request costs more CPU than the graph."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+        self._pending: list[tuple[dict[str, np.ndarray], list[str], asyncio.Future]] = []
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((inputs, outputs, future))
+        if len(self._pending) == 1:  # the first call of this turn: run them all once it is over
+            asyncio.get_running_loop().call_soon(self._run)
+        return await future
+
+    def _run(self) -> None:
+        pending, self._pending = self._pending, []
+        outputs = pending[0][1]
+        try:
+            if any(names != outputs for _, names, _ in pending):
+                raise ValueError("calls batched together must ask for the same outputs")
+            results = self.model.run_batch([inputs for inputs, _, _ in pending], outputs)
+        except Exception as exc:  # every call of the batch is told
+            for _, _, future in pending:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(pending, results):
+            if not future.done():  # (a caller that was cancelled meanwhile)
+                future.set_result([result[name] for name in outputs])
