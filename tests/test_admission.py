@@ -146,3 +146,47 @@ def test_every_way_a_stream_ends_gives_its_slot_back(tmp_path):
     registry.open(StreamKey(1, "p"), StreamOptions())  # the two above gave their slots back
     assert len(registry) == 3
     assert_full()
+
+
+def test_a_draining_server_refuses_new_streams_and_requests_in_every_process(tmp_path):
+    import os
+    import shutil
+
+    from tritonasr.recognition.admission import DRAINING, refuse_if_draining, slot_directory, start_draining
+
+    server_pid = 2**22 + os.getpid()  # no real server has this pid: a directory of the test's own
+    directory = slot_directory(server_pid)
+    try:
+        other = _other_process(directory, 4, 0, ["a"])  # holds a stream from before the drain
+        try:
+            admission = Admission(directory, 4)
+            ticket = admission.admit("b")
+            start_draining(server_pid)
+            with pytest.raises(OverloadError, match="draining") as refused:
+                admission.admit("c")
+            assert refused.value.reason == DRAINING and refused.value.code == "UNAVAILABLE"
+            with pytest.raises(OverloadError, match="takes no new requests"):
+                refuse_if_draining(directory, "requests")
+            ticket.release()  # the streams open before it end as usual
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_work_left_reads_open_streams_and_offline_requests_from_the_metrics():
+    from tritonasr.serving.server import work_left
+
+    text = "\n".join([
+        "# TYPE tritonasr_open_streams gauge",
+        'tritonasr_open_streams{model="asr_stream",model_instance="asr_stream_0_0"} 2',
+        'tritonasr_open_streams{model="asr_stream",model_instance="asr_stream_0_1"} 1',
+        "# TYPE tritonasr_inflight_requests gauge",
+        'tritonasr_inflight_requests{model="asr_offline",model_instance="asr_offline_0_0"} 1',
+        "# TYPE nv_inference_pending_request_count gauge",
+        'nv_inference_pending_request_count{model="asr_offline",version="1"} 3',
+        'nv_inference_pending_request_count{model="sensevoice",version="1"} 7',  # the pipelines' own calls
+    ]) + "\n"
+    assert work_left(text) == {"streams": 3, "offline requests": 4}
+    assert work_left(text.replace(" 2\n", " 0\n").replace(" 1\n", " 0\n").replace(" 3\n", " 0\n")) == {}

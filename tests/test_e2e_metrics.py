@@ -104,8 +104,9 @@ def test_pipeline_metrics_count_what_was_served(short_run):
     assert _delta(run, "tritonasr_final_latency_seconds_bucket", model="asr_stream", le="+Inf") == len(run["finals"])
     assert _delta(run, "tritonasr_errors_total", model="asr_offline", kind="bad_audio") == 1
     assert _sum(run["after"], "tritonasr_open_streams", model="asr_stream") == 0
+    assert re.search(r'^tritonasr_inflight_requests\{[^}]*model="asr_offline"[^}]*\} 0$', run["after"], re.M)
     # Refusals by limit are on /metrics, at 0, before the first one.
-    for reason in ("max_streams", "max_streams_per_client"):
+    for reason in ("max_streams", "max_streams_per_client", "draining"):
         assert re.search(rf'^tritonasr_rejected_total\{{[^}}]*reason="{reason}"[^}}]*\}} 0$', run["after"], re.M)
     # Each instance is its own process with its own series; the label is not Prometheus's `instance`.
     assert re.search(r'^tritonasr_open_streams\{[^}]*model_instance="asr_stream_0_0"', run["after"], re.M)

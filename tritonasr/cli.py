@@ -198,9 +198,15 @@ def cmd_serve(args) -> int:
     from tritonasr.serving.server import ServerError, TritonServer
     from tritonasr.serving.supervisor import Supervisor
 
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        if stop.is_set():  # a second signal: stop without waiting for the drain
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         config = _server_config(args)
         server = TritonServer(config, echo_log=not args.quiet)
@@ -224,6 +230,12 @@ def cmd_serve(args) -> int:
         print(f"error: {failure}\n{server.log_tail(20)}", file=sys.stderr)
         supervisor.stop()
         return 1
+    if args.drain_seconds > 0:
+        print(f"tritonasr: draining: not ready, taking no new streams or requests; up to {args.drain_seconds:.0f} s "
+              "for those open (signal again to stop now)", file=sys.stderr, flush=True)
+        left = supervisor.drain(args.drain_seconds, hurry)
+        print(f"tritonasr: drained" if left is None else f"tritonasr: drain ended with {left}",
+              file=sys.stderr, flush=True)
     print("tritonasr: stopping…", file=sys.stderr, flush=True)
     code = supervisor.stop()
     print(f"tritonasr: stopped ({code})", file=sys.stderr)
@@ -476,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--health-host", default=None, help="address of the health port (default: --http-host)")
     serve.add_argument("--max-restarts", type=int, default=3,
                        help="automatic restarts within 10 minutes before serve gives up and exits 1")
+    serve.add_argument("--drain-seconds", type=float, default=120.0,
+                       help="on SIGTERM or Ctrl-C: not ready, new streams and requests refused (UNAVAILABLE, "
+                            "draining), and up to this long for the open streams to end and the offline requests "
+                            "taken in to finish, before the server stops (a second signal stops it at once)"),
     serve.set_defaults(func=_needs("server")(cmd_serve))
 
     export = sub.add_parser("export", help="export a model to ONNX into the model repository")

@@ -1,5 +1,6 @@
 """Admission control for live streams: at most `max_streams` open on one server and at most
-`max_streams_per_client` per caller (per API key), counted across all of asr_stream's instances.
+`max_streams_per_client` per caller (per API key), counted across all of asr_stream's instances;
+none at all, nor offline requests, once the server is draining for its shutdown.
 
 Triton runs each model instance in its own process and gives a new sequence to whichever instance
 it picks, so a share per instance (N / instances) would refuse a stream while another instance
@@ -23,13 +24,30 @@ from pathlib import Path
 from tritonasr.errors import OverloadError
 from tritonasr.recognition.settings import StreamSettings
 
-# The label values of tritonasr_rejected_total{reason}: the setting that refused the stream.
+# The label values of tritonasr_rejected_total{reason}: the setting that refused the stream, or
+# the server's shutdown.
 SERVER_LIMIT = "max_streams"
 CLIENT_LIMIT = "max_streams_per_client"
+DRAINING = "draining"
 
 
 def slot_directory(server_pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"tritonasr-slots-{server_pid}"
+
+
+def start_draining(server_pid: int) -> None:
+    """From now on the server `server_pid` takes no new streams or requests (`refuse_if_draining`);
+    those it holds go on. A file beside the slots: every model process sees it at once."""
+    directory = slot_directory(server_pid)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (directory / DRAINING).touch()
+
+
+def refuse_if_draining(directory: Path, what: str) -> None:
+    """In a model process of the server whose slot directory is `directory`."""
+    if (directory / DRAINING).exists():
+        raise OverloadError(f"this server is shutting down (draining) and takes no new {what}: "
+                            "retry on another server", reason=DRAINING)
 
 
 class SlotFile:
@@ -105,6 +123,7 @@ class Admission:
         return self._clients[name]
 
     def admit(self, principal: str) -> Ticket:
+        refuse_if_draining(self.directory, "streams")
         ticket = Ticket()
         client = self._client(principal)
         if client is not None:

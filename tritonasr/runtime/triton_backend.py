@@ -9,9 +9,11 @@ import asyncio
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,8 @@ from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError,
                               ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.models.fbank import Extract, in_pieces
 from tritonasr.models.vad import VadSpec
-from tritonasr.recognition.admission import CLIENT_LIMIT, SERVER_LIMIT, Admission
+from tritonasr.recognition.admission import (CLIENT_LIMIT, DRAINING, SERVER_LIMIT, Admission, refuse_if_draining,
+                                             slot_directory)
 from tritonasr.recognition.engines import build_engines, pad_step
 from tritonasr.recognition.leaf_calls import LeafCalls
 from tritonasr.recognition.offline import OfflinePipeline, Recognizer, check_sample_rate, detect_speech
@@ -136,6 +139,9 @@ class PipelineMetrics:
 
     FAMILIES = {
         "open_streams": ("tritonasr_open_streams", "GAUGE", "Live streams holding state in asr_stream"),
+        "inflight_requests": ("tritonasr_inflight_requests", "GAUGE",
+                              "Offline requests asr_offline is working on (those queued before it: "
+                              "nv_inference_pending_request_count)"),
         "segments": ("tritonasr_segments_total", "COUNTER", "Final segments transcribed, by ASR engine"),
         "audio": ("tritonasr_audio_seconds_total", "COUNTER",
                   "Seconds of audio received (whole files and stream chunks)"),
@@ -250,17 +256,25 @@ class OfflineAsrModel(_PipelineModel):
     """asr_offline: whole recordings in, segments out (JSON), through the vad and sensevoice
     models. Each request's inner calls are awaited concurrently with every other request's."""
 
+    REJECTION_REASONS = (DRAINING,)
+
     def initialize(self, args: dict) -> None:
         super().initialize(args)
+        self.slots = slot_directory(os.getppid())  # where a drain is announced (admission.start_draining)
         limits = OfflineSettings.from_parameters(self.params)
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
                                         max_audio_s=limits.max_audio_seconds,
                                         max_inflight_segments=limits.max_inflight_segments)
         self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
-        self.requests = _RequestPool("asr_offline", limits.max_inflight_requests)
+        inflight = self.metrics.families["inflight_requests"].Metric(labels=self.metrics.labels)
+        inflight.set(0)
+        self.requests = _RequestPool("asr_offline", limits.max_inflight_requests, on_change=inflight.set)
 
     async def _handle(self, request) -> dict:
         self._caller(request)
+        # Those already taken in finish; one that reaches the model after the drain began goes
+        # back to its caller untouched, to retry elsewhere.
+        refuse_if_draining(self.slots, "requests")
         audio = _required(request, "AUDIO")
         sample_rate = int(_scalar(_input(request, "SAMPLE_RATE"), SAMPLE_RATE))
         channels = int(_scalar(_input(request, "CHANNEL_COUNT"), 1))
@@ -311,9 +325,10 @@ class _RequestPool:
     sender when it is done. Once `limit` requests are in flight `execute` waits for one to finish,
     so the instance takes no more and the rest wait in Triton's queue, under its queue policy."""
 
-    def __init__(self, model: str, limit: int):
+    def __init__(self, model: str, limit: int, on_change: Callable[[int], None] = lambda in_flight: None):
         self.model = model
         self.limit = limit
+        self.on_change = on_change  # told the number in flight after each change
         self.in_flight = 0
         self._room = threading.Condition()
         self._loop = asyncio.new_event_loop()
@@ -324,6 +339,7 @@ class _RequestPool:
         """Starts the coroutine `answer` (a response for `request`) on the loop."""
         with self._room:
             self.in_flight += 1
+            self.on_change(self.in_flight)
         asyncio.run_coroutine_threadsafe(self._send(request.get_response_sender(), answer), self._loop)
 
     async def _send(self, sender, answer) -> None:
@@ -334,6 +350,7 @@ class _RequestPool:
         finally:
             with self._room:
                 self.in_flight -= 1
+                self.on_change(self.in_flight)
                 self._room.notify()
 
     def wait_for_room(self) -> None:
@@ -398,7 +415,7 @@ class StreamingAsrModel(_PipelineModel):
     batcher. Requests are handled as tasks, so chunks of many streams overlap on one instance
     while each stream's own chunks are taken in order (`LiveStream.push`)."""
 
-    REJECTION_REASONS = (SERVER_LIMIT, CLIENT_LIMIT)
+    REJECTION_REASONS = (SERVER_LIMIT, CLIENT_LIMIT, DRAINING)
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)

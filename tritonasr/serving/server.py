@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tritonasr.paths import cache_dir
 from tritonasr.recognition import admission
 from tritonasr.recognition.settings import PipelineSettings, SpeakerSettings, StreamSettings
@@ -232,6 +234,19 @@ def repository_view(repository: Path, models: list[str], into: Path) -> Path:
     return into
 
 
+def work_left(metrics_text: str) -> dict[str, int]:
+    """Open streams and offline requests in a server's Prometheus metrics (the nonzero ones)."""
+    counts = {"streams": 0.0, "offline requests": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "tritonasr_open_streams":
+                counts["streams"] += sample.value
+            elif sample.name == "tritonasr_inflight_requests" or (
+                    sample.name == "nv_inference_pending_request_count" and sample.labels.get("model") == "asr_offline"):
+                counts["offline requests"] += sample.value
+    return {name: int(count) for name, count in counts.items() if count}
+
+
 STUB_EXECUTABLE = "triton_python_backend_stub"
 
 
@@ -380,6 +395,16 @@ class TritonServer:
         if any("address already in use" in line.lower() for line in log):
             return f"tritonserver exited ({code}): a port is already in use\n{self.log_tail(15)}"
         return f"tritonserver exited ({code}) before it was ready:\n{self.log_tail()}"
+
+    def work_left(self) -> dict[str, int] | None:
+        """What a drain waits for, read from the server's own metrics: open streams, offline
+        requests being worked on or queued ({} when none; None when the metrics cannot be read)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        return work_left(text)
 
     def stub_processes(self) -> dict[int, list[str]]:
         """This server's live model processes: pid -> command line (see `stub_processes`)."""

@@ -20,10 +20,11 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tritonasr.recognition.admission import start_draining
 from tritonasr.serving.server import ServerError, TritonServer
 
-STARTING, READY, NOT_READY, RESTARTING, FAILED, STOPPED = (
-    "starting", "ready", "not_ready", "restarting", "failed", "stopped")
+STARTING, READY, NOT_READY, RESTARTING, DRAINING, FAILED, STOPPED = (
+    "starting", "ready", "not_ready", "restarting", "draining", "failed", "stopped")
 
 
 class Supervisor:
@@ -55,6 +56,8 @@ class Supervisor:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._failed = threading.Event()
+        self._draining = threading.Event()
+        self._drain_cut: str | None = None  # what ended a drain early (the server failed meanwhile)
         self._stubs: dict[int, str] = {}  # pid -> "instance (model)" of the processes being watched
         self._last_ready = time.monotonic()
         self._monitor: threading.Thread | None = None
@@ -105,6 +108,24 @@ class Supervisor:
                 return self._reason
         return None
 
+    def drain(self, grace_s: float, hurry: threading.Event | None = None, poll_s: float = 0.25) -> str | None:
+        """Readiness off, new streams and offline requests refused (`admission.start_draining`);
+        waits until the open streams have ended and the offline requests taken in are answered,
+        at most `grace_s` (or until `hurry` is set). None when nothing was left, else what was."""
+        self._draining.set()
+        if self.server.process is not None:
+            start_draining(self.server.process.pid)
+        deadline = time.monotonic() + grace_s
+        while True:
+            left = self.server.work_left()
+            if left == {} or self._drain_cut:
+                return self._drain_cut
+            what = ", ".join(f"{count} {name}" for name, count in left.items()) if left else "metrics unreadable"
+            self._set(DRAINING, f"draining: {what} left")
+            if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+                return what
+            time.sleep(poll_s)
+
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """Stops watching and stops the server (SIGTERM, then SIGKILL after `timeout_s`)."""
         self._closing.set()
@@ -123,6 +144,8 @@ class Supervisor:
 
     def _set(self, state: str, reason: str) -> None:
         with self._lock:
+            if self._draining.is_set() and state in (READY, NOT_READY):
+                return  # readiness stays off until the server stops
             self._state, self._reason = state, reason
 
     def _watch_new_server(self) -> None:
@@ -133,7 +156,9 @@ class Supervisor:
     def _loop(self) -> None:
         while not self._closing.wait(self.poll_s):
             problem = self._check()
-            if problem and not self._closing.is_set():
+            if problem and self._draining.is_set():
+                self._drain_cut = f"{problem} while draining"  # its streams are gone: no restart
+            elif problem and not self._closing.is_set():
                 self._recover(problem)
             if self._failed.is_set():
                 return
