@@ -496,6 +496,10 @@ def test_triton_service(services):
     assert {"/models", "/cache/trt"} <= set(made)
     assert triton["environment"]["TRITONASR_API_KEY"] == REQUIRED["TRITONASR_API_KEY"]
     assert triton["init"] is True
+    # `stop` gives serve time to drain its open streams (SIGTERM reaches it through the init).
+    grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit]
+                for n, unit in re.findall(r"(\d+)([hms])", triton["stop_grace_period"]))
+    assert grace > args.drain_seconds, triton["stop_grace_period"]
     assert _bytes(triton["shm_size"]) >= 1024 ** 3, triton["shm_size"]
     # Only gRPC leaves the host: HTTP (plain text) stays in the container, metrics on the network.
     assert {target for _, _, target in _ports(triton)} == {8001}
