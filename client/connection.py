@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,38 @@ class Credentials:
         if admin and self.admin_key:
             headers[ADMIN_HEADER] = self.admin_key
         return headers
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a call that no server took is tried again: up to `attempts` tries in all, waiting
+    `first_s`, then twice as long each time up to `max_s`, each wait jittered by ±50% so that
+    callers refused together do not come back together. Through a balancer the next try may reach
+    another server. Which errors count: UNAVAILABLE (unreachable, at capacity, draining), never an
+    error in the request itself. (RESOURCE_EXHAUSTED is not one: this server answers UNAVAILABLE
+    when it has no room, and gRPC says RESOURCE_EXHAUSTED of a message over its size limit,
+    which no retry fixes.)
+
+    Our own, not gRPC's retry policy: that one keeps at most 256 KiB of a request for a retry by
+    default (an offline request is megabytes), allows 5 attempts, and tells the caller nothing."""
+
+    attempts: int = 6
+    first_s: float = 0.25
+    max_s: float = 4.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError(f"a call is tried at least once, got attempts={self.attempts}")
+
+    def delays(self) -> Iterator[float]:
+        """The waits before the second, third, … attempt."""
+        delay = self.first_s
+        for _ in range(self.attempts - 1):
+            yield random.uniform(0.5, 1.5) * delay
+            delay = min(2 * delay, self.max_s)
+
+
+NO_RETRY = Retry(attempts=1)  # load tests: a refusal is a result to count
 
 
 def resolve(credentials: Credentials | None) -> Credentials:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -11,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import SAMPLE_RATE, Audio, load_audio, resample, validate_samples
-from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
+from tritonasr.client.connection import AccessDeniedError, Credentials, Retry, access_denied, resolve
 from tritonasr.contract import EXIT_DENIED, EXIT_FAILED, EXIT_UNREACHABLE, LANGUAGES, MAX_CHANNELS, SAMPLE_RATES, Endpointing
 
 # Longer recordings go in pieces: one request holds a file whole in the server's shared memory,
@@ -59,11 +60,13 @@ class ModelClient:
     sends_admin_key = False  # the model has calls that need the admin key
 
     def __init__(self, url: str = "localhost:8001", model: str = "asr_offline",
-                 timeout_s: float | None = None, credentials: Credentials | None = None):
-        """credentials: TLS and keys (None: from the $TRITONASR_* environment variables)."""
+                 timeout_s: float | None = None, credentials: Credentials | None = None, retry: Retry = Retry()):
+        """credentials: TLS and keys (None: from the $TRITONASR_* environment variables).
+        retry: how a request no server took is tried again (NO_RETRY: never); timeout_s is per try."""
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
+        self.retry = retry
         self.credentials = resolve(credentials)
         self.headers = self.credentials.headers(admin=self.sends_admin_key)
         self._client = grpcclient.InferenceServerClient(url, **self.credentials.grpc_options())
@@ -92,6 +95,14 @@ class ModelClient:
             )
 
     def infer(self, inputs: list[grpcclient.InferInput]) -> dict:
+        for delay in self.retry.delays():
+            try:
+                return self._infer_once(inputs)
+            except (ServerBusyError, ServerUnavailableError):  # nothing was done: try again
+                time.sleep(delay)
+        return self._infer_once(inputs)
+
+    def _infer_once(self, inputs: list[grpcclient.InferInput]) -> dict:
         try:
             response = self._client.infer(
                 self.model, inputs, outputs=[grpcclient.InferRequestedOutput("RESULT")],
@@ -112,8 +123,8 @@ class OfflineClient(ModelClient):
 
     def __init__(self, url: str = "localhost:8001", model: str = "asr_offline", timeout_s: float | None = None,
                  credentials: Credentials | None = None, stream_model: str = "asr_stream",
-                 pieces_above_s: float = PIECES_ABOVE_S):
-        super().__init__(url, model, timeout_s, credentials)
+                 pieces_above_s: float = PIECES_ABOVE_S, retry: Retry = Retry()):
+        super().__init__(url, model, timeout_s, credentials, retry)
         self.stream_model = stream_model
         self.pieces_above_s = pieces_above_s
 

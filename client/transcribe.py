@@ -10,7 +10,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from tritonasr.audio import AudioError
-from tritonasr.client.connection import AccessDeniedError, Credentials, resolve
+from tritonasr.client.connection import AccessDeniedError, Credentials, Retry, resolve
 from tritonasr.client.formats import FORMATS, render
 from tritonasr.client.offline import OfflineClient, ServerUnavailableError, TranscriptionError, exit_code
 from tritonasr.contract import EXIT_FAILED, EXIT_OK, LANGUAGES, Endpointing
@@ -20,7 +20,7 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
                    concurrency: int = 4, output: TextIO = sys.stdout, return_embedding: bool = False,
                    engine: str = "", with_speaker: bool = True, credentials: Credentials | None = None,
                    use_itn: bool = False, endpointing: Endpointing | None = None,
-                   separate_channels: bool = False) -> int:
+                   separate_channels: bool = False, retry: Retry = Retry()) -> int:
     """Transcribes `files` with `concurrency` requests in flight; returns the exit code
     (tritonasr.contract): EXIT_OK, EXIT_FAILED when some failed (each reported on stderr),
     EXIT_UNREACHABLE or EXIT_DENIED when the server cannot be used (reported once, remaining files
@@ -45,7 +45,7 @@ def run_transcribe(files: list[str], url: str, fmt: str, language: str = "auto",
 
     def transcribe(path: str) -> dict:
         if not hasattr(local, "client"):
-            local.client = OfflineClient(url, credentials=credentials)
+            local.client = OfflineClient(url, credentials=credentials, retry=retry)
             clients.append(local.client)
         return local.client.transcribe_file(path, language=language, use_itn=use_itn, engine=engine,
                                             return_embedding=return_embedding, with_speaker=with_speaker,

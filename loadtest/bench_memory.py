@@ -65,11 +65,13 @@ def _settled(pid: int) -> Snapshot:
 
 
 def run_large(target: ServedTarget, args, log) -> list[dict]:
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.offline import PIECES_ABOVE_S, OfflineClient
 
     audio = joined_speech(speech(), 0, args.large_seconds)[: int(args.large_seconds * 16000)]
     rows = []
-    with OfflineClient(target.url, timeout_s=3600, pieces_above_s=math.inf if args.one_request else PIECES_ABOVE_S) \
+    with OfflineClient(target.url, timeout_s=3600, pieces_above_s=math.inf if args.one_request else PIECES_ABOVE_S,
+                       retry=NO_RETRY) \
             as client:
         client.transcribe(audio[:160000], with_speaker=False)  # warm: first runs of every model
         rows.append(_row("warm (one 10 s request)", _settled(target.pid)))
@@ -84,11 +86,12 @@ def run_large(target: ServedTarget, args, log) -> list[dict]:
 
 
 def run_oversize(target: ServedTarget, args, log) -> list[dict]:
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.offline import OfflineClient, TranscriptionError
 
     audio = np.zeros(int(args.oversize_seconds * 16000), np.float32)
     rows = [_row("before", snapshot(target.pid))]
-    with OfflineClient(target.url, timeout_s=3600, pieces_above_s=math.inf) as client:
+    with OfflineClient(target.url, timeout_s=3600, pieces_above_s=math.inf, retry=NO_RETRY) as client:
         began = time.perf_counter()
         try:
             client.transcribe(audio)

@@ -133,6 +133,7 @@ def nemo_throughput(repository: Path, audios: list[np.ndarray], batch_sizes: lis
 
 def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, rounds: int,
                       with_speaker: bool = True, engine: str = "") -> dict:
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.offline import OfflineClient
 
     jobs = [a for _ in range(rounds) for a in audios]
@@ -141,7 +142,7 @@ def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, roun
     def one(samples: np.ndarray) -> float:
         import threading
 
-        client = clients.setdefault(threading.get_ident(), OfflineClient(url))
+        client = clients.setdefault(threading.get_ident(), OfflineClient(url, retry=NO_RETRY))
         began = time.perf_counter()
         client.transcribe(samples, with_speaker=with_speaker, engine=engine)
         return time.perf_counter() - began
@@ -161,13 +162,14 @@ def served_throughput(url: str, audios: list[np.ndarray], concurrency: int, roun
 
 def burst(url: str, audios: list[np.ndarray], count: int, seconds: float) -> dict:
     """`count` requests of `seconds` of speech each, all sent at once."""
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.offline import OfflineClient, ServerBusyError
     from tritonasr.loadtest.workload import joined_speech
 
     samples = joined_speech(audios, 0, seconds, 1000)
 
     def one(_) -> tuple[str, float]:
-        with OfflineClient(url) as client:
+        with OfflineClient(url, retry=NO_RETRY) as client:
             began = time.perf_counter()
             try:
                 client.transcribe(samples)

@@ -184,10 +184,11 @@ class TritonOfflineUser(OfflineCaller):
     """tritonasr's asr_offline over gRPC (--host is the gRPC address)."""
 
     def on_start(self) -> None:
+        from tritonasr.client.connection import NO_RETRY
         from tritonasr.client.offline import OfflineClient
 
         super().on_start()
-        self.client = _opened(OfflineClient(self.host))
+        self.client = _opened(OfflineClient(self.host, retry=NO_RETRY))  # a refusal is counted, not hidden
 
     def on_stop(self) -> None:
         self.client.close()

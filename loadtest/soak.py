@@ -58,9 +58,10 @@ class Counters:
 
 
 def offline_caller(url: str, index: int, lengths: list[float], deadline: float, counters: Counters) -> None:
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.offline import OfflineClient
 
-    with OfflineClient(url, timeout_s=600) as client:
+    with OfflineClient(url, timeout_s=600, retry=NO_RETRY) as client:
         n = index
         while time.monotonic() < deadline:
             try:

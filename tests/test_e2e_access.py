@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import load_audio
-from tritonasr.client.connection import AccessDeniedError, Credentials
+from tritonasr.client.connection import NO_RETRY, AccessDeniedError, Credentials
 from tritonasr.client.offline import OfflineClient, ServerUnavailableError
 from tritonasr.client.speakers import SpeakerRegistryClient
 from tritonasr.client.stream import StreamingClient, split_chunks
@@ -108,7 +108,7 @@ def test_stream_without_a_valid_key_is_refused(secured, pki, reference):
 def test_plain_text_and_untrusted_certificates_get_no_answer(secured, pki):
     for credentials in (Credentials(api_key=KEYS[0]), Credentials(api_key=KEYS[0], tls_ca=pki["rogue_ca"].cert)):
         with pytest.raises(ServerUnavailableError):
-            with OfflineClient(secured.grpc_url, timeout_s=10, credentials=credentials) as client:
+            with OfflineClient(secured.grpc_url, timeout_s=10, credentials=credentials, retry=NO_RETRY) as client:
                 client.transcribe_file(PHRASE)
 
 

@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc.aio as grpcaio
 
 from tritonasr.audio import load_audio
-from tritonasr.client.connection import Credentials
+from tritonasr.client.connection import NO_RETRY, Credentials, Retry
 from tritonasr.client.offline import OfflineClient, ServerBusyError
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 from tritonasr.runtime.access import API_KEY_HEADER
@@ -303,7 +303,7 @@ def test_a_full_offline_queue_refuses_at_once_with_a_clear_message(limited):
         reference = client.transcribe(audio)
 
     def one(_):
-        with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
+        with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials, retry=NO_RETRY) as client:
             began = time.monotonic()
             try:
                 return client.transcribe(audio), time.monotonic() - began
@@ -323,3 +323,25 @@ def test_a_full_offline_queue_refuses_at_once_with_a_clear_message(limited):
     assert len(refused) >= 15, len(refused)
     with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
         assert client.transcribe(audio) == reference
+
+
+def test_requests_refused_for_lack_of_room_are_retried_until_taken(limited):
+    """The client's default: a request the full queue refused is tried again, with backoff, until
+    the instance has room; none is lost, each result is the lone one."""
+    audio = load_audio(DATA / "long_70s.wav").samples
+    credentials = Credentials(api_key=BOB)
+    with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials) as client:
+        reference = client.transcribe(audio)
+    tries = []
+
+    def one(_):
+        with OfflineClient(limited.grpc_url, timeout_s=600, credentials=credentials,
+                           retry=Retry(attempts=40, first_s=0.1, max_s=1.0)) as client:
+            once = client._infer_once
+            client._infer_once = lambda inputs: tries.append(1) or once(inputs)
+            return client.transcribe(audio)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert results == [reference] * 8
+    assert len(tries) > 8  # some were refused first (2 in flight, a queue of 1)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tritonasr.audio import load_audio
+from tritonasr.client.connection import NO_RETRY
 from tritonasr.client.offline import OfflineClient, ServerBusyError
 from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 from tritonasr.serving.server import free_port
@@ -126,7 +127,7 @@ def test_sigterm_drains_open_work_and_refuses_new(serve):
     with pytest.raises(StreamError) as refused:
         asyncio.run(new_stream())
     assert refused.value.code == "UNAVAILABLE" and "draining" in str(refused.value)
-    with OfflineClient(url, timeout_s=30) as client, pytest.raises(ServerBusyError, match="draining"):
+    with OfflineClient(url, timeout_s=30, retry=NO_RETRY) as client, pytest.raises(ServerBusyError, match="draining"):
         client.transcribe(samples[:16000])  # (ServerBusyError: UNAVAILABLE)
 
     stream_thread.join(timeout=90)

@@ -143,3 +143,16 @@ def test_a_failed_batch_fails_each_of_its_calls_and_the_next_turn_runs_anew():
     failed, fine = asyncio.run(main())
     assert [type(e) for e in failed] == [RuntimeError, RuntimeError]
     assert fine[0][0].tolist() == [6] and Flaky.calls == 2
+
+
+def test_retry_waits_double_up_to_the_most_with_jitter():
+    from tritonasr.client.connection import NO_RETRY, Retry
+
+    assert list(NO_RETRY.delays()) == []
+    delays = list(Retry(attempts=7, first_s=0.25, max_s=2.0).delays())
+    nominal = [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+    assert len(delays) == 6
+    assert all(0.5 * n <= d <= 1.5 * n for d, n in zip(delays, nominal))
+    assert len({round(d, 6) for d in list(Retry(attempts=30).delays())[-10:]}) > 1  # jittered, not in step
+    with pytest.raises(ValueError):
+        Retry(attempts=0)

@@ -12,6 +12,7 @@ from importlib import import_module, metadata
 from pathlib import Path
 
 from tritonasr.client.connection import add_arguments as _add_connection_args
+from tritonasr.client.connection import Retry
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
 from tritonasr.client.endpointing import from_arguments as _endpointing
@@ -289,7 +290,10 @@ def cmd_export(args) -> int:
 def cmd_transcribe(args) -> int:
     from tritonasr.client.transcribe import run_transcribe
 
-    return run_transcribe(args.files, args.url, args.format, language=args.language,
+    if args.retries < 0:
+        print(f"error: --retries must be 0 or more, got {args.retries}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_transcribe(args.files, args.url, args.format, language=args.language, retry=Retry(args.retries + 1),
                           concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
                           with_speaker=not args.no_speaker, credentials=_credentials(args), use_itn=args.itn,
                           endpointing=_endpointing(args), separate_channels=args.channels == "separate")
@@ -517,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--language", default="auto", choices=LANGUAGES, help="spoken language (auto: detect)")
     transcribe.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     transcribe.add_argument("--concurrency", type=int, default=4, help="files in flight at once")
+    transcribe.add_argument("--retries", type=int, default=Retry.attempts - 1, metavar="N",
+                            help="times a request no server took (unreachable, at capacity, draining) is tried again, "
+                                 f"after ~{Retry.first_s} s, then twice as long each time up to {Retry.max_s:.0f} s "
+                                 "(default %(default)s; 0: never)")
     transcribe.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
     transcribe.add_argument("--no-speaker", action="store_true", help="skip the server's speaker stage")
     transcribe.add_argument("--embeddings", action="store_true",
