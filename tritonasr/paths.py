@@ -31,7 +31,7 @@ def sample_audio() -> Path:
 
 def deploy_files() -> Path:
     """The deployment's configuration (deploy/ in a checkout): Prometheus's scrape config, Grafana's
-    provisioning and dashboard, the TLS script."""
+    provisioning and dashboard, the TLS script, the gRPC balancer's nginx config."""
     return Path(str(resources.files("tritonasr.deploy")))
 
 

@@ -25,8 +25,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tritonasr.paths import cache_dir
 from tritonasr.recognition import admission
 from tritonasr.recognition.settings import PipelineSettings, SpeakerSettings, StreamSettings
@@ -236,6 +234,8 @@ def repository_view(repository: Path, models: list[str], into: Path) -> Path:
 
 def work_left(metrics_text: str) -> dict[str, int]:
     """Open streams and offline requests in a server's Prometheus metrics (the nonzero ones)."""
+    from prometheus_client.parser import text_string_to_metric_families  # the server role's; the CLI imports this module
+
     counts = {"streams": 0.0, "offline requests": 0.0}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
