@@ -3,12 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages the tests need: docker-compose (tests/test_deploy.py validates docker-compose.yml
-# with it, without the Docker engine it recommends) and nginx (tests/test_e2e_balancer.py runs it
-# as the gRPC balancer; the tests start it themselves). Installed when missing and we can (root,
-# apt-get); nothing to do, and no time spent, when they are there.
+# with it, without the Docker engine it recommends), nginx (the gRPC balancer of
+# tests/test_e2e_balancer.py) and postgresql (the shared speaker store); the tests start the
+# services themselves. Installed when missing and we can (root, apt-get); nothing to do, and no
+# time spent, when they are there.
 missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     install_packages() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; }
     install_packages || { apt-get update -q >/dev/null 2>&1 && install_packages; } \

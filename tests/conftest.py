@@ -140,3 +140,89 @@ def client(server):
 
     with OfflineClient(server.grpc_url, timeout_s=900) as offline:
         yield offline
+
+
+class Postgres:
+    """A real PostgreSQL server of the test session's own (Debian's `postgresql`, which
+    scripts/test.sh installs): on a free port of 127.0.0.1, one user with a password (given to
+    clients through $PGPASSWORD, as a deployment gives it), data in a temporary directory."""
+
+    USER, PASSWORD = "tritonasr", "test-pg-password"
+
+    def __init__(self):
+        import glob
+        import shutil
+        import subprocess
+        import tempfile
+
+        from tritonasr.serving.server import free_port
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+        if not found:
+            pytest.fail("PostgreSQL is not installed: scripts/test.sh installs Debian's postgresql")
+        bin_dir = Path(found[-1]).parent
+        # PostgreSQL refuses to run as root: as root, its files and process go to the postgres user.
+        as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.directory = Path(tempfile.mkdtemp(prefix="tritonasr-pg-"))
+        (self.directory / "password").write_text(self.PASSWORD)
+        if as_owner:
+            shutil.chown(self.directory, "postgres", "postgres")
+            shutil.chown(self.directory / "password", "postgres", "postgres")
+        self.port = free_port()
+        subprocess.run([*as_owner, str(bin_dir / "initdb"), "-D", str(self.directory / "data"), "-U", self.USER,
+                        f"--pwfile={self.directory / 'password'}", "--auth-host=scram-sha-256", "--auth-local=trust"],
+                       check=True, capture_output=True)
+        self.process = subprocess.Popen(
+            [*as_owner, str(bin_dir / "postgres"), "-D", str(self.directory / "data"), "-p", str(self.port),
+             "-k", str(self.directory), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+            stdout=subprocess.DEVNULL, stderr=(self.directory / "log").open("w"))
+        self._wait_ready()
+        self._count = 0
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.USER}@127.0.0.1:{self.port}/{database}"
+
+    def _connect(self):
+        import psycopg
+
+        return psycopg.connect(self.url(), password=self.PASSWORD, autocommit=True)
+
+    def _wait_ready(self) -> None:
+        import time
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._connect().close()
+                return
+            except Exception:  # noqa: BLE001 - still starting
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("postgres did not start: " + (self.directory / "log").read_text())
+                time.sleep(0.2)
+
+    def new_database(self) -> str:
+        """The URL of a new, empty database."""
+        self._count += 1
+        name = f"test_{self._count}"
+        with self._connect() as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        import shutil
+
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's PostgreSQL, its password in $PGPASSWORD for every client (and every server
+    the tests start, which inherit it)."""
+    server = Postgres()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PGPASSWORD", server.PASSWORD)
+    yield server
+    patch.undo()
+    server.stop()

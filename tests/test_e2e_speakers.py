@@ -182,3 +182,36 @@ def test_text_first_finals_come_before_their_speakers_which_match(server):
     assert [{k: getattr(merged[i], k) for k in keys} for i in range(len(waited))] == \
            [{k: getattr(seg, k) for k in keys} for seg in waited]
     assert len({seg.speaker["label"] for seg in waited}) >= 2  # (the labels carry information)
+
+
+def test_two_servers_sharing_a_postgresql_store_see_each_others_enrollments(model_repository, postgres, tmp_path):
+    """A fleet's shared store: an enrollment made through one server's speaker_registry names the
+    speaker in the next stream of another server, and a removal unnames it; the password reaches
+    both servers as $PGPASSWORD only."""
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
+
+    store = postgres.new_database()
+    registry_models, stream_models = ["vad", "speaker", "speaker_registry"], ["vad", "sensevoice", "speaker", "asr_stream"]
+    servers = [TritonServer(ServerConfig(model_repository, free_port(), free_port(), free_port(), models=models,
+                                         speaker_settings={"store": store}, extra_args=["--exit-timeout-secs=5"]))
+               for models in (registry_models, stream_models)]
+    alice = _recording(tmp_path / "alice.wav", 0)
+    samples = load_audio(alice).samples
+    try:
+        for server in servers:
+            server.start()
+        enrolling, streaming = servers
+
+        def speaker_id():
+            (final,) = asyncio.run(_stream_finals(streaming.grpc_url, samples, chunk_ms=80))
+            return final.speaker["id"]
+
+        assert speaker_id() is None
+        with SpeakerRegistryClient(enrolling.grpc_url) as registry:
+            registry.enroll("alice", [alice])
+            assert speaker_id() == "alice"
+            registry.remove("alice")
+        assert speaker_id() is None
+    finally:
+        for server in servers:
+            server.stop()

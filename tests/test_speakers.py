@@ -10,7 +10,8 @@ from tritonasr.models.fbank import Frontend
 from tritonasr.models.speaker import Embedder, SpeakerSpec, unit, window_starts
 from tritonasr.recognition.clustering import OnlineClusters, label_name
 from tritonasr.recognition.settings import SpeakerSettings
-from tritonasr.recognition.speakers import SpeakerError, SpeakerIdentifier, SqliteSpeakerStore, combine, open_store
+from tritonasr.recognition.speakers import (PostgresSpeakerStore, SpeakerError, SpeakerIdentifier, SqliteSpeakerStore,
+                                          combine, open_store)
 
 DIM = 192
 
@@ -95,9 +96,21 @@ def test_combine_weights_unit_vectors():
     np.testing.assert_allclose(vector, unit(np.array([3.0, 1.0])), atol=1e-6)
 
 
-def test_store_enroll_list_remove_and_survive_reopening(tmp_path):
-    path = tmp_path / "speakers.db"
-    store = SqliteSpeakerStore(path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reopen(request, tmp_path):
+    """Opens the test's own store, SQLite or a real PostgreSQL; each call is another process's
+    view of the same store."""
+    if request.param == "sqlite":
+        yield lambda: SqliteSpeakerStore(tmp_path / "speakers.db")
+        return
+    url, opened = request.getfixturevalue("postgres").new_database(), []
+    yield lambda: opened.append(PostgresSpeakerStore(url)) or opened[-1]
+    for store in opened:
+        store.close()
+
+
+def test_store_enroll_list_remove_and_survive_reopening(reopen):
+    store = reopen()
     version = store.version()
     store.enroll("alice", np.ones(DIM), speech_ms=4200)
     store.enroll("  bob ", np.arange(DIM, dtype=np.float32) + 1, speech_ms=1500)
@@ -106,7 +119,7 @@ def test_store_enroll_list_remove_and_survive_reopening(tmp_path):
     with pytest.raises(SpeakerError, match="'alice' is already enrolled"):
         store.enroll("alice", np.ones(DIM), speech_ms=1000)
     store.enroll("alice", -np.ones(DIM), speech_ms=1000, replace=True)
-    reopened = SqliteSpeakerStore(path)
+    reopened = reopen()
     names, matrix = reopened.voiceprints(DIM)
     assert names == ["alice", "bob"]
     np.testing.assert_allclose(matrix[0], -np.ones(DIM) / np.sqrt(DIM), atol=1e-6)
@@ -117,8 +130,8 @@ def test_store_enroll_list_remove_and_survive_reopening(tmp_path):
     assert [s.name for s in store.speakers()] == ["alice"]
 
 
-def test_names_are_one_name_however_they_are_composed(tmp_path):
-    store = SqliteSpeakerStore(tmp_path / "s.db")
+def test_names_are_one_name_however_they_are_composed(reopen):
+    store = reopen()
     store.enroll("Zoe\u0308", np.ones(4), speech_ms=1000)  # e + combining diaeresis
     assert [s.name for s in store.speakers()] == ["Zo\u00eb"]
     store.remove(" Zo\u00eb ")
@@ -127,15 +140,15 @@ def test_names_are_one_name_however_they_are_composed(tmp_path):
 
 @pytest.mark.parametrize("name, message", [("", "must not be empty"), ("  ", "must not be empty"),
                                            ("x" * 101, "at most 100 characters"), ("a\nb", "control characters")])
-def test_store_rejects_bad_names(tmp_path, name, message):
+def test_store_rejects_bad_names(reopen, name, message):
     with pytest.raises(SpeakerError, match=message):
-        SqliteSpeakerStore(tmp_path / "s.db").enroll(name, np.ones(4), speech_ms=1000)
+        reopen().enroll(name, np.ones(4), speech_ms=1000)
 
 
 @pytest.mark.parametrize("vector", [np.zeros(4), np.array([1.0, np.nan, 0, 0]), np.zeros(0)])
-def test_store_rejects_bad_embeddings(tmp_path, vector):
+def test_store_rejects_bad_embeddings(reopen, vector):
     with pytest.raises(SpeakerError, match="non-zero vector of finite numbers"):
-        SqliteSpeakerStore(tmp_path / "s.db").enroll("alice", vector, speech_ms=1000)
+        reopen().enroll("alice", vector, speech_ms=1000)
 
 
 def _open_at(path, start_at: float) -> None:
@@ -157,18 +170,48 @@ def test_a_new_store_opens_in_many_processes_at_once(tmp_path):
         assert [process.exitcode for process in processes] == [0] * 6
 
 
-def test_open_store_locations(tmp_path):
+def test_open_store_locations(tmp_path, postgres):
     assert isinstance(open_store(tmp_path / "a.db"), SqliteSpeakerStore)
     assert open_store(f"sqlite://{tmp_path}/b.db").path == tmp_path / "b.db"
+    shared = open_store(postgres.new_database())
+    assert isinstance(shared, PostgresSpeakerStore)
+    shared.close()
     with pytest.raises(SpeakerError, match="unknown speaker store 'redis://x'"):
         open_store("redis://x")
+    # A password belongs in the environment or a password file, not in a URL that configs and logs show.
+    for url in (postgres.url().replace("tritonasr@", f"tritonasr:{postgres.PASSWORD}@"),
+                postgres.url() + f"?password={postgres.PASSWORD}"):
+        with pytest.raises(SpeakerError, match=r"must not hold a password: give it in \$PGPASSWORD"):
+            open_store(url)
 
 
-def test_identifier_sees_enrollments_made_elsewhere(tmp_path):
+def test_two_servers_enrolling_one_new_name_at_once_enroll_it_once(postgres):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = postgres.new_database()
+    stores = [PostgresSpeakerStore(url) for _ in range(8)]
+    before = stores[0].version()
+
+    def enroll(store):
+        try:
+            store.enroll("carol", np.ones(DIM), speech_ms=1000)
+            return "enrolled"
+        except SpeakerError as exc:
+            return exc.code
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(enroll, stores))
+    assert sorted(outcomes) == ["ALREADY_EXISTS"] * 7 + ["enrolled"]
+    assert [s.name for s in stores[3].speakers()] == ["carol"] and stores[5].version() == before + 1
+    for store in stores:
+        store.close()
+
+
+def test_identifier_sees_enrollments_made_elsewhere(reopen):
     rng = np.random.default_rng(1)
     alice, bob = unit(rng.standard_normal(DIM)), unit(rng.standard_normal(DIM))
-    writer = SqliteSpeakerStore(tmp_path / "s.db")  # e.g. the registry model's process
-    identifier = SpeakerIdentifier(SqliteSpeakerStore(tmp_path / "s.db"), DIM, threshold=0.5)
+    writer = reopen()  # e.g. the registry model's process, or another server's
+    identifier = SpeakerIdentifier(reopen(), DIM, threshold=0.5)
     assert identifier.identify(alice) == (None, None)  # nobody enrolled
     writer.enroll("alice", alice, speech_ms=3000)
     name, score = identifier.identify(unit(alice + 0.3 * bob))

@@ -131,7 +131,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         "speaker_* config parameter)")
     speakers.add_argument("--speaker-store", default=None, metavar="URL",
                           help="where enrolled voiceprints live: sqlite:///PATH (default: "
-                               "<repository>/speaker_registry/speakers.db)")
+                               "<repository>/speaker_registry/speakers.db), or postgresql://USER@HOST:PORT/DB shared "
+                               "by a fleet (its password in $PGPASSWORD or $PGPASSFILE, never in the URL)")
     speakers.add_argument("--speaker-threshold", type=float, default=None, metavar="COS",
                           help=f"similarity to a voiceprint that names an enrolled speaker (default {shipped.threshold})")
     speakers.add_argument("--speaker-cluster-threshold", type=float, default=None, metavar="COS",

@@ -165,7 +165,7 @@ class SpeakerSettings(ModelSettings):
 
     PREFIX: ClassVar[str] = "speaker_"
     model: str = "speaker"  # "" turns the stage off
-    store: str = ""  # "" is <repository>/speaker_registry/speakers.db; sqlite:///PATH elsewhere
+    store: str = ""  # "" is <repository>/speaker_registry/speakers.db; sqlite:///PATH elsewhere; postgresql://…
     min_segment_ms: int = 1000  # shorter segments get no embedding: too little voice to tell
     window_ms: int = 3000  # embeddings of longer segments average windows of this length
     # Cosine similarities for trained ERes2NetV2 weights; random-weight models need others.

@@ -1,8 +1,8 @@
 """Who spoke a segment: enrolled voiceprints in a store, identification by cosine similarity,
 and anonymous labels for everyone else.
 
-The store is an interface (`SpeakerStore`) so several servers can share one database; the
-embedded default is an SQLite file. Every identification asks the store for its version (one
+The store is an interface (`SpeakerStore`): the embedded default is an SQLite file; a fleet of
+servers shares one PostgreSQL database. Every identification asks the store for its version (one
 tiny query) and reloads the voiceprints only when it changed, so an enrollment through any
 server instance is seen by all of them at their next segment.
 """
@@ -100,9 +100,7 @@ class SqliteSpeakerStore:
 
     def enroll(self, name: str, embedding: np.ndarray, speech_ms: int, replace: bool = False) -> None:
         name = check_name(name)
-        vector = unit(embedding)
-        if vector.size == 0 or not np.all(np.isfinite(vector)) or not np.any(vector):
-            raise SpeakerError("the embedding must be a non-zero vector of finite numbers")
+        vector = _voiceprint(embedding)
         row = (name, vector.size, vector.astype("<f4").tobytes(),
                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), int(speech_ms))
         with self.db:
@@ -135,16 +133,100 @@ class SqliteSpeakerStore:
         return [name for name, _ in rows], matrix.astype(np.float32)
 
 
+class PostgresSpeakerStore:
+    """Voiceprints in a PostgreSQL database that every server of a fleet shares. The password
+    comes from libpq's environment ($PGPASSWORD, a PGPASSFILE, a secret mounted as one), never
+    from the URL, which ends up in configs and logs. Connections come from a small pool that
+    replaces broken ones (a database restart costs the calls in flight, not the server)."""
+
+    # An advisory lock's key: servers starting together create the tables one at a time.
+    SCHEMA_LOCK = 0x7472_6173_7231
+
+    def __init__(self, url: str):
+        from psycopg_pool import ConnectionPool  # the server role's; only this store needs it
+
+        if _url_password(url):
+            raise SpeakerError("the speaker store's URL must not hold a password: give it in $PGPASSWORD "
+                               "or a password file ($PGPASSFILE)")
+        self.pool = ConnectionPool(url, min_size=1, max_size=4, kwargs={"autocommit": True},
+                                   check=ConnectionPool.check_connection, open=True, timeout=30)
+        with self.pool.connection() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS tritonasr_speakers (name text PRIMARY KEY, dim integer NOT NULL, "
+                       "embedding bytea NOT NULL, enrolled_at timestamptz NOT NULL, speech_ms integer NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS tritonasr_speaker_state "
+                       "(id integer PRIMARY KEY CHECK (id = 1), version bigint NOT NULL)")
+            db.execute("INSERT INTO tritonasr_speaker_state VALUES (1, 0) ON CONFLICT DO NOTHING")
+
+    def enroll(self, name: str, embedding: np.ndarray, speech_ms: int, replace: bool = False) -> None:
+        name = check_name(name)
+        vector = _voiceprint(embedding)
+        upsert = "UPDATE SET dim = excluded.dim, embedding = excluded.embedding, enrolled_at = excluded.enrolled_at, " \
+                 "speech_ms = excluded.speech_ms" if replace else "NOTHING"
+        with self.pool.connection() as db, db.transaction():
+            added = db.execute(f"INSERT INTO tritonasr_speakers VALUES (%s, %s, %s, now(), %s) "
+                               f"ON CONFLICT (name) DO {upsert} RETURNING name",
+                               (name, vector.size, vector.astype("<f4").tobytes(), int(speech_ms))).fetchone()
+            if added is None:  # (two servers enrolling one new name at once: the second is told)
+                raise SpeakerError(f"speaker {name!r} is already enrolled; remove it first or replace it",
+                                   code="ALREADY_EXISTS")
+            db.execute("UPDATE tritonasr_speaker_state SET version = version + 1")
+
+    def remove(self, name: str) -> None:
+        name = check_name(name)
+        with self.pool.connection() as db, db.transaction():
+            if db.execute("DELETE FROM tritonasr_speakers WHERE name = %s RETURNING name", (name,)).fetchone() is None:
+                raise SpeakerError(f"no speaker named {name!r} is enrolled", code="NOT_FOUND")
+            db.execute("UPDATE tritonasr_speaker_state SET version = version + 1")
+
+    def speakers(self) -> list[EnrolledSpeaker]:
+        with self.pool.connection() as db:
+            rows = db.execute("SELECT name, dim, to_char(enrolled_at AT TIME ZONE 'UTC', "
+                              "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), speech_ms FROM tritonasr_speakers ORDER BY name")
+            return [EnrolledSpeaker(*row) for row in rows]
+
+    def version(self) -> int:
+        with self.pool.connection() as db:
+            return int(db.execute("SELECT version FROM tritonasr_speaker_state").fetchone()[0])
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def voiceprints(self, dim: int) -> tuple[list[str], np.ndarray]:
+        with self.pool.connection() as db:
+            rows = db.execute("SELECT name, embedding FROM tritonasr_speakers WHERE dim = %s ORDER BY name",
+                              (dim,)).fetchall()
+        matrix = np.stack([np.frombuffer(blob, dtype="<f4") for _, blob in rows]) if rows else np.zeros((0, dim))
+        return [name for name, _ in rows], matrix.astype(np.float32)
+
+
+def _voiceprint(embedding: np.ndarray) -> np.ndarray:
+    vector = unit(embedding)
+    if vector.size == 0 or not np.all(np.isfinite(vector)) or not np.any(vector):
+        raise SpeakerError("the embedding must be a non-zero vector of finite numbers")
+    return vector
+
+
+def _url_password(url: str) -> str | None:
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    return parts.password or (parse_qs(parts.query).get("password") or [None])[0]
+
+
 def open_store(location: str | Path) -> SpeakerStore:
-    """`sqlite:///abs/path.db`, or a plain file path. Another backend (a database several servers
-    share) is a class with SpeakerStore's methods, added here under its URL scheme."""
+    """`sqlite:///abs/path.db` or a plain file path (one server), or `postgresql://USER@HOST:PORT/DB`
+    (a fleet sharing one database; the password from libpq's environment)."""
     location = str(location)
     if "://" not in location:
         return SqliteSpeakerStore(Path(location))
     scheme, _, rest = location.partition("://")
     if scheme == "sqlite":
         return SqliteSpeakerStore(Path(rest))
-    raise SpeakerError(f"unknown speaker store {shown(location)}: use sqlite:///PATH or a file path")
+    if scheme in ("postgresql", "postgres"):
+        return PostgresSpeakerStore(location)
+    raise SpeakerError(f"unknown speaker store {shown(location)}: use sqlite:///PATH, a file path or "
+                       "postgresql://USER@HOST:PORT/DATABASE")
 
 
 class SpeakerIdentifier:

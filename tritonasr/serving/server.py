@@ -17,6 +17,7 @@ import socket
 import secrets
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -335,6 +336,14 @@ class TritonServer:
         if self.config.tritonserver is None:  # the wheel's server needs the wheel's libraries
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH", "")) if p
+            )
+        if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            # The stub links whichever libpython3.X the loader finds first (the system's): this
+            # interpreter's own goes first, or stdlib extensions of another patch release fail to
+            # load in the model processes (checked: _ssl of a pyenv 3.11.7 under Debian's 3.11.2
+            # lacks _PyModule_Add, so nothing there could import ssl).
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH", "")) if p
             )
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         env.update(self.config.environment())
