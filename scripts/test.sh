@@ -3,12 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages the tests need: docker-compose (tests/test_deploy.py validates docker-compose.yml
-# with it, without the Docker engine it recommends), nginx (the gRPC balancer of
-# tests/test_e2e_balancer.py) and postgresql (the shared speaker store); the tests start the
-# services themselves. Installed when missing and we can (root, apt-get); nothing to do, and no
+# with it, without the Docker engine it recommends), prometheus (its promtool checks and unit-tests
+# the alert rules), nginx (the gRPC balancer of tests/test_e2e_balancer.py) and postgresql (the
+# shared speaker store); the tests start the services themselves. Installed when missing and we can (root, apt-get); nothing to do, and no
 # time spent, when they are there.
 missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v promtool >/dev/null || missing+=(prometheus)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

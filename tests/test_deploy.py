@@ -47,6 +47,7 @@ NOT_SERVED_DISTRIBUTIONS = {"torch", "nemo-toolkit", "funasr", "locust"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXPORT_SCRIPT = ROOT / "docker" / "export.sh"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "tritonasr.yml"
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -59,12 +60,14 @@ REQUIRED = {"TRITONASR_API_KEY": "test-api-key", "GRAFANA_ADMIN_PASSWORD": "test
 MAKE_CERTS = ROOT / "deploy" / "tls" / "make-certs.sh"
 
 EXPECTED_METRICS = {
-    "nv_inference_request_success", "nv_inference_request_failure",
+    "nv_inference_request_success", "nv_inference_pending_request_count",
     "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
     "nv_inference_count", "nv_inference_exec_count",
     "nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
     "tritonasr_open_streams", "tritonasr_segments_total", "tritonasr_audio_seconds_total",
     "tritonasr_final_latency_seconds_bucket", "tritonasr_errors_total", "tritonasr_rejected_total",
+    "tritonasr_requests_total", "tritonasr_max_streams", "tritonasr_inflight_requests",
+    "tritonasr_max_inflight_requests",
 }
 
 
@@ -567,6 +570,8 @@ def test_prometheus_scrapes_triton(services):
     assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"])
     assert Path(_mounts(prometheus)["/etc/prometheus/prometheus.yml"]) == PROMETHEUS
     config = yaml.safe_load(PROMETHEUS.read_text())
+    assert config["rule_files"] == [ALERTS.name]  # relative to the config: mounted beside it
+    assert Path(_mounts(prometheus)[f"/etc/prometheus/{ALERTS.name}"]) == ALERTS
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "triton"]
     targets = [t for group in job["static_configs"] for t in group["targets"]]
     assert targets == ["triton:8002"]
@@ -738,26 +743,121 @@ def _panels(dashboard: dict):
         yield from panel.get("panels", [])
 
 
-def test_dashboard_panels_query_the_provisioned_datasource(dashboard):
+def test_dashboard_panels_query_the_chosen_datasource_and_pods(dashboard):
+    """Template variables: the datasource (the provisioned one by default), the pods, the models;
+    every selector of every panel keeps to the chosen pods, the per-model panels to the models."""
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert set(variables) == {"datasource", "pod", "model"}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name, label_of in (("pod", "label_values(tritonasr_open_streams, pod)"),
+                           ("model", "label_values(nv_inference_count, model)")):
+        assert variables[name]["definition"] == label_of and variables[name]["includeAll"]
+        assert variables[name]["multi"] and variables[name]["allValue"] == ".*"
     [datasource] = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert datasource["isDefault"]  # what ${datasource} starts on
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
     panels = [p for p in _panels(dashboard) if p["type"] != "row"]
     assert len(panels) >= 10
     assert len({p["id"] for p in _panels(dashboard)}) == len(list(_panels(dashboard)))
     for panel in panels:
-        assert panel["datasource"] == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+        assert panel["datasource"] == chosen, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert target["expr"].strip() and target["datasource"]["uid"] == datasource["uid"], panel["title"]
-            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+            expr = target["expr"]
+            assert expr.strip() and target["datasource"] == chosen, panel["title"]
+            assert expr.count("(") == expr.count(")"), expr
+            for name in expression_metrics(expr):
+                assert re.search(rf'{name}\{{[^}}]*pod=~"\$pod"', expr), (panel["title"], name, expr)
+            if expression_metrics(expr) & {"nv_inference_count", "nv_inference_queue_duration_us"}:
+                assert 'model=~"$model"' in expr, expr
+
+
+def test_dashboard_counts_client_calls_and_shows_capacity_per_pod(dashboard):
+    by_title = {p["title"]: [t["expr"] for t in p["targets"]] for p in _panels(dashboard) if p["type"] != "row"}
+    # Client calls only: not Triton's per-model counts, which include the pipelines' inner calls.
+    for title in ("Client calls / s", "Client calls per second by model"):
+        assert all("nv_inference" not in expr for expr in by_title[title]), by_title[title]
+        assert any("tritonasr_requests_total" in expr for expr in by_title[title])
+    streams = by_title["Open streams per pod against capacity"]
+    assert any(expr.startswith("sum by (pod) (tritonasr_open_streams") for expr in streams)
+    assert any("tritonasr_max_streams" in expr for expr in streams)
+    offline = " ".join(by_title["Offline requests per pod against capacity"])
+    for name in ("tritonasr_inflight_requests", "nv_inference_pending_request_count", "tritonasr_max_inflight_requests"):
+        assert name in offline
+
+
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: scripts/test.sh installs Debian's prometheus")
+    return promtool
+
+
+def test_prometheus_config_and_alert_rules_pass_promtool():
+    for check, path in (("config", PROMETHEUS), ("rules", ALERTS)):
+        result = subprocess.run([_promtool(), "check", check, str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    rules = [rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+    assert set(rules) >= {"TritonasrDown", "TritonasrErrorRateHigh", "TritonasrFinalLatencyHigh",
+                          "TritonasrOfflineQueueTimeHigh", "TritonasrStreamsAtCapacity"}
+
+
+def test_alert_rules_fire_on_the_series_they_watch(tmp_path):
+    """promtool's rule unit tests: synthetic series for two pods, one in trouble, one not."""
+    def pods(name, series_a, series_b, **labels):
+        extra = "".join(f', {k}="{v}"' for k, v in labels.items())
+        return [{"series": f'{name}{{pod="a"{extra}}}', "values": series_a},
+                {"series": f'{name}{{pod="b"{extra}}}', "values": series_b}]
+
+    series = [
+        {"series": 'up{job="triton", pod="a"}', "values": "0x20"},
+        {"series": 'up{job="triton", pod="b"}', "values": "1x20"},
+        # a: 15 of 16 stream slots; b: 8 of 16
+        *pods("tritonasr_open_streams", "15x20", "8x20", model="asr_stream"),
+        *pods("tritonasr_max_streams", "16x20", "16x20", model="asr_stream"),
+        # a: 1 call in 10 fails; b: none
+        *pods("tritonasr_requests_total", "0+60x20", "0+60x20", model="asr_offline"),
+        *pods("tritonasr_errors_total", "0+6x20", "0x20", model="asr_offline", kind="internal"),
+        # a: every final 1-2 s after its speech ended; b: all under 0.5 s
+        *pods("tritonasr_final_latency_seconds_bucket", "0x20", "0+10x20", le="0.5"),
+        *pods("tritonasr_final_latency_seconds_bucket", "0+10x20", "0+10x20", le="2"),
+        *pods("tritonasr_final_latency_seconds_bucket", "0+10x20", "0+10x20", le="+Inf"),
+        # a: 3 s in the queue per offline request; b: 0.1 s
+        *pods("nv_inference_queue_duration_us", "0+180000000x20", "0+6000000x20", model="asr_offline"),
+        *pods("nv_inference_request_success", "0+60x20", "0+60x20", model="asr_offline"),
+    ]
+
+    descriptions = {rule["alert"]: rule["annotations"]["description"]
+                    for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]}
+
+    def firing(alert, summary, **labels):
+        """Only pod a's alert fires, its summary saying how bad it is."""
+        return {"alertname": alert, "eval_time": "15m",
+                "exp_alerts": [{"exp_labels": {"pod": "a", "severity": "warning", **labels},
+                                "exp_annotations": {"summary": summary, "description": descriptions[alert]}}]}
+
+    tests = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [
+            firing("TritonasrDown", "a: Triton's metrics do not answer", severity="page", job="triton"),
+            firing("TritonasrStreamsAtCapacity", "a: 93.75% of its stream slots taken"),
+            firing("TritonasrErrorRateHigh", "a: 10% of calls fail"),
+            firing("TritonasrFinalLatencyHigh", "a: streams' finals take 1.925s at p95"),
+            firing("TritonasrOfflineQueueTimeHigh", "a: offline requests wait 3s in the queue"),
+        ]}]}
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([_promtool(), "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dashboard_metric_names(dashboard):
     assert metric_names() == EXPECTED_METRICS
     assert metric_names(DASHBOARD) == EXPECTED_METRICS
     exprs = list(expressions(dashboard))
-    assert "sum(tritonasr_open_streams)" in exprs
+    assert 'sum(tritonasr_open_streams{pod=~"$pod"})' in exprs
     for q in ("0.5", "0.95", "0.99"):
-        assert (f"histogram_quantile({q}, sum by (le) (rate(tritonasr_final_latency_seconds_bucket[1m])))"
+        assert (f'histogram_quantile({q}, sum by (le) (rate(tritonasr_final_latency_seconds_bucket{{pod=~"$pod"}}[1m])))'
                 in exprs)
 
 

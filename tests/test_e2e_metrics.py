@@ -124,3 +124,17 @@ def test_every_metric_the_dashboard_queries_is_served(short_run):
                         "nv_gpu_power_usage"}
     missing = queried - gpu_only - _names(short_run["after"])
     assert not missing, f"the dashboard queries metrics /metrics does not have: {sorted(missing)}"
+
+
+def test_every_metric_the_alert_rules_watch_is_served(short_run):
+    import yaml
+
+    from tritonasr.paths import deploy_files
+    from tritonasr.serving.dashboard import expression_metrics
+
+    rules = yaml.safe_load((deploy_files() / "prometheus" / "alerts.yml").read_text())
+    watched = set().union(*(expression_metrics(rule["expr"]) for group in rules["groups"] for rule in group["rules"]))
+    watched -= {"up"}  # Prometheus's own, per scrape
+    assert {"tritonasr_requests_total", "tritonasr_max_streams"} <= watched
+    missing = watched - _names(short_run["after"])
+    assert not missing, f"the alert rules watch metrics /metrics does not have: {sorted(missing)}"

@@ -142,6 +142,12 @@ class PipelineMetrics:
         "inflight_requests": ("tritonasr_inflight_requests", "GAUGE",
                               "Offline requests asr_offline is working on (those queued before it: "
                               "nv_inference_pending_request_count)"),
+        "calls": ("tritonasr_requests_total", "COUNTER",
+                  "Client calls taken in: asr_offline requests, asr_stream streams opened (refused ones too)"),
+        "max_streams": ("tritonasr_max_streams", "GAUGE",
+                        "asr_stream: open streams this server takes at once, all instances (0: no limit)"),
+        "max_inflight_requests": ("tritonasr_max_inflight_requests", "GAUGE",
+                                  "asr_offline: requests this instance works on at once"),
         "segments": ("tritonasr_segments_total", "COUNTER", "Final segments transcribed, by ASR engine"),
         "audio": ("tritonasr_audio_seconds_total", "COUNTER",
                   "Seconds of audio received (whole files and stream chunks)"),
@@ -161,6 +167,7 @@ class PipelineMetrics:
                                                     description=description)
                          for key, (name, kind, description) in self.FAMILIES.items()}
         self.open_streams = self.families["open_streams"].Metric(labels=self.labels)
+        self.calls = self.families["calls"].Metric(labels=self.labels)
         self.audio = self.families["audio"].Metric(labels=self.labels)
         self.latency = self.families["latency"].Metric(labels=self.labels, buckets=self.LATENCY_BUCKETS)
         self._by_label: dict[tuple[str, str], object] = {}
@@ -266,6 +273,8 @@ class OfflineAsrModel(_PipelineModel):
                                         max_audio_s=limits.max_audio_seconds,
                                         max_inflight_segments=limits.max_inflight_segments)
         self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
+        self.metrics.families["max_inflight_requests"].Metric(labels=self.metrics.labels).set(
+            limits.max_inflight_requests)
         inflight = self.metrics.families["inflight_requests"].Metric(labels=self.metrics.labels)
         inflight.set(0)
         self.requests = _RequestPool("asr_offline", limits.max_inflight_requests, on_change=inflight.set)
@@ -306,6 +315,7 @@ class OfflineAsrModel(_PipelineModel):
         return result
 
     def execute(self, requests):
+        self.metrics.calls.increment(len(requests))
         for request in requests:
             self.requests.submit(request, _respond("asr_offline", self._handle(request), self.metrics))
         self.requests.wait_for_room()
@@ -421,6 +431,7 @@ class StreamingAsrModel(_PipelineModel):
         super().initialize(args)
         self.metrics.open_streams.set(0)
         settings = StreamSettings.from_parameters(self.params)
+        self.metrics.families["max_streams"].Metric(labels=self.metrics.labels).set(settings.max_streams)
         # The streams' VAD steps run here, batched per turn of the event loop: a 100 ms step is
         # ~0.1 ms of FSMN, less than its request through the server would cost (BENCHMARKS.md).
         vad = LoopBatcher(OnnxModel(self.repository / self.settings.vad_model / "1" / "model.onnx",
@@ -453,6 +464,7 @@ class StreamingAsrModel(_PipelineModel):
         try:
             chunk = _Chunk.read(request, self._caller(request))
             if chunk.start:
+                self.metrics.calls.increment(1)
                 stream = self.streams.open(chunk.key, chunk.options(), chunk.token)
             else:
                 stream = self.streams.get(chunk.key, chunk.token, chunk.end)
