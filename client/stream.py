@@ -24,7 +24,7 @@ import numbers
 import os
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import cycle, repeat
 
@@ -36,12 +36,14 @@ from tritonclient.utils import InferenceServerException
 
 from tritonasr.audio import (ENCODING_SUBTYPES, SAMPLE_RATE, AudioError, check_encoding, encode, sample_bytes,
                              validate_samples)
-from tritonasr.client.connection import AccessDeniedError, Credentials, access_denied, resolve
+from tritonasr.client.connection import AccessDeniedError, Credentials, Retry, access_denied, resolve
 from tritonasr.client.offline import (ServerUnavailableError, TranscriptionError, channel_inputs, load_server_audio,
                                       option_inputs, tensor_input)
 from tritonasr.contract import LANGUAGES, MAX_CHANNELS, MAX_CHUNK_MS, SAMPLE_RATES, Endpointing
 from tritonasr.errors import split_status
 
+# The most audio a stream keeps for a server that takes it over (a whole segment, 60 s, and more).
+MAX_KEPT_MS = 90_000
 # A chunk of a stream: float32 samples, or the bytes of its byte encoding (bytes or a uint8 array).
 Chunk = np.ndarray | bytes
 Chunks = Iterable[Chunk] | AsyncIterable[Chunk]
@@ -246,10 +248,11 @@ class LiveStream:
                  partial_interval_ms: int, realtime: bool, engine: str = "", with_speaker: bool = True,
                  return_embedding: bool = False, endpointing: Endpointing | None = None,
                  sample_rate: int = SAMPLE_RATE, encoding: str = "float32", text_first: bool = False,
-                 channels: int = 1, separate_channels: bool = False,
+                 channels: int = 1, separate_channels: bool = False, retry: Retry = Retry(),
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] = asyncio.sleep):
         self.client = client
+        self.retry = retry
         self.sequence_id, self.token = new_stream_identity()
         self.sample_rate = sample_rate
         self.encoding = encoding
@@ -280,6 +283,18 @@ class LiveStream:
         self._closed = False
         self._send_error: BaseException | None = None
         self._last_activity: float | None = None  # set once the END chunk is sent
+        # Failover: the caller's chunks are pulled once, whatever the server; those sent since the
+        # audio the last final confirmed are kept, to be sent again to the next server.
+        self._source: AsyncIterator | None = None
+        self._pull: asyncio.Future | None = None  # a pull from the source not taken yet
+        self._kept: list[np.ndarray] = []  # chunks sent from frame _kept_from on
+        self._kept_from = 0
+        self._kept_frames = 0
+        self._resume_frame = 0  # where a next server starts: the end of the last final, 10 ms-aligned
+        self.failovers = 0  # servers that took the stream over
+        self._offset_ms = 0  # of this server's timeline in the stream's
+        self._index_base = 0  # finals delivered before this server took over
+        self._delivered_end_ms = -1
 
     @property
     def complete(self) -> bool:
@@ -294,6 +309,9 @@ class LiveStream:
     def cancel(self) -> None:
         """Cancels the gRPC call (nothing if it is over or not started)."""
         self._closed = True
+        self._cancel_call()
+
+    def _cancel_call(self) -> None:
         if self._call is not None and not self._ended:
             self._call.cancel()
 
@@ -309,13 +327,23 @@ class LiveStream:
     # -- sending -------------------------------------------------------------------------------
 
     async def requests(self) -> AsyncIterator[dict]:
-        """The request dicts for `stream_infer`, paced in real time if asked; records each send."""
-        clock = self.chunk_clock = ChunkClock(self._now(), self.sample_rate)
-        items = _chunk_items(self.encoding) * self.channels  # per frame
+        """The request dicts for `stream_infer`, paced in real time if asked; records each send.
+        On a server that took the stream over, the audio kept since the last final goes first."""
+        if self.chunk_clock is None:
+            self.chunk_clock = ChunkClock(self._now(), self.sample_rate)
+            self._source = _aiter(self._chunks)
+        clock, stop = self.chunk_clock, self._stop_sending  # this call's: a next one has its own
+        items = self._items_per_frame
         no_audio = np.zeros(0, np.float32 if self.encoding == "float32" else np.uint8)
         first = True
         try:
-            async for chunk in _until(self._stop_sending, _aiter(self._chunks)):
+            for audio in self._replay():
+                yield self._request(audio, start=first, end=False)
+                first = False
+            while True:
+                chunk = await self._next_chunk(stop)
+                if chunk is None:
+                    break
                 audio = validate_chunk(chunk, self.sample_rate, self.encoding, self.channels)
                 samples = audio.size // items
                 if self.realtime:
@@ -324,9 +352,11 @@ class LiveStream:
                     if delay > 0:
                         await self._sleep(delay)
                 clock.record(samples, self._now())
+                if self.retry.attempts > 1:
+                    self._keep(audio)
                 yield self._request(audio, start=first, end=False)
                 first = False
-            if self._stop_sending.is_set():
+            if stop.is_set():
                 return  # the server closed the stream: end the call without an END request
             # The END flag travels on an empty chunk after the last one.
             self._last_activity = self._now()
@@ -337,6 +367,65 @@ class LiveStream:
             # keep it for the reader to raise in its place.
             self._send_error = exc
             raise
+
+    @property
+    def _items_per_frame(self) -> int:
+        return _chunk_items(self.encoding) * self.channels
+
+    async def _next_chunk(self, stop: asyncio.Event) -> Chunk | None:
+        """The caller's next chunk; None at its end or once `stop` is set (the server ended the
+        call). A pull still waiting then is kept for the next server: no chunk is lost."""
+        if stop.is_set():
+            return None
+        if self._pull is None:
+            self._pull = asyncio.ensure_future(anext(self._source))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({self._pull, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not self._pull.done():
+            return None
+        pull, self._pull = self._pull, None
+        try:
+            return pull.result()
+        except StopAsyncIteration:
+            return None
+
+    def _replay(self) -> Iterator[np.ndarray]:
+        """The kept chunks from the resume point on (the first one cut there)."""
+        frame = self._kept_from
+        for audio in self._kept:
+            frames = audio.size // self._items_per_frame
+            if frame + frames > self._resume_frame:
+                yield audio[max(0, self._resume_frame - frame) * self._items_per_frame:]
+            frame += frames
+
+    def _confirmed(self, end_ms: int) -> None:
+        """A final up to `end_ms` arrived: a next server starts there (on the 10 ms frame grid,
+        so that its features fall on the same frames); chunks before it are not needed again."""
+        grid = self.sample_rate // 100
+        self._resume_frame = max(self._resume_frame, int(end_ms) * self.sample_rate // 1000 // grid * grid)
+        while self._kept:
+            frames = self._kept[0].size // self._items_per_frame
+            if self._kept_from + frames > self._resume_frame:
+                break
+            self._kept.pop(0)
+            self._kept_from += frames
+        self._kept_frames = sum(audio.size for audio in self._kept) // self._items_per_frame
+
+    def _keep(self, audio: np.ndarray) -> None:
+        """Keeps a chunk sent, for a next server. A segment is at most 60 s (longer speech is cut),
+        so audio older than MAX_KEPT_MS before the newest is in a final already or silence: a
+        stream of silence keeps no more than that."""
+        self._kept.append(audio)
+        self._kept_frames += audio.size // self._items_per_frame
+        grid = self.sample_rate // 100
+        while self._kept_frames > MAX_KEPT_MS * self.sample_rate // 1000:
+            frames = self._kept.pop(0).size // self._items_per_frame
+            self._kept_from += frames
+            self._kept_frames -= frames
+            self._resume_frame = max(self._resume_frame, -(-self._kept_from // grid) * grid)
 
     def _request(self, audio: np.ndarray, start: bool, end: bool) -> dict:
         options = dict(sample_rate=self.sample_rate, encoding=self.encoding, language=self.language,
@@ -349,6 +438,53 @@ class LiveStream:
     # -- receiving -----------------------------------------------------------------------------
 
     async def _results(self) -> AsyncIterator[StreamSegment]:
+        """The results of the calls that carry the stream: a server that refuses it for lack of room
+        (or draining) or vanishes mid-stream is replaced through the client's URL (a balancer), the
+        audio after the last final sent again, with `retry`'s backoff."""
+        delays = self.retry.delays()
+        try:
+            while True:
+                try:
+                    async for item in self._one_call():
+                        yield item
+                    return
+                except (StreamError, ServerUnavailableError) as exc:
+                    delay = next(delays, None) if self._fails_over(exc) else None
+                    if delay is None:
+                        raise
+                await self._sleep(delay)
+                self._take_over()
+        finally:
+            if self._pull is not None:
+                self._pull.cancel()  # the caller stopped: no more pulls from its source
+
+    def _fails_over(self, exc: Exception) -> bool:
+        """Whether another server may carry on: not after the caller's own cancel or a bad chunk,
+        not for a refusal of the stream itself, nor for streams of separate channels (each
+        channel's finals confirm a different point)."""
+        if self._closed or self._send_error is not None or self.separate_channels or self.summary is not None:
+            return False
+        if isinstance(exc, ServerUnavailableError):  # the connection to it was lost
+            return True
+        # Refused for lack of room or draining; or a balancer reset the call because the server
+        # behind it went (nginx: INTERNAL, "RST_STREAM"; the server's own errors come in-band).
+        return isinstance(exc, StreamError) and (exc.code == "UNAVAILABLE" or (
+            exc.code == "INTERNAL" and "RST_STREAM" in str(exc)))
+
+    def _take_over(self) -> None:
+        """A new call, on whichever server the URL reaches now, from the resume point."""
+        self.failovers += 1
+        self._stop_sending.set()  # the last call's sender, if gRPC still runs it, sends no more
+        self.sequence_id, self.token = new_stream_identity()
+        self._offset_ms = self._resume_frame * 1000 // self.sample_rate
+        self._index_base = len(self.finals)
+        self._call = None
+        self._ended = False
+        self._stop_sending = asyncio.Event()
+        self._server_silent = False
+        self._last_activity = None
+
+    async def _one_call(self) -> AsyncIterator[StreamSegment]:
         try:
             self._call = self.client._grpc.stream_infer(self.requests(), headers=self.client.headers)
         except InferenceServerException as exc:
@@ -368,7 +504,7 @@ class LiveStream:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise ServerUnavailableError(
                     f"cannot reach the Triton server at {self.client.url} ({exc.details()})") from None
-            raise StreamError(f"the stream failed: {exc.code().name}: {exc.details()}") from None
+            raise StreamError(f"the stream failed: {exc.code().name}: {exc.details()}", exc.code().name) from None
         except asyncio.CancelledError:
             # gRPC raises CancelledError when the call was cancelled locally: by a bad chunk,
             # by cancel() from elsewhere, or because this task is being cancelled.
@@ -379,7 +515,7 @@ class LiveStream:
                 raise StreamError("the stream was cancelled by the client") from None
             raise
         finally:
-            self.cancel()
+            self._cancel_call()
 
     async def _wait_for_server_close(self, timeout_s: float = 10.0) -> None:
         """After the summary or an error, lets the server end the call (our side has stopped
@@ -437,15 +573,23 @@ class LiveStream:
             if error is not None:
                 message, code = split_status(error.message())
                 raise access_denied(message) or StreamError(message, code)
-            item = parse_response(result, self.chunk_clock, received_at)
+            # A server that took the stream over answers in its own timeline and numbering.
+            item = parse_response(result, self.chunk_clock, received_at, self._offset_ms)
             if isinstance(item, StreamSummary):
-                self.summary = item
+                self.summary = replace(item, segment_count=len(self.finals)) if self.failovers else item
                 return
+            if isinstance(item, StreamSegment) and self.failovers and item.end_ms <= self._delivered_end_ms:
+                continue  # (an earlier server's final has it)
+            if isinstance(item, (StreamSegment, SpeakerUpdate)):
+                item = replace(item, segment_index=item.segment_index + self._index_base)
             if isinstance(item, SpeakerUpdate) and item.segment_index in self.finals:
                 self.finals[item.segment_index] = replace(self.finals[item.segment_index], speaker=item.speaker,
                                                           speaker_pending=False)
             elif isinstance(item, StreamSegment) and item.final:
                 self.finals[item.segment_index] = item
+                self._delivered_end_ms = max(self._delivered_end_ms, item.end_ms)
+                if not self.separate_channels:
+                    self._confirmed(item.end_ms)
             yield item
         raise StreamError("the server closed the stream before its end-of-stream response")
 
@@ -490,7 +634,7 @@ class StreamingClient:
                with_speaker: bool = True, return_embedding: bool = False,
                endpointing: Endpointing | None = None, sample_rate: int = SAMPLE_RATE,
                encoding: str = "float32", text_first: bool = False, channels: int = 1,
-               separate_channels: bool = False) -> LiveStream:
+               separate_channels: bool = False, retry: Retry = Retry()) -> LiveStream:
         """A live stream of `chunks` (audio at `sample_rate`, 0 to 2000 ms each, sizes may
         differ; a sync or async iterable). Nothing is sent until the stream is iterated.
 
@@ -511,6 +655,11 @@ class StreamingClient:
             bytes interleaved), 1 to contract.MAX_CHANNELS. The server recognises their mix, or
             with separate_channels each on its own: finals then carry `channel`, each channel's
             sent as its speech ends; speaker labels are the stream's, across channels.
+        retry: a server that refuses the stream for lack of room or draining, or vanishes
+            mid-stream, is replaced through the client's URL (a balancer), the audio after the
+            last final sent again: each segment reaches the caller once, in the stream's timeline
+            (`failovers` counts the takeovers; anonymous speaker labels are the new server's).
+            NO_RETRY: the first error ends the stream. Not for separate channels.
         """
         if language not in LANGUAGES:
             raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
@@ -526,7 +675,7 @@ class StreamingClient:
                           engine=engine, with_speaker=bool(with_speaker), return_embedding=bool(return_embedding),
                           endpointing=endpointing, sample_rate=int(sample_rate), encoding=encoding,
                           text_first=bool(text_first), channels=int(channels),
-                          separate_channels=bool(separate_channels))
+                          separate_channels=bool(separate_channels), retry=retry)
 
     def stream_file(self, path: str | os.PathLike, chunk_ms: float | Iterable[float] = 100,
                     separate_channels: bool = False, **options) -> LiveStream:
@@ -579,34 +728,40 @@ def stream_request(model: str, sequence_id: int, chunk: Chunk, start: bool, end:
             "parameters": {"stream_token": token} if token else None}
 
 
-def parse_response(result, clock: ChunkClock, received_at: float) -> StreamSegment | SpeakerUpdate | StreamSummary:
-    """One response of `asr_stream` (an InferResult): a segment, or the end-of-stream summary."""
+def parse_response(result, clock: ChunkClock, received_at: float,
+                   offset_ms: int = 0) -> StreamSegment | SpeakerUpdate | StreamSummary:
+    """One response of `asr_stream` (an InferResult): a segment, or the end-of-stream summary;
+    `offset_ms`: where the server's timeline starts in the stream's (a server that took it over)."""
     raw = result.as_numpy("RESULT").reshape(-1)[0]
     try:
         payload = json.loads(raw)
         if payload.get("complete"):
-            return StreamSummary(int(payload["duration_ms"]), int(payload["segment_count"]),
+            return StreamSummary(int(payload["duration_ms"]) + offset_ms, int(payload["segment_count"]),
                                  (received_at - clock.start) * 1000)
         if payload.get("speaker_update"):
             return SpeakerUpdate(int(payload["segment_index"]), payload.get("speaker"),
                                  (received_at - clock.start) * 1000)
-        return _segment(payload, clock, received_at)
+        return _segment(payload, clock, received_at, offset_ms)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise StreamError(f"unexpected result from the server ({exc!r}): {raw!r}") from None
 
 
-def _segment(payload: dict, clock: ChunkClock, received_at: float) -> StreamSegment:
-    end_ms = int(payload["end_ms"])
+def _segment(payload: dict, clock: ChunkClock, received_at: float, offset_ms: int = 0) -> StreamSegment:
+    end_ms = int(payload["end_ms"]) + offset_ms
     final = bool(payload["final"])
     # Only a final segment has an endpoint; partials may leave it out.
-    endpoint_ms = int(payload["endpoint_ms"]) if final or payload.get("endpoint_ms") is not None else None
+    endpoint_ms = int(payload["endpoint_ms"]) + offset_ms if final or payload.get("endpoint_ms") is not None else None
+    words = payload.get("words")
+    if words and offset_ms:
+        words = [{**word, "start_ms": word["start_ms"] + offset_ms, "end_ms": word["end_ms"] + offset_ms}
+                 for word in words]
     return StreamSegment(
-        start_ms=int(payload["start_ms"]), end_ms=end_ms, text=payload["text"],
+        start_ms=int(payload["start_ms"]) + offset_ms, end_ms=end_ms, text=payload["text"],
         language=payload.get("language"), emotion=payload.get("emotion"), event=payload.get("event"),
         final=final, segment_index=int(payload["segment_index"]), endpoint_ms=endpoint_ms,
         latency_ms=clock.delay_ms(end_ms, received_at),
         after_endpoint_ms=None if endpoint_ms is None else clock.delay_ms(endpoint_ms, received_at),
-        received_ms=(received_at - clock.start) * 1000, speaker=payload.get("speaker"), words=payload.get("words"),
+        received_ms=(received_at - clock.start) * 1000, speaker=payload.get("speaker"), words=words,
         speaker_pending=bool(payload.get("speaker_pending", False)), channel=payload.get("channel"),
     )
 
@@ -618,23 +773,3 @@ async def _aiter(chunks: Chunks) -> AsyncIterator[np.ndarray]:
     else:
         for chunk in chunks:
             yield chunk
-
-
-async def _until(stop: asyncio.Event, items: AsyncIterator) -> AsyncIterator:
-    """The items, until `stop` is set, even while the source is waiting for its next one."""
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        while not stop.is_set():
-            item = asyncio.ensure_future(anext(items))
-            await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if stop.is_set():
-                item.cancel()
-                return
-            try:
-                value = item.result()
-            except StopAsyncIteration:
-                return
-            yield value
-    finally:
-        stopped.cancel()
-

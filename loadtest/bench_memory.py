@@ -107,6 +107,7 @@ def run_oversize(target: ServedTarget, args, log) -> list[dict]:
 async def _abandon_streams(url: str, count: int) -> int:
     """Opens `count` streams that each send a second of speech and then fall silent; returns
     once the server has closed them all (how many ended with its error)."""
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.stream import StreamError, StreamingClient, split_chunks
 
     silent = asyncio.Event()  # never set: the callers stall without hanging up
@@ -119,7 +120,7 @@ async def _abandon_streams(url: str, count: int) -> int:
 
     async def one(client: StreamingClient, index: int) -> bool:
         try:
-            async for _ in client.stream(chunks(index)):
+            async for _ in client.stream(chunks(index), retry=NO_RETRY):
                 pass
         except StreamError:
             return True  # closed by the server for idleness, as expected

@@ -83,6 +83,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
     """`streams` concurrent real-time streams; latency figures over all their final segments, and
     with `server_pid` the CPU seconds each server process used per second of audio streamed."""
     from tritonasr.loadtest.rss import cpu_seconds
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.stream import SpeakerUpdate, StreamError, StreamingClient, split_chunks
 
     latencies, after_endpoint, errors, partials = [], [], [], 0
@@ -95,7 +96,7 @@ async def run_level(url: str, audios: list[np.ndarray], streams: int, args, log=
         nonlocal partials, segment_count, audio_samples
         samples = joined_speech(audios, index, args.seconds, args.gap_ms)
         audio_samples += samples.size
-        stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True,
+        stream = client.stream(split_chunks(samples, args.chunk_ms), realtime=True, retry=NO_RETRY,
                                partial_interval_ms=args.partials, endpointing=ENDPOINTING_PRESETS[args.endpointing],
                                with_speaker=not args.no_speaker, text_first=args.text_first)
         await asyncio.sleep(offset)

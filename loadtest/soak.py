@@ -74,6 +74,7 @@ def offline_caller(url: str, index: int, lengths: list[float], deadline: float, 
 
 
 async def stream_callers(url: str, count: int, seconds: float, deadline: float, counters: Counters) -> None:
+    from tritonasr.client.connection import NO_RETRY
     from tritonasr.client.stream import StreamingClient, split_chunks
 
     async def caller(client: StreamingClient, index: int) -> None:
@@ -81,7 +82,8 @@ async def stream_callers(url: str, count: int, seconds: float, deadline: float, 
         n = index
         while time.monotonic() < deadline:
             try:
-                async with client.stream(split_chunks(stream_audio(seconds, n), 100), realtime=True) as stream:
+                async with client.stream(split_chunks(stream_audio(seconds, n), 100), realtime=True,
+                                         retry=NO_RETRY) as stream:
                     async for _ in stream:
                         pass
                 counters.streams += 1

@@ -96,7 +96,7 @@ class Held:
 async def _refused(client: StreamingClient) -> tuple[StreamError, float]:
     began = time.monotonic()
     with pytest.raises(StreamError) as refused:
-        async for _ in client.stream(CHUNKS):
+        async for _ in client.stream(CHUNKS, retry=NO_RETRY):
             pass
     return refused.value, time.monotonic() - began
 

@@ -183,12 +183,26 @@ def test_a_draining_server_sends_its_share_elsewhere_through_client_retries(flee
     servers, balancer = fleet
     samples = load_audio(DATA / "one_phrase.wav").samples
     draining = servers[0]
+    speech = load_audio(DATA / "pause_1s.wav").samples
+    with OfflineClient(servers[1].grpc_url, timeout_s=60) as direct:
+        expected = [(s["start_ms"], s["end_ms"], s["text"]) for s in direct.transcribe(speech)["segments"]]
     refused_before = _metric(draining, "tritonasr_rejected", model="asr_offline", reason="draining")
+    streams_refused_before = _metric(draining, "tritonasr_rejected", model="asr_stream", reason="draining")
     before = _successes(servers, samples.size / 16000)
     start_draining(draining.process.pid)
+
+    async def streams():
+        async with StreamingClient(balancer.url) as client:  # failover on by default
+            runs = []
+            for _ in range(3):  # in turn: one of them is sent to the draining server first
+                stream = client.stream(split_chunks(speech, 100))
+                runs.append(([(s.start_ms, s.end_ms, s.text) async for s in stream if s.final], stream.failovers))
+            return runs
+
     try:
         with OfflineClient(balancer.url, timeout_s=60) as client:  # retries on by default
             results = [client.transcribe(samples) for _ in range(12)]
+        streamed = asyncio.run(streams())
     finally:
         (slot_directory(draining.process.pid) / DRAINING).unlink()  # serving again, for what follows
     counts = [round(after - was) for after, was in zip(_successes(servers, samples.size / 16000), before)]
@@ -196,3 +210,42 @@ def test_a_draining_server_sends_its_share_elsewhere_through_client_retries(flee
     assert counts[0] == 0 and counts[1] + counts[2] == 12, counts
     # Its share came to it first and was refused, then retried through the balancer.
     assert _metric(draining, "tritonasr_rejected", model="asr_offline", reason="draining") > refused_before
+    # Streams too: refused at their start there, opened again elsewhere, nothing lost.
+    assert [finals for finals, _ in streamed] == [expected] * 3
+    assert sum(failovers for _, failovers in streamed) >= 1
+    assert _metric(draining, "tritonasr_rejected", model="asr_stream", reason="draining") > streams_refused_before
+
+
+def test_a_stream_whose_server_is_killed_goes_on_elsewhere_losing_nothing(fleet):
+    """kill -9 of the server holding a live real-time stream: the client opens the stream again
+    through the balancer and sends the audio after its last final; the caller gets every final
+    once, equal to the offline transcript, in the stream's own timeline. (Kills a server: last.)"""
+    servers, balancer = fleet
+    speech = np.concatenate([load_audio(DATA / name).samples for name in ("pause_3s.wav", "pause_1s.wav")])
+    with OfflineClient(servers[0].grpc_url, timeout_s=60) as direct:
+        expected = [(s["start_ms"], s["end_ms"], s["text"]) for s in direct.transcribe(speech)["segments"]]
+    assert len(expected) >= 4
+    killed = {}
+
+    async def run():
+        async with StreamingClient(balancer.url, finish_timeout_s=60) as client:
+            stream = client.stream(split_chunks(speech, 100), realtime=True)
+            finals = []
+            async for segment in stream:
+                if segment.final:
+                    finals.append(segment)
+                    if len(finals) == 1:  # one final delivered: kill the server holding the stream
+                        holder = await asyncio.to_thread(
+                            lambda: [s for s in servers if _metric(s, "tritonasr_open_streams") > 0])
+                        assert len(holder) == 1, holder
+                        killed["server"] = holder[0]
+                        holder[0].process.kill()
+            return stream, finals
+
+    stream, finals = asyncio.run(run())
+    assert killed and killed["server"].process.wait(timeout=10) is not None
+    assert stream.failovers == 1
+    assert [(s.start_ms, s.end_ms, s.text) for s in finals] == expected
+    assert [s.segment_index for s in finals] == list(range(len(expected)))
+    assert stream.summary.segment_count == len(expected)
+    assert abs(stream.summary.duration_ms - speech.size / 16) <= 100

@@ -122,7 +122,7 @@ def test_sigterm_drains_open_work_and_refuses_new(serve):
     # New work is refused, with the reason, as UNAVAILABLE (a client retries elsewhere).
     async def new_stream():
         async with StreamingClient(url) as client:
-            return [s async for s in client.stream(split_chunks(samples[:16000], 100))]
+            return [s async for s in client.stream(split_chunks(samples[:16000], 100), retry=NO_RETRY)]
 
     with pytest.raises(StreamError) as refused:
         asyncio.run(new_stream())

@@ -55,12 +55,21 @@ def _wait_health(url: str, kind: str, status: int, timeout_s: float) -> tuple[fl
 
 
 def _stream_finals(url: str, samples) -> list[tuple]:
+    """The finals' fields; a stream that another server took over mid-way (the client's failover
+    after a kill) has its anonymous speaker labels from two servers: they are left out then."""
     async def collect():
         async with StreamingClient(url, finish_timeout_s=30) as client:
+            stream = client.stream(split_chunks(samples, 100))
+            finals = [s async for s in stream if s.final]
             return [(s.start_ms, s.end_ms, s.text, s.language, s.emotion, s.event,
-                     (s.speaker or {}).get("label"))
-                    async for s in client.stream(split_chunks(samples, 100)) if s.final]
+                     None if stream.failovers else (s.speaker or {}).get("label")) for s in finals]
     return asyncio.run(collect())
+
+
+def _same_stream(result: list[tuple], expected: list[tuple]) -> bool:
+    if all(final[-1] is None for final in result):  # taken over: labels not compared
+        expected = [final[:-1] + (None,) for final in expected]
+    return result == expected
 
 
 def _offline(url: str, samples) -> list[dict]:
@@ -201,7 +210,8 @@ def test_kill_9_of_each_model_process_under_load_is_recovered(model_repository):
 
         # Whatever the load got back, before, between and after the kills, was right.
         assert all(result == offline for result in load.successes("offline", 0))
-        assert all(result == streamed for result in load.successes("stream", 0))
+        assert all(_same_stream(result, streamed) for result in load.successes("stream", 0)), \
+            [result for result in load.successes("stream", 0) if not _same_stream(result, streamed)]
         assert supervisor.restart_count == len(VICTIMS)
     finally:
         server_pid = server.process.pid if server.process else None

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tritonasr.audio import AudioError
+from tritonasr.audio import AudioError, encode
 from tritonasr.client.connection import AccessDeniedError
 from tritonasr.client.offline import ServerUnavailableError
 from tritonasr.client.stream import (
@@ -524,3 +524,41 @@ def test_bench_stream_reports_the_servers_cpu_per_second_of_audio():
                                              "speech_start_ms": None}})
     assert "| streams | sensevoice | asr_stream | tritonserver | all | client |" in table
     assert "| 8 | 0.060 | 0.020 | 0.010 | 0.090 | 0.015 |" in table
+
+
+def test_a_stream_keeps_what_a_next_server_needs_from_the_last_final_on():
+    """Failover's bookkeeping: after a final ending at E the chunks from E on (cut on the 10 ms
+    frame grid) are what a next server is sent; older ones are let go, and a stream of silence
+    keeps at most MAX_KEPT_MS."""
+    from tritonasr.client.stream import MAX_KEPT_MS
+
+    audio = np.arange(16000, dtype=np.float32) / 16000  # 1 s, sample i = i / 16000
+
+    async def sent(stream):
+        return [r async for r in stream.requests()]
+
+    async def go():
+        async with StreamingClient("localhost:1") as client:
+            stream = _live_stream(client, split_chunks(audio, 100))
+            await sent(stream)
+            stream._confirmed(357)  # a final up to 357 ms: a next server starts at 350 ms
+            replay = np.concatenate(list(stream._replay()))
+            kept_from = stream._kept_from
+            # 8 kHz pcm16 bytes: frames are 2 bytes
+            pcm = encode(audio[:8000], "pcm16")
+            bytes_stream = _live_stream(client, split_chunks(pcm, 100, sample_rate=8000, encoding="pcm16"),
+                                        sample_rate=8000, encoding="pcm16")
+            await sent(bytes_stream)
+            bytes_stream._confirmed(357)
+            bytes_replay = b"".join(np.asarray(chunk).tobytes() for chunk in bytes_stream._replay())
+            # silence for longer than MAX_KEPT_MS, no final at all
+            long_stream = _live_stream(client, split_chunks(np.zeros(16 * (MAX_KEPT_MS + 5000), np.float32), 100))
+            await sent(long_stream)
+            return replay, kept_from, bytes_replay, pcm, long_stream
+
+    replay, kept_from, bytes_replay, pcm, long_stream = _run(go())
+    np.testing.assert_array_equal(replay, audio[5600:])
+    assert kept_from == 4800  # chunks 0-2 (0-300 ms) let go
+    assert bytes_replay == bytes(pcm)[2 * 2800:]
+    assert long_stream._kept_frames <= 16 * MAX_KEPT_MS
+    assert long_stream._resume_frame == 16 * 5000 and long_stream._resume_frame % 160 == 0

@@ -52,8 +52,16 @@ def _libs_dir() -> Path:
     return Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
 
 
+_BACKEND_LOCK = threading.Lock()  # servers started from several threads build it once
+
+
 def prepare_backend_directory() -> Path:
     """A backend directory holding the Python backend and the stub for the running Python."""
+    with _BACKEND_LOCK:
+        return _prepare_backend_directory()
+
+
+def _prepare_backend_directory() -> Path:
     dist = _pytriton_dist()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
