@@ -459,8 +459,9 @@ class LiveStream:
                 self._pull.cancel()  # the caller stopped: no more pulls from its source
 
     def _fails_over(self, exc: Exception) -> bool:
-        """Whether another server may carry on: not after the caller's own cancel or a bad chunk,
-        not for a refusal of the stream itself, nor for streams of separate channels (each
+        """Whether another server may carry on: for a refusal for lack of room or a drain and for a
+        server gone; not after the caller's own cancel, a bad chunk or any other error of the
+        stream's own (bad input, access, idleness), nor for streams of separate channels (each
         channel's finals confirm a different point)."""
         if self._closed or self._send_error is not None or self.separate_channels or self.summary is not None:
             return False
