@@ -412,7 +412,7 @@ class LiveStream:
                 break
             self._kept.pop(0)
             self._kept_from += frames
-        self._kept_frames = sum(audio.size for audio in self._kept) // self._items_per_frame
+            self._kept_frames -= frames
 
     def _keep(self, audio: np.ndarray) -> None:
         """Keeps a chunk sent, for a next server. A segment is at most 60 s (longer speech is cut),

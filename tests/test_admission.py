@@ -190,3 +190,31 @@ def test_work_left_reads_open_streams_and_offline_requests_from_the_metrics():
     ]) + "\n"
     assert work_left(text) == {"streams": 3, "offline requests": 4}
     assert work_left(text.replace(" 2\n", " 0\n").replace(" 1\n", " 0\n").replace(" 3\n", " 0\n")) == {}
+
+
+def test_a_slot_directory_someone_else_made_is_refused(tmp_path):
+    """The slot directory's name is predictable (/tmp, the server's pid): one made beforehand by
+    another user, or left open to others, could be used to hold every slot or announce a drain.
+    The server refuses it instead of using it."""
+    import os
+
+    from tritonasr.recognition.admission import own_directory
+
+    assert own_directory(tmp_path / "mine") == tmp_path / "mine"  # made here: used
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    with pytest.raises(PermissionError, match="not a directory of this user's alone"):
+        Admission(open_to_all, 4)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    with pytest.raises(PermissionError):
+        own_directory(link)
+    if os.geteuid() == 0:  # as root, a directory owned by another user can be made here
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(PermissionError):
+            own_directory(theirs)

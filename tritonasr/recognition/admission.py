@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,22 @@ def slot_directory(server_pid: int) -> Path:
     return Path(tempfile.gettempdir()) / f"tritonasr-slots-{server_pid}"
 
 
+def own_directory(directory: Path) -> Path:
+    """`directory`, made if missing, and refused unless it is this user's and closed to others:
+    its name in the shared temporary directory is predictable (the server's pid), and whoever
+    could write in it could hold every stream slot or announce a drain."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = directory.lstat()
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() or status.st_mode & 0o077:
+        raise PermissionError(f"{directory} is not a directory of this user's alone (mode 0700): "
+                              "someone else made it; remove it and restart the server")
+    return directory
+
+
 def start_draining(server_pid: int) -> None:
     """From now on the server `server_pid` takes no new streams or requests (`refuse_if_draining`);
     those it holds go on. A file beside the slots: every model process sees it at once."""
-    directory = slot_directory(server_pid)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (directory / DRAINING).touch()
+    (own_directory(slot_directory(server_pid)) / DRAINING).touch()
 
 
 def refuse_if_draining(directory: Path, what: str) -> None:
@@ -101,8 +112,7 @@ class Admission:
     `directory`. `admit(principal)` returns the new stream's Ticket or raises OverloadError."""
 
     def __init__(self, directory: Path, max_streams: int, max_streams_per_client: int = 0):
-        self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory = own_directory(Path(directory))
         self.max_streams = max_streams
         self.max_streams_per_client = max_streams_per_client
         self._server = SlotFile(self.directory / "streams", max_streams) if max_streams else None

@@ -166,13 +166,17 @@ class PipelineMetrics:
         self.families = {key: pb_utils.MetricFamily(name=name, kind=getattr(pb_utils.MetricFamily, kind),
                                                     description=description)
                          for key, (name, kind, description) in self.FAMILIES.items()}
-        self.open_streams = self.families["open_streams"].Metric(labels=self.labels)
-        self.calls = self.families["calls"].Metric(labels=self.labels)
-        self.audio = self.families["audio"].Metric(labels=self.labels)
+        self.open_streams = self.metric("open_streams")
+        self.calls = self.metric("calls")
+        self.audio = self.metric("audio")
         self.latency = self.families["latency"].Metric(labels=self.labels, buckets=self.LATENCY_BUCKETS)
         self._by_label: dict[tuple[str, str], object] = {}
         for reason in reasons:  # on /metrics from the start, at 0, so rates and alerts see them
             self._labelled("rejected", "reason", reason)
+
+    def metric(self, family: str):
+        """This instance's metric of `family` (a key of FAMILIES)."""
+        return self.families[family].Metric(labels=self.labels)
 
     def _labelled(self, family: str, key: str, value: str):
         metric = self._by_label.get((family, value))
@@ -273,9 +277,8 @@ class OfflineAsrModel(_PipelineModel):
                                         max_audio_s=limits.max_audio_seconds,
                                         max_inflight_segments=limits.max_inflight_segments)
         self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
-        self.metrics.families["max_inflight_requests"].Metric(labels=self.metrics.labels).set(
-            limits.max_inflight_requests)
-        inflight = self.metrics.families["inflight_requests"].Metric(labels=self.metrics.labels)
+        self.metrics.metric("max_inflight_requests").set(limits.max_inflight_requests)
+        inflight = self.metrics.metric("inflight_requests")
         inflight.set(0)
         self.requests = _RequestPool("asr_offline", limits.max_inflight_requests, on_change=inflight.set)
 
@@ -431,7 +434,7 @@ class StreamingAsrModel(_PipelineModel):
         super().initialize(args)
         self.metrics.open_streams.set(0)
         settings = StreamSettings.from_parameters(self.params)
-        self.metrics.families["max_streams"].Metric(labels=self.metrics.labels).set(settings.max_streams)
+        self.metrics.metric("max_streams").set(settings.max_streams)
         # The streams' VAD steps run here, batched per turn of the event loop: a 100 ms step is
         # ~0.1 ms of FSMN, less than its request through the server would cost (BENCHMARKS.md).
         vad = LoopBatcher(OnnxModel(self.repository / self.settings.vad_model / "1" / "model.onnx",

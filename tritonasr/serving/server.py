@@ -279,6 +279,11 @@ def stub_processes(server_pid: int) -> dict[int, list[str]]:
     return found
 
 
+def _prepend(env: dict[str, str], variable: str, directory: str | Path) -> None:
+    """Puts `directory` first in the search path `variable` of `env`."""
+    env[variable] = os.pathsep.join(p for p in (str(directory), env.get(variable, "")) if p)
+
+
 def _reach(host: str) -> str:
     """The address a local client uses for a server bound to `host`."""
     if host in ("0.0.0.0", "::", ""):
@@ -342,18 +347,14 @@ class TritonServer:
         # The keys themselves stay here: the model processes get digests (config.environment()).
         env = {k: v for k, v in os.environ.items() if k not in ("TRITONASR_API_KEY", "TRITONASR_ADMIN_KEY")}
         if self.config.tritonserver is None:  # the wheel's server needs the wheel's libraries
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                p for p in (str(_libs_dir()), env.get("LD_LIBRARY_PATH", "")) if p
-            )
+            _prepend(env, "LD_LIBRARY_PATH", _libs_dir())
         if sysconfig.get_config_var("Py_ENABLE_SHARED"):
             # The stub links whichever libpython3.X the loader finds first (the system's): this
             # interpreter's own goes first, or stdlib extensions of another patch release fail to
             # load in the model processes (checked: _ssl of a pyenv 3.11.7 under Debian's 3.11.2
             # lacks _PyModule_Add, so nothing there could import ssl).
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(
-                p for p in (sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH", "")) if p
-            )
-        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+            _prepend(env, "LD_LIBRARY_PATH", sysconfig.get_config_var("LIBDIR"))
+        _prepend(env, "PATH", Path(sys.executable).parent)
         env.update(self.config.environment())
         self.process = subprocess.Popen(
             self.config.command(backend_dir, view),
