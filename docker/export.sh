@@ -19,6 +19,9 @@ PARAKEET_MODEL=${PARAKEET_MODEL:-nvidia/parakeet-tdt-0.6b-v2}
 SPEAKER_MODEL=${SPEAKER_MODEL:-iic/speech_eres2netv2w24s4ep4_sv_zh-cn_16k-common}
 EXPORTS=${EXPORTS_DIR:-/exports}  # the `exports` volume
 MODELS=${MODELS_DIR:-/models}  # the `models` volume
+# Written into $MODELS when the repository is complete and checked, removed while it is being
+# rewritten: the Kubernetes server pods wait for it (deploy/kubernetes).
+DONE_MARKER=.export-complete
 
 say() { printf '\n[export] %s\n' "$*"; }
 run() { printf '[export] $ %s\n' "$*"; "$@"; }
@@ -71,6 +74,8 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
 fi
 
+mkdir -p "$MODELS"
+rm -f "$MODELS/$DONE_MARKER"
 export_once vad vad
 
 if engine_wanted sensevoice; then
@@ -102,5 +107,6 @@ fi
 
 say "checking $MODELS"
 run tritonasr repo check "$MODELS"
+date -u +%FT%TZ >"$MODELS/$DONE_MARKER"
 
 say "done: start the server with \`docker-compose up -d triton prometheus grafana\`"

@@ -27,6 +27,12 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1 \
     DEBIAN_FRONTEND=noninteractive
 
+# tini, PID 1 on Kubernetes (deploy/kubernetes; compose's `init: true` brings its own): it reaps
+# the model processes of a server the supervisor had to kill and passes SIGTERM to serve alone.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 COPY --from=wheel /wheels /tmp/wheels
 RUN pip install "$(ls /tmp/wheels/tritonasr-*.whl)[server]" \
     && rm -rf /tmp/wheels

@@ -17,6 +17,11 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
     install_packages || { apt-get update -q >/dev/null 2>&1 && install_packages; } \
         || echo "warning: could not install ${missing[*]} (apt-get); the tests that use them will fail" >&2
 fi
+# Prometheus Operator's schemas for tests/test_kubernetes.py (npm; Node.js is on the machine).
+if [ ! -d tests/kubernetes/node_modules ] && command -v npm >/dev/null; then
+    npm ci --prefix tests/kubernetes --no-audit --no-fund --silent \
+        || echo "warning: npm ci failed in tests/kubernetes; the ServiceMonitor checks will fail" >&2
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 pip install --quiet --disable-pip-version-check -e ".[all,test]"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tritonasr.paths import speech_dir
+from tritonasr.paths import deploy_files, speech_dir
 
 DATA = speech_dir()
 # Random speaker weights tell recordings apart, not voices: different utterances of the test
@@ -226,3 +228,32 @@ def postgres():
     yield server
     patch.undo()
     server.stop()
+
+
+# --- Debian's tools the deployment tests run (scripts/test.sh installs them) -------------------
+
+def _debian_tool(name: str, package: str, *also: str) -> str:
+    path = shutil.which(name) or next((p for p in also if os.path.exists(p)), None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: scripts/test.sh installs Debian's {package}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return _debian_tool("promtool", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def nginx() -> str:
+    return _debian_tool("nginx", "nginx", "/usr/sbin/nginx")
+
+
+@pytest.fixture(scope="session")
+def make_certs():
+    """deploy/tls/make-certs.sh into a directory: ca.crt, server.crt (naming `names` too), keys."""
+    def make(directory: Path, *names: str) -> Path:
+        subprocess.run(["bash", str(deploy_files() / "tls" / "make-certs.sh"), *names], check=True,
+                       env={**os.environ, "TLS_DIR": str(directory)}, capture_output=True, timeout=60)
+        return directory
+    return make

@@ -643,6 +643,7 @@ def test_loadtest_profile(compose_bin, services):
 STUB = """#!/usr/bin/env bash
 # Records its arguments; `export MODEL` writes the meta.json files a real export writes.
 echo "$*" >> "$STUB_LOG"
+if [ "$1 $2" = "repo check" ] && [ -n "${STUB_CHECK_FAILS:-}" ]; then exit 1; fi
 if [ "$1" = export ]; then
     repo="${@: -1}"
     case "$2" in
@@ -709,6 +710,18 @@ def test_export_script_runs_the_steps_and_caches_exports(export_env):
     _, calls = _run_export(tmp_path, env, FORCE_EXPORT="1", SENSEVOICE_MODEL="/models/sv")
     assert len([c for c in calls if c.startswith("export")]) == 4
     assert f"export sensevoice --model /models/sv --model-repository {exports}" in calls
+
+
+def test_export_script_marks_the_repository_complete_only_when_checked(export_env):
+    """The Kubernetes server pods start on the repository once the marker is there."""
+    tmp_path, env = export_env
+    marker = Path(env["MODELS_DIR"], re.search(r"^DONE_MARKER=(\S+)", EXPORT_SCRIPT.read_text(), re.M).group(1))
+    result, _ = _run_export(tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert marker.is_file()
+    result, calls = _run_export(tmp_path, env, STUB_CHECK_FAILS="1")
+    assert result.returncode != 0 and calls[-1].startswith("repo check")
+    assert not marker.exists()  # removed before the repository was rewritten
 
 
 def test_export_script_options(export_env):
@@ -786,23 +799,16 @@ def test_dashboard_counts_client_calls_and_shows_capacity_per_pod(dashboard):
         assert name in offline
 
 
-def _promtool() -> str:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed: scripts/test.sh installs Debian's prometheus")
-    return promtool
-
-
-def test_prometheus_config_and_alert_rules_pass_promtool():
+def test_prometheus_config_and_alert_rules_pass_promtool(promtool):
     for check, path in (("config", PROMETHEUS), ("rules", ALERTS)):
-        result = subprocess.run([_promtool(), "check", check, str(path)], capture_output=True, text=True)
+        result = subprocess.run([promtool, "check", check, str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
     rules = [rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
     assert set(rules) >= {"TritonasrDown", "TritonasrErrorRateHigh", "TritonasrFinalLatencyHigh",
                           "TritonasrOfflineQueueTimeHigh", "TritonasrStreamsAtCapacity"}
 
 
-def test_alert_rules_fire_on_the_series_they_watch(tmp_path):
+def test_alert_rules_fire_on_the_series_they_watch(tmp_path, promtool):
     """promtool's rule unit tests: synthetic series for two pods, one in trouble, one not."""
     def pods(name, series_a, series_b, **labels):
         extra = "".join(f', {k}="{v}"' for k, v in labels.items())
@@ -847,7 +853,7 @@ def test_alert_rules_fire_on_the_series_they_watch(tmp_path):
         ]}]}
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump(tests))
-    result = subprocess.run([_promtool(), "test", "rules", str(path)], capture_output=True, text=True)
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

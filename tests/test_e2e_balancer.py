@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -19,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tritonasr.audio import load_audio
+from tritonasr.client.connection import Credentials
 from tritonasr.client.offline import OfflineClient
 from tritonasr.client.stream import StreamingClient, split_chunks
 from tritonasr.paths import deploy_files
@@ -29,7 +29,6 @@ from conftest import DATA
 
 pytestmark = pytest.mark.e2e
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 SHIPPED = deploy_files() / "nginx" / "tritonasr-grpc.conf"
 MODELS = ["vad", "sensevoice", "asr_offline", "asr_stream"]
 EVEN_WITHIN = 0.2
@@ -38,7 +37,8 @@ EVEN_WITHIN = 0.2
 class Nginx:
     """nginx with the shipped server config, its upstream block listing `ports`, on a port of its own."""
 
-    def __init__(self, directory: Path, ports: list[int]):
+    def __init__(self, binary: str, directory: Path, ports: list[int]):
+        self.binary = binary
         self.directory = directory
         self.port = free_port()
         shipped = SHIPPED.read_text()
@@ -47,6 +47,13 @@ class Nginx:
         servers = "\n".join(f"{upstream.group(1)}server 127.0.0.1:{port} {upstream.group(2)};" for port in ports)
         config = shipped.replace(upstream.group(0), servers).replace(
             "listen 8080 http2;", f"listen 127.0.0.1:{self.port} http2;")
+        self.process: subprocess.Popen | None = None
+        self.credentials: Credentials | None = None  # what its readiness check is made with
+        self.write_config(config)
+
+    def write_config(self, config: str) -> None:
+        """`config` (an http-context file) inside an nginx.conf of this directory."""
+        directory = self.directory
         (directory / "tritonasr-grpc.conf").write_text(config)
         (directory / "nginx.conf").write_text(f"""
             {"user root;" if os.geteuid() == 0 else ""}
@@ -65,22 +72,21 @@ class Nginx:
                 include {directory}/tritonasr-grpc.conf;
             }}
         """)
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"localhost:{self.port}"
 
     def start(self) -> "Nginx":
-        check = subprocess.run([NGINX, "-t", "-p", str(self.directory), "-c", str(self.directory / "nginx.conf")],
+        check = subprocess.run([self.binary, "-t", "-p", str(self.directory), "-c", str(self.directory / "nginx.conf")],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
-        self.process = subprocess.Popen([NGINX, "-p", str(self.directory), "-c", str(self.directory / "nginx.conf")],
+        self.process = subprocess.Popen([self.binary, "-p", str(self.directory), "-c", str(self.directory / "nginx.conf")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with OfflineClient(self.url, timeout_s=5) as client:
+                with OfflineClient(self.url, timeout_s=5, credentials=self.credentials) as client:
                     client.check_ready()
                 return self
             except Exception:  # noqa: BLE001 - not listening yet
@@ -95,15 +101,13 @@ class Nginx:
 
 
 @pytest.fixture(scope="module")
-def fleet(model_repository, tmp_path_factory):
-    if not os.path.exists(NGINX):
-        pytest.fail("nginx is not installed: scripts/test.sh installs Debian's nginx (apt-get install nginx)")
+def fleet(model_repository, tmp_path_factory, nginx):
     servers = [TritonServer(ServerConfig(model_repository, free_port(), free_port(), free_port(), models=MODELS,
                                          extra_args=["--exit-timeout-secs=5"])) for _ in range(3)]
     try:
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda server: server.start(), servers))
-        balancer = Nginx(tmp_path_factory.mktemp("nginx"), [server.config.grpc_port for server in servers]).start()
+        balancer = Nginx(nginx, tmp_path_factory.mktemp("nginx"), [server.config.grpc_port for server in servers]).start()
         try:
             yield servers, balancer
         finally:
