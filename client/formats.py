@@ -1,20 +1,23 @@
-"""Renders a transcription result (`{"duration_ms", "segments": [...]}`) as text, JSON or SRT."""
+"""Renders a transcription result (`{"duration_ms", "segments": [...]}`) as text, JSON, SRT or
+WebVTT."""
 
 from __future__ import annotations
 
 import json
 
-FORMATS = ("text", "json", "srt")
+FORMATS = ("text", "json", "srt", "vtt")
 
 
 def render(result: dict, fmt: str) -> str:
-    """The whole result in `fmt`; text and srt end with a newline unless there are no segments."""
+    """The whole result in `fmt`; text, srt and vtt end with a newline unless there are no segments."""
     if fmt == "json":
         return json.dumps(result, ensure_ascii=False) + "\n"
     if fmt == "text":
         return "".join(_text_line(s) for s in result["segments"])
     if fmt == "srt":
         return "\n".join(_srt_block(i, s) for i, s in enumerate(result["segments"], 1))
+    if fmt == "vtt":
+        return "WEBVTT\n" + "".join("\n" + _vtt_cue(s) for s in result["segments"])
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
@@ -47,6 +50,18 @@ def _text_line(seg: dict) -> str:
 def _srt_block(index: int, seg: dict) -> str:
     start, end = clock(seg["start_ms"], ",", hours=True), clock(seg["end_ms"], ",", hours=True)
     return f"{index}\n{start} --> {end}\n{_speaker(seg)}{seg['text']}\n"
+
+
+def _vtt_cue(seg: dict) -> str:
+    """A cue; its speaker as WebVTT's voice span, which players show as the speaker's name."""
+    start, end = clock(seg["start_ms"], ".", hours=True), clock(seg["end_ms"], ".", hours=True)
+    speaker = seg.get("speaker")
+    voice = f"<v {speaker_name(speaker)}>" if speaker else ""
+    return f"{start} --> {end}\n{voice}{_escape_vtt(seg['text'])}\n"
+
+
+def _escape_vtt(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def clock(ms: int, sep: str, hours: bool = False) -> str:

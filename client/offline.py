@@ -21,7 +21,13 @@ PIECES_ABOVE_S = 600.0
 
 
 class TranscriptionError(RuntimeError):
-    """The server could not transcribe a request; the message is the server's."""
+    """The server could not transcribe a request; the message is the server's, `status` the gRPC
+    status it answered with (e.g. INVALID_ARGUMENT: the request's fault; INTERNAL: the server's),
+    None for a failure seen here."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ServerUnavailableError(TranscriptionError):
@@ -113,7 +119,8 @@ class ModelClient:
             self.check_ready()
             if e.status() == "StatusCode.UNAVAILABLE":
                 raise busy(self.model, e.message()) from None
-            raise access_denied(e.message()) or TranscriptionError(e.message()) from None
+            status = (e.status() or "").removeprefix("StatusCode.") or None
+            raise access_denied(e.message()) or TranscriptionError(e.message(), status) from None
         return json.loads(response.as_numpy("RESULT").item())
 
 

@@ -30,7 +30,6 @@ from itertools import cycle, repeat
 
 import grpc
 import numpy as np
-import soundfile as sf
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
@@ -227,7 +226,7 @@ def load_stream_audio(path: str | os.PathLike, keep_channels: bool = False) -> F
     if audio.samples.ndim == 2:
         return FileAudio(audio.samples, audio.sample_rate, "float32", audio.samples.shape[1])
     mono_telephony = audio.sample_rate != SAMPLE_RATE and audio.source_channels == 1
-    encoding = FILE_ENCODINGS.get(sf.info(path).subtype) if mono_telephony else None
+    encoding = FILE_ENCODINGS.get(audio.subtype) if mono_telephony else None  # (libsndfile's files only)
     if encoding is None:
         return FileAudio(audio.samples, audio.sample_rate, "float32")
     # Encoded again from the decoded samples: the file's bytes (mu-law's -0 becomes +0).

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from tritonasr.audio import SAMPLE_RATE, AudioError, load_audio, validate_samples
+from tritonasr.audio import SAMPLE_RATE, SUPPORTED_FORMATS, AudioError, load_audio, validate_samples
 from tritonasr.paths import sample_audio, speech_dir
 
 DATA = speech_dir()
@@ -104,7 +104,8 @@ def _bad_file(tmp_path, kind):
 @pytest.mark.parametrize("kind,message", [
     ("missing", "missing.wav: No such file or directory"),
     ("zero_bytes", "zero_bytes.wav is an empty file (0 bytes)"),
-    ("text", "notes.txt is not a readable audio file (Format not recognised)"),
+    ("text", "notes.txt is not a readable audio file (Format not recognised; supported formats: "
+             f"{SUPPORTED_FORMATS})"),
     ("no_samples", "no_samples.wav: audio is empty (0 samples)"),
     ("nan", "nan.wav: audio contains 2 NaN or infinite samples"),
 ])

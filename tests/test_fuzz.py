@@ -496,9 +496,9 @@ FILE_CASES = [
     ("zero-length", "zero.wav", _bytes(b""), ("error", r" is an empty file \(0 bytes\)$")),
     # (these bytes look like an MPEG frame to libsndfile, which then said the file did not exist)
     ("random-bytes", "noise.wav", _bytes(np.random.default_rng(1).bytes(5000)),
-     ("error", r" is not a readable audio file \(Format not recognised\)$")),
+     ("error", r" is not a readable audio file \(Format not recognised; supported formats: ")),
     ("text-named-wav", "notes.wav", _bytes(b"meeting notes, not audio\n" * 40),
-     ("error", r" is not a readable audio file \(Format not recognised\)$")),
+     ("error", r" is not a readable audio file \(Format not recognised; supported formats: ")),
     ("truncated-header", "cut.wav", _bytes(GOOD.read_bytes()[:30]),
      ("error", r" is not a readable audio file \(Error in WAV file\. No 'data' chunk marker\)$")),
     ("header-without-samples", "header.wav", _bytes(GOOD.read_bytes()[:44]),

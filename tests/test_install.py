@@ -23,7 +23,7 @@ from conftest import DATA
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 # What only the export and load-test roles bring; the base install has none of the server's either.
-EXPORT_MODULES = ("torch", "funasr", "nemo", "locust", "matplotlib")
+EXPORT_MODULES = ("torch", "funasr", "nemo", "locust", "matplotlib", "starlette", "uvicorn")
 SERVER_MODULES = ("onnxruntime", "pytriton", "kaldi_native_fbank")
 # Heavy libraries the served models do without (the VAD's endpointing and Parakeet's mel matrix
 # are the package's own).
@@ -151,7 +151,8 @@ def test_the_base_install_transcribes_like_the_full_install(base_install, server
 
 @pytest.mark.parametrize("command, extra", [(["serve"], "server"), (["export", "vad"], "server"),
                                             (["bench", "offline", "--concurrency", "1"], "server"),
-                                            (["loadtest", "report", "run"], "loadtest")])
+                                            (["loadtest", "report", "run"], "loadtest"),
+                                            (["gateway"], "gateway")])
 def test_a_role_command_says_which_extra_to_install(base_install, tmp_path, command, extra):
     result = _tritonasr(base_install, *command, cwd=tmp_path)
     assert result.returncode == EXIT_USAGE

@@ -199,8 +199,8 @@ def test_missing_settings_are_refused_by_name(values, names):
 def test_export_runs_before_the_servers_on_a_volume_kept_across_releases(objects):
     claim, job = one(objects, "PersistentVolumeClaim"), one(objects, "Job")
     hooks = {o["kind"]: o["metadata"]["annotations"] for o in (claim, job)}
-    for annotations in hooks.values():
-        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    for hook in hooks.values():
+        assert hook["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert int(hooks["PersistentVolumeClaim"]["helm.sh/hook-weight"]) < int(hooks["Job"]["helm.sh/hook-weight"])
     assert hooks["PersistentVolumeClaim"]["helm.sh/resource-policy"] == "keep"
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]

@@ -16,6 +16,7 @@ from tritonasr.client.connection import Retry
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
 from tritonasr.client.endpointing import from_arguments as _endpointing
+from tritonasr.client.formats import FORMATS
 from tritonasr.contract import CHANNEL_MODES, ENGINES, EXIT_FAILED, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
 from tritonasr.serving.server import MODEL_CONTROL_MODES, ServerError
@@ -353,6 +354,12 @@ def cmd_loadtest_sweep(args) -> int:
     return sweep_main(args)
 
 
+def cmd_gateway(args) -> int:
+    from tritonasr.gateway.cli import main as gateway_main
+
+    return gateway_main(args)
+
+
 def cmd_loadtest_report(args) -> int:
     from tritonasr.loadtest.sweep import report_main
 
@@ -518,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe = sub.add_parser("transcribe", help="transcribe audio files through asr_offline")
     transcribe.add_argument("files", nargs="+")
     transcribe.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
-    transcribe.add_argument("--format", choices=["text", "json", "srt"], default="text", help="output format")
+    transcribe.add_argument("--format", choices=FORMATS, default="text", help="output format")
     transcribe.add_argument("--language", default="auto", choices=LANGUAGES, help="spoken language (auto: detect)")
     transcribe.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
     transcribe.add_argument("--concurrency", type=int, default=4, help="files in flight at once")
@@ -585,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     _role_arguments(bench_memory, "tritonasr.loadtest.bench_memory", "server", "loadtest")
     bench_memory.set_defaults(func=_needs("server", "loadtest")(cmd_bench_memory))
 
+    gateway = sub.add_parser("gateway", help="HTTP and WebSocket gateway: OpenAI-compatible transcription, "
+                                             "live streams over WebSocket")
+    _role_arguments(gateway, "tritonasr.gateway.cli", "gateway")
+    gateway.set_defaults(func=_needs("gateway")(cmd_gateway))
+
     loadtest = sub.add_parser("loadtest", help="Locust concurrency sweeps against tritonasr and baselines")
     loadtest_sub = loadtest.add_subparsers(dest="loadtest", required=True)
     sweep = loadtest_sub.add_parser("sweep", help="start each system, sweep it with Locust, stop it, write the report")
@@ -633,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("files", nargs="*", help="audio files (default: the bundled sample)")
     demo.add_argument("--model-dir", type=Path, help="SenseVoice FunASR model directory")
     demo.add_argument("--model", dest="hub_id", help="SenseVoice hub id")
-    demo.add_argument("--format", choices=["text", "json", "srt"], default="text", help="output format")
+    demo.add_argument("--format", choices=FORMATS, default="text", help="output format")
     _add_server_args(demo)
     demo.set_defaults(func=_needs("server", "export")(cmd_demo))
     return parser

@@ -69,6 +69,16 @@ class AudioError(InputError):
     kind = "bad_audio"
 
 
+class UnsupportedFormatError(AudioError):
+    """Data that no decoder here recognises as audio (or a container without an audio stream):
+    a format this package does not read, as opposed to a damaged file of one it does."""
+
+
+class AudioTooLongError(AudioError):
+    """Audio longer than the caller accepts (`load_audio`'s max_seconds): refused before it is all
+    decoded."""
+
+
 class SpeakerError(InputError):
     """A registry request that cannot be done (unknown name, duplicate, bad embedding)."""
 

@@ -1,0 +1,151 @@
+"""The gateway's ASGI application: its routes, and what every request passes through on its way
+in: a request id, the body-size limit, CORS, and the API key."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tritonasr.gateway.access import bearer_key, checked_key
+from tritonasr.gateway.errors import ApiError, from_failure
+from tritonasr.gateway.funasr import FunasrEndpoint
+from tritonasr.gateway.offline import OfflineRunner
+from tritonasr.gateway.request_ids import REQUEST_ID_HEADER
+from tritonasr.gateway.request_ids import request_id as new_request_id
+from tritonasr.gateway.settings import GatewaySettings
+from tritonasr.gateway.streams import StreamEndpoint
+from tritonasr.gateway.transcriptions import create_transcription
+
+log = logging.getLogger("tritonasr.gateway")
+
+
+def create_app(settings: GatewaySettings) -> Starlette:
+    runner = OfflineRunner(settings)
+    streams = StreamEndpoint(settings)
+    funasr = FunasrEndpoint(settings, runner, streams)
+
+    async def transcriptions(request: Request) -> Response:
+        return await create_transcription(request, runner, checked_key(bearer_key(request), settings))
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        runner.close()
+        await streams.close()
+
+    middleware = [Middleware(RequestContext, settings=settings)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                     expose_headers=[REQUEST_ID_HEADER, "Retry-After"], max_age=600))
+    return Starlette(routes=[Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+                             WebSocketRoute("/v1/stream", streams.serve),
+                             WebSocketRoute("/", funasr.serve),
+                             Route("/healthz", healthz, methods=["GET"])],
+                     middleware=middleware, lifespan=lifespan,
+                     exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed})
+
+
+def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(error.headers)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _api_error(request: Request, error: ApiError) -> Response:
+    return error_response(error)
+
+
+async def _not_found(request: Request, error: Exception) -> Response:
+    return error_response(ApiError(404, f"no such endpoint: {request.url.path}", code="not_found"))
+
+
+async def _not_allowed(request: Request, error: Exception) -> Response:
+    return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                                   code="method_not_allowed"))
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestContext:
+    """Per HTTP request: its id (the caller's X-Request-ID when it is a plain token, else a new
+    one) on the response and in the log line; the upload limit, checked on the declared length
+    and on the bytes as they arrive (a chunked upload declares none); and the failures of the
+    client library and the decoder turned into answers that say whose fault they were."""
+
+    def __init__(self, app: ASGIApp, settings: GatewaySettings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = new_request_id(headers.get(REQUEST_ID_HEADER.lower()))
+        scope.setdefault("state", {})["request_id"] = request_id
+        started, status, limit = time.monotonic(), [500], self.settings.max_upload_bytes
+        answered = [False]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                answered[0] = True
+                message["headers"] = [*message.get("headers", []),
+                                      (REQUEST_ID_HEADER.encode(), request_id.encode())]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            declared = int(headers.get("content-length", "0") or 0)
+        except ValueError:
+            declared = 0
+        try:
+            if declared > limit:
+                raise BodyTooLarge
+            await self.app(scope, limited_receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an answer, unless one was sent
+            if answered[0]:
+                raise
+            error = _as_api_error(exc, self.settings)
+            status[0] = error.status
+            await error_response(error, request_id)(scope, receive, send)
+            if error.status >= 500 and not isinstance(exc, ApiError):
+                log.error("request %s failed: %s", request_id, exc, exc_info=exc)
+        finally:
+            log.info("%s %s %s %d %.0f ms", request_id, scope["method"], scope["path"], status[0],
+                     (time.monotonic() - started) * 1000)
+
+
+def _as_api_error(exc: Exception, settings: GatewaySettings) -> ApiError:
+    if isinstance(exc, BodyTooLarge):
+        return ApiError(413, f"the upload is larger than this gateway takes ({settings.max_upload_bytes} bytes)",
+                        code="upload_too_large", param="file")
+    try:
+        return from_failure(exc, settings.retry_after_s)
+    except Exception:  # noqa: BLE001 - not one of ours: the gateway's own fault
+        return ApiError(500, "the gateway failed to answer; the request id is in X-Request-ID", code="internal_error")

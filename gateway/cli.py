@@ -1,0 +1,94 @@
+"""`tritonasr gateway`: the HTTP/WebSocket gateway in front of a Triton server (or a balancer)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tritonasr.client.connection import Credentials
+from tritonasr.gateway.settings import MiB, GatewaySettings
+from tritonasr.runtime.access import is_loopback, split_keys
+
+DEFAULTS = GatewaySettings()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULTS.triton_url, help="Triton's gRPC HOST:PORT (a server or a balancer)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; any other needs "
+                             "--api-key, or --allow-unauthenticated)")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port")
+    access = parser.add_argument_group("callers (README: HTTP gateway)")
+    access.add_argument("--api-key", action="append", default=None,
+                        help="a key callers must send as `Authorization: Bearer KEY`, passed on to Triton with "
+                             "their calls: the server's API keys; repeat for several (default: $TRITONASR_API_KEY, "
+                             "comma-separated)")
+    access.add_argument("--allow-unauthenticated", action="store_true",
+                        help="let a non-loopback --host serve callers without an API key")
+    access.add_argument("--tls-cert", type=Path, help="HTTPS/WSS: the gateway's certificate chain (PEM)")
+    access.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    access.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web origin whose pages may call the gateway (e.g. https://app.example.com); repeat")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-upload-mb", type=float, default=DEFAULTS.max_upload_bytes / MiB,
+                        help="largest upload, in MiB (413 beyond)")
+    limits.add_argument("--max-audio-seconds", type=float, default=DEFAULTS.max_audio_seconds,
+                        help="longest decoded audio (413 beyond)")
+    limits.add_argument("--max-inflight", type=int, default=DEFAULTS.max_inflight,
+                        help="offline requests this process works on at once; more wait for a turn")
+    limits.add_argument("--queue-timeout", type=float, default=DEFAULTS.queue_timeout_s, metavar="SECONDS",
+                        help="how long a request waits for a turn before 503 with Retry-After")
+    triton = parser.add_argument_group("the connection to Triton (each defaults to its $TRITONASR_* variable)")
+    triton.add_argument("--triton-tls-ca", type=Path, default=None,
+                        help="speak TLS to Triton, trusting this CA ($TRITONASR_TLS_CA)")
+    triton.add_argument("--triton-tls-cert", type=Path, default=None,
+                        help="client certificate for mutual TLS ($TRITONASR_TLS_CERT)")
+    triton.add_argument("--triton-tls-key", type=Path, default=None, help="its private key ($TRITONASR_TLS_KEY)")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    keys = tuple(key for value in (args.api_key or [os.environ.get("TRITONASR_API_KEY", "")])
+                 for key in split_keys(value))
+    if not is_loopback(args.host) and not keys and not args.allow_unauthenticated:
+        raise UsageError(f"--host {args.host} lets other machines call the gateway: give it --api-key "
+                         "(or $TRITONASR_API_KEY), or --allow-unauthenticated on a network you trust")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("HTTPS needs both --tls-cert and --tls-key")
+    # TLS towards Triton from the flags or the environment; the keys are the callers'.
+    tls = dataclasses.replace(Credentials.from_environment(tls_ca=args.triton_tls_ca, tls_cert=args.triton_tls_cert,
+                                                           tls_key=args.triton_tls_key), api_key=None, admin_key=None)
+    return GatewaySettings(
+        triton_url=args.url, triton_tls=tls,
+        api_keys=keys, max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
+        max_inflight=args.max_inflight, queue_timeout_s=args.queue_timeout, cors_origins=tuple(args.cors_origin))
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tritonasr.gateway.app import create_app
+
+    try:
+        settings = settings_from(args)
+    except (UsageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.tls_cert is None and not is_loopback(args.host):
+        print(f"WARNING: HTTP on {args.host} without TLS: keys and audio cross the network in plain text "
+              "(--tls-cert/--tls-key)", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    scheme = "https" if args.tls_cert else "http"
+    print(f"tritonasr gateway on {scheme}://{args.host}:{args.port} -> Triton {settings.triton_url} (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    # No per-message compression: audio does not compress, and it would cost CPU on every frame.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False,
+                ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+                ssl_keyfile=str(args.tls_key) if args.tls_key else None)
+    return 0

@@ -1,0 +1,37 @@
+"""What one gateway process is configured with (`tritonasr gateway`'s flags)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tritonasr.client.connection import Credentials
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    # Triton's gRPC address, and TLS towards it (the API key comes from each caller).
+    triton_url: str = "localhost:8001"
+    triton_tls: Credentials = field(default_factory=Credentials)
+    # Keys callers must send as `Authorization: Bearer KEY` (the server's API keys, which the
+    # gateway passes on with each call); empty: no key is asked for (loopback, or an operator's choice).
+    api_keys: tuple[str, ...] = ()
+    # An upload larger than this is refused (413) as soon as it is seen to be.
+    max_upload_bytes: int = 100 * MiB
+    # Decoded audio longer than this is refused (413): a small compressed file can hold hours.
+    max_audio_seconds: float = 4 * 3600
+    # Offline requests worked on at once by this process; more wait up to queue_timeout_s for a
+    # turn, then get 503 with Retry-After.
+    max_inflight: int = 16
+    queue_timeout_s: float = 10.0
+    # One request's time at Triton (per try), then 504.
+    request_timeout_s: float = 900.0
+    retry_after_s: int = 2
+    # Origins a browser page may call the gateway from (CORS); empty: none but the gateway's own.
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("max_upload_bytes", "max_audio_seconds", "max_inflight", "queue_timeout_s",
+                     "request_timeout_s", "retry_after_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
