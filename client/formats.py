@@ -9,7 +9,8 @@ FORMATS = ("text", "json", "srt", "vtt")
 
 
 def render(result: dict, fmt: str) -> str:
-    """The whole result in `fmt`; text, srt and vtt end with a newline unless there are no segments."""
+    """The whole result in `fmt`; text and srt end with a newline unless there are no segments, vtt
+    is a WEBVTT file (its header alone without segments)."""
     if fmt == "json":
         return json.dumps(result, ensure_ascii=False) + "\n"
     if fmt == "text":

@@ -52,6 +52,18 @@ def test_empty_segments():
     assert json.loads(render(EMPTY, "json")) == EMPTY
 
 
+def test_vtt_names_speakers_as_voices_and_escapes_markup():
+    result = {"segments": [*RESULT["segments"][:2],
+                           {"start_ms": 70_000, "end_ms": 71_000, "text": "a <b> & c", "speaker": None}]}
+    assert render(result, "vtt") == (
+        "WEBVTT\n"
+        "\n00:00:01.230 --> 00:00:03.450\n<v alice>Hello there.\n"
+        "\n00:01:01.005 --> 00:01:05.000\n<v speaker B>今天天气很好。\n"
+        "\n00:01:10.000 --> 00:01:11.000\na &lt;b&gt; &amp; c\n"
+    )
+    assert render(EMPTY, "vtt") == "WEBVTT\n"  # a valid file, without cues
+
+
 def test_unknown_format_is_rejected():
-    with pytest.raises(ValueError, match="format 'vtt'; choose one of text, json, srt"):
-        render(RESULT, "vtt")
+    with pytest.raises(ValueError, match="format 'xml'; choose one of text, json, srt, vtt"):
+        render(RESULT, "xml")
