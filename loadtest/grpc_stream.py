@@ -107,5 +107,8 @@ def run_stream(client: grpcclient.InferenceServerClient, samples: np.ndarray, *,
         # streams cancelled while it finishes them (server#7368). A stream stopped by the load
         # generator (its users stopping) or a silent server's is cancelled.
         client.stop_stream(cancel_requests=summary is None and not refused)
-    first_ms = (first_response[0] - clock.start) * 1000 if first_response else None
+    # From the first chunk's send, as the documented field says and the WebSocket clients time it
+    # (not from the stream's start, which would add the first chunk's real-time wait).
+    first_sent = clock.sent_at(0)
+    first_ms = (first_response[0] - first_sent) * 1000 if first_response and first_sent is not None else None
     return StreamResult(finals, summary, first_ms)

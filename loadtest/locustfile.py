@@ -5,6 +5,11 @@
 
 (`tritonasr loadtest sweep` runs this for each system and writes the report.)
 
+The users, by what --host names: TritonOfflineUser and TritonStreamUser, Triton's gRPC
+(HOST:PORT); GatewayOfflineUser and GatewayStreamUser, `tritonasr gateway` in front of it
+(http://HOST:PORT); WebsocketOfflineUser and WebsocketStreamUser, the baselines (ws://HOST:PORT).
+None runs the speaker stage: the baselines have none.
+
 A Locust user is one caller, sending one request or stream after another:
 - offline users send whole clips (15 s, 30 s, 60 s by default, mixed) and report each as a
   request named after its length;
@@ -246,6 +251,51 @@ class WebsocketStreamUser(StreamCaller):
 
         options = _options()
         summary = stream(f"{self.host}/stream", samples, chunk_ms=options.chunk_ms, realtime=True,
+                         on_segment=lambda s: on_final(s.start_ms, s.end_ms, s.latency_ms))
+        return summary["first_response_ms"]
+
+
+class GatewayOfflineUser(OfflineCaller):
+    """`tritonasr gateway`'s OpenAI `POST /v1/audio/transcriptions` (--host is its http://
+    address): each clip as a 16-bit WAV, the server's default engine, speaker stage off; one
+    HTTP session (kept-alive connections) per caller; any HTTP error, a 503 too, fails the request.
+    The key: the first of $TRITONASR_API_KEY's, as a Bearer token."""
+
+    def on_start(self) -> None:
+        import requests
+
+        from tritonasr.loadtest.ws_gateway import api_key_from_environment
+
+        super().on_start()
+        self.api_key = api_key_from_environment()
+        self.session = requests.Session()
+
+    def on_stop(self) -> None:
+        self.session.close()
+
+    def transcribe(self, samples):
+        from tritonasr.loadtest.ws_gateway import transcribe
+
+        return transcribe(self.host, samples, session=self.session, api_key=self.api_key)
+
+
+class GatewayStreamUser(StreamCaller):
+    """`tritonasr gateway`'s `WS /v1/stream` (--host is its http:// address), one socket per call:
+    pcm16 frames of --chunk-ms paced in real time, speaker stage off, --partials as partials_ms."""
+
+    def on_start(self) -> None:
+        from tritonasr.loadtest.ws_gateway import api_key_from_environment, stream_url
+
+        super().on_start()
+        self.api_key = api_key_from_environment()
+        self.url = stream_url(self.host)
+
+    def stream(self, samples, on_final):
+        from tritonasr.loadtest.ws_gateway import stream
+
+        options = _options()
+        summary = stream(self.url, samples, chunk_ms=options.chunk_ms, realtime=True, api_key=self.api_key,
+                         partials_ms=options.partials,
                          on_segment=lambda s: on_final(s.start_ms, s.end_ms, s.latency_ms))
         return summary["first_response_ms"]
 

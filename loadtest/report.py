@@ -188,6 +188,7 @@ def render(report: dict) -> str:
                      f"{raw['best_batch']} ({', '.join(f'batch {b}: {v:.1f}' for b, v in raw['by_batch'].items())})")
     lines.append("")
     lines += _offline_tables(run, results) if run["workload"] == "offline" else _stream_tables(results)
+    lines += _gateway_overhead(run, results)
     lines += _unreported(run, results)
     if report["targets"]:
         lines += ["", f"Targets at {TARGET_LEVEL}+ callers (tritonasr against the others, all clip lengths pooled):", "",
@@ -245,6 +246,49 @@ def _stream_tables(results: dict) -> list[str]:
                          f"{_ms(final['mean_ms'])} | {_ms(final['p50_ms'])} | {_ms(final['p95_ms'])} | "
                          f"{_ms(final['p99_ms'])} | {_ms(first['p50_ms'])} | {_ms(first['p95_ms'])} | "
                          f"{final['rtfx']:.1f} | {_num(final['client_cpu'], '.0%')} |")
+    return lines
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}"
+
+
+def _gateway_overhead(run: dict, results: dict) -> list[str]:
+    """The gateway beside direct gRPC to the same server, level by level (both in the run)."""
+    if "tritonasr" not in results or "gateway" not in results:
+        return []
+    offline = run["workload"] == "offline"
+    key = ALL if offline else "final"
+    ours = {f["users"]: f for f in results["tritonasr"]["levels"][key]}
+    lines = ["", "The gateway against direct gRPC to the same server, at the same callers ("
+             + ("all clip lengths; latency in s" if offline else "end of speech -> final; latency in ms")
+             + "; overhead = gateway - tritonasr, in ms; x = gateway / tritonasr):", ""]
+    if offline:
+        lines += ["| callers | p50 tritonasr | p50 gateway | p50 overhead | p95 tritonasr | p95 gateway | p95 x | "
+                  "audio s / s tritonasr | audio s / s gateway | throughput x | gateway errors |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| streams | p50 tritonasr | p50 gateway | p50 overhead | p95 tritonasr | p95 gateway | p95 x | "
+                  "first p50 tritonasr | first p50 gateway | gateway failed streams |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    firsts = {name: {f["users"]: f for f in results[name]["levels"].get("first_response", [])}
+              for name in ("tritonasr", "gateway")}
+    streams = {f["users"]: f for f in results["gateway"]["levels"].get("stream", [])}
+    show = _s if offline else _ms
+    for g in results["gateway"]["levels"][key]:
+        t = ours.get(g["users"])
+        if t is None:
+            continue
+        overhead = None if g["p50_ms"] is None or t["p50_ms"] is None else g["p50_ms"] - t["p50_ms"]
+        cells = [show(t["p50_ms"]), show(g["p50_ms"]), _ms(overhead), show(t["p95_ms"]), show(g["p95_ms"]),
+                 _ratio(g["p95_ms"], t["p95_ms"])]
+        if offline:
+            cells += [f"{t['rtfx']:.1f}", f"{g['rtfx']:.1f}", _ratio(g["rtfx"], t["rtfx"]), f"{g['error_rate']:.1%}"]
+        else:
+            first_t, first_g = firsts["tritonasr"].get(g["users"], {}), firsts["gateway"].get(g["users"], {})
+            cells += [_ms(first_t.get("p50_ms")), _ms(first_g.get("p50_ms")),
+                      str(streams.get(g["users"], {}).get("failed", 0))]
+        lines.append(f"| {g['users']} | " + " | ".join(cells) + " |")
     return lines
 
 

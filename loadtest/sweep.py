@@ -1,13 +1,17 @@
 """`tritonasr loadtest sweep`: each system started in turn, swept by Locust through the same
 concurrency levels with the same audio, stopped; then the report.
 
-Systems (`--systems`, in this order by default):
+Systems (`--systems`; the first three by default, in this order):
 - tritonasr: the embedded Triton server on the model repository (VAD + SenseVoice only; the
-  speaker stage is off in every request, as the baselines have none);
+  speaker stage is off in every request, as the baselines have none), called over gRPC;
 - per-session: FunASR AutoModel (FSMN-VAD + SenseVoiceSmall, PyTorch) with one worker per session
   behind a WebSocket front (loadtest/per_session.py), the same weights;
 - sherpa-onnx: sherpa-onnx-offline-websocket-server with the same SenseVoice weights exported in
-  its format (offline workload only: it has no streaming endpoint for SenseVoice).
+  its format (offline workload only: it has no streaming endpoint for SenseVoice);
+- gateway: the same embedded Triton server with `tritonasr gateway` (a subprocess, the `gateway`
+  extra) in front of it, called over HTTP (OpenAI's transcriptions) and WebSocket (/v1/stream).
+  Not in the default list, which compares tritonasr with the baselines: `--systems
+  tritonasr,gateway` measures what the gateway adds to direct gRPC, side by side in the report.
 The raw ceiling (offline workload) is the served SenseVoice graph alone in-process, at its best
 batch size, over the speech segments of the same clips: measured first, with nothing else running.
 
@@ -23,17 +27,21 @@ import platform
 import shlex
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 
+from tritonasr.loadtest.processes import ServerProcess
 from tritonasr.loadtest.sweep_plan import SweepPlan, add_plan_arguments
 from tritonasr.paths import add_repository_argument, default_model_repository
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx")
+SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx", "gateway")
+# The comparison with the baselines; the gateway is measured against tritonasr on request.
+DEFAULT_SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx")
 # What each system is, for the report.
 DESCRIPTIONS = {
     "tritonasr": "Triton 2.51 (embedded, Python backend + ONNX Runtime), FSMN-VAD -> SenseVoiceSmall with dynamic "
@@ -43,6 +51,9 @@ DESCRIPTIONS = {
     "sherpa-onnx": "sherpa-onnx-offline-websocket-server (C++, ONNX Runtime), the same SenseVoiceSmall weights in "
                    "sherpa-onnx's format, each clip decoded whole as one utterance (no VAD), batches across "
                    "connections; WebSocket",
+    "gateway": "`tritonasr gateway` (Starlette + uvicorn, one process) in front of the same embedded Triton as "
+               "tritonasr: OpenAI's POST /v1/audio/transcriptions with 16-bit WAV uploads, or WS /v1/stream with "
+               "pcm16 frames, the server's default engine, speaker stage off; HTTP / WebSocket",
 }
 
 
@@ -56,11 +67,12 @@ class Target:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated, from {', '.join(SYSTEMS)} (default: {','.join(DEFAULT_SYSTEMS)}; "
+                             "tritonasr,gateway: the gateway's cost over direct gRPC)")
     parser.add_argument("--workload", choices=("offline", "stream"), default="offline",
                         help="offline: whole clips through each system's file endpoint; stream: real-time "
-                             "streams (tritonasr and per-session)")
+                             "streams (tritonasr, gateway and per-session)")
     add_repository_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default: loadtest-results/<date-time>)")
@@ -93,16 +105,68 @@ def locust_command(target: Target, prefix: Path, args) -> list[str]:
     return command + [target.user_class]
 
 
-@contextmanager
-def start_system(name: str, repository: Path, workload: str, args, log: Callable[[str], None]) -> Iterator[Target]:
-    if name == "tritonasr":
-        from tritonasr.serving.server import ServerConfig, TritonServer, free_port
+class GatewayProcess(ServerProcess):
+    """`tritonasr gateway --url TRITON` on a free loopback port, serving once `GET /healthz`
+    answers 200. Its admission limit (--max-inflight) is raised to `max_inflight`, so that it
+    never refuses a caller whom direct gRPC would serve: the sweep measures its overhead, not its
+    limit. Keys: the gateway's default, $TRITONASR_API_KEY, which the Locust users send too."""
 
-        models = ["vad", "sensevoice", "asr_offline", "asr_stream"]
-        config = ServerConfig(repository, free_port(), free_port(), free_port(), models=models, asr_engine="sensevoice")
-        with TritonServer(config) as server:
+    name = "gateway"
+
+    def __init__(self, triton_url: str, max_inflight: int = 16, log_path: Path | None = None):
+        from tritonasr.serving.server import free_port
+
+        super().__init__(log_path)
+        self.triton_url = triton_url
+        self.max_inflight = max_inflight
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tritonasr.cli", "gateway", "--url", self.triton_url, "--host", "127.0.0.1",
+                "--port", str(self.port), "--max-inflight", str(self.max_inflight)]
+
+    def ready(self) -> bool:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+        try:
+            with opener.open(f"{self.url}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+def missing_gateway_extra() -> tuple[str, ...]:
+    """The distributions of the `gateway` extra that are not installed (none when all are, or when
+    tritonasr is not installed as a distribution and nothing can be known)."""
+    from tritonasr.cli import _lacking
+
+    return _lacking("gateway")
+
+
+def _embedded_triton(repository: Path):
+    """tritonasr's server as the sweep measures it: VAD + SenseVoice, no speaker model."""
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
+
+    models = ["vad", "sensevoice", "asr_offline", "asr_stream"]
+    return TritonServer(ServerConfig(repository, free_port(), free_port(), free_port(), models=models,
+                                     asr_engine="sensevoice"))
+
+
+@contextmanager
+def start_system(name: str, repository: Path, workload: str, args, log: Callable[[str], None],
+                 run_dir: Path | None = None) -> Iterator[Target]:
+    """`run_dir`: where the gateway's log goes (default: a temporary file)."""
+    if name == "tritonasr":
+        with _embedded_triton(repository) as server:
             user = "TritonOfflineUser" if workload == "offline" else "TritonStreamUser"
             yield Target(server.grpc_url, user, server.metrics_url)
+    elif name == "gateway":
+        gateway_log = run_dir / "gateway.log" if run_dir is not None else None
+        with _embedded_triton(repository) as server, \
+                GatewayProcess(server.grpc_url, max(16, *args.levels), gateway_log) as gateway:
+            log(f"gateway: serving on {gateway.url} in front of Triton {server.grpc_url} (log {gateway.log_path})")
+            user = "GatewayOfflineUser" if workload == "offline" else "GatewayStreamUser"
+            yield Target(gateway.url, user, server.metrics_url)
     elif name == "per-session":
         from tritonasr.loadtest.per_session import PerSessionServer, baseline_model_dirs
 
@@ -153,6 +217,10 @@ def main(args) -> int:
     if unknown or not systems:
         log(f"error: unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
         return 2
+    if "gateway" in systems and missing_gateway_extra():
+        log("error: the gateway system runs `tritonasr gateway`, which needs the gateway extra: pip install "
+            f"'tritonasr[gateway]' (not installed: {', '.join(missing_gateway_extra())})")
+        return 2
     repository = (args.model_repository or default_model_repository()).resolve()
     if not (repository / "sensevoice" / "1" / "meta.json").exists():
         log(f"error: no exported SenseVoice in {repository}; run `tritonasr export vad` and "
@@ -182,7 +250,7 @@ def main(args) -> int:
             entry["skipped"] = "sherpa-onnx-offline-websocket-server has no streaming endpoint"
             continue
         log(f"{system}: starting…")
-        with start_system(system, repository, args.workload, args, log) as target:
+        with start_system(system, repository, args.workload, args, log, run_dir) as target:
             log(f"{system}: ready at {target.url}; sweeping ({plan.duration_s:.0f} s)…")
             try:
                 code = subprocess.run(locust_command(target, run_dir / system, args),

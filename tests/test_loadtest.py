@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import http.server
+import io
 import json
 import subprocess
 import sys
@@ -311,3 +312,162 @@ def test_sweep_whose_requests_outlast_the_hold_reports_every_level(model_reposit
         else:
             assert (f"- tritonasr, {w.users} caller{'s' * (w.users != 1)}: no request completed in the 0.5 s hold"
                     in report)
+
+
+# -- the gateway system: its clients, and a short sweep ------------------------------------------
+
+def test_gateway_client_addresses_keys_and_wav(monkeypatch):
+    from tritonasr.audio import load_audio
+    from tritonasr.loadtest.ws_gateway import api_key_from_environment, auth_headers, stream_url, wav_bytes
+
+    assert stream_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/v1/stream"
+    assert stream_url("https://asr.example.com/") == "wss://asr.example.com/v1/stream"
+    assert stream_url("localhost:8080") == "ws://localhost:8080/v1/stream"
+    monkeypatch.setenv("TRITONASR_API_KEY", "first-key,second-key")
+    assert api_key_from_environment() == "first-key"
+    assert auth_headers("first-key") == {"Authorization": "Bearer first-key"}
+    monkeypatch.delenv("TRITONASR_API_KEY")
+    assert api_key_from_environment() is None and auth_headers(None) == {}
+    samples = workload.clip(2, 0)
+    audio = load_audio(io.BytesIO(wav_bytes(samples)))
+    assert audio.sample_rate == 16000 and audio.samples.size == samples.size
+    assert np.abs(audio.samples - samples).max() <= 1 / 32767  # 16-bit PCM
+
+
+def test_sweep_lists_the_gateway_and_says_when_its_extra_is_missing(monkeypatch, capsys):
+    import argparse
+
+    from tritonasr.loadtest import sweep
+
+    assert "gateway" in sweep.SYSTEMS and "gateway" in sweep.DESCRIPTIONS
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    assert parser.parse_args([]).systems == "tritonasr,per-session,sherpa-onnx"  # the baselines' comparison
+    command = sweep.GatewayProcess("127.0.0.1:8001", max_inflight=32).command()
+    assert command[command.index("--url") + 1] == "127.0.0.1:8001"
+    assert command[command.index("--max-inflight") + 1] == "32"
+    monkeypatch.setattr(sweep, "missing_gateway_extra", lambda: ("uvicorn",))
+    assert sweep.main(parser.parse_args(["--systems", "tritonasr,gateway"])) == 2
+    assert "pip install 'tritonasr[gateway]' (not installed: uvicorn)" in capsys.readouterr().err
+
+
+GATEWAY_KEY = "loadtest-gateway-key"
+
+
+@pytest.fixture(scope="module")
+def loadtest_gateway(server, tmp_path_factory):
+    from test_e2e_gateway import Gateway
+
+    running = Gateway(server.grpc_url, "--api-key", GATEWAY_KEY,
+                      log=tmp_path_factory.mktemp("loadtest_gateway") / "log")
+    yield running
+    running.stop()
+
+
+def _as_sent(samples: np.ndarray) -> np.ndarray:
+    """The samples as the gateway decodes them from the users' 16-bit audio."""
+    from tritonasr.audio import decode, encode
+
+    return decode(encode(samples, "pcm16"), "pcm16")
+
+
+@pytest.mark.e2e
+def test_gateway_offline_user_gets_the_servers_transcript_and_fails_on_errors(server, loadtest_gateway):
+    """GatewayOfflineUser's request: the transcript the client library gets straight from Triton
+    for the same 16-bit audio, without the speaker stage; refusals raise."""
+    import requests
+
+    from tritonasr.client.offline import OfflineClient
+    from tritonasr.gateway.transcriptions import joined_text
+    from tritonasr.loadtest.ws_gateway import GatewayError, transcribe
+
+    samples = workload.clip(5, 1)
+    with requests.Session() as session:
+        results = [transcribe(loadtest_gateway.url, samples, session=session, api_key=GATEWAY_KEY) for _ in range(2)]
+        with OfflineClient(server.grpc_url, timeout_s=120) as client:
+            direct = client.transcribe(_as_sent(samples), with_speaker=False)
+        assert direct["segments"] and all(s.get("speaker") is None for s in direct["segments"])
+        for result in results:  # the second one over the session's kept-alive connection
+            assert result["text"] == joined_text(direct["segments"])
+            assert result["usage"]["seconds"] == pytest.approx(5.0)
+        with pytest.raises(GatewayError, match="answered 401: invalid_api_key") as refused:
+            transcribe(loadtest_gateway.url, samples, session=session)
+        assert refused.value.status == 401
+        with pytest.raises(GatewayError, match="answered 400: model_not_found"):
+            transcribe(loadtest_gateway.url, samples, session=session, api_key=GATEWAY_KEY, model="whisper-0")
+    from tritonasr.serving.server import free_port
+
+    with pytest.raises(GatewayError, match="cannot talk to"):
+        transcribe(f"http://127.0.0.1:{free_port()}", samples, api_key=GATEWAY_KEY)
+
+
+@pytest.mark.e2e
+def test_gateway_stream_user_times_the_servers_finals_and_fails_on_refusals(server, loadtest_gateway):
+    """GatewayStreamUser's stream, paced in real time: the finals a gRPC stream of the same
+    16-bit audio gets, each timed from the frame holding its end to its arrival, and the first
+    response; refusals raise with the gateway's error code."""
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from tritonasr.loadtest.grpc_stream import run_stream
+    from tritonasr.loadtest.ws_gateway import stream, stream_url
+    from tritonasr.loadtest.ws_stream import WebsocketStreamError
+
+    samples = workload.stream_audio(5, 0)  # two sentences, 6.9 s
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        direct = run_stream(client, _as_sent(samples), chunk_ms=100, realtime=False, with_speaker=False)
+    finally:
+        client.close()
+    assert len(direct.finals) >= 2
+    url = stream_url(loadtest_gateway.url)
+    seen = []
+    began = time.monotonic()
+    summary = stream(url, samples, chunk_ms=100, realtime=True, api_key=GATEWAY_KEY, on_segment=seen.append)
+    assert time.monotonic() - began >= workload.seconds(samples) - 0.1  # paced as recorded
+    assert [(s.start_ms, s.end_ms, s.text) for s in seen] == [(s.start_ms, s.end_ms, s.text) for s in direct.finals]
+    assert summary["finals"] == seen and summary["segment_count"] == len(seen)
+    assert summary["duration_ms"] == samples.size * 1000 // 16000
+    assert summary["chunks"] == -(-samples.size // 1600) and summary["request_id"]
+    for segment in seen:
+        assert segment.speaker is None  # speaker stage off
+        assert segment.latency_ms is not None and 0 <= segment.latency_ms < 5000, segment
+        assert 0 <= segment.after_endpoint_ms <= segment.latency_ms
+    assert seen[0].received_ms < seen[-1].received_ms - 1000  # the first sentence's final came mid-stream
+    assert 0 < summary["first_response_ms"] <= seen[0].received_ms + 1
+    with pytest.raises(WebsocketStreamError, match="refused the stream: invalid_api_key"):
+        stream(url, samples[:16000], realtime=False)
+    with pytest.raises(WebsocketStreamError, match="refused the stream: invalid_option"):
+        stream(url, samples[:16000], realtime=False, api_key=GATEWAY_KEY, languge="en")
+    from tritonasr.serving.server import free_port
+
+    with pytest.raises(WebsocketStreamError, match="cannot talk to"):
+        stream(f"ws://127.0.0.1:{free_port()}/v1/stream", samples[:16000], realtime=False)
+
+
+@pytest.mark.e2e
+def test_short_gateway_sweep_reports_the_gateway(model_repository, tmp_path):
+    """`--systems gateway`: the embedded Triton with `tritonasr gateway` in front, swept by
+    GatewayOfflineUser: every request answered, its level in the report with Triton's counters,
+    the gateway's log in the run directory."""
+    command = [sys.executable, "-m", "tritonasr.cli", "loadtest", "sweep", "--systems", "gateway", "--no-raw",
+               "--model-repository", str(model_repository), "--out", str(tmp_path), "--levels", "1",
+               "--settle", "1", "--hold", "4", "--clip-seconds", "5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [s["name"] for s in data["run"]["systems"]] == ["gateway"]
+    report = (tmp_path / "report.md").read_text()
+    rows = {r["clip"]: r for r in _markdown_rows(report, "| system | clip |")}
+    assert set(rows) == {"5 s clip", ALL}
+    assert all(r["system"] == "gateway" and r["callers"] == "1" for r in rows.values())
+    level = rows[ALL]
+    assert level["errors"] == "0.0%" and int(level["requests"]) > 0
+    assert float(level["RTFx"]) == pytest.approx(float(level["QPS"]) * 5, rel=0.02, abs=0.2)
+    with open(tmp_path / "gateway_stats.csv", newline="") as handle:
+        aggregated = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    assert int(aggregated["Failure Count"]) == 0 and int(aggregated["Request Count"]) >= int(level["requests"])
+    server = {r["model"]: r for r in _markdown_rows(report, "| callers | model |")}
+    assert abs(int(server["asr_offline"]["requests"]) - int(level["requests"])) <= 1
+    assert "POST /v1/audio/transcriptions 200" in (tmp_path / "gateway.log").read_text()
