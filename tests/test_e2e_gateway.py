@@ -74,10 +74,15 @@ class Gateway:
         self.process.wait(timeout=30)
 
 
-def open_streams(server) -> float:
-    """The streams the server holds now (its tritonasr_open_streams gauges)."""
+def server_gauge(server, name: str) -> float:
+    """The sum of the server's `name` gauges now."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r"^tritonasr_open_streams\{[^}]*\} (\S+)$", text, flags=re.M))
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, flags=re.M))
+
+
+def open_streams(server) -> float:
+    """The streams the server holds now."""
+    return server_gauge(server, "tritonasr_open_streams")
 
 
 def wait_for_open_streams(server, count: float, timeout_s: float) -> float:
@@ -280,7 +285,10 @@ def test_a_saturated_gateway_answers_503_with_retry_after(server, tmp_path, dire
 
         thread = threading.Thread(target=transcribe_long)
         thread.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while not server_gauge(server, "tritonasr_inflight_requests"):  # the turn is taken
+            assert time.monotonic() < deadline and thread.is_alive(), "the long request never reached the server"
+            time.sleep(0.02)
         refused = _post(busy, files={"file": ("a.wav", SPEECH.read_bytes())}, data={"model": "sensevoice"}, key=None)
         thread.join()
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
