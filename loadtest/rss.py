@@ -91,16 +91,22 @@ def snapshot(server_pid: int) -> Snapshot:
 def cpu_seconds(server_pid: int) -> dict[str, float]:
     """CPU time (user + system) used so far by tritonserver and by each model (its instances
     summed); a process that has gone is left out."""
-    tick = os.sysconf("SC_CLK_TCK")
     used: dict[str, float] = {}
     for pid, name in [(server_pid, SERVER), *((pid, model_of(argv)) for pid, argv in stub_processes(server_pid).items())]:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except OSError:
-            continue
-        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        seconds = process_cpu_seconds(pid)
+        if seconds is not None:
+            used[name] = used.get(name, 0.0) + seconds
     return used
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) one process has used so far; None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def find_server_pid(grpc_port: int) -> int | None:

@@ -143,7 +143,7 @@ def missing_gateway_extra() -> tuple[str, ...]:
     return _lacking("gateway")
 
 
-def _embedded_triton(repository: Path):
+def sweep_server(repository: Path):
     """tritonasr's server as the sweep measures it: VAD + SenseVoice, no speaker model."""
     from tritonasr.serving.server import ServerConfig, TritonServer, free_port
 
@@ -157,12 +157,12 @@ def start_system(name: str, repository: Path, workload: str, args, log: Callable
                  run_dir: Path | None = None) -> Iterator[Target]:
     """`run_dir`: where the gateway's log goes (default: a temporary file)."""
     if name == "tritonasr":
-        with _embedded_triton(repository) as server:
+        with sweep_server(repository) as server:
             user = "TritonOfflineUser" if workload == "offline" else "TritonStreamUser"
             yield Target(server.grpc_url, user, server.metrics_url)
     elif name == "gateway":
         gateway_log = run_dir / "gateway.log" if run_dir is not None else None
-        with _embedded_triton(repository) as server, \
+        with sweep_server(repository) as server, \
                 GatewayProcess(server.grpc_url, max(16, *args.levels), gateway_log) as gateway:
             log(f"gateway: serving on {gateway.url} in front of Triton {server.grpc_url} (log {gateway.log_path})")
             user = "GatewayOfflineUser" if workload == "offline" else "GatewayStreamUser"

@@ -471,3 +471,29 @@ def test_short_gateway_sweep_reports_the_gateway(model_repository, tmp_path):
     server = {r["model"]: r for r in _markdown_rows(report, "| callers | model |")}
     assert abs(int(server["asr_offline"]["requests"]) - int(level["requests"])) <= 1
     assert "POST /v1/audio/transcriptions 200" in (tmp_path / "gateway.log").read_text()
+
+
+@pytest.mark.e2e
+def test_bench_gateway_alternates_the_paths_over_the_same_work(server, tmp_path, capsys):
+    """`tritonasr bench gateway --url`: both paths get every request and stream of every round,
+    in alternating order; the gateway's CPU counts in its own rounds; the report compares them."""
+    import json
+
+    from tritonasr.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "gateway", "--url", server.grpc_url, "--rounds", "2", "--callers", "2", "--streams", "2",
+                 "--clip-seconds", "3,5", "--stream-seconds", "5", "--stagger-ms", "200", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(out.read_text())
+    order = [line.split(", ")[1] for line in captured.err.splitlines() if " round " in line]
+    assert order == ["direct", "gateway", "gateway", "direct"] * 2  # offline, then streams
+    offline, streams = report["workloads"]["offline"], report["workloads"]["stream"]
+    for path in ("direct", "gateway"):
+        assert offline["paths"][path]["results"] == offline["paths"][path]["count"] == 2 * 2 * 2
+        assert offline["paths"][path]["errors"] == streams["paths"][path]["errors"] == 0
+        assert streams["paths"][path]["results"] >= 2 * 2  # a final per stream at least
+        assert offline["paths"][path]["server_cpu_per_audio_s"] > 0
+    assert offline["gateway_cpu_ms_per_request"] > 0 and streams["gateway_cores_per_audio_s"] > 0
+    assert "| gateway / direct |" in captured.out and "The gateway's own CPU:" in captured.out

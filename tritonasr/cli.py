@@ -336,6 +336,12 @@ def cmd_bench_stream(args) -> int:
     return bench_main(args)
 
 
+def cmd_bench_gateway(args) -> int:
+    from tritonasr.loadtest.bench_gateway import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_bench_memory(args) -> int:
     from tritonasr.loadtest.bench_memory import main as bench_main
 
@@ -588,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_stream = bench_sub.add_parser("stream", help="N concurrent real-time streams: latency after end of speech")
     _role_arguments(bench_stream, "tritonasr.loadtest.bench_stream", "server", "loadtest")
     bench_stream.set_defaults(func=_needs("server", "loadtest")(cmd_bench_stream))
+    bench_gateway = bench_sub.add_parser("gateway", help="the gateway against direct gRPC on one server, rounds "
+                                                         "alternated: latency and the gateway's CPU")
+    _role_arguments(bench_gateway, "tritonasr.loadtest.bench_gateway", "server", "loadtest", "gateway")
+    bench_gateway.set_defaults(func=_needs("server", "loadtest", "gateway")(cmd_bench_gateway))
     bench_memory = bench_sub.add_parser("memory", help="RSS after 2-hour requests, an oversized one, abandoned streams")
     _role_arguments(bench_memory, "tritonasr.loadtest.bench_memory", "server", "loadtest")
     bench_memory.set_defaults(func=_needs("server", "loadtest")(cmd_bench_memory))
