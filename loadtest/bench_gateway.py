@@ -206,6 +206,7 @@ def run_workload(name: str, paths: Paths, args, gateway_pid: int, server_pid: in
     gateway = paths_summary["gateway"]
     direct_cpu = paths_summary["direct"]["gateway_cpu_s"]  # an idle gateway's own ticking, for scale
     return {"level": level, "paths": paths_summary,
+            "latencies_ms_by_round": {path: [r["latencies_ms"] for r in rounds[path]] for path in PATHS},
             "gateway_cpu_ms_per_request": gateway["gateway_cpu_s"] / gateway["count"] * 1000,
             "gateway_cores_per_audio_s": gateway["gateway_cpu_s"] / gateway["audio_s"],
             "idle_gateway_cpu_s": direct_cpu}
