@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 
 FORMATS = ("text", "json", "srt", "vtt")
+# Other names a format answers to: `txt`, as its files are named.
+FORMAT_ALIASES = {"txt": "text"}
+# The name of each format's files ends with this (`tritonasr transcribe --output-dir`).
+EXTENSIONS = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}
 
 
 def render(result: dict, fmt: str) -> str:
     """The whole result in `fmt`; text and srt end with a newline unless there are no segments, vtt
     is a WEBVTT file (its header alone without segments)."""
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt == "json":
         return json.dumps(result, ensure_ascii=False) + "\n"
     if fmt == "text":
