@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tritonasr.client.connection import Credentials
+from tritonasr.gateway.jobs.store import default_url, engine_url
 from tritonasr.gateway.settings import MiB, GatewaySettings
 from tritonasr.runtime.access import is_loopback, split_keys
 
@@ -41,6 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="offline requests this process works on at once; more wait for a turn")
     limits.add_argument("--queue-timeout", type=float, default=DEFAULTS.queue_timeout_s, metavar="SECONDS",
                         help="how long a request waits for a turn before 503 with Retry-After")
+    jobs = parser.add_argument_group("batch jobs (docs/jobs.md)")
+    jobs.add_argument("--jobs-db", metavar="URL", default=None,
+                      help="the jobs database: sqlite:///PATH or a file path (one gateway), or "
+                           "postgresql://USER@HOST:PORT/DB shared by replicas (the password from $PGPASSWORD or "
+                           f"$PGPASSFILE) (default: {default_url()})")
+    jobs.add_argument("--jobs-root", type=Path, default=None, metavar="DIR",
+                      help="jobs may name server-side files and directories under DIR, nothing outside it "
+                           "(default: none, jobs are uploads only)")
+    jobs.add_argument("--job-workers", type=int, default=DEFAULTS.job_workers, metavar="N",
+                      help="files this process transcribes at once for jobs (0: none, it serves the API only)")
+    jobs.add_argument("--job-lease", type=float, default=DEFAULTS.job_lease_s, metavar="SECONDS",
+                      help="a file whose worker has not renewed its claim for this long is taken over by another")
+    jobs.add_argument("--job-attempts", type=int, default=DEFAULTS.job_attempts, metavar="N",
+                      help="tries of a file failing for a passing reason (Triton unreachable or busy) or whose "
+                           "gateway died")
     triton = parser.add_argument_group("the connection to Triton (each defaults to its $TRITONASR_* variable)")
     triton.add_argument("--triton-tls-ca", type=Path, default=None,
                         help="speak TLS to Triton, trusting this CA ($TRITONASR_TLS_CA)")
@@ -61,13 +77,19 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
                          "(or $TRITONASR_API_KEY), or --allow-unauthenticated on a network you trust")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("HTTPS needs both --tls-cert and --tls-key")
+    if args.jobs_root is not None and not args.jobs_root.is_dir():
+        raise UsageError(f"--jobs-root {args.jobs_root} is not a directory")
+    if args.jobs_db is not None:
+        engine_url(args.jobs_db)  # (refuses a password in the URL, an unknown scheme)
     # TLS towards Triton from the flags or the environment; the keys are the callers'.
     tls = dataclasses.replace(Credentials.from_environment(tls_ca=args.triton_tls_ca, tls_cert=args.triton_tls_cert,
                                                            tls_key=args.triton_tls_key), api_key=None, admin_key=None)
     return GatewaySettings(
         triton_url=args.url, triton_tls=tls,
         api_keys=keys, max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
-        max_inflight=args.max_inflight, queue_timeout_s=args.queue_timeout, cors_origins=tuple(args.cors_origin))
+        max_inflight=args.max_inflight, queue_timeout_s=args.queue_timeout, cors_origins=tuple(args.cors_origin),
+        jobs_db=args.jobs_db, jobs_root=args.jobs_root, job_workers=args.job_workers, job_lease_s=args.job_lease,
+        job_attempts=args.job_attempts)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -34,24 +34,30 @@ class OfflineRunner:
         self._lock = threading.Lock()
 
     async def transcribe(self, upload: BinaryIO, filename: str, api_key: str | None, *,
-                         separate_channels: bool = False, **options) -> tuple[Audio, dict]:
-        """The decoded audio (for its duration) and asr_offline's result."""
+                         separate_channels: bool = False, queue_timeout_s: float | None = None,
+                         on_audio: Callable[[Audio], None] | None = None, **options) -> tuple[Audio, dict]:
+        """The decoded audio (for its duration) and asr_offline's result. queue_timeout_s: how long to
+        wait for a turn (None: the settings'; math.inf: until one is free, as job workers wait);
+        on_audio: told the decoded audio before it is sent (jobs show its length)."""
         try:
-            with anyio.fail_after(self.settings.queue_timeout_s):
+            with anyio.fail_after(self.settings.queue_timeout_s if queue_timeout_s is None else queue_timeout_s):
                 await self._turns.acquire()
         except TimeoutError:
             raise busy(f"the gateway is working on {self.settings.max_inflight} requests already; "
                        "retry later", self.settings.retry_after_s) from None
         try:
             return await anyio.to_thread.run_sync(
-                lambda: self._work(upload, filename, api_key, separate_channels, options), limiter=self._threads)
+                lambda: self._work(upload, filename, api_key, separate_channels, options, on_audio),
+                limiter=self._threads)
         finally:
             self._turns.release()
 
     def _work(self, upload: BinaryIO, filename: str, api_key: str | None, separate_channels: bool,
-              options: dict) -> tuple[Audio, dict]:
+              options: dict, on_audio: Callable[[Audio], None] | None = None) -> tuple[Audio, dict]:
         audio = load_audio(upload, name=filename, keep_rates=SAMPLE_RATES, keep_channels=separate_channels,
                            max_seconds=self.settings.max_audio_seconds)
+        if on_audio:
+            on_audio(audio)
         return audio, self._with_client(api_key, lambda client: client.transcribe(
             audio.samples, audio.sample_rate, separate_channels=separate_channels, **options))
 

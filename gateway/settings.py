@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tritonasr.client.connection import Credentials
 
@@ -29,9 +30,22 @@ class GatewaySettings:
     retry_after_s: int = 2
     # Origins a browser page may call the gateway from (CORS); empty: none but the gateway's own.
     cors_origins: tuple[str, ...] = ()
+    # Batch jobs (docs/jobs.md). Their database: sqlite:///PATH, a file path, or postgresql://USER@HOST/DB
+    # shared by replicas (the password from $PGPASSWORD); None: jobs.db in the per-user data directory.
+    jobs_db: str | None = None
+    # The directory server-side paths of jobs are under; None: jobs of paths are refused.
+    jobs_root: Path | None = None
+    # Files this process transcribes at once for jobs (0: it serves the jobs API but works on none).
+    job_workers: int = 2
+    # A claimed file whose worker has not renewed its claim for this long is taken over (its gateway died).
+    job_lease_s: float = 30.0
+    # Tries of a file that fails for a passing reason (Triton unreachable, busy, too slow) or whose worker died.
+    job_attempts: int = 5
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_audio_seconds", "max_inflight", "queue_timeout_s",
-                     "request_timeout_s", "retry_after_s"):
+                     "request_timeout_s", "retry_after_s", "job_lease_s", "job_attempts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.job_workers < 0:
+            raise ValueError(f"job_workers must be 0 or more, got {self.job_workers}")

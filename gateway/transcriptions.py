@@ -53,12 +53,13 @@ async def create_transcription(request: Request, runner: OfflineRunner, api_key:
                    options["language"], words)
 
 
-def _options(form: FormData) -> tuple[dict, str, bool]:
-    """asr_offline's options from the form, the response format, and whether words were asked for."""
+def _options(form: FormData, model_required: bool = True) -> tuple[dict, str, bool]:
+    """asr_offline's options from the form, the response format, and whether words were asked for;
+    without `model` (where not required), the server's default engine."""
     model = _field(form, "model")
-    if model is None:
+    if model is None and model_required:
         raise ApiError(400, "`model` is required: " + ", ".join(MODELS), param="model", code="missing_model")
-    if model not in MODELS:
+    if model is not None and model not in MODELS:
         raise ApiError(400, f"unknown model {model!r}: use one of {', '.join(MODELS)} (OpenAI's names take the "
                             "server's default engine)", param="model", code="model_not_found")
     language = _field(form, "language") or "auto"
@@ -84,7 +85,7 @@ def _options(form: FormData) -> tuple[dict, str, bool]:
     channels = _field(form, "channels") or "mix"
     if channels not in ("mix", "separate"):
         raise ApiError(400, f"channels must be mix or separate, got {channels!r}", param="channels")
-    options = dict(engine=MODELS[model], language=language, use_itn=_boolean(form, "itn", False),
+    options = dict(engine=MODELS.get(model, ""), language=language, use_itn=_boolean(form, "itn", False),
                    with_speaker=_boolean(form, "speaker", True), separate_channels=channels == "separate")
     return options, response_format, "word" in granularities
 

@@ -1,0 +1,260 @@
+"""The jobs database (tritonasr.gateway.jobs.store) against SQLite and a real PostgreSQL (the
+session's, tests/conftest.py): migrations that match the tables and that replicas may run at once,
+claims that never give one file to two workers (threads with connections of their own, as replicas
+have), leases that a dead worker's file is taken over after, results kept only from the claim's
+holder, cancel, retries, who sees which job; and the jobs root (tritonasr.gateway.jobs.paths):
+nothing outside it reachable."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tritonasr.gateway.errors import ApiError
+from tritonasr.gateway.jobs.paths import JobsRoot
+from tritonasr.gateway.jobs.store import (EVERYONE, VERSION_TABLE, JobStore, JobStoreError, NewFile, engine_url,
+                                          files, key_fingerprint, metadata)
+
+LEASE_S = 30.0
+ATTEMPTS = 3
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path) -> str:
+    """A new, empty database of each kind."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+@pytest.fixture
+def store(location):
+    opened = JobStore(location)
+    opened.migrate()
+    yield opened
+    opened.close()
+
+
+def uploads(count: int) -> list[NewFile]:
+    return [NewFile(f"f{n}.wav", read=lambda n=n: f"audio {n}".encode()) for n in range(count)]
+
+
+def test_migrations_give_the_tables_the_code_uses(store):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with store.engine.connect() as db:
+        context = MigrationContext.configure(db, opts={"version_table": VERSION_TABLE})
+        assert context.get_current_revision() == "0001"
+        assert compare_metadata(context, metadata) == []
+    store.migrate()  # again: nothing to do
+
+
+def test_replicas_starting_together_migrate_once(location):
+    stores = [JobStore(location) for _ in range(4)]
+    errors = []
+
+    def migrate(store):
+        try:
+            store.migrate()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert stores[0].job(stores[0].create_job(None, {}, uploads(1)), None)["counts"]["queued"] == 1
+    for store in stores:
+        store.close()
+
+
+def test_concurrent_workers_never_claim_one_file_twice(store, location):
+    job_id = store.create_job(None, {}, uploads(40))
+    workers = [JobStore(location) for _ in range(6)]
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def work(worker: JobStore, name: str):
+        while (claim := worker.claim(name, LEASE_S, ATTEMPTS)) is not None:
+            with lock:
+                claimed.append(claim.file_id)
+            assert worker.complete(claim, {"duration_ms": 1, "segments": []}, 1)
+
+    threads = [threading.Thread(target=work, args=(w, f"w{n}")) for n, w in enumerate(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    job = store.job(job_id, None)
+    assert sorted(claimed) == sorted(f["id"] for f in job["files"])  # each once
+    assert job["status"] == "completed" and job["counts"]["done"] == 40
+    assert {f["attempts"] for f in job["files"]} == {1}
+    for worker in workers:
+        worker.close()
+
+
+def test_claims_go_in_queue_order_with_the_job_and_its_audio(store):
+    first = store.create_job("k", {"language": "en"}, uploads(2))
+    store.create_job(None, {}, [NewFile("x/y.wav", path="x/y.wav")])
+    claims = [store.claim("w", LEASE_S, ATTEMPTS) for _ in range(3)]
+    assert [c.name for c in claims] == ["f0.wav", "f1.wav", "x/y.wav"]
+    assert (claims[0].job_id, claims[0].options, claims[0].key_hash) == (first, {"language": "en"}, "k")
+    assert store.audio(claims[1]) == b"audio 1" and store.audio(claims[2]) is None
+    assert claims[2].path == "x/y.wav"
+    assert store.claim("w", LEASE_S, ATTEMPTS) is None
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_claim_keeps_nothing(store):
+    job_id = store.create_job(None, {}, uploads(1))
+    old = store.claim("dead", 0.2, ATTEMPTS)
+    assert store.claim("other", LEASE_S, ATTEMPTS) is None  # leased
+    time.sleep(0.4)
+    new = store.claim("other", LEASE_S, ATTEMPTS)
+    assert new.file_id == old.file_id and new.attempts == 2 and new.token != old.token
+    assert not store.renew(old, LEASE_S) and not store.progress(old, 5, 10)
+    assert not store.complete(old, {"duration_ms": 1, "segments": [{"text": "old"}]}, 1)
+    assert store.audio(old) is None and store.audio(new) == b"audio 0"
+    assert store.progress(new, 500, 1000)
+    assert store.job(job_id, None)["files"][0] | {"status": "running", "done_ms": 500, "total_ms": 1000} \
+        == store.job(job_id, None)["files"][0]
+    assert store.complete(new, {"duration_ms": 1000, "segments": [{"text": "new"}]}, 1000)
+    assert not store.complete(new, {"duration_ms": 1, "segments": []}, 1)  # once
+    file, result, _ = store.result(job_id, new.file_id, None)
+    assert result["segments"] == [{"text": "new"}] and file["done_ms"] == file["duration_ms"] == 1000
+    with store.engine.connect() as db:  # the upload is dropped once the result is kept
+        assert db.execute(sa.select(files.c.audio).where(files.c.id == new.file_id)).scalar() is None
+
+
+def test_a_renewed_lease_is_not_taken_over(store):
+    store.create_job(None, {}, uploads(1))
+    claim = store.claim("alive", 0.5, ATTEMPTS)
+    for _ in range(4):
+        time.sleep(0.2)
+        assert store.renew(claim, 0.5)
+    assert store.claim("other", LEASE_S, ATTEMPTS) is None
+
+
+def test_a_file_whose_workers_keep_dying_is_failed(store):
+    job_id = store.create_job(None, {}, uploads(1))
+    for attempt in range(1, ATTEMPTS + 1):
+        claim = store.claim(f"w{attempt}", 0.05, ATTEMPTS)
+        assert claim.attempts == attempt
+        time.sleep(0.1)
+    assert store.claim("w", LEASE_S, ATTEMPTS) is None
+    file = store.job(job_id, None)["files"][0]
+    assert file["status"] == "failed" and file["error"].startswith(f"gave up after {ATTEMPTS} attempts")
+
+
+def test_a_retry_waits_its_turn(store):
+    job_id = store.create_job(None, {}, uploads(1))
+    claim = store.claim("w", LEASE_S, ATTEMPTS)
+    assert store.retry_later(claim, "Triton unavailable", 0.5)
+    assert store.job(job_id, None)["files"][0]["error"] == "Triton unavailable"
+    assert store.claim("w", LEASE_S, ATTEMPTS) is None
+    time.sleep(0.7)
+    again = store.claim("w", LEASE_S, ATTEMPTS)
+    assert again.attempts == 2
+    assert store.fail(again, "not audio")
+    job = store.job(job_id, None)
+    assert job["status"] == "completed" and job["counts"]["failed"] == 1 and job["finished_at"] is not None
+
+
+def test_cancel_stops_queued_and_running_files(store):
+    job_id = store.create_job(None, {}, uploads(3))
+    running = store.claim("w", LEASE_S, ATTEMPTS)
+    assert store.job(job_id, None)["status"] == "running"
+    job = store.cancel(job_id, None)
+    assert job["status"] == "cancelled" and job["counts"]["cancelled"] == 3 and job["finished_at"] is not None
+    assert not store.complete(running, {"duration_ms": 1, "segments": []}, 1)
+    assert store.claim("w", LEASE_S, ATTEMPTS) is None
+    # A job already finished stays as it ended.
+    done_id = store.create_job(None, {}, uploads(1))
+    claim = store.claim("w", LEASE_S, ATTEMPTS)
+    store.complete(claim, {"duration_ms": 1, "segments": []}, 1)
+    assert store.cancel(done_id, None)["status"] == "completed"
+
+
+def test_a_job_is_seen_only_with_its_key(store):
+    alice, bob = key_fingerprint("alice-key"), key_fingerprint("bob-key")
+    assert alice != bob and "alice-key" not in alice
+    job_id = store.create_job(alice, {}, uploads(1))
+    open_id = store.create_job(None, {}, uploads(1))
+    assert store.job(job_id, alice)["id"] == job_id
+    assert store.job(job_id, bob) is None and store.job(job_id, None) is None
+    assert store.cancel(job_id, bob) is None and store.job(job_id, alice)["status"] == "queued"
+    file_id = store.job(job_id, alice)["files"][0]["id"]
+    assert store.result(job_id, file_id, bob) is None
+    assert [j["id"] for j in store.list_jobs(alice, 10)] == [job_id]
+    assert store.list_jobs(bob, 10) == []
+    assert [j["id"] for j in store.list_jobs(EVERYONE, 10)] == [open_id, job_id]  # newest first
+    assert "files" not in store.list_jobs(EVERYONE, 10)[0]
+
+
+def test_database_urls():
+    assert engine_url("postgresql://app@db.example:5433/jobs").drivername == "postgresql+psycopg"
+    assert engine_url("relative.db").database == str(Path("relative.db").resolve())
+    for refused in ("postgresql://app:secret@db/jobs", "postgresql://app@db/jobs?password=secret",
+                    "sqlite://", "sqlite:///:memory:", "mysql://db/jobs"):
+        with pytest.raises(JobStoreError):
+            engine_url(refused)
+
+
+# --- the jobs root ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """root/ with a.wav, notes.txt, .hidden.wav, calls/b.flac, calls/deep/c.mp3, a link to a.wav
+    inside, and, outside, secret.wav, reached by links: a file link and a directory link."""
+    root = tmp_path / "root"
+    (root / "calls" / "deep").mkdir(parents=True)
+    for name in ("a.wav", "notes.txt", ".hidden.wav", "calls/b.flac", "calls/deep/c.mp3"):
+        (root / name).write_bytes(b"x")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.wav").write_bytes(b"secret")
+    os.symlink(root / "a.wav", root / "calls" / "same.wav")
+    os.symlink(tmp_path / "outside" / "secret.wav", root / "escape.wav")
+    os.symlink(tmp_path / "outside", root / "escape_dir")
+    return root
+
+
+def refusal(call) -> ApiError:
+    with pytest.raises(ApiError) as refused:
+        call()
+    return refused.value
+
+
+def test_the_jobs_root_gives_its_audio_files(tree):
+    root = JobsRoot(tree)
+    assert root.expand("a.wav", 10) == ["a.wav"]
+    assert root.expand("notes.txt", 10) == ["notes.txt"]  # named: taken whatever its name
+    assert root.expand("calls", 10) == ["calls/b.flac", "calls/same.wav", "calls/deep/c.mp3"]
+    assert root.expand("calls/deep/", 10) == ["calls/deep/c.mp3"]
+    assert refusal(lambda: root.expand("calls", 2)).status == 400
+    with root.open("calls/same.wav") as f:
+        assert f.read() == b"x"
+
+
+@pytest.mark.parametrize("given, status", [
+    ("../outside/secret.wav", 400), ("calls/../../outside/secret.wav", 400), ("/etc/passwd", 400),
+    ("escape.wav", 403), ("escape_dir/secret.wav", 403), ("escape_dir", 403), (".", 403),  # (holds escape.wav)
+    ("missing.wav", 400), ("", 400), ("a.wav\0", 400)])
+def test_nothing_outside_the_jobs_root_is_reachable(tree, given, status):
+    error = refusal(lambda: JobsRoot(tree).expand(given, 10))
+    assert error.status == status and error.param == "path"
+
+
+def test_the_root_is_checked_again_when_a_file_is_read(tree, tmp_path):
+    root = JobsRoot(tree)
+    assert root.expand("calls/b.flac", 10) == ["calls/b.flac"]
+    (tree / "calls" / "b.flac").unlink()  # swapped for a link out after the job was made
+    os.symlink(tmp_path / "outside" / "secret.wav", tree / "calls" / "b.flac")
+    assert refusal(lambda: root.open("calls/b.flac")).status == 403
+    (tree / "calls" / "b.flac").unlink()
+    assert refusal(lambda: root.open("calls/b.flac")).status == 400
