@@ -49,6 +49,10 @@ class SpeakerRegistryClient(ModelClient):
                 raise
             except (AudioError, TranscriptionError, OSError) as exc:
                 raise TranscriptionError(f"{path}: {exc}") from None
+        return self.enroll_voiceprints(name, prints, replace)
+
+    def enroll_voiceprints(self, name: str, prints: list[dict], replace: bool = False) -> dict:
+        """Enrolls `name` from voiceprint() results of recordings of that speaker alone."""
         embeddings = np.array([p["embedding"] for p in prints], dtype=np.float32)
         speech_ms = np.array([p["speech_ms"] for p in prints], dtype=np.int32)
         return self.infer([_action("enroll"), _text("NAME", name), tensor_input("EMBEDDINGS", embeddings, "FP32"),

@@ -15,12 +15,15 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tritonasr.gateway.access import bearer_key, checked_key
+from tritonasr.gateway.console import console_routes
 from tritonasr.gateway.errors import ApiError, from_failure
 from tritonasr.gateway.funasr import FunasrEndpoint
+from tritonasr.gateway.jobs.routes import JobsApi
 from tritonasr.gateway.offline import OfflineRunner
 from tritonasr.gateway.request_ids import REQUEST_ID_HEADER
 from tritonasr.gateway.request_ids import request_id as new_request_id
 from tritonasr.gateway.settings import GatewaySettings
+from tritonasr.gateway.speakers import ADMIN_KEY_HEADER, SpeakerEndpoints
 from tritonasr.gateway.streams import StreamEndpoint
 from tritonasr.gateway.transcriptions import create_transcription
 
@@ -31,6 +34,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
     runner = OfflineRunner(settings)
     streams = StreamEndpoint(settings)
     funasr = FunasrEndpoint(settings, runner, streams)
+    jobs = JobsApi(settings, runner)
 
     async def transcriptions(request: Request) -> Response:
         return await create_transcription(request, runner, checked_key(bearer_key(request), settings))
@@ -40,19 +44,24 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app):
-        yield
+        async with jobs.running():  # the jobs database migrated, its workers started (stopped first)
+            yield
         runner.close()
         await streams.close()
 
     middleware = [Middleware(RequestContext, settings=settings)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                     allow_methods=["GET", "POST", "DELETE"],
+                                     allow_headers=["Authorization", "Content-Type", ADMIN_KEY_HEADER],
                                      expose_headers=[REQUEST_ID_HEADER, "Retry-After"], max_age=600))
     return Starlette(routes=[Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
                              WebSocketRoute("/v1/stream", streams.serve),
                              WebSocketRoute("/", funasr.serve),
-                             Route("/healthz", healthz, methods=["GET"])],
+                             Route("/healthz", healthz, methods=["GET"]),
+                             *SpeakerEndpoints(settings).routes(),
+                             *console_routes(settings),
+                             *jobs.routes()],
                      middleware=middleware, lifespan=lifespan,
                      exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed})
 

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_repository_argument(parser)
     parser.add_argument("--url", default=None,
                         help="a running Triton's gRPC address (default: an embedded server on the repository)")
-    parser.add_argument("--workload", choices=(*WORKLOADS, "both"), default="both")
+    parser.add_argument("--workload", choices=(*WORKLOADS, "both"), default="both",
+                        help="offline requests, live streams, or both (default: both)")
     parser.add_argument("--callers", type=int, default=8, help="concurrent offline callers")
     parser.add_argument("--streams", type=int, default=8, help="concurrent real-time streams")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each path per workload, alternated")

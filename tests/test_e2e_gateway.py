@@ -45,6 +45,8 @@ class Gateway:
         self.log = log
         tls = ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key")] if certs else []
         self.context = ssl.create_default_context(cafile=str(certs / "ca.crt")) if certs else None
+        if "--jobs-db" not in extra:  # its own, beside its log: never the user's default database
+            extra = (*extra, "--jobs-db", str(log.with_name(log.name + ".jobs.db")))
         self.url = f"{'https' if certs else 'http'}://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tritonasr.cli", "gateway", "--url", triton_url, "--port", str(self.port),

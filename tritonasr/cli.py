@@ -16,7 +16,8 @@ from tritonasr.client.connection import Retry
 from tritonasr.client.connection import from_arguments as _credentials
 from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
 from tritonasr.client.endpointing import from_arguments as _endpointing
-from tritonasr.client.formats import FORMATS
+from tritonasr.client.formats import FORMAT_ALIASES, FORMATS
+from tritonasr.client.jobs import add_arguments as _add_jobs_args
 from tritonasr.contract import CHANNEL_MODES, ENGINES, EXIT_FAILED, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
 from tritonasr.serving.server import MODEL_CONTROL_MODES, ServerError
@@ -295,10 +296,14 @@ def cmd_transcribe(args) -> int:
     if args.retries < 0:
         print(f"error: --retries must be 0 or more, got {args.retries}", file=sys.stderr)
         return EXIT_USAGE
+    if args.concurrency < 1:
+        print(f"error: --concurrency must be 1 or more, got {args.concurrency}", file=sys.stderr)
+        return EXIT_USAGE
     return run_transcribe(args.files, args.url, args.format, language=args.language, retry=Retry(args.retries + 1),
                           concurrency=args.concurrency, return_embedding=args.embeddings, engine=args.engine,
                           with_speaker=not args.no_speaker, credentials=_credentials(args), use_itn=args.itn,
-                          endpointing=_endpointing(args), separate_channels=args.channels == "separate")
+                          endpointing=_endpointing(args), separate_channels=args.channels == "separate",
+                          output_dir=args.output_dir, overwrite=args.overwrite)
 
 
 def _add_channels_arg(parser: argparse.ArgumentParser) -> None:
@@ -358,6 +363,12 @@ def cmd_loadtest_sweep(args) -> int:
     from tritonasr.loadtest.sweep import main as sweep_main
 
     return sweep_main(args)
+
+
+def cmd_jobs(args) -> int:
+    from tritonasr.client.jobs import main as jobs_main
+
+    return jobs_main(args)
 
 
 def cmd_gateway(args) -> int:
@@ -529,12 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_needs("server", "export")(cmd_export))
 
     transcribe = sub.add_parser("transcribe", help="transcribe audio files through asr_offline")
-    transcribe.add_argument("files", nargs="+")
+    transcribe.add_argument("files", nargs="+", metavar="FILE|DIR|GLOB",
+                            help="audio files; directories (their audio files, subdirectories too); quoted glob "
+                                 "patterns ('calls/**/*.wav')")
     transcribe.add_argument("--url", default="localhost:8001", help="Triton gRPC HOST:PORT")
-    transcribe.add_argument("--format", choices=FORMATS, default="text", help="output format")
+    transcribe.add_argument("--format", choices=(*FORMATS, *FORMAT_ALIASES), default="text",
+                            help="output format (txt: the same as text)")
+    transcribe.add_argument("--output-dir", type=Path, metavar="OUT",
+                            help="write one file per input there (its path under the directory or pattern it "
+                                 "came from, extension of the format) instead of to stdout; those that exist "
+                                 "are skipped (a rerun resumes)")
+    transcribe.add_argument("--overwrite", action="store_true", help="with --output-dir: redo those that exist")
     transcribe.add_argument("--language", default="auto", choices=LANGUAGES, help="spoken language (auto: detect)")
     transcribe.add_argument("--itn", action="store_true", help="inverse text normalisation (punctuation, numbers)")
-    transcribe.add_argument("--concurrency", type=int, default=4, help="files in flight at once")
+    transcribe.add_argument("-j", "--concurrency", type=int, default=4, metavar="N", help="files in flight at once")
     transcribe.add_argument("--retries", type=int, default=Retry.attempts - 1, metavar="N",
                             help="times a request no server took (unreachable, at capacity, draining) is tried again, "
                                  f"after ~{Retry.first_s} s, then twice as long each time up to {Retry.max_s:.0f} s "
@@ -606,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "live streams over WebSocket")
     _role_arguments(gateway, "tritonasr.gateway.cli", "gateway")
     gateway.set_defaults(func=_needs("gateway")(cmd_gateway))
+
+    jobs = sub.add_parser("jobs", help="batch jobs on the HTTP gateway: submit, list, show, cancel (docs/jobs.md)")
+    _add_jobs_args(jobs)
+    jobs.set_defaults(func=cmd_jobs)
 
     loadtest = sub.add_parser("loadtest", help="Locust concurrency sweeps against tritonasr and baselines")
     loadtest_sub = loadtest.add_subparsers(dest="loadtest", required=True)
