@@ -10,12 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The file name extensions of what tritonasr.audio.load_audio reads (SUPPORTED_FORMATS): the files
-# taken from a directory or a pattern. A file named on the command line is read whatever its name
-# (the decoder goes by the contents).
-AUDIO_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4",
-                              ".aac", ".webm", ".mka"})
-
+from tritonasr.audio import is_audio_name
 
 class InputError(ValueError):
     """An input that gives no file, or outputs that cannot be written as asked; found before any work."""
@@ -37,14 +32,10 @@ class Inputs:
     found: list[str] = field(default_factory=list)  # what each directory and pattern gave, in words
 
 
-def is_audio_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS
-
-
 def collect(arguments: list[str]) -> Inputs:
     """The audio files `arguments` name, in order, each once: a file as it is; a directory's audio
-    files (by AUDIO_EXTENSIONS, in its subdirectories too, hidden ones left out); a glob pattern the
-    shell did not expand (`calls/**/*.wav`, ** for any depth), its audio files and those of the
+    files (by tritonasr.audio.AUDIO_EXTENSIONS, in its subdirectories too, hidden ones left out); a
+    glob pattern the shell did not expand (`calls/**/*.wav`, ** for any depth), its audio files and those of the
     directories it matches. Raises InputError naming every argument that gives no file."""
     inputs, problems, seen = Inputs(), [], set()
 

@@ -31,7 +31,7 @@ from tritonasr.gateway.access import bearer_key, checked_key
 from tritonasr.gateway.errors import ApiError
 from tritonasr.gateway.offline import GATEWAY_RETRY
 from tritonasr.gateway.settings import GatewaySettings
-from tritonasr.gateway.transcriptions import _boolean
+from tritonasr.gateway.transcriptions import form_boolean
 
 ADMIN_KEY_HEADER = "X-Admin-Key"
 MAX_RECORDINGS = 16  # per enrollment: each is decoded and embedded in turn
@@ -68,7 +68,7 @@ class SpeakerEndpoints:
             if not isinstance(name, str) or not name.strip():
                 raise ApiError(400, "`name` is required: the speaker's name, as a text field", param="name",
                                code="missing_name")
-            replace = _boolean(form, "replace", False)
+            replace = form_boolean(form, "replace", False)
             uploads = form.getlist("file")
             if not uploads or not all(isinstance(u, UploadFile) for u in uploads):
                 raise ApiError(400, "`file` is required: one or more recordings of the speaker alone, as file "

@@ -37,7 +37,7 @@ async def create_transcription(request: Request, runner: OfflineRunner, api_key:
                                max_fields: int = 32) -> Response:
     form = await request.form(max_files=1, max_fields=max_fields)
     try:
-        options, response_format, words = _options(form)
+        options, response_format, words = form_options(form)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "`file` is required: the audio, as a file part of a multipart/form-data body",
@@ -49,11 +49,11 @@ async def create_transcription(request: Request, runner: OfflineRunner, api_key:
     if words and any(segment.get("words") is None for segment in segments):
         raise ApiError(400, "word timestamps need an engine that gives them: model=parakeet",
                        param="timestamp_granularities[]", code="unsupported_granularity")
-    return _render(response_format, {"duration_ms": audio.duration_ms, "segments": segments},
+    return render_response(response_format, {"duration_ms": audio.duration_ms, "segments": segments},
                    options["language"], words)
 
 
-def _options(form: FormData, model_required: bool = True) -> tuple[dict, str, bool]:
+def form_options(form: FormData, model_required: bool = True) -> tuple[dict, str, bool]:
     """asr_offline's options from the form, the response format, and whether words were asked for;
     without `model` (where not required), the server's default engine."""
     model = _field(form, "model")
@@ -79,14 +79,14 @@ def _options(form: FormData, model_required: bool = True) -> tuple[dict, str, bo
     if granularities and response_format != "verbose_json":
         raise ApiError(400, "timestamp_granularities[] needs response_format=verbose_json",
                        param="timestamp_granularities[]", code="unsupported_granularity")
-    if _boolean(form, "stream", False):
+    if form_boolean(form, "stream", False):
         raise ApiError(400, "streamed answers (stream=true) are not offered here: use the WebSocket "
                             "/v1/stream for live results", param="stream", code="unsupported_stream")
     channels = _field(form, "channels") or "mix"
     if channels not in ("mix", "separate"):
         raise ApiError(400, f"channels must be mix or separate, got {channels!r}", param="channels")
-    options = dict(engine=MODELS.get(model, ""), language=language, use_itn=_boolean(form, "itn", False),
-                   with_speaker=_boolean(form, "speaker", True), separate_channels=channels == "separate")
+    options = dict(engine=MODELS.get(model, ""), language=language, use_itn=form_boolean(form, "itn", False),
+                   with_speaker=form_boolean(form, "speaker", True), separate_channels=channels == "separate")
     return options, response_format, "word" in granularities
 
 
@@ -97,7 +97,7 @@ def _field(form: FormData, name: str) -> str | None:
     return value.strip() if value is not None else None
 
 
-def _boolean(form: FormData, name: str, default: bool) -> bool:
+def form_boolean(form: FormData, name: str, default: bool) -> bool:
     value = _field(form, name)
     if value is None or value == "":
         return default
@@ -133,7 +133,7 @@ def _speaker_label(segment: dict) -> str:
     return speaker.get("id") or speaker.get("label") or "unknown"
 
 
-def _render(response_format: str, result: dict, language: str, words: bool) -> Response:
+def render_response(response_format: str, result: dict, language: str, words: bool) -> Response:
     segments = result["segments"]
     seconds = result["duration_ms"] / 1000
     text = joined_text(segments)

@@ -26,6 +26,10 @@ MAX_ABS_SAMPLE = 1.01
 MIN_SOURCE_RATE, MAX_SOURCE_RATE = 4000, 768000
 # What load_audio reads, as a refusal (UnsupportedFormatError) names it.
 SUPPORTED_FORMATS = "wav, flac, mp3, ogg (vorbis, opus), m4a/mp4 (aac), webm (opus)"
+# Their file name extensions: what a directory or pattern gives (`tritonasr transcribe DIR`, path
+# jobs). A file named on its own is read whatever its name (the decoder goes by the contents).
+AUDIO_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4",
+                              ".aac", ".webm", ".mka"})
 # libsndfile's errors for data it does not take for any format it reads (the others mean a file
 # of a format it reads, damaged: reported as they are).
 SFE_UNRECOGNISED_FORMAT = 1  # "Format not recognised"
@@ -357,3 +361,8 @@ def _frame_samples(frame, label: str) -> np.ndarray:
     elif kind in _INTEGER_SCALE:
         samples *= _INTEGER_SCALE[kind]
     return samples
+
+
+def is_audio_name(name: str) -> bool:
+    """Whether a file's name is one of AUDIO_EXTENSIONS's."""
+    return os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS

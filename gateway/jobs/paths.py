@@ -7,7 +7,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from tritonasr.client.batch import is_audio_name
+from tritonasr.audio import is_audio_name
 from tritonasr.errors import shown
 from tritonasr.gateway.errors import ApiError
 

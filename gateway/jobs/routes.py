@@ -31,7 +31,7 @@ from tritonasr.gateway.jobs.store import EVERYONE, JobStore, NewFile, key_finger
 from tritonasr.gateway.jobs.workers import JobWorkers
 from tritonasr.gateway.offline import OfflineRunner
 from tritonasr.gateway.settings import GatewaySettings
-from tritonasr.gateway.transcriptions import RESPONSE_FORMATS, _options, _render
+from tritonasr.gateway.transcriptions import RESPONSE_FORMATS, form_options, render_response
 
 log = logging.getLogger("tritonasr.gateway.jobs")
 
@@ -97,7 +97,7 @@ class JobsApi:
         except HTTPException as exc:  # the form parser's refusal, in our error body
             raise ApiError(400, str(exc.detail), code="invalid_form") from None
         try:
-            options, _, _ = _options(form, model_required=False)
+            options, _, _ = form_options(form, model_required=False)
             uploads, paths = form.getlist("file"), form.getlist("path")
             if any(not isinstance(upload, UploadFile) for upload in uploads):
                 raise ApiError(400, "`file` must be a file part of the multipart form", param="file")
@@ -167,7 +167,7 @@ class JobsApi:
             raise ApiError(404, f"{file['name']} has no result: it is {file['status']}{why}", code="result_not_ready")
         if fmt == TRITONASR_JSON:
             return JSONResponse({"file": file["name"], **result})
-        return _render(fmt, result, options["language"], False)
+        return render_response(fmt, result, options["language"], False)
 
     @staticmethod
     def _found(job: dict | None, request: Request) -> dict:
