@@ -54,7 +54,7 @@ def create_app(settings: GatewaySettings) -> Starlette:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "DELETE"],
                                      allow_headers=["Authorization", "Content-Type", ADMIN_KEY_HEADER],
-                                     expose_headers=[REQUEST_ID_HEADER, "Retry-After"], max_age=600))
+                                     expose_headers=[REQUEST_ID_HEADER, "Retry-After", "Server-Timing"], max_age=600))
     return Starlette(routes=[Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
                              WebSocketRoute("/v1/stream", streams.serve),
                              WebSocketRoute("/", funasr.serve),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -35,31 +36,41 @@ class OfflineRunner:
 
     async def transcribe(self, upload: BinaryIO, filename: str, api_key: str | None, *,
                          separate_channels: bool = False, queue_timeout_s: float | None = None,
-                         on_audio: Callable[[Audio], None] | None = None, **options) -> tuple[Audio, dict]:
+                         on_audio: Callable[[Audio], None] | None = None, timings: dict[str, float] | None = None,
+                         **options) -> tuple[Audio, dict]:
         """The decoded audio (for its duration) and asr_offline's result. queue_timeout_s: how long to
         wait for a turn (None: the settings'; math.inf: until one is free, as job workers wait);
-        on_audio: told the decoded audio before it is sent (jobs show its length)."""
+        on_audio: told the decoded audio before it is sent (jobs show its length); timings: given
+        the ms spent waiting for a turn ("queue"), decoding ("decode") and in Triton ("triton")."""
+        began = time.perf_counter()
         try:
             with anyio.fail_after(self.settings.queue_timeout_s if queue_timeout_s is None else queue_timeout_s):
                 await self._turns.acquire()
         except TimeoutError:
             raise busy(f"the gateway is working on {self.settings.max_inflight} requests already; "
                        "retry later", self.settings.retry_after_s) from None
+        timings = {} if timings is None else timings
+        timings["queue"] = _ms_since(began)
         try:
             return await anyio.to_thread.run_sync(
-                lambda: self._work(upload, filename, api_key, separate_channels, options, on_audio),
+                lambda: self._work(upload, filename, api_key, separate_channels, options, on_audio, timings),
                 limiter=self._threads)
         finally:
             self._turns.release()
 
     def _work(self, upload: BinaryIO, filename: str, api_key: str | None, separate_channels: bool,
-              options: dict, on_audio: Callable[[Audio], None] | None = None) -> tuple[Audio, dict]:
+              options: dict, on_audio: Callable[[Audio], None] | None, timings: dict[str, float]) -> tuple[Audio, dict]:
+        began = time.perf_counter()
         audio = load_audio(upload, name=filename, keep_rates=SAMPLE_RATES, keep_channels=separate_channels,
                            max_seconds=self.settings.max_audio_seconds)
+        timings["decode"] = _ms_since(began)
         if on_audio:
             on_audio(audio)
-        return audio, self._with_client(api_key, lambda client: client.transcribe(
+        began = time.perf_counter()
+        result = self._with_client(api_key, lambda client: client.transcribe(
             audio.samples, audio.sample_rate, separate_channels=separate_channels, **options))
+        timings["triton"] = _ms_since(began)
+        return audio, result
 
     def _with_client(self, api_key: str | None, call: Callable[[OfflineClient], dict]) -> dict:
         with self._lock:
@@ -82,3 +93,7 @@ class OfflineRunner:
         for client in clients:
             client.close()
 
+
+
+def _ms_since(began: float) -> float:
+    return (time.perf_counter() - began) * 1000

@@ -28,7 +28,7 @@ Server -> client (JSON text)
   {"type": "started", "request_id", "sample_rate", "encoding", "max_frame_bytes"}
   {"type": "partial", "index", "start_ms", "end_ms", "text"}
   {"type": "final", "index", "start_ms", "end_ms", "endpoint_ms", "text", "language", "emotion",
-   "event", "speaker", "speaker_pending", "words"}
+   "event", "speaker", "speaker_pending", "words", "triton_ms"}
   {"type": "speaker", "index", "speaker"}                        (text_first streams)
   {"type": "summary", "duration_ms", "segment_count"}             (then close 1000)
   {"type": "error", "code", "message"}                            (then close, code below)
@@ -221,8 +221,9 @@ def invalid(message: str) -> Refusal:
 
 
 def segment_message(item: StreamSegment | SpeakerUpdate) -> dict:
-    """What the client gets for one of the stream's results. The client library's own timings
-    (latency_ms, ...) are the gateway's, not the caller's: left out."""
+    """What the client gets for one of the stream's results. Of the client library's timings, which
+    are the gateway's, only `triton_ms`: the audio ending the segment went to Triton -> the final
+    came back, the server's part of what the caller measures (the rest is the network and us)."""
     if isinstance(item, SpeakerUpdate):
         return {"type": "speaker", "index": item.segment_index, "speaker": item.speaker}
     if not item.final:
@@ -231,7 +232,7 @@ def segment_message(item: StreamSegment | SpeakerUpdate) -> dict:
     return {"type": "final", "index": item.segment_index, "start_ms": item.start_ms, "end_ms": item.end_ms,
             "endpoint_ms": item.endpoint_ms, "text": item.text, "language": item.language, "emotion": item.emotion,
             "event": item.event, "speaker": item.speaker, "speaker_pending": item.speaker_pending,
-            "words": item.words}
+            "words": item.words, "triton_ms": None if item.latency_ms is None else round(item.latency_ms, 1)}
 
 
 def as_refusal(error: BaseException) -> Refusal | None:

@@ -42,15 +42,20 @@ async def create_transcription(request: Request, runner: OfflineRunner, api_key:
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "`file` is required: the audio, as a file part of a multipart/form-data body",
                            param="file", code="missing_file")
-        audio, result = await runner.transcribe(upload.file, upload.filename or "file", api_key, **options)
+        timings: dict[str, float] = {}
+        audio, result = await runner.transcribe(upload.file, upload.filename or "file", api_key, timings=timings,
+                                                **options)
     finally:
         await form.close()
     segments = result["segments"]
     if words and any(segment.get("words") is None for segment in segments):
         raise ApiError(400, "word timestamps need an engine that gives them: model=parakeet",
                        param="timestamp_granularities[]", code="unsupported_granularity")
-    return render_response(response_format, {"duration_ms": audio.duration_ms, "segments": segments},
-                   options["language"], words)
+    response = render_response(response_format, {"duration_ms": audio.duration_ms, "segments": segments},
+                               options["language"], words)
+    # Where the time went (the caller's own measure minus "triton" is the network's and ours).
+    response.headers["Server-Timing"] = ", ".join(f"{name};dur={ms:.1f}" for name, ms in timings.items())
+    return response
 
 
 def form_options(form: FormData, model_required: bool = True) -> tuple[dict, str, bool]:

@@ -11,10 +11,16 @@ difference shows it.
 - offline: --callers threads, each sending one clip of every --clip-seconds length (a different
   variant and order per caller) one after the other: direct with the client library's
   OfflineClient, through the gateway as 16-bit WAV to `POST /v1/audio/transcriptions` (as the
-  sweep's users do). Latency per request.
+  sweep's users do). Latency per request; through the gateway also each request's hop: its
+  latency minus the gateway's time in Triton (its `Server-Timing`): the upload, the decoding, a
+  wait for a turn and the answer.
 - stream: --streams real-time streams at once, their starts spread over --stagger-ms: direct
   with tritonclient's gRPC stream, through the gateway over `WS /v1/stream` (pcm16). End of
   speech -> final for every final, timed from the chunk holding the segment's end being sent.
+  Through the gateway also each final's hop: its latency here minus its `triton_ms` (the server's
+  part, as the gateway timed it), which is what the gateway and the network add to that final
+  alone, unlike the two paths' difference, which the server's own swings from round to round
+  also move.
 
 The server is the sweep's (VAD + SenseVoice, no speaker stage), embedded, or --url.
 """
@@ -66,23 +72,35 @@ class Paths:
     def __init__(self, triton_url: str, gateway_url: str, chunk_ms: int):
         self.triton_url, self.gateway_url, self.chunk_ms = triton_url, gateway_url, chunk_ms
 
-    def offline(self, path: str) -> tuple[Callable[[np.ndarray], None], Callable[[], None]]:
-        """(send one clip, close) for one caller of `path`."""
+    def offline(self, path: str) -> tuple[Callable[[np.ndarray], float | None], Callable[[], None]]:
+        """(send one clip, close) for one caller of `path`; through the gateway, a send returns the
+        ms the gateway spent in Triton for it (its Server-Timing)."""
         if path == "direct":
             from tritonasr.client.connection import NO_RETRY
             from tritonasr.client.offline import OfflineClient
 
             client = OfflineClient(self.triton_url, retry=NO_RETRY)
-            return lambda clip: client.transcribe(clip, with_speaker=False), client.close
+
+            def send_direct(clip: np.ndarray) -> None:
+                client.transcribe(clip, with_speaker=False)
+
+            return send_direct, client.close
         import requests
 
         from tritonasr.loadtest.ws_gateway import api_key_from_environment, transcribe
 
         session, key = requests.Session(), api_key_from_environment()
-        return lambda clip: transcribe(self.gateway_url, clip, session=session, api_key=key), session.close
 
-    def stream(self, path: str, samples: np.ndarray) -> list[float]:
-        """One real-time stream of `path`: its finals' end of speech -> final, in ms."""
+        def send(clip: np.ndarray) -> float | None:
+            timings: dict[str, float] = {}
+            transcribe(self.gateway_url, clip, session=session, api_key=key, timings=timings)
+            return timings.get("triton")
+
+        return send, session.close
+
+    def stream(self, path: str, samples: np.ndarray) -> tuple[list[float], list[float]]:
+        """One real-time stream of `path`: its finals' end of speech -> final, and (through the
+        gateway) their hops, in ms."""
         if path == "direct":
             import tritonclient.grpc as grpcclient
 
@@ -96,13 +114,14 @@ class Paths:
                                     headers=credentials.headers())
             finally:
                 client.close()
-            finals = result.finals
+            finals, hops = result.finals, []
         else:
             from tritonasr.loadtest.ws_gateway import api_key_from_environment, stream, stream_url
 
-            finals = stream(stream_url(self.gateway_url), samples, chunk_ms=self.chunk_ms,
-                            api_key=api_key_from_environment())["finals"]
-        return [segment.latency_ms for segment in finals if segment.latency_ms is not None]
+            result = stream(stream_url(self.gateway_url), samples, chunk_ms=self.chunk_ms,
+                            api_key=api_key_from_environment())
+            finals, hops = result["finals"], result["hops_ms"]
+        return [segment.latency_ms for segment in finals if segment.latency_ms is not None], hops
 
 
 def _in_threads(work: list[Callable[[], None]]) -> list[str]:
@@ -125,6 +144,7 @@ def _in_threads(work: list[Callable[[], None]]) -> list[str]:
 
 def offline_round(paths: Paths, path: str, callers: int, lengths: list[float]) -> dict:
     latencies: list[float] = []
+    hops: list[float] = []
 
     def caller(index: int) -> None:
         send, close = paths.offline(path)
@@ -132,26 +152,31 @@ def offline_round(paths: Paths, path: str, callers: int, lengths: list[float]) -
             for k in range(len(lengths)):
                 clip = workload.clip(lengths[(index + k) % len(lengths)], index)
                 began = time.perf_counter()
-                send(clip)
+                triton_ms = send(clip)
                 latencies.append((time.perf_counter() - began) * 1000)
+                if triton_ms is not None:
+                    hops.append(latencies[-1] - triton_ms)
         finally:
             close()
 
     errors = _in_threads([lambda i=i: caller(i) for i in range(callers)])
-    return {"latencies_ms": latencies, "errors": errors, "count": callers * len(lengths),
+    return {"latencies_ms": latencies, "hops_ms": hops, "errors": errors, "count": callers * len(lengths),
             "audio_s": callers * sum(lengths)}
 
 
 def stream_round(paths: Paths, path: str, streams: int, seconds: float, stagger_ms: int) -> dict:
     latencies: list[float] = []
+    hops: list[float] = []
     audios = [workload.stream_audio(seconds, i) for i in range(streams)]
 
     def one(index: int, offset: float) -> None:
         time.sleep(offset)
-        latencies.extend(paths.stream(path, audios[index]))
+        stream_latencies, stream_hops = paths.stream(path, audios[index])
+        latencies.extend(stream_latencies)
+        hops.extend(stream_hops)
 
     errors = _in_threads([lambda i=i, o=o: one(i, o) for i, o in enumerate(start_offsets(streams, stagger_ms))])
-    return {"latencies_ms": latencies, "errors": errors, "count": streams,
+    return {"latencies_ms": latencies, "hops_ms": hops, "errors": errors, "count": streams,
             "audio_s": sum(workload.seconds(a) for a in audios)}
 
 
@@ -173,12 +198,14 @@ def _server_cpu(server_pid: int | None) -> float | None:
 def summary(rounds: list[dict]) -> dict:
     """One path's rounds pooled."""
     latencies = [ms for r in rounds for ms in r["latencies_ms"]]
+    hops = [ms for r in rounds for ms in r.get("hops_ms", ())]
     count, audio_s = sum(r["count"] for r in rounds), sum(r["audio_s"] for r in rounds)
     server = [r["server_cpu_s"] for r in rounds]
     return {"rounds": len(rounds), "count": count, "results": len(latencies), "errors": sum(len(r["errors"]) for r in rounds),
             "latency_ms": {**percentiles(latencies), "mean": float(np.mean(latencies)) if latencies else None},
             "p50_by_round": [percentiles(r["latencies_ms"])["p50"] for r in rounds],
             "p95_by_round": [percentiles(r["latencies_ms"])["p95"] for r in rounds],
+            "hop_ms": {**percentiles(hops), "max": max(hops)} if hops else None,
             "gateway_cpu_s": sum(r["gateway_cpu_s"] for r in rounds),
             "server_cpu_per_audio_s": None if None in server else sum(server) / audio_s,
             "client_cpu_per_audio_s": sum(r["client_cpu_s"] for r in rounds) / audio_s,
@@ -280,6 +307,13 @@ def render_markdown(report: dict) -> str:
                          f"{g['mean'] - d['mean']:+.0f} | | | |")
             lines.append(f"| gateway / direct | | | {g['p50'] / d['p50']:.3f} | {g['p95'] / d['p95']:.3f} | "
                          f"{g['mean'] / d['mean']:.3f} | | | |")
+        hop = gateway["hop_ms"]
+        if hop:
+            what = ("request (its latency minus the gateway's time in Triton, its Server-Timing" if name == "offline"
+                    else "final (its latency minus its `triton_ms`")
+            lines += ["", f"What the gateway and the network add to each {what}, {gateway['results']} results): "
+                          f"p50 {hop['p50']:.1f} ms, p95 {hop['p95']:.1f} ms, p99 {hop['p99']:.1f} ms, "
+                          f"max {hop['max']:.1f} ms."]
         lines += ["", f"The gateway's own CPU: {result['gateway_cpu_ms_per_request']:.1f} ms per "
                       f"{'request' if name == 'offline' else 'stream'}, {result['gateway_cores_per_audio_s']:.4f} "
                       f"CPU s per audio s (idle while direct rounds ran: {result['idle_gateway_cpu_s']:.2f} s in all).",

@@ -75,9 +75,11 @@ def wav_bytes(samples: np.ndarray) -> bytes:
 
 
 def transcribe(base_url: str, samples: np.ndarray, *, session=None, api_key: str | None = None,
-               model: str = DEFAULT_MODEL, timeout_s: float | tuple[float, float] = HTTP_TIMEOUT_S) -> dict:
+               model: str = DEFAULT_MODEL, timeout_s: float | tuple[float, float] = HTTP_TIMEOUT_S,
+               timings: dict[str, float] | None = None) -> dict:
     """One clip through `POST {base_url}/v1/audio/transcriptions`: OpenAI's json answer
-    ({"text", "usage"}). `session`: a requests.Session to reuse its connections (one per caller).
+    ({"text", "usage"}). `session`: a requests.Session to reuse its connections (one per caller);
+    `timings`: given the answer's Server-Timing durations (ms by name: queue, decode, triton).
     Raises GatewayError on any answer but 200 with a JSON object holding "text", and on a
     gateway that cannot be reached."""
     import requests
@@ -99,7 +101,24 @@ def transcribe(base_url: str, samples: np.ndarray, *, session=None, api_key: str
         result = None
     if not isinstance(result, dict) or not isinstance(result.get("text"), str):
         raise GatewayError(f"{url} answered 200 without a transcript: {response.text[:200]!r}", 200)
+    if timings is not None:
+        timings.update(server_timing(response.headers.get("Server-Timing", "")))
     return result
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """A Server-Timing header's durations: {name: ms} (metrics without a `dur` are left out)."""
+    durations = {}
+    for metric in filter(None, (part.strip() for part in header.split(","))):
+        name, *params = (field.strip() for field in metric.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "dur":
+                try:
+                    durations[name] = float(value.strip().strip('"'))
+                except ValueError:
+                    pass
+    return durations
 
 
 def _error_text(response) -> str:
@@ -122,7 +141,9 @@ def stream(url: str, samples: np.ndarray, chunk_ms: float = 100, realtime: bool 
     is false unless given).
 
     Returns the summary as ws_stream.stream does ("duration_ms", "segment_count", "received_ms",
-    "first_response_ms", "finals", "chunks"), with "request_id" (the gateway's, from `started`).
+    "first_response_ms", "finals", "chunks"), with "request_id" (the gateway's, from `started`)
+    and "hops_ms": per final, its latency here minus its `triton_ms` (the network's part and the
+    gateway's).
     Raises WebsocketStreamError when the gateway refuses the stream (its error code and
     message), closes it early, cannot be reached or sends no summary within `timeout_s` after
     the last frame."""
@@ -134,7 +155,7 @@ def stream(url: str, samples: np.ndarray, chunk_ms: float = 100, realtime: bool 
     session = _GatewayStream(url, start, on_segment)
     summary = session.run(frames, realtime=realtime, timeout_s=timeout_s, open_timeout_s=open_timeout_s,
                           headers=auth_headers(api_key))
-    summary["request_id"] = session.request_id
+    summary.update(request_id=session.request_id, hops_ms=session.hops_ms)
     return summary
 
 
@@ -146,6 +167,7 @@ class _GatewayStream(PacedStream):
         super().__init__(url, on_segment)
         self.start = start
         self.request_id: str | None = None
+        self.hops_ms: list[float] = []
 
     def begin(self, conn, timeout_s: float) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -175,7 +197,10 @@ class _GatewayStream(PacedStream):
             if kind == "summary":
                 self.complete(int(payload["duration_ms"]), int(payload["segment_count"]), received_at)
             elif kind == "final":
-                self.add_final(self.timed_segment(payload, int(payload["index"]), True, received_at))
+                segment = self.timed_segment(payload, int(payload["index"]), True, received_at)
+                if segment.latency_ms is not None and payload.get("triton_ms") is not None:
+                    self.hops_ms.append(segment.latency_ms - float(payload["triton_ms"]))
+                self.add_final(segment)
             elif kind not in ("partial", "speaker"):  # partials and late speakers: not timed here
                 raise ValueError(f"a message of type {kind!r} during the stream")
         except (KeyError, TypeError, ValueError) as exc:

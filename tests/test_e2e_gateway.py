@@ -261,6 +261,10 @@ def test_request_ids_and_cors(gateway):
     response = _post(gateway, files={"file": ("a.wav", SPEECH.read_bytes())}, data={"model": "sensevoice"},
                      headers={"X-Request-ID": "caller-42"})
     assert response.status_code == 200 and response.headers["X-Request-ID"] == "caller-42"
+    # Where the request's time went: the server's part within what the caller waited.
+    timing = dict(part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))
+    assert set(timing) == {"queue", "decode", "triton"}
+    assert 0 < float(timing["triton"]) < response.elapsed.total_seconds() * 1000
     made = _post(gateway, files={"file": ("a.wav", b"")}, data={"model": "nope"}, headers={"X-Request-ID": "bad id!"})
     assert made.headers["X-Request-ID"] != "bad id!" and len(made.headers["X-Request-ID"]) == 32
     gateway.wait_for_log("caller-42 POST /v1/audio/transcriptions 200")  # the log line of that request

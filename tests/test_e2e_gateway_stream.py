@@ -133,6 +133,8 @@ def test_finals_equal_the_client_librarys(gateway, speech):
                             "segment_count": speech["summary"].segment_count}
     final = next(m for m in messages if m["type"] == "final")
     assert final["speaker"]["label"] and final["speaker_pending"] is False and final["words"] is None
+    # The server's part of each final's latency, as the gateway timed it.
+    assert all(m["triton_ms"] > 0 for m in messages if m["type"] == "final")
     assert {m["type"] for m in messages} == {"started", "final", "summary"}  # no partials unless asked
     # One log line per stream: its id, close code and finals (written once the socket is closed).
     gateway.wait_for_log(rf"ws-caller-7 WS /v1/stream 1000 .* {len(speech['finals'])} finals")

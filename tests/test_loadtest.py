@@ -316,6 +316,15 @@ def test_sweep_whose_requests_outlast_the_hold_reports_every_level(model_reposit
 
 # -- the gateway system: its clients, and a short sweep ------------------------------------------
 
+def test_server_timing_header():
+    from tritonasr.loadtest.ws_gateway import server_timing
+
+    assert server_timing("queue;dur=0.1, decode;dur=12.5, triton;dur=840.0") == \
+        {"queue": 0.1, "decode": 12.5, "triton": 840.0}
+    assert server_timing('cache;desc="hit", db;dur="53"; desc=x, bad;dur=x') == {"db": 53.0}
+    assert server_timing("") == {}
+
+
 def test_gateway_client_addresses_keys_and_wav(monkeypatch):
     from tritonasr.audio import load_audio
     from tritonasr.loadtest.ws_gateway import api_key_from_environment, auth_headers, stream_url, wav_bytes
@@ -497,3 +506,11 @@ def test_bench_gateway_alternates_the_paths_over_the_same_work(server, tmp_path,
         assert offline["paths"][path]["server_cpu_per_audio_s"] > 0
     assert offline["gateway_cpu_ms_per_request"] > 0 and streams["gateway_cores_per_audio_s"] > 0
     assert "| gateway / direct |" in captured.out and "The gateway's own CPU:" in captured.out
+    # Each final through the gateway: the server's part of its latency came with it, and the rest
+    # (the way in and out through the gateway, on this machine) is positive and small.
+    for workload in (offline, streams):
+        hop = workload["paths"]["gateway"]["hop_ms"]
+        assert workload["paths"]["direct"]["hop_ms"] is None
+        assert 0 < hop["p50"] <= hop["max"] < 1000, hop
+    assert "What the gateway and the network add to each final" in captured.out
+    assert "What the gateway and the network add to each request" in captured.out

@@ -167,8 +167,9 @@ class LiveSession {
     }
     head.append(element("span", {
       className: "latency",
-      text: latency === null ? "" : `latency ${latency} ms`,
-      attrs: { title: "from sending the audio that ends this segment to this result" },
+      text: latency === null ? "" : `latency ${latency} ms`
+        + (final.triton_ms === null ? "" : ` (server ${Math.round(final.triton_ms)} ms)`),
+      attrs: { title: "from sending the audio that ends this segment to this result (the server's part of it)" },
     }));
     item.append(head, element("p", { className: "text", text: final.text }));
     return item;
