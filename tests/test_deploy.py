@@ -1,19 +1,23 @@
 """The GPU deployment files: docker-compose.yml (checked with Debian's docker-compose 1.29, the
-oldest Compose it must work with), the images of docker/ (one per role: serving, export, load
-test), .dockerignore, docker/export.sh, Prometheus and Grafana provisioning, and the dashboard's
-PromQL. No Docker engine or GPU is needed: `docker-compose config` validates and resolves the file
-without one, and the Dockerfiles are read, not built."""
+oldest Compose it must work with), the images of docker/ (one per role: serving, export, gateway,
+load test), .dockerignore, docker/export.sh, Prometheus and Grafana provisioning, and the
+dashboard's PromQL. No Docker engine or GPU is needed: `docker-compose config` validates and
+resolves the file without one, and the Dockerfiles are read, not built."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,16 +38,23 @@ DOCKER = ROOT / "docker"
 SERVE_DOCKERFILE = DOCKER / "serve.Dockerfile"
 EXPORT_DOCKERFILE = DOCKER / "export.Dockerfile"
 LOADTEST_DOCKERFILE = DOCKER / "loadtest.Dockerfile"
+GATEWAY_DOCKERFILE = DOCKER / "gateway.Dockerfile"
 # The services that run our code: the Dockerfile of each one's image, and the extra it installs.
 ROLES = {
     "triton": (SERVE_DOCKERFILE, "server"),
     "export": (EXPORT_DOCKERFILE, "export"),
+    "gateway": (GATEWAY_DOCKERFILE, "gateway"),
     "locust-master": (LOADTEST_DOCKERFILE, "loadtest"),
     "locust-worker": (LOADTEST_DOCKERFILE, "loadtest"),
 }
 # What the other roles bring and the serving image must not: modules, and their distributions.
 NOT_SERVED_MODULES = ("torch", "nemo", "funasr", "locust")
 NOT_SERVED_DISTRIBUTIONS = {"torch", "nemo-toolkit", "funasr", "locust"}
+# The gateway image neither: nor Triton (the server extra's nvidia-pytriton, a Triton base image's
+# tritonserver on PATH).
+NOT_GATEWAY_MODULES = (*NOT_SERVED_MODULES, "pytriton")
+NOT_GATEWAY_PROGRAMS = ("tritonserver",)
+NOT_GATEWAY_DISTRIBUTIONS = NOT_SERVED_DISTRIBUTIONS | {"nvidia-pytriton", "onnxruntime", "onnxruntime-gpu"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXPORT_SCRIPT = ROOT / "docker" / "export.sh"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -139,8 +150,14 @@ def _mounts(service: dict) -> dict[str, str]:
     return mounts
 
 
+def _seconds(duration: str) -> int:
+    """A Compose duration ("2m30s") in seconds."""
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in re.findall(r"(\d+)([hms])", duration))
+
+
 def test_services(services):
-    assert set(services) == {"export", "triton", "prometheus", "grafana", "locust-master", "locust-worker"}
+    assert set(services) == {"export", "triton", "gateway", "prometheus", "grafana", "locust-master",
+                             "locust-worker"}
 
 
 # --- the images: one Dockerfile per role -----------------------------------------------------
@@ -242,9 +259,10 @@ def test_each_service_runs_its_roles_image(services):
     # One image per role, named for it; the workers run the master's.
     assert re.fullmatch(r"tritonasr-serve:\S+", images["triton"]), images
     assert re.fullmatch(r"tritonasr-export:\S+", images["export"]), images
+    assert re.fullmatch(r"tritonasr-gateway:\S+", images["gateway"]), images
     assert re.fullmatch(r"tritonasr-loadtest:\S+", images["locust-master"]), images
     assert images["locust-worker"] == images["locust-master"]
-    assert len({images["triton"], images["export"], images["locust-master"]}) == 3, images
+    assert len({images["triton"], images["export"], images["gateway"], images["locust-master"]}) == 4, images
     built = {}
     for name, (dockerfile, _) in ROLES.items():
         if name == "locust-worker":
@@ -312,13 +330,13 @@ def test_gpu_onnxruntime_replaces_the_cpu_build(dockerfile):
     assert runs.index("pip uninstall -y onnxruntime") < runs.index('pip install "${ONNXRUNTIME_GPU}"')
 
 
-def _serving_import_check() -> str:
-    """The Python code of the serving image's build-time check that the other roles' packages
+def _import_check(dockerfile: Path = SERVE_DOCKERFILE, modules: tuple[str, ...] = NOT_SERVED_MODULES) -> str:
+    """The Python code of an image's build-time check that the other roles' packages (`modules`)
     are not there."""
     checks = []
-    for run in _all(_final(SERVE_DOCKERFILE), "RUN"):
+    for run in _all(_final(dockerfile), "RUN"):
         for words in _commands(run):
-            if words[:2] == ["python3", "-c"] and all(m in words[2] for m in NOT_SERVED_MODULES):
+            if words[:2] == ["python3", "-c"] and all(m in words[2] for m in modules):
                 checks.append(words[2])
     assert len(checks) == 1, checks
     return checks[0]
@@ -340,24 +358,88 @@ def test_serving_image_has_no_other_roles_packages():
     assert check > last_install
 
 
-def _run_check(code: str, tmp_path: Path, *modules: str) -> subprocess.CompletedProcess:
-    """The check in a Python that sees no site-packages, only stand-ins for `modules`."""
-    path = tmp_path / "-".join(modules or ("none",))
+def _run_check(code: str, tmp_path: Path, *modules: str, programs: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The check in a Python that sees no site-packages, only stand-ins for `modules`, and a PATH
+    with only stand-ins for `programs`."""
+    path = tmp_path / "-".join((*modules, *programs) or ("none",))
+    path.mkdir()
     for module in modules:
-        (path / module).mkdir(parents=True)
+        (path / module).mkdir()
         (path / module / "__init__.py").write_text("")
+    (path / "bin").mkdir()
+    for program in programs:
+        (path / "bin" / program).write_text("#!/bin/sh\n")
+        (path / "bin" / program).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    return subprocess.run([sys.executable, "-S", "-c", code], env={**env, "PYTHONPATH": str(path)},
+    return subprocess.run([sys.executable, "-S", "-c", code],
+                          env={**env, "PYTHONPATH": str(path), "PATH": str(path / "bin")},
                           capture_output=True, text=True, timeout=60)
 
 
 def test_serving_import_check_fails_the_build_on_each_package(tmp_path):
-    code = _serving_import_check()
+    code = _import_check()
     clean = _run_check(code, tmp_path)
     assert clean.returncode == 0, clean.stderr
     for module in NOT_SERVED_MODULES:
         found = _run_check(code, tmp_path, module)
         assert found.returncode != 0 and module in found.stderr, (module, found.returncode, found.stderr)
+
+
+def test_gateway_image_is_slim_python_without_other_roles(services, monkeypatch):
+    from tritonasr.cli import build_parser
+    from tritonasr.gateway.cli import UsageError, settings_from
+
+    global_args, stages = _stages(GATEWAY_DOCKERFILE)
+    final = stages[-1]
+    assert re.fullmatch(r"python:3\.1[0-3]-slim", final["base"]), final["base"]
+    installs = _pip_installs(final)
+    [extra] = [m[1] for m in map(_WHEEL_INSTALL.fullmatch, installs) if m]
+    assert extra == "gateway"
+    base = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", r)[0]).lower()
+            for r in PYPROJECT["project"]["dependencies"]}
+    assert not (_extras("gateway") | base) & NOT_GATEWAY_DISTRIBUTIONS
+    # The audio decoder: PyAV, whose wheels carry FFmpeg's libraries; no Debian ffmpeg (apt brings
+    # tini alone), and the build checks the gateway imports and PyAV decodes AAC and Opus.
+    audio = (ROOT / "tritonasr" / "audio.py").read_text()
+    assert "av" in base and "import av" in audio and "subprocess" not in audio
+    apt = [words for run in _all(final, "RUN") for words in _commands(run) if words[:2] == ["apt-get", "install"]]
+    assert [[w for w in words[2:] if not w.startswith("-")] for words in apt] == [["tini"]]
+    runs = _all(final, "RUN")
+    [decoders] = [run for run in runs if "av.codec.Codec" in run]
+    assert "import tritonasr.gateway.app" in decoders and "'aac'" in decoders and "'opus'" in decoders
+    # The check that other roles' packages are absent runs after the last install.
+    check = next(i for i, run in enumerate(runs) if all(m in run for m in NOT_GATEWAY_MODULES))
+    assert check > max(i for i, run in enumerate(runs) if "pip install" in run)
+    # Not root, tini as PID 1; its command is one the gateway takes, on every address, and so
+    # it refuses to start without the callers' keys ($TRITONASR_API_KEY).
+    [user] = _all(final, "USER")
+    assert re.fullmatch(r"\d+:\d+", user) and not user.startswith("0:"), user
+    assert json.loads(_all(final, "ENTRYPOINT")[-1]) == ["tini", "--"]
+    command = json.loads(_all(final, "CMD")[-1])
+    assert command[:2] == ["tritonasr", "gateway"]
+    args = build_parser().parse_args(command[1:])
+    assert args.host == "0.0.0.0" and str(args.port) in " ".join(_all(final, "EXPOSE")).split()
+    monkeypatch.delenv("TRITONASR_API_KEY", raising=False)
+    with pytest.raises(UsageError, match="--api-key"):
+        settings_from(args)
+    monkeypatch.setenv("TRITONASR_API_KEY", "k")
+    assert settings_from(args).api_keys == ("k",)
+    # The SQLite jobs database's directory is the image user's (compose mounts its volume there).
+    jobs_dir = str(Path(args.jobs_db).parent)
+    assert any(jobs_dir in run and "chown tritonasr:tritonasr" in run for run in runs)
+    assert f"--uid {user.split(':')[0]} " in " ".join(runs)
+
+
+def test_gateway_image_check_fails_the_build_on_each_package(tmp_path):
+    code = _import_check(GATEWAY_DOCKERFILE, NOT_GATEWAY_MODULES)
+    clean = _run_check(code, tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    for module in NOT_GATEWAY_MODULES:
+        found = _run_check(code, tmp_path, module)
+        assert found.returncode != 0 and module in found.stderr, (module, found.returncode, found.stderr)
+    for program in NOT_GATEWAY_PROGRAMS:
+        found = _run_check(code, tmp_path, programs=(program,))
+        assert found.returncode != 0 and program in found.stderr, (program, found.returncode, found.stderr)
 
 
 def test_export_image_has_trtexec_and_cuda_torch(services):
@@ -500,8 +582,7 @@ def test_triton_service(services):
     assert triton["environment"]["TRITONASR_API_KEY"] == REQUIRED["TRITONASR_API_KEY"]
     assert triton["init"] is True
     # `stop` gives serve time to drain its open streams (SIGTERM reaches it through the init).
-    grace = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[unit]
-                for n, unit in re.findall(r"(\d+)([hms])", triton["stop_grace_period"]))
+    grace = _seconds(triton["stop_grace_period"])
     assert grace > args.drain_seconds, triton["stop_grace_period"]
     assert _bytes(triton["shm_size"]) >= 1024 ** 3, triton["shm_size"]
     # Only gRPC leaves the host: HTTP (plain text) stays in the container, metrics on the network.
@@ -513,6 +594,75 @@ def test_triton_service(services):
     mounts = _mounts(triton)
     assert mounts["/models"] == "models" and mounts["/cache/trt"] == "trt-cache"
     assert Path(mounts["/tls"]) == MAKE_CERTS.parent
+
+
+def test_gateway_service(services, resolved, make_certs, tmp_path, monkeypatch):
+    from tritonasr.cli import build_parser
+    from tritonasr.gateway.cli import settings_from
+    from tritonasr.gateway.jobs.store import engine_url
+
+    gateway = services["gateway"]
+    command = gateway["command"]
+    assert command[:2] == ["tritonasr", "gateway"]
+    args = build_parser().parse_args(command[1:])
+    mounts = _mounts(gateway)
+    assert Path(mounts["/tls"]) == MAKE_CERTS.parent
+    # triton over TLS, by the name make-certs.sh's certificate gives it, checked against its CA.
+    assert args.url == "triton:8001" and "DNS:triton" in MAKE_CERTS.read_text()
+    assert str(args.triton_tls_ca) == "/tls/ca.crt"
+    # HTTPS with the server's certificate, on every address: the callers' keys are required.
+    assert (str(args.tls_cert), str(args.tls_key)) == ("/tls/server.crt", "/tls/server.key")
+    assert args.host == "0.0.0.0" and not args.allow_unauthenticated and args.api_key is None
+    assert gateway["environment"]["TRITONASR_API_KEY"] == REQUIRED["TRITONASR_API_KEY"]
+    # What the gateway makes of it, make-certs.sh's files where the volume puts them.
+    tls = make_certs(tmp_path / "tls")
+    for variable in ("TRITONASR_TLS_CA", "TRITONASR_TLS_CERT", "TRITONASR_TLS_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("TRITONASR_API_KEY", gateway["environment"]["TRITONASR_API_KEY"])
+    settings = settings_from(build_parser().parse_args([a.replace("=/tls/", f"={tls}/") for a in command[1:]]))
+    assert settings.triton_tls.tls_ca == tls / "ca.crt" and settings.triton_tls.api_key is None
+    assert settings.api_keys == (REQUIRED["TRITONASR_API_KEY"],)
+    # One gateway: its jobs in SQLite on a named volume.
+    assert engine_url(args.jobs_db).drivername == "sqlite"
+    assert mounts[str(Path(args.jobs_db).parent)] == "gateway-jobs" and "gateway-jobs" in resolved["volumes"]
+    # Published beyond this host (TLS and keys), on its own port; the root filesystem read-only.
+    assert {(host, target) for host, _, target in _ports(gateway)} == {(None, args.port)}
+    assert gateway["read_only"] is True and gateway["tmpfs"] == ["/tmp"]
+    assert gateway["cap_drop"] == ["ALL"] and "no-new-privileges:true" in gateway["security_opt"]
+    assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert "init" not in gateway  # the image's tini
+    assert _seconds(gateway["stop_grace_period"]) >= 60
+
+    # The healthcheck: the gateway's own port and scheme, a path the real application answers
+    # without a key. Its command runs here against that application served with make-certs.sh's
+    # certificate: healthy while it serves, not once it stopped.
+    health = gateway["healthcheck"]
+    assert health["test"][:3] == ["CMD", "python3", "-c"]
+    scheme, port, path = re.search(r"(https?)://localhost:(\d+)(/[^'\"]*)", health["test"][3]).groups()
+    assert int(port) == args.port and scheme == ("https" if args.tls_cert else "http")
+    import uvicorn
+
+    from tritonasr.gateway.app import create_app
+
+    app = create_app(dataclasses.replace(settings, jobs_db=str(tmp_path / "jobs.db")))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free, lifespan="off", log_level="warning",
+                                           ssl_certfile=str(tls / "server.crt"), ssl_keyfile=str(tls / "server.key")))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    check = [sys.executable, "-c", health["test"][3].replace(f"localhost:{port}", f"localhost:{free}")]
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        healthy = subprocess.run(check, capture_output=True, text=True, timeout=30)
+        assert healthy.returncode == 0, healthy.stderr
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert subprocess.run(check, capture_output=True, text=True, timeout=30).returncode != 0
 
 
 def test_secrets_have_no_defaults(compose_bin):
@@ -559,7 +709,9 @@ def test_export_service(services, resolved):
 
 def test_environment_overrides(compose_bin):
     services = yaml.safe_load(compose(compose_bin, "config", env={
-        "TARGET": "gpu-onnxruntime", "INSTANCES": "4", "TRITON_GRPC_PORT": "9001"}))["services"]
+        "TARGET": "gpu-onnxruntime", "INSTANCES": "4", "TRITON_GRPC_PORT": "9001",
+        "GATEWAY_PORT": "9443"}))["services"]
+    assert {(published, target) for _, published, target in _ports(services["gateway"])} == {(9443, 8443)}
     assert services["export"]["environment"]["TARGET"] == "gpu-onnxruntime"
     assert services["export"]["environment"]["INSTANCES"] == "4"
     assert {(published, target) for _, published, target in _ports(services["triton"])} >= {(9001, 8001)}
@@ -899,10 +1051,10 @@ def test_readme_documents_the_deployment():
     assert start < readme.index("## Benchmarks")
     section = readme[start:readme.index("\n## ", start + 1)]
     for command in ("docker-compose build", "docker-compose run --rm export",
-                    "docker-compose up -d triton prometheus grafana",
+                    "docker-compose up -d triton gateway prometheus grafana",
                     "docker-compose --profile loadtest up --scale locust-worker=4"):
         assert command in section
-    for dockerfile in (SERVE_DOCKERFILE, EXPORT_DOCKERFILE, LOADTEST_DOCKERFILE):
+    for dockerfile in (SERVE_DOCKERFILE, EXPORT_DOCKERFILE, GATEWAY_DOCKERFILE, LOADTEST_DOCKERFILE):
         assert f"`docker/{dockerfile.name}`" in section
     assert "docker/Dockerfile" not in readme
     undocumented = [v for v in COMPOSE_VARIABLES if f"`{v}`" not in section]

@@ -2,15 +2,19 @@
 links Helm's Go packages; no cluster, no network) and every object validated offline against the
 Kubernetes API's schemas (kubernetes-validate) or, for the ServiceMonitor, Prometheus Operator's
 CRD schema (tests/kubernetes/validate.mjs). What the objects say is checked against the parts
-they drive: `tritonasr serve`'s own argument parser, the supervisor's health handler, the export
-script, promtool evaluating prometheus-adapter's rules, and nginx checking the balancer's config."""
+they drive: `tritonasr serve`'s and `tritonasr gateway`'s own argument parsers, the supervisor's
+health handler, the gateway's application, the export script, promtool evaluating
+prometheus-adapter's rules, and nginx checking the balancer's config."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.error import HTTPError
@@ -20,8 +24,11 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from starlette.testclient import TestClient
 
 from tritonasr.cli import build_parser
+from tritonasr.gateway.app import create_app
+from tritonasr.gateway.cli import UsageError, settings_from
 from tritonasr.paths import CHECKOUT_ROOT
 from tritonasr.serving import supervisor
 
@@ -31,18 +38,24 @@ PROMETHEUS = CHECKOUT_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ADAPTER_VALUES = CHECKOUT_ROOT / "deploy" / "kubernetes" / "prometheus-adapter-values.yaml"
 EXPORT_SCRIPT = CHECKOUT_ROOT / "docker" / "export.sh"
 SERVE_DOCKERFILE = CHECKOUT_ROOT / "docker" / "serve.Dockerfile"
+GATEWAY_DOCKERFILE = CHECKOUT_ROOT / "docker" / "gateway.Dockerfile"
 BARE_BALANCER = CHECKOUT_ROOT / "deploy" / "nginx" / "tritonasr-grpc.conf"
 SCHEMAS = Path(__file__).parent / "kubernetes"
 # The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion) and the newest with schemas.
 KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.utils.latest_version())
 RELEASE, NAMESPACE = "asr", "speech"
 # The values the chart insists on.
+POSTGRES = {"url": "postgresql://tritonasr@postgres.db.svc:5432/tritonasr",
+            "passwordSecret": {"name": "asr-postgres"}}
 REQUIRED = {
     "auth": {"existingSecret": "asr-keys"},
     "tls": {"existingSecret": "asr-tls"},
-    "speakerStore": {"url": "postgresql://tritonasr@postgres.db.svc:5432/tritonasr",
-                     "passwordSecret": {"name": "asr-postgres"}},
+    "speakerStore": POSTGRES,
+    "gateway": {"jobsDb": POSTGRES},
 }
+# What a kubernetes.io/tls Secret with the CA holds (values.yaml's tls.existingSecret).
+TLS_SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
+NO_GATEWAY = {"gateway": {"enabled": False, "jobsDb": {"url": ""}}}
 # Value sets a platform team would use; each must render objects the API server takes.
 VARIANTS = {
     "defaults": {},
@@ -50,7 +63,9 @@ VARIANTS = {
         "autoscaling": {"enabled": False}, "serviceMonitor": {"enabled": False},
         "prometheusRule": {"enabled": False}, "networkPolicy": {"enabled": False},
         "persistence": {"existingClaim": "shared-models"},
-        "export": {"speaker": False}, "speakerStore": {"url": ""}},
+        "export": {"speaker": False}, "speakerStore": {"url": ""},
+        "gateway": {"autoscaling": {"enabled": False}, "replicas": 3}},
+    "gRPC callers only: no gateway": NO_GATEWAY,
     "everything set": {
         "image": {"registry": "registry.example.com/asr/", "tag": "1.2.3", "pullSecrets": ["regcred"]},
         "gpu": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
@@ -62,7 +77,13 @@ VARIANTS = {
         "balancer": {"service": {"type": "LoadBalancer", "annotations": {"x": "y"}}},
         "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}},
         "networkPolicy": {"grpcFrom": [{"namespaceSelector": {"matchLabels": {"team": "voice"}}}]},
-        "persistence": {"storageClass": "nfs"}},
+        "persistence": {"storageClass": "nfs"},
+        "gateway": {"service": {"type": "LoadBalancer", "port": 8443, "annotations": {"x": "y"}},
+                    "corsOrigins": ["https://app.example.com"], "extraArgs": ["--max-inflight=32"],
+                    "jobWorkers": 0, "podAnnotations": {"a": "b"},
+                    "nodeSelector": {"kubernetes.io/arch": "amd64"},
+                    "tolerations": [{"key": "cpu-pool", "operator": "Exists", "effect": "NoSchedule"}],
+                    "autoscaling": {"maxReplicas": 30, "targetCPUUtilization": 60}}},
 }
 
 
@@ -138,14 +159,14 @@ def test_chart_deploys_every_part(objects):
     assert kinds == {
         "PersistentVolumeClaim": ["asr-tritonasr-models"],
         "Job": ["asr-tritonasr-export"],
-        "Deployment": ["asr-tritonasr-balancer", "asr-tritonasr-server"],
-        "Service": ["asr-tritonasr", "asr-tritonasr-servers"],
+        "Deployment": ["asr-tritonasr-balancer", "asr-tritonasr-gateway", "asr-tritonasr-server"],
+        "Service": ["asr-tritonasr", "asr-tritonasr-gateway", "asr-tritonasr-servers"],
         "ConfigMap": ["asr-tritonasr-balancer"],
-        "HorizontalPodAutoscaler": ["asr-tritonasr-server"],
-        "PodDisruptionBudget": ["asr-tritonasr-balancer", "asr-tritonasr-server"],
+        "HorizontalPodAutoscaler": ["asr-tritonasr-gateway", "asr-tritonasr-server"],
+        "PodDisruptionBudget": ["asr-tritonasr-balancer", "asr-tritonasr-gateway", "asr-tritonasr-server"],
         "ServiceMonitor": ["asr-tritonasr-servers"],
         "PrometheusRule": ["asr-tritonasr"],
-        "NetworkPolicy": ["asr-tritonasr-balancer", "asr-tritonasr-server"],
+        "NetworkPolicy": ["asr-tritonasr-balancer", "asr-tritonasr-gateway", "asr-tritonasr-server"],
     }
 
 
@@ -170,7 +191,7 @@ def test_the_validators_refuse_broken_objects(objects, operator_validator):
     deployment["spec"]["template"]["spec"]["containers"][0]["argz"] = ["x"]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
-    hpa = json.loads(json.dumps(one(objects, "HorizontalPodAutoscaler")))
+    hpa = json.loads(json.dumps(one(objects, "HorizontalPodAutoscaler", "-server")))
     hpa["spec"]["minReplicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(hpa, KUBERNETES_VERSIONS[-1], strict=True)
@@ -183,12 +204,22 @@ def test_the_validators_refuse_broken_objects(objects, operator_validator):
 @pytest.mark.parametrize("values, names", [
     ({}, "auth.existingSecret"),
     ({"auth": {"existingSecret": "k"}}, "tls.existingSecret"),
-    ({"auth": {"existingSecret": "k"}, "tls": {"existingSecret": "t"}}, "speakerStore.url"),
+    ({"auth": {"existingSecret": "k"}, "tls": {"existingSecret": "t"}, "gateway": {"jobsDb": POSTGRES}},
+     "speakerStore.url"),
+    # The gateway's jobs need the shared database: no SQLite in a pod, which loses them with it.
+    ({"auth": {"existingSecret": "k"}, "tls": {"existingSecret": "t"}, "speakerStore": POSTGRES},
+     "gateway.jobsDb.url"),
+    (merged(REQUIRED, {"gateway": {"jobsDb": {"url": ""}, "replicas": 1, "autoscaling": {"enabled": False}}}),
+     "gateway.jobsDb.url"),
     (merged(REQUIRED, {"server": {"maxStreams": 0}}), "server.maxStreams"),
     # values.schema.json: wrong types and values, and a password in the store's URL
     (merged(REQUIRED, {"server": {"maxStreams": "lots"}}), "/server/maxStreams"),
     (merged(REQUIRED, {"export": {"target": "cpu"}}), "/export/target"),
     (merged(REQUIRED, {"speakerStore": {"url": "postgresql://tritonasr:secret@db/asr"}}), "/speakerStore/url"),
+    (merged(REQUIRED, {"gateway": {"jobsDb": {"url": "postgresql://tritonasr:secret@db/asr"}}}),
+     "/gateway/jobsDb/url"),
+    (merged(REQUIRED, {"gateway": {"jobsDb": {"url": "sqlite:////data/jobs.db"}}}), "/gateway/jobsDb/url"),
+    (merged(REQUIRED, {"gateway": {"drainSeconds": 5}}), "/gateway/drainSeconds"),
 ])
 def test_missing_settings_are_refused_by_name(values, names):
     assert names in render_error(values)
@@ -318,17 +349,222 @@ def test_probes_ask_the_supervisor_what_they_mean(objects, ready, live):
     assert server["startupProbe"]["periodSeconds"] * server["startupProbe"]["failureThreshold"] >= 1800
 
 
+# --- the gateway -------------------------------------------------------------------------------
+
+def _pod_labels(owner: dict) -> dict:
+    return owner["spec"]["template"]["metadata"]["labels"]
+
+
+def _selected(selector: dict, objects: list[dict]) -> list[str]:
+    """The names of the Deployments and Jobs whose pods `selector` (matchLabels) picks."""
+    return sorted(o["metadata"]["name"] for o in objects
+                  if o["kind"] in ("Deployment", "Job") and selector.items() <= _pod_labels(o).items())
+
+
+def _gateway_command(gateway: dict, tls_dir: Path, monkeypatch, api_keys: str | None = "k1,k2"):
+    """What `tritonasr gateway` makes of the container's command: its arguments (the real parser)
+    and its settings (the real checks), with the files the TLS Secret holds (tls.crt, tls.key,
+    ca.crt, and nothing else) at /tls and the auth Secret's keys in $TRITONASR_API_KEY."""
+    for name in TLS_SECRET_KEYS:
+        (tls_dir / name).write_text("")
+    for variable in ("TRITONASR_API_KEY", "TRITONASR_TLS_CA", "TRITONASR_TLS_CERT", "TRITONASR_TLS_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    if api_keys is not None:
+        monkeypatch.setenv("TRITONASR_API_KEY", api_keys)
+    argv = gateway["command"][3:] + gateway["args"]
+    mounted = [arg.replace("=/tls/", f"={tls_dir}/") for arg in argv]
+    return build_parser().parse_args(argv), settings_from(build_parser().parse_args(mounted))
+
+
+def test_gateway_command_is_one_gateway_accepts(objects, tmp_path, monkeypatch):
+    deployment = one(objects, "Deployment", "-gateway")
+    gateway = container(deployment, "gateway")
+    assert re.fullmatch(r"tritonasr-gateway:\S+", gateway["image"])
+    assert gateway["command"][:3] == ["tini", "--", "tritonasr"]
+    assert re.search(r"apt-get install [^\n]*\btini\b", GATEWAY_DOCKERFILE.read_text())
+    args, settings = _gateway_command(gateway, tmp_path, monkeypatch)
+    assert args.command == "gateway"
+    # Triton through the balancer's Service, by its DNS name and port: nginx's TLS listener,
+    # checked against the Secret's CA. The gateway sends each caller's key, none of its own.
+    balancer = one(objects, "Service", "-tritonasr")
+    [service_port] = balancer["spec"]["ports"]
+    assert settings.triton_url == f"{balancer['metadata']['name']}.{NAMESPACE}.svc:{service_port['port']}"
+    nginx = container(one(objects, "Deployment", "-balancer"), "nginx")
+    target = {p["name"]: p["containerPort"] for p in nginx["ports"]}[service_port["targetPort"]]
+    assert f"listen {target} ssl" in one(objects, "ConfigMap")["data"]["tritonasr.conf.template"]
+    assert settings.triton_tls.tls_ca == tmp_path / "ca.crt" and settings.triton_tls.tls_cert is None
+    assert settings.triton_tls.api_key is None and settings.triton_tls.admin_key is None
+    # HTTPS for its own callers with the Secret's certificate, on every address: so keys are
+    # required, and they come from the auth Secret (without them the gateway would not start).
+    assert (str(args.tls_cert), str(args.tls_key)) == ("/tls/tls.crt", "/tls/tls.key")
+    mounts = {m["mountPath"]: m["name"] for m in gateway["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/tls"]]["secret"]["secretName"] == "asr-tls"
+    assert args.host == "0.0.0.0" and not args.allow_unauthenticated and args.api_key is None
+    assert settings.api_keys == ("k1", "k2")
+    env = {e["name"]: e for e in gateway["env"]}
+    assert env["TRITONASR_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "asr-keys", "key": "api-keys"}
+    assert "TRITONASR_ADMIN_KEY" not in env  # speaker changes carry the caller's own admin key
+    with pytest.raises(UsageError, match="--api-key"):
+        _gateway_command(gateway, tmp_path, monkeypatch, api_keys=None)
+    # Jobs in the shared PostgreSQL, the password from its Secret, never in the arguments.
+    assert settings.jobs_db == POSTGRES["url"] and settings.job_workers == 2
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "asr-postgres", "key": "password"}
+    assert "password" not in json.dumps(gateway["args"])
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"https": args.port}
+
+    everything = container(one(render(VARIANTS["everything set"]), "Deployment", "-gateway"), "gateway")
+    args, settings = _gateway_command(everything, tmp_path, monkeypatch)
+    assert settings.cors_origins == ("https://app.example.com",)
+    assert settings.max_inflight == 32 and settings.job_workers == 0
+
+
+def test_gateway_probes_ask_the_gateway_itself(objects, tmp_path, monkeypatch):
+    """The probes' port and scheme are the gateway's own; their path, asked of the gateway's real
+    application (its routes, without a key, Triton unreachable), answers 200: a Triton away makes
+    the gateway answer callers 503, and no pod restarts."""
+    gateway = container(one(objects, "Deployment", "-gateway"), "gateway")
+    args, settings = _gateway_command(gateway, tmp_path, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    app = TestClient(create_app(settings))  # no lifespan: no database, no workers
+    for kind in ("startup", "readiness", "liveness"):
+        probe = gateway[f"{kind}Probe"]["httpGet"]
+        assert ports[probe["port"]] == args.port
+        assert probe["scheme"] == ("HTTPS" if args.tls_cert else "HTTP")
+        response = app.get(probe["path"])
+        assert response.status_code == 200, (kind, response.text)
+    assert app.get("/v1/jobs").status_code == 401  # the API itself asks for a key
+
+
+def test_gateway_waits_for_its_callers_before_it_stops(objects):
+    """preStop holds SIGTERM (which closes the gateway's WebSockets) while callers are connected,
+    up to gateway.drainSeconds, inside the grace period. Its script runs here on this machine's
+    /proc: it returns once the last caller has hung up, or at its deadline."""
+    deployment = one(objects, "Deployment", "-gateway")
+    gateway = container(deployment, "gateway")
+    python, flag, code, port, settle, drain = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert (python, flag) == ("python3", "-c")
+    assert int(port) == build_parser().parse_args(gateway["command"][3:] + gateway["args"]).port
+    assert float(settle) >= 5 and float(drain) == 120
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= float(drain) + 30
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listening = str(listener.getsockname()[1])
+    started_here: list[subprocess.Popen] = []
+
+    def wait(drain_s: float) -> subprocess.Popen:
+        started_here.append(subprocess.Popen([sys.executable, "-c", code, listening, "0.2", str(drain_s)]))
+        return started_here[-1]
+
+    try:
+        started = time.monotonic()
+        assert wait(60).wait(timeout=30) == 0  # nobody connected: at once
+        assert time.monotonic() - started < 5
+        caller = socket.create_connection(("127.0.0.1", int(listening)))
+        accepted, _ = listener.accept()
+        waiting = wait(60)
+        time.sleep(2.5)
+        assert waiting.poll() is None  # a caller is connected
+        caller.close()
+        accepted.close()
+        hung_up = time.monotonic()
+        assert waiting.wait(timeout=30) == 0
+        assert time.monotonic() - hung_up < 4
+        # A caller that stays: the deadline.
+        caller = socket.create_connection(("127.0.0.1", int(listening)))
+        accepted, _ = listener.accept()
+        started = time.monotonic()
+        assert wait(2).wait(timeout=30) == 0
+        assert 1.5 < time.monotonic() - started < 6
+        caller.close()
+        accepted.close()
+    finally:
+        listener.close()
+        for process in started_here:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_gateway_pod_is_locked_down(objects):
+    deployment = one(objects, "Deployment", "-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    gateway = container(deployment, "gateway")
+    # The image's own user, not root; the TLS Secret readable through the pod's group.
+    uid, gid = re.search(r"^USER (\d+):(\d+)$", GATEWAY_DOCKERFILE.read_text(), re.M).groups()
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == int(uid) != 0
+    assert context["runAsGroup"] == context["fsGroup"] == int(gid)
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["defaultMode"] == 0o440
+    assert gateway["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                          "readOnlyRootFilesystem": True}
+    # Writable: /tmp alone (uploads spooled as they arrive).
+    writable = {m["mountPath"] for m in gateway["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp"} and "emptyDir" in volumes["tmp"]
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    assert "cpu" in gateway["resources"]["requests"]  # what the autoscaler's utilisation is of
+
+
+def test_gateway_service_selects_only_gateway_pods(objects):
+    gateway_deployment = "asr-tritonasr-gateway"
+    service = one(objects, "Service", "-gateway")
+    assert _selected(service["spec"]["selector"], objects) == [gateway_deployment]
+    for other in by_kind(objects)["Service"]:
+        if other is not service:
+            assert gateway_deployment not in _selected(other["spec"]["selector"], objects), other["metadata"]["name"]
+    gateway = container(one(objects, "Deployment", "-gateway"), "gateway")
+    [port] = service["spec"]["ports"]
+    assert port["port"] == 443 and port["targetPort"] in {p["name"] for p in gateway["ports"]}
+    # Its disruption budget and network policy are its own too; callers may reach its port.
+    budget = one(objects, "PodDisruptionBudget", "-gateway")
+    assert _selected(budget["spec"]["selector"]["matchLabels"], objects) == [gateway_deployment]
+    assert budget["spec"]["maxUnavailable"] == 1
+    policy = one(objects, "NetworkPolicy", "-gateway")
+    assert _selected(policy["spec"]["podSelector"]["matchLabels"], objects) == [gateway_deployment]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": port["targetPort"]}]}]
+
+
+def test_gateway_scales_on_its_cpu(objects):
+    deployment = one(objects, "Deployment", "-gateway")
+    hpa = one(objects, "HorizontalPodAutoscaler", "-gateway")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    assert "replicas" not in deployment["spec"]  # the autoscaler's
+    fixed = render({"gateway": {"autoscaling": {"enabled": False}, "replicas": 3}})
+    assert one(fixed, "Deployment", "-gateway")["spec"]["replicas"] == 3
+    assert [o["metadata"]["name"] for o in by_kind(fixed)["HorizontalPodAutoscaler"]] == ["asr-tritonasr-server"]
+
+
+def test_gateway_disabled_renders_no_gateway_objects(objects):
+    """Without the gateway no object of it, and no jobs database asked for; the rest unchanged."""
+    without = render(NO_GATEWAY)
+
+    def gateway_part(obj: dict) -> bool:
+        return (obj["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"
+                or "gateway" in obj["metadata"]["name"])
+
+    assert [o["metadata"]["name"] for o in without if gateway_part(o)] == []
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in without) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in objects if not gateway_part(o))
+
+
 # --- autoscaling -------------------------------------------------------------------------------
 
 def test_autoscaler_scales_the_servers_on_the_adapters_metrics(objects):
-    hpa = one(objects, "HorizontalPodAutoscaler")
+    hpa = one(objects, "HorizontalPodAutoscaler", "-server")
     assert hpa["spec"]["scaleTargetRef"]["name"] == one(objects, "Deployment", "-server")["metadata"]["name"]
     targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"] for m in hpa["spec"]["metrics"]}
     rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
     assert set(targets) == {rule["name"]["as"] for rule in rules}
     assert targets == {"tritonasr_stream_load": "0.7", "tritonasr_offline_load": "0.8"}
     # As `--set autoscaling.targetStreamLoad=0.6` gives it: a number.
-    numeric = one(render({"autoscaling": {"targetStreamLoad": 0.6}}), "HorizontalPodAutoscaler")
+    numeric = one(render({"autoscaling": {"targetStreamLoad": 0.6}}), "HorizontalPodAutoscaler", "-server")
     assert numeric["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "0.6"
     down = hpa["spec"]["behavior"]["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= 300

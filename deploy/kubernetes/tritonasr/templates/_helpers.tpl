@@ -25,6 +25,16 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ include "tritonasr.fullname" . }}-servers.{{ .Release.Namespace }}.svc
 {{- end -}}
 
+{{/* The balancer's Service, what callers (and the gateway) connect to. */}}
+{{- define "tritonasr.balancerHost" -}}
+{{ include "tritonasr.fullname" . }}.{{ .Release.Namespace }}.svc
+{{- end -}}
+
+{{/* The gateway's Service, for HTTP and WebSocket callers. */}}
+{{- define "tritonasr.gatewayHost" -}}
+{{ include "tritonasr.fullname" . }}-gateway.{{ .Release.Namespace }}.svc
+{{- end -}}
+
 {{- define "tritonasr.claim" -}}
 {{ .Values.persistence.existingClaim | default (printf "%s-models" (include "tritonasr.fullname" .)) }}
 {{- end -}}
