@@ -1,5 +1,5 @@
 """The gateway's ASGI application: its routes, and what every request passes through on its way
-in: a request id, the body-size limit, CORS, and the API key."""
+in: a request id, the body-size limit, CORS, the API key, and the drain (gateway/drain.py)."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from tritonasr.gateway.access import bearer_key, checked_key
 from tritonasr.gateway.console import console_routes
+from tritonasr.gateway.drain import Drain
 from tritonasr.gateway.errors import ApiError, from_failure
 from tritonasr.gateway.funasr import FunasrEndpoint
 from tritonasr.gateway.jobs.routes import JobsApi
@@ -24,22 +26,38 @@ from tritonasr.gateway.request_ids import REQUEST_ID_HEADER
 from tritonasr.gateway.request_ids import request_id as new_request_id
 from tritonasr.gateway.settings import GatewaySettings
 from tritonasr.gateway.speakers import ADMIN_KEY_HEADER, SpeakerEndpoints
-from tritonasr.gateway.streams import StreamEndpoint
+from tritonasr.gateway.streams import TRY_AGAIN_LATER, StreamEndpoint, close_reason
 from tritonasr.gateway.transcriptions import create_transcription
 
 log = logging.getLogger("tritonasr.gateway")
 
+# Liveness (the process serves) and readiness (it takes new work: not while draining). Neither asks
+# Triton: a Triton away is a 503 for the callers, no reason to restart or drop this gateway.
+LIVENESS_PATH, READINESS_PATH = "/healthz", "/readyz"
+STREAM_PATH = "/v1/stream"
+# What a draining gateway refuses: new work. Everything else (a job's status, the console, a
+# speaker's enrollment) is quick and still answered.
+NEW_WORK = (("POST", "/v1/audio/transcriptions"), ("POST", "/v1/jobs"))
+DRAINING = "this gateway is shutting down; retry, and another replica will take it"
 
-def create_app(settings: GatewaySettings) -> Starlette:
+
+def create_app(settings: GatewaySettings, drain: Drain | None = None) -> Starlette:
     runner = OfflineRunner(settings)
     streams = StreamEndpoint(settings)
     funasr = FunasrEndpoint(settings, runner, streams)
     jobs = JobsApi(settings, runner)
+    drain = drain or Drain(0)
+    drain.on_begin.append(jobs.workers.stop)  # no new file; the ones held are finished
 
     async def transcriptions(request: Request) -> Response:
         return await create_transcription(request, runner, checked_key(bearer_key(request), settings))
 
     async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @asynccontextmanager
@@ -49,16 +67,17 @@ def create_app(settings: GatewaySettings) -> Starlette:
         runner.close()
         await streams.close()
 
-    middleware = [Middleware(RequestContext, settings=settings)]
+    middleware = [Middleware(RequestContext, settings=settings, drain=drain)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "DELETE"],
                                      allow_headers=["Authorization", "Content-Type", ADMIN_KEY_HEADER],
                                      expose_headers=[REQUEST_ID_HEADER, "Retry-After", "Server-Timing"], max_age=600))
     return Starlette(routes=[Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-                             WebSocketRoute("/v1/stream", streams.serve),
+                             WebSocketRoute(STREAM_PATH, streams.serve),
                              WebSocketRoute("/", funasr.serve),
-                             Route("/healthz", healthz, methods=["GET"]),
+                             Route(LIVENESS_PATH, healthz, methods=["GET"]),
+                             Route(READINESS_PATH, readyz, methods=["GET"]),
                              *SpeakerEndpoints(settings).routes(),
                              *console_routes(settings),
                              *jobs.routes()],
@@ -94,16 +113,31 @@ class RequestContext:
     """Per HTTP request: its id (the caller's X-Request-ID when it is a plain token, else a new
     one) on the response and in the log line; the upload limit, checked on the declared length
     and on the bytes as they arrive (a chunked upload declares none); and the failures of the
-    client library and the decoder turned into answers that say whose fault they were."""
+    client library and the decoder turned into answers that say whose fault they were. Per
+    request and socket: counted open for the drain, or, new work while draining, refused."""
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings):
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, drain: Drain):
         self.app = app
         self.settings = settings
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket") or scope["path"] in (LIVENESS_PATH, READINESS_PATH):
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "websocket" and self.drain.draining:
+            await _refuse_socket(scope, receive, send)
+            return
+        self.drain.open += 1
+        try:
+            if scope["type"] == "websocket":
+                await self.app(scope, receive, send)
+            else:
+                await self._http(scope, receive, send)
+        finally:
+            self.drain.open -= 1
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = new_request_id(headers.get(REQUEST_ID_HEADER.lower()))
         scope.setdefault("state", {})["request_id"] = request_id
@@ -134,6 +168,8 @@ class RequestContext:
         except ValueError:
             declared = 0
         try:
+            if self.drain.draining and (scope["method"], scope["path"]) in NEW_WORK:
+                raise ApiError(503, DRAINING, code="draining", headers={"Retry-After": str(self.settings.retry_after_s)})
             if declared > limit:
                 raise BodyTooLarge
             await self.app(scope, limited_receive, send_with_id)
@@ -148,6 +184,16 @@ class RequestContext:
         finally:
             log.info("%s %s %s %d %.0f ms", request_id, scope["method"], scope["path"], status[0],
                      (time.monotonic() - started) * 1000)
+
+
+async def _refuse_socket(scope: Scope, receive: Receive, send: Send) -> None:
+    """A socket opened while draining: accepted to say why (`WS /v1/stream`'s error message, the
+    close's reason), then closed 1013 "try again later"."""
+    socket = WebSocket(scope, receive, send)
+    await socket.accept()
+    if scope["path"] == STREAM_PATH:
+        await socket.send_json({"type": "error", "code": "draining", "message": DRAINING})
+    await socket.close(TRY_AGAIN_LATER, close_reason(f"draining: {DRAINING}"))
 
 
 def _as_api_error(exc: Exception, settings: GatewaySettings) -> ApiError:

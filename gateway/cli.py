@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tritonasr.client.connection import Credentials
+from tritonasr.contract import DRAIN_SECONDS
 from tritonasr.gateway.jobs.store import default_url, engine_url
 from tritonasr.gateway.settings import MiB, GatewaySettings
 from tritonasr.runtime.access import is_loopback, split_keys
@@ -57,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jobs.add_argument("--job-attempts", type=int, default=DEFAULTS.job_attempts, metavar="N",
                       help="tries of a file failing for a passing reason (Triton unreachable or busy) or whose "
                            "gateway died")
+    parser.add_argument("--drain-seconds", type=float, default=DRAIN_SECONDS, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C: not ready (GET /readyz 503), new streams, transcriptions and "
+                             "jobs refused (draining), and up to this long for open streams, requests in flight "
+                             "and job files being transcribed to end, before the gateway stops (0: at once; a "
+                             "second signal stops it at once)")
     triton = parser.add_argument_group("the connection to Triton (each defaults to its $TRITONASR_* variable)")
     triton.add_argument("--triton-tls-ca", type=Path, default=None,
                         help="speak TLS to Triton, trusting this CA ($TRITONASR_TLS_CA)")
@@ -96,9 +102,12 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tritonasr.gateway.app import create_app
+    from tritonasr.gateway.drain import Drain, DrainingServer
 
     try:
         settings = settings_from(args)
+        if args.drain_seconds < 0:
+            raise UsageError(f"--drain-seconds must be 0 or more, got {args.drain_seconds:g}")
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -109,8 +118,12 @@ def main(args: argparse.Namespace) -> int:
     scheme = "https" if args.tls_cert else "http"
     print(f"tritonasr gateway on {scheme}://{args.host}:{args.port} -> Triton {settings.triton_url} (Ctrl-C stops)",
           file=sys.stderr, flush=True)
+    drain = Drain(args.drain_seconds)
     # No per-message compression: audio does not compress, and it would cost CPU on every frame.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False,
-                ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
-                ssl_keyfile=str(args.tls_key) if args.tls_key else None)
+    # Once drained, what uvicorn still waits for is a socket's close or a response on its way.
+    config = uvicorn.Config(create_app(settings, drain), host=args.host, port=args.port, log_level="warning",
+                            ws_per_message_deflate=False, timeout_graceful_shutdown=10,
+                            ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+                            ssl_keyfile=str(args.tls_key) if args.tls_key else None)
+    DrainingServer(config, drain).run()
     return 0

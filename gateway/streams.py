@@ -38,8 +38,9 @@ or the server's INVALID_ARGUMENT); 1008 a missing or wrong key, a browser page f
 allowed, a message out of order, no `start` within 10 s, or a stream idle past Triton's timeout
 (15 s as shipped) or the gateway's (60 s without any message before `end`);
 1009 a message over its limit; 1011 a failure of the gateway or the server; 1013 no room on the
-servers (`server_busy`, after the client library's own failover) or Triton unreachable
-(`triton_unavailable`): try again later.
+servers (`server_busy`, after the client library's own failover), Triton unreachable
+(`triton_unavailable`) or this gateway shutting down (`draining`, gateway/drain.py): try again
+later; 1012 (no error message) the gateway stopped with the socket open.
 
 A client gone before `end` cancels its gRPC stream (Triton frees the slot at once); after `end`
 the stream is let finish, unread. Audio is forwarded as it arrives, through a queue of at most

@@ -18,7 +18,7 @@ from tritonasr.client.endpointing import add_arguments as _add_endpointing_args
 from tritonasr.client.endpointing import from_arguments as _endpointing
 from tritonasr.client.formats import FORMAT_ALIASES, FORMATS
 from tritonasr.client.jobs import add_arguments as _add_jobs_args
-from tritonasr.contract import CHANNEL_MODES, ENGINES, EXIT_FAILED, EXIT_USAGE, LANGUAGES
+from tritonasr.contract import CHANNEL_MODES, DRAIN_SECONDS, ENGINES, EXIT_FAILED, EXIT_USAGE, LANGUAGES
 from tritonasr.paths import add_repository_argument, default_model_repository, sample_audio
 from tritonasr.serving.server import MODEL_CONTROL_MODES, ServerError
 
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--health-host", default=None, help="address of the health port (default: --http-host)")
     serve.add_argument("--max-restarts", type=int, default=3,
                        help="automatic restarts within 10 minutes before serve gives up and exits 1")
-    serve.add_argument("--drain-seconds", type=float, default=120.0,
+    serve.add_argument("--drain-seconds", type=float, default=DRAIN_SECONDS,
                        help="on SIGTERM or Ctrl-C: not ready, new streams and requests refused (UNAVAILABLE, "
                             "draining), and up to this long for the open streams to end and the offline requests "
                             "taken in to finish, before the server stops (a second signal stops it at once)"),

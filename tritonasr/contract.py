@@ -75,3 +75,7 @@ EXIT_FAILED = 1  # a request or file failed (each reported on stderr)
 EXIT_USAGE = 2  # bad arguments, or a command this installation lacks the extra for
 EXIT_DENIED = 3  # the server refused the caller's key
 EXIT_UNREACHABLE = 4  # no server at the address, or the model is not loaded on it
+
+# On SIGTERM `serve` and `gateway` refuse new work and give what is open (streams, requests in
+# flight) this long to end before they stop: a rolling update loses no call shorter than it.
+DRAIN_SECONDS = 120.0
