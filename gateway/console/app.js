@@ -14,6 +14,13 @@ const LABELS = {
   channel_modes: { mix: "mix the channels", separate: "each channel apart" },
 };
 
+// Each slot gets its own copy of the template it names.
+function fillOptionSlots() {
+  for (const slot of document.querySelectorAll("[data-options]")) {
+    slot.replaceWith(document.getElementById(slot.dataset.options).content.cloneNode(true));
+  }
+}
+
 function fillChoices(config) {
   const choices = { engines: ["", ...config.engines], languages: config.languages, channel_modes: config.channel_modes };
   for (const select of document.querySelectorAll("select[data-choices]")) {
@@ -59,6 +66,7 @@ function tabs(pages) {
 }
 
 async function main() {
+  fillOptionSlots();
   keyField();
   let config;
   try {
