@@ -2,7 +2,8 @@
 directories (or names files under the gateway's jobs root) as one job; with `--wait` (or
 `--output-dir`) it follows the job with a progress bar, then writes each result as
 `tritonasr transcribe` does: one file per input under `--output-dir`, or to stdout. The job goes on
-on the gateway whatever happens here: `jobs show`, `jobs list` and `jobs cancel` find it again."""
+on the gateway whatever happens here: `jobs show`, `jobs list` and `jobs cancel` find it again, and
+`jobs delete` removes a finished one with its results."""
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,13 @@ DENIED_CODES = ("invalid_api_key", "permission_denied")
 
 
 class GatewayError(Exception):
-    """A call the gateway refused or could not be reached for; `exit_code` says which."""
+    """A call the gateway refused or could not be reached for; `exit_code` says which, `code` the
+    gateway's error code when it gave one."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, code: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.code = code
 
 
 class JobsClient:
@@ -92,6 +95,11 @@ class JobsClient:
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
 
+    def delete(self, job_id: str) -> dict:
+        """Deletes a finished job with its results (`{"id", "object": "job", "deleted": true}`);
+        refused (code `job_active`) while a file of it is queued or running."""
+        return self._call("DELETE", f"/v1/jobs/{job_id}").json()
+
     def result(self, job_id: str, file_id: str) -> dict:
         """A done file's result: `{"file", "duration_ms", "segments"}`."""
         return self._call("GET", f"/v1/jobs/{job_id}/files/{file_id}/result", params={"format": RESULT_FORMAT}).json()
@@ -112,11 +120,11 @@ class JobsClient:
             message, code = response.text.strip()[:300] or response.reason_phrase, None
         denied = response.status_code == 401 or code in DENIED_CODES
         raise GatewayError(f"the gateway answered {response.status_code}: {message}",
-                           EXIT_DENIED if denied else EXIT_FAILED)
+                           EXIT_DENIED if denied else EXIT_FAILED, code)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`jobs submit | list | show | cancel`, each with the gateway's address and the caller's key."""
+    """`jobs submit | list | show | cancel | delete`, each with the gateway's address and the caller's key."""
     actions = parser.add_subparsers(dest="action", required=True)
     submit = actions.add_parser("submit", help="transcribe files and directories as one job on the gateway")
     submit.add_argument("files", nargs="*", metavar="FILE|DIR|GLOB",
@@ -146,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     cancel = actions.add_parser("cancel", help="cancel a job's unfinished files")
     cancel.add_argument("job_id", metavar="ID")
-    for action in (submit, listing, show, cancel):
+    delete = actions.add_parser("delete", help="delete a finished job and its results from the gateway")
+    delete.add_argument("job_id", metavar="ID")
+    for action in (submit, listing, show, cancel, delete):
         action.add_argument("--gateway-url", default=DEFAULT_GATEWAY_URL, help="the HTTP gateway (tritonasr gateway)")
         action.add_argument("--api-key", default=None, help="your API key ($TRITONASR_API_KEY)")
         action.add_argument("--tls-ca", type=Path, default=None,
@@ -165,12 +175,24 @@ def main(args: argparse.Namespace) -> int:
             elif args.action == "show":
                 job = client.job(args.job_id)
                 print(_json(job) if args.format == "json" else _job_text(job))
-            else:
+            elif args.action == "cancel":
                 print(_job_line(client.cancel(args.job_id)))
+            else:
+                print(f"deleted {_delete(client, args.job_id)['id']}")
     except GatewayError as error:
         tqdm.write(f"error: {error}", file=sys.stderr)
         return error.exit_code
     return EXIT_OK
+
+
+def _delete(client: JobsClient, job_id: str) -> dict:
+    try:
+        return client.delete(job_id)
+    except GatewayError as error:
+        if error.code != "job_active":
+            raise
+        raise GatewayError(f"job {job_id} still has files queued or running: cancel it first (tritonasr jobs "
+                           f"cancel {job_id}), then delete it") from None
 
 
 def _submit(client: JobsClient, args: argparse.Namespace) -> int:

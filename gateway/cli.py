@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     jobs.add_argument("--job-attempts", type=int, default=DEFAULTS.job_attempts, metavar="N",
                       help="tries of a file failing for a passing reason (Triton unreachable or busy) or whose "
                            "gateway died")
+    jobs.add_argument("--job-retention", type=float, default=DEFAULTS.job_retention_days, metavar="DAYS",
+                      help="a finished job and its results are deleted this many days after its last file finished "
+                           "(0: kept until deleted by its caller)")
     parser.add_argument("--drain-seconds", type=float, default=DRAIN_SECONDS, metavar="SECONDS",
                         help="on SIGTERM or Ctrl-C: not ready (GET /readyz 503), new streams, transcriptions and "
                              "jobs refused (draining), and up to this long for open streams, requests in flight "
@@ -95,7 +98,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         api_keys=keys, max_upload_bytes=int(args.max_upload_mb * MiB), max_audio_seconds=args.max_audio_seconds,
         max_inflight=args.max_inflight, queue_timeout_s=args.queue_timeout, cors_origins=tuple(args.cors_origin),
         jobs_db=args.jobs_db, jobs_root=args.jobs_root, job_workers=args.job_workers, job_lease_s=args.job_lease,
-        job_attempts=args.job_attempts)
+        job_attempts=args.job_attempts, job_retention_days=args.job_retention)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -41,11 +41,15 @@ class GatewaySettings:
     job_lease_s: float = 30.0
     # Tries of a file that fails for a passing reason (Triton unreachable, busy, too slow) or whose worker died.
     job_attempts: int = 5
+    # A job whose files are all finished is deleted, with its results, this long after the last one
+    # finished; 0: jobs are kept until their callers delete them.
+    job_retention_days: float = 30.0
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_audio_seconds", "max_inflight", "queue_timeout_s",
                      "request_timeout_s", "retry_after_s", "job_lease_s", "job_attempts"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.job_workers < 0:
-            raise ValueError(f"job_workers must be 0 or more, got {self.job_workers}")
+        for name in ("job_workers", "job_retention_days"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -1,11 +1,12 @@
 """Batch jobs (docs/jobs.md) on the real gateway process in front of the session's real tritonserver:
 uploads and server-side paths transcribed with the same results as POST /v1/audio/transcriptions in
-every format, nothing outside the jobs root reachable, another key's jobs invisible, cancel, passing
-failures retried then given up, a gateway stopped mid-job and started again losing nothing, two
-gateways sharing a real PostgreSQL with one killed (SIGKILL) mid-job and every file done exactly
-once, and `tritonasr jobs submit --output-dir` end to end."""
+every format, nothing outside the jobs root reachable, another key's jobs invisible, cancel, delete
+(`tritonasr jobs delete` too), passing failures retried then given up, a gateway stopped mid-job and
+started again losing nothing, two gateways sharing a real PostgreSQL with one killed (SIGKILL)
+mid-job and every file done exactly once, and `tritonasr jobs submit --output-dir` end to end."""
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import soundfile as sf
 
 from tritonasr.audio import load_audio
+from tritonasr.client import jobs as jobs_cli
 from tritonasr.client.formats import render
 from tritonasr.client.offline import PIECES_ABOVE_S, OfflineClient
 from tritonasr.serving.server import free_port
@@ -209,6 +211,35 @@ def test_cancel(gateway, http):
     assert http.get(f"/v1/jobs/{job['id']}").json()["counts"]["cancelled"] == 5
     unknown = http.post("/v1/jobs/job_nope/cancel")
     assert unknown.status_code == 404 and error(unknown)["code"] == "job_not_found"
+
+
+def test_delete(gateway, http, capsys):
+    """A finished job deleted with its results; an active one refused until cancelled; nothing of
+    another key's. `tritonasr jobs delete` runs in this process: at once, while the job is active."""
+    done = finished(http, submit(http, [("a.wav", SPEECH[1].read_bytes())]).json()["id"])
+    result = f"/v1/jobs/{done['id']}/files/{done['files'][0]['id']}/result"
+    assert http.get(result).status_code == 200
+    with client(gateway, OTHER_KEY) as other:
+        assert other.delete(f"/v1/jobs/{done['id']}").status_code == 404
+    deleted = http.delete(f"/v1/jobs/{done['id']}")
+    assert (deleted.status_code, deleted.json()) == (200, {"id": done["id"], "object": "job", "deleted": True})
+    gone = http.get(f"/v1/jobs/{done['id']}")
+    assert gone.status_code == 404 and error(gone)["code"] == "job_not_found"
+    assert http.get(result).status_code == http.delete(f"/v1/jobs/{done['id']}").status_code == 404
+
+    active = submit(http, [(f"{n}.wav", LONG.read_bytes()) for n in range(4)]).json()["id"]
+    refused = http.delete(f"/v1/jobs/{active}")
+    assert refused.status_code == 409 and error(refused)["code"] == "job_active"
+    assert f"cancel it first (POST /v1/jobs/{active}/cancel)" in error(refused)["message"]
+    parser = argparse.ArgumentParser()
+    jobs_cli.add_arguments(parser)
+    command = parser.parse_args(["delete", active, "--gateway-url", gateway.url, "--api-key", KEY])
+    assert jobs_cli.main(command) == 1
+    assert f"cancel it first (tritonasr jobs cancel {active})" in capsys.readouterr().err
+    assert http.get(f"/v1/jobs/{active}").json()["counts"]["total"] == 4
+    http.post(f"/v1/jobs/{active}/cancel")
+    assert jobs_cli.main(command) == 0 and capsys.readouterr().out == f"deleted {active}\n"
+    assert http.get(f"/v1/jobs/{active}").status_code == 404
 
 
 def test_passing_failures_are_retried_then_given_up(tmp_path):

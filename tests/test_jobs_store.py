@@ -2,10 +2,14 @@
 session's, tests/conftest.py): migrations that match the tables and that replicas may run at once,
 claims that never give one file to two workers (threads with connections of their own, as replicas
 have), leases that a dead worker's file is taken over after, results kept only from the claim's
-holder, cancel, retries, who sees which job; and the jobs root (tritonasr.gateway.jobs.paths):
+holder, cancel, retries, who sees which job, deleting a job, expiring old ones (and the gateway's
+sweeper that does it, its --job-retention flag); and the jobs root (tritonasr.gateway.jobs.paths):
 nothing outside it reachable."""
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
 import os
 import threading
 import time
@@ -15,9 +19,12 @@ import pytest
 import sqlalchemy as sa
 
 from tritonasr.gateway.errors import ApiError
+from tritonasr.gateway import cli as gateway_cli
 from tritonasr.gateway.jobs.paths import JobsRoot
-from tritonasr.gateway.jobs.store import (EVERYONE, VERSION_TABLE, JobStore, JobStoreError, NewFile, engine_url,
-                                          files, key_fingerprint, metadata)
+from tritonasr.gateway.jobs.store import (EVERYONE, VERSION_TABLE, Deletion, JobStore, JobStoreError, NewFile,
+                                          engine_url, files, jobs, key_fingerprint, metadata)
+from tritonasr.gateway.jobs.workers import JobWorkers
+from tritonasr.gateway.settings import GatewaySettings
 
 LEASE_S = 30.0
 ATTEMPTS = 3
@@ -49,7 +56,7 @@ def test_migrations_give_the_tables_the_code_uses(store):
 
     with store.engine.connect() as db:
         context = MigrationContext.configure(db, opts={"version_table": VERSION_TABLE})
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
         assert compare_metadata(context, metadata) == []
     store.migrate()  # again: nothing to do
 
@@ -195,6 +202,135 @@ def test_a_job_is_seen_only_with_its_key(store):
     assert store.list_jobs(bob, 10) == []
     assert [j["id"] for j in store.list_jobs(EVERYONE, 10)] == [open_id, job_id]  # newest first
     assert "files" not in store.list_jobs(EVERYONE, 10)[0]
+
+
+def finish(store: JobStore) -> None:
+    """Every queued file done."""
+    while (claim := store.claim("w", LEASE_S, ATTEMPTS)) is not None:
+        assert store.complete(claim, {"duration_ms": 1, "segments": [{"text": "x"}]}, 1)
+
+
+def rows(store: JobStore, job_id: str) -> tuple[int, int]:
+    """(the job's rows, its files' rows) in the database."""
+    with store.engine.connect() as db:
+        return (db.execute(sa.select(sa.func.count()).where(jobs.c.id == job_id)).scalar_one(),
+                db.execute(sa.select(sa.func.count()).where(files.c.job_id == job_id)).scalar_one())
+
+
+def test_delete_a_finished_job_with_its_files_and_results(store):
+    alice, bob = key_fingerprint("alice-key"), key_fingerprint("bob-key")
+    job_id, kept = store.create_job(alice, {}, uploads(2)), store.create_job(alice, {}, uploads(1))
+    finish(store)
+    file_id = store.job(job_id, alice)["files"][0]["id"]
+    assert store.result(job_id, file_id, alice)[1] is not None
+    # Not found for another key (or no key), as for a job that does not exist.
+    assert store.delete(job_id, bob) is Deletion.NOT_FOUND and store.delete(job_id, None) is Deletion.NOT_FOUND
+    assert store.delete("job_nope", alice) is Deletion.NOT_FOUND
+    assert rows(store, job_id) == (1, 2)
+    assert store.delete(job_id, alice) is Deletion.DELETED
+    assert rows(store, job_id) == (0, 0)
+    assert store.job(job_id, alice) is None and store.result(job_id, file_id, alice) is None
+    assert store.delete(job_id, alice) is Deletion.NOT_FOUND  # once
+    assert [j["id"] for j in store.list_jobs(alice, 10)] == [kept]
+
+
+def test_delete_of_an_active_job_is_refused_and_changes_nothing(store):
+    job_id = store.create_job(None, {}, uploads(2))
+    assert store.delete(job_id, EVERYONE) is Deletion.ACTIVE  # queued
+    claim = store.claim("w", LEASE_S, ATTEMPTS)
+    assert store.complete(claim, {"duration_ms": 1, "segments": []}, 1)
+    running = store.claim("w", LEASE_S, ATTEMPTS)
+    before = store.job(job_id, None)
+    assert store.delete(job_id, None) is Deletion.ACTIVE  # one done, one running
+    assert store.job(job_id, None) == before and rows(store, job_id) == (1, 2)
+    assert store.complete(running, {"duration_ms": 1, "segments": []}, 1)  # the worker's claim is untouched
+    # Cancelled, then deleted.
+    cancelled = store.create_job(None, {}, uploads(1))
+    store.cancel(cancelled, None)
+    assert store.delete(cancelled, None) is Deletion.DELETED and rows(store, cancelled) == (0, 0)
+
+
+def age(store: JobStore, job_id: str, seconds: float) -> None:
+    """The job's files finished `seconds` earlier than they did."""
+    with store.engine.begin() as db:
+        db.execute(sa.update(files).where(files.c.job_id == job_id, files.c.finished_at.is_not(None))
+                   .values(finished_at=files.c.finished_at - seconds))
+
+
+def test_expire_deletes_only_jobs_finished_before_the_cutoff(store):
+    day = 86400
+    old, recent = store.create_job(None, {}, uploads(2)), store.create_job(None, {}, uploads(1))
+    finish(store)
+    old_failed = store.create_job(None, {}, uploads(1))
+    store.fail(store.claim("w", LEASE_S, ATTEMPTS), "not audio")
+    old_cancelled = store.create_job(None, {}, uploads(1))
+    store.cancel(old_cancelled, None)
+    # One file finished long ago, one still queued: not expired.
+    half = store.create_job(None, {}, uploads(2))
+    assert store.complete(store.claim("w", LEASE_S, ATTEMPTS), {"duration_ms": 1, "segments": []}, 1)
+    # One file finished long ago, the other a moment ago: the last one counts.
+    mixed = store.create_job(None, {}, uploads(2))
+    store.cancel(mixed, None)
+    with store.engine.begin() as db:
+        first = db.execute(sa.select(files.c.id).where(files.c.job_id == mixed, files.c.position == 0)).scalar_one()
+        db.execute(sa.update(files).where(files.c.id == first).values(finished_at=files.c.finished_at - 10 * day))
+    for job_id in (old, old_failed, old_cancelled, half):
+        age(store, job_id, 10 * day)
+    assert store.expire(30 * day) == 0  # all younger than 30 days
+    assert store.expire(9 * day) == 3
+    assert [store.job(j, None) is None for j in (old, old_failed, old_cancelled, half, mixed, recent)] == \
+        [True, True, True, False, False, False]
+    assert rows(store, old) == (0, 0) and rows(store, half) == (1, 2)
+    assert store.expire(0) == 2  # the recent and mixed ones; never the one with a queued file
+    assert [j["id"] for j in store.list_jobs(None, 10)] == [half]
+    assert store.expire(0) == 0
+
+
+def test_expire_goes_through_batches(store, monkeypatch):
+    monkeypatch.setattr("tritonasr.gateway.jobs.store.EXPIRE_BATCH", 2)
+    job_ids = [store.create_job(None, {}, uploads(1)) for _ in range(5)]
+    for job_id in job_ids:
+        store.cancel(job_id, None)
+    assert store.expire(0) == 5 and store.list_jobs(None, 10) == []
+
+
+def test_the_sweeper_expires_at_start_and_stops_with_the_gateway(store, caplog, monkeypatch):
+    finished = store.create_job(None, {}, uploads(1))
+    store.cancel(finished, None)
+    queued = store.create_job(None, {}, uploads(1))
+    caplog.set_level(logging.INFO, "tritonasr.gateway.jobs")
+
+    async def gateway(until) -> float:
+        """Seconds the workers took to stop, once `until()` (no workers, --job-workers 0: the
+        sweeper runs all the same)."""
+        workers = JobWorkers(store, None, GatewaySettings(job_workers=0, job_retention_days=1e-9), {}, None)
+        workers.start()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if until():
+                break
+        began = time.monotonic()
+        await workers.stop()
+        return time.monotonic() - began
+
+    assert asyncio.run(gateway(lambda: store.job(finished, None) is None)) < 5  # not the hour to the next sweep
+    assert store.job(finished, None) is None and store.job(queued, None) is not None
+    assert "1 job deleted: finished more than 1e-09 days ago" in caplog.text
+    monkeypatch.setattr(store, "expire", lambda older_than_s: 1 / 0)  # (the database away, say)
+    warning = "expired jobs not deleted, tried again in 3600 s: division by zero"
+    assert asyncio.run(gateway(lambda: warning in caplog.text)) < 5
+    assert warning in caplog.text
+
+
+def test_the_retention_flag(monkeypatch):
+    monkeypatch.delenv("TRITONASR_API_KEY", raising=False)
+    parser = argparse.ArgumentParser()
+    gateway_cli.add_arguments(parser)
+    assert gateway_cli.settings_from(parser.parse_args([])).job_retention_days == 30
+    assert gateway_cli.settings_from(parser.parse_args(["--job-retention", "0"])).job_retention_days == 0
+    assert gateway_cli.settings_from(parser.parse_args(["--job-retention", "0.5"])).job_retention_days == 0.5
+    with pytest.raises(ValueError, match="job_retention_days must be 0 or more, got -1.0"):
+        gateway_cli.settings_from(parser.parse_args(["--job-retention", "-1"]))
 
 
 def test_database_urls():

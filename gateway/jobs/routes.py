@@ -5,11 +5,14 @@
   `model` may be left out: the server's default engine) → 201 and the job
 - `GET /v1/jobs?limit=N` → the caller's newest jobs, without their files
 - `GET /v1/jobs/{id}` → the job; `POST /v1/jobs/{id}/cancel` → the job, its unfinished files cancelled
+- `DELETE /v1/jobs/{id}` → `{"id", "object": "job", "deleted": true}` (OpenAI's shape for deletions): the
+  job, its files and results gone; 409 while a file is queued or running (cancel it first)
 - `GET /v1/jobs/{id}/files/{file_id}/result?format=…` → the result as the transcriptions endpoint
   renders that response_format (404 until the file is done)
 
 A job is visible to callers presenting the key it was made with (404 for others), to everyone when
-the gateway asks for no key."""
+the gateway asks for no key. Finished jobs are deleted `--job-retention` days after their last file
+finished (the workers' sweeper)."""
 from __future__ import annotations
 
 import logging
@@ -27,7 +30,7 @@ from tritonasr.errors import bounded, shown
 from tritonasr.gateway.access import bearer_key, checked_key
 from tritonasr.gateway.errors import ApiError
 from tritonasr.gateway.jobs.paths import JobsRoot
-from tritonasr.gateway.jobs.store import EVERYONE, JobStore, NewFile, key_fingerprint
+from tritonasr.gateway.jobs.store import EVERYONE, Deletion, JobStore, NewFile, key_fingerprint
 from tritonasr.gateway.jobs.workers import JobWorkers
 from tritonasr.gateway.offline import OfflineRunner
 from tritonasr.gateway.settings import GatewaySettings
@@ -58,6 +61,7 @@ class JobsApi:
         return [Route("/v1/jobs", self.create, methods=["POST"]),
                 Route("/v1/jobs", self.listing, methods=["GET"]),
                 Route("/v1/jobs/{job_id}", self.show, methods=["GET"]),
+                Route("/v1/jobs/{job_id}", self.delete, methods=["DELETE"]),
                 Route("/v1/jobs/{job_id}/cancel", self.cancel, methods=["POST"]),
                 Route("/v1/jobs/{job_id}/files/{file_id}/result", self.result, methods=["GET"])]
 
@@ -151,6 +155,18 @@ class JobsApi:
         log.info("job %s cancelled: %s", job["id"], job["status"])
         return JSONResponse(job)
 
+    async def delete(self, request: Request) -> Response:
+        _, viewer = self._caller(request)
+        job_id = request.path_params["job_id"]
+        deletion = await self._db(self.store.delete, job_id, viewer)
+        if deletion is Deletion.NOT_FOUND:
+            raise _no_job(request)
+        if deletion is Deletion.ACTIVE:
+            raise ApiError(409, f"job {job_id} still has files queued or running: cancel it first "
+                                f"(POST /v1/jobs/{job_id}/cancel), then delete it", code="job_active")
+        log.info("job %s deleted", job_id)
+        return JSONResponse({"id": job_id, "object": "job", "deleted": True})
+
     async def result(self, request: Request) -> Response:
         _, viewer = self._caller(request)
         fmt = request.query_params.get("format", "json")
@@ -172,5 +188,9 @@ class JobsApi:
     @staticmethod
     def _found(job: dict | None, request: Request) -> dict:
         if job is None:
-            raise ApiError(404, f"no job {shown(request.path_params['job_id'])}", code="job_not_found")
+            raise _no_job(request)
         return job
+
+
+def _no_job(request: Request) -> ApiError:
+    return ApiError(404, f"no job {shown(request.path_params['job_id'])}", code="job_not_found")

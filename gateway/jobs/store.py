@@ -10,10 +10,15 @@ SQLite runs every transaction as `BEGIN IMMEDIATE`, one writer at a time. Whatev
 afterwards (progress, its lease, the result) is written only while the claim is still its own, so
 a file taken over or cancelled meanwhile never gets a second result.
 
+A job is deleted whole (its files, their uploads and results): by its caller once none of its files
+is queued or running, or by `expire()` once its last file finished longer ago than the gateway's
+retention.
+
 Time is the database's (`epoch_now()`), not each replica's clock: leases compare across machines.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -35,6 +40,9 @@ from tritonasr.paths import data_dir
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FILE_STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
+# Jobs `expire()` deletes per transaction: a short hold on SQLite's write lock (workers wait
+# meanwhile), and id lists well inside the databases' limits on parameters.
+EXPIRE_BATCH = 500
 # An advisory lock's key: replicas starting together against one PostgreSQL migrate one at a time.
 MIGRATION_LOCK = 0x7472_6173_726A  # "trasrj"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -77,6 +85,7 @@ files = sa.Table(
     sa.Column("finished_at", sa.Double, nullable=True),
     sa.Index("ix_tritonasr_job_files_job", "job_id", "position"),
     sa.Index("ix_tritonasr_job_files_claim", "status", "queued_at"),
+    sa.Index("ix_tritonasr_job_files_finished", "finished_at"),  # expire(): the files finished before a cutoff
 )
 
 
@@ -140,6 +149,14 @@ def key_fingerprint(api_key: str) -> str:
 
 # A viewer that sees every job: the gateway asks for no key.
 EVERYONE = object()
+
+
+class Deletion(enum.Enum):
+    """What `JobStore.delete` did."""
+
+    DELETED = "deleted"
+    NOT_FOUND = "not found"  # no such job, or not one the viewer may see
+    ACTIVE = "active"  # a file is queued or running: nothing deleted
 
 
 @dataclass(frozen=True)
@@ -235,7 +252,10 @@ class JobStore:
         """Cancels the job's queued and running files at once (a running file's result, if its worker
         still sends one, is not kept); the job, or None as for `job`."""
         with self.engine.begin() as db:
-            found = db.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id, _visible(viewer))).first()
+            # The job locked before its files, as `delete` locks them: a cancel and a delete of one job
+            # at once wait for each other instead of deadlocking.
+            found = db.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id, _visible(viewer))
+                               .with_for_update()).first()
             if found is None:
                 return None
             now = epoch_now()
@@ -246,6 +266,42 @@ class JobStore:
                 db.execute(sa.update(jobs).where(jobs.c.id == job_id, jobs.c.cancelled_at.is_(None))
                            .values(cancelled_at=now))
             return self._job(db, job_id, viewer)
+
+    def delete(self, job_id: str, viewer) -> Deletion:
+        """Deletes the job with its files and results, unless a file of it is queued or running (a
+        caller cancels first); who may see it as for `job`."""
+        with self.engine.begin() as db:
+            # The job, then its files, locked (PostgreSQL; SQLite's transaction holds the write lock
+            # already): no claim, cancel or worker's write comes between the check and the delete.
+            if db.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id, _visible(viewer))
+                          .with_for_update()).first() is None:
+                return Deletion.NOT_FOUND
+            statuses = db.execute(sa.select(files.c.status).where(files.c.job_id == job_id)
+                                  .with_for_update()).scalars().all()
+            if any(status in ACTIVE for status in statuses):
+                return Deletion.ACTIVE
+            _delete_jobs(db, [job_id])
+            return Deletion.DELETED
+
+    def expire(self, older_than_s: float) -> int:
+        """Deletes every job whose files are all finished, the last more than `older_than_s` ago by
+        the database's clock, with their files and results; how many jobs. Replicas may sweep at
+        once: each skips the jobs another has locked, and a finished file never becomes active again."""
+        with self.engine.begin() as db:
+            cutoff = db.execute(sa.select(epoch_now())).scalar_one() - older_than_s
+        # Jobs among those of the files finished before the cutoff (an index) with no file active or newer.
+        old = sa.select(files.c.job_id).where(files.c.finished_at < cutoff)
+        unfinished = sa.exists().where(files.c.job_id == jobs.c.id,
+                                       sa.or_(files.c.status.in_(ACTIVE), files.c.finished_at >= cutoff))
+        expired = (sa.select(jobs.c.id).where(jobs.c.id.in_(old), ~unfinished).limit(EXPIRE_BATCH)
+                   .with_for_update(skip_locked=True))
+        deleted = 0
+        while True:
+            with self.engine.begin() as db:
+                job_ids = db.execute(expired).scalars().all()
+                deleted += _delete_jobs(db, job_ids)
+            if len(job_ids) < EXPIRE_BATCH:
+                return deleted
 
     def result(self, job_id: str, file_id: str, viewer) -> tuple[dict, dict | None, dict] | None:
         """(the file as the API shows it, its result or None until it is done, the job's options),
@@ -331,6 +387,15 @@ class JobStore:
     def _update_held(self, claim: Claim, **values) -> bool:
         with self.engine.begin() as db:
             return db.execute(sa.update(files).where(*_held(claim)).values(**values)).rowcount == 1
+
+
+def _delete_jobs(db: Connection, job_ids: list[str]) -> int:
+    """Deletes the jobs and their files (themselves, not left to the foreign key's cascade: SQLite
+    cascades only on connections that turned foreign keys on); how many jobs there were."""
+    if not job_ids:
+        return 0
+    db.execute(sa.delete(files).where(files.c.job_id.in_(job_ids)))
+    return db.execute(sa.delete(jobs).where(jobs.c.id.in_(job_ids))).rowcount
 
 
 def _held(claim: Claim) -> tuple:

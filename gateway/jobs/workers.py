@@ -10,6 +10,9 @@ stops renewing, and after the lease any worker of any replica takes the file ove
 
 On shutdown (SIGTERM) workers take no new file and finish the ones they hold, as in-flight HTTP
 requests are answered; files still queued wait for the next process.
+
+Beside the workers (even with none), a sweeper deletes the jobs finished longer ago than
+`job_retention_days`, at start and then every SWEEP_EVERY_S.
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ PROGRESS_EVERY_S = 1.0
 # gRPC statuses that say "not now" rather than "never" (the client library's busy and unreachable
 # errors are their own classes).
 PASSING_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+# Expired jobs are looked for this often: retention is counted in days, so an hour late is on time,
+# and a sweep with nothing to delete reads an index. Every replica sweeps: each job is deleted once.
+SWEEP_EVERY_S = 3600.0
+DAY_S = 86400.0
 
 
 class JobWorkers:
@@ -58,21 +65,44 @@ class JobWorkers:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._work_waiting = asyncio.Event()
         self._stopping = False
+        self._stopped = asyncio.Event()  # (wakes the sweeper)
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(n), name=f"job-worker-{n}")
                        for n in range(self.settings.job_workers)]
+        if self.settings.job_retention_days:
+            self._tasks.append(asyncio.create_task(self._sweep(), name="job-sweeper"))
 
     def wake(self) -> None:
         """New work is queued: idle workers look at once."""
         self._work_waiting.set()
 
     async def stop(self) -> None:
-        """Claims no more; returns once the files held are finished."""
+        """Claims no more; returns once the files held are finished (and a sweep under way)."""
         self._stopping = True
         self._work_waiting.set()
+        self._stopped.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _sweep(self) -> None:
+        # Not cancelled on stop but told to end: a task's cancel does not stop its thread, which would
+        # go on using the store while it is closed. (A process killed mid-sweep loses nothing: each
+        # batch of deletes is a transaction.)
+        older_than_s = self.settings.job_retention_days * DAY_S
+        while not self._stopping:
+            try:
+                deleted = await anyio.to_thread.run_sync(self.store.expire, older_than_s)
+            except Exception as exc:  # noqa: BLE001 - the database is away: next time
+                log.warning("expired jobs not deleted, tried again in %.0f s: %s", SWEEP_EVERY_S, exc)
+            else:
+                if deleted:
+                    log.info("%d job%s deleted: finished more than %g days ago", deleted, "s" if deleted > 1 else "",
+                             self.settings.job_retention_days)
+            try:
+                await asyncio.wait_for(self._stopped.wait(), SWEEP_EVERY_S)
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+                pass
 
     async def _run(self, number: int) -> None:
         worker, failures = f"{self.name}/{number}", 0
