@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from(args)
-        if args.drain_seconds < 0:
+        if not args.drain_seconds >= 0:
             raise UsageError(f"--drain-seconds must be 0 or more, got {args.drain_seconds:g}")
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

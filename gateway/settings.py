@@ -48,8 +48,8 @@ class GatewaySettings:
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_audio_seconds", "max_inflight", "queue_timeout_s",
                      "request_timeout_s", "retry_after_s", "job_lease_s", "job_attempts"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # (so written, NaN is refused too)
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("job_workers", "job_retention_days"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
