@@ -125,7 +125,9 @@ class GatewayProcess(ServerProcess):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "tritonasr.cli", "gateway", "--url", self.triton_url, "--host", "127.0.0.1",
                 "--port", str(self.port), "--max-inflight", str(self.max_inflight),
-                "--jobs-db", str(self.log_path.with_suffix(".jobs.db")), "--job-workers", "0"]  # no jobs here
+                "--jobs-db", str(self.log_path.with_suffix(".jobs.db")), "--job-workers", "0",  # no jobs here
+                # Between load levels a caller still connected is not one to wait two minutes for.
+                "--drain-seconds", "5"]
 
     def ready(self) -> bool:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
