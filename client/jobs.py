@@ -1,5 +1,7 @@
 """`tritonasr jobs`: batch jobs on the HTTP gateway (docs/jobs.md). `submit` uploads files and
-directories (or names files under the gateway's jobs root) as one job; with `--wait` (or
+directories (or names files under the gateway's jobs root) as one job, in requests of at most
+`--batch-mb` each (one request when all fits; else the job is made open, the rest added, then it is
+closed), so a folder larger than the gateway's upload limit is one job all the same; with `--wait` (or
 `--output-dir`) it follows the job with a progress bar, then writes each result as
 `tritonasr transcribe` does: one file per input under `--output-dir`, or to stdout. The job goes on
 on the gateway whatever happens here: `jobs show`, `jobs list` and `jobs cancel` find it again, and
@@ -10,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,16 +32,29 @@ POLL_S = 1.0
 RESULT_FORMAT = "tritonasr_json"
 ACTIVE = ("queued", "running")
 DENIED_CODES = ("invalid_api_key", "permission_denied")
+# What a request of uploads may hold by default, in MiB: below the gateway's default --max-upload-mb
+# (100), and small enough that a request refused as too large costs little to send again.
+BATCH_MB = 32.0
+MiB = 1024 * 1024
+# Bytes a file's part adds to its own in a multipart body (the boundary, its headers, with its name).
+PART_OVERHEAD = 256
 
 
 class GatewayError(Exception):
     """A call the gateway refused or could not be reached for; `exit_code` says which, `code` the
     gateway's error code when it gave one."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED, code: str | None = None):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, code: str | None = None,
+                 status: int | None = None):
         super().__init__(message)
         self.exit_code = exit_code
         self.code = code
+        self.status = status
+
+
+class UploadTooLarge(GatewayError):
+    """The gateway refused a request's uploads as more than it takes in one request (413, or it
+    closed the connection while they were sent)."""
 
 
 class JobsClient:
@@ -62,29 +78,50 @@ class JobsClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def submit(self, uploads: list[Input], paths: list[str] = (), *, engine: str = "", language: str = "auto",
-               itn: bool = False, speaker: bool = True, channels: str = "mix") -> dict:
+    def submit(self, uploads: list[Input], paths: list[str] = (), *, open_: bool = False, engine: str = "",
+               language: str = "auto", itn: bool = False, speaker: bool = True, channels: str = "mix",
+               on_read: Callable[[int], None] | None = None) -> dict:
         """A new job of `uploads` (sent under their relative names) and `paths` (under the gateway's
-        jobs root); the job as the gateway answers it."""
-        import httpx
-
+        jobs root), in one request; the job as the gateway answers it. `open_`: it takes more files
+        (`append`) until `close`d. `on_read(n)`: n more bytes of the uploads were sent (negative: a
+        refused request's, taken back). UploadTooLarge when the request was too large."""
         fields = {"language": language, "itn": str(itn).lower(), "speaker": str(speaker).lower(),
                   "channels": channels, "path": list(paths)}
         if engine:
             fields["model"] = engine
+        if open_:
+            fields["open"] = "true"
+        return self._upload("/v1/jobs", fields, uploads, on_read)
+
+    def append(self, job_id: str, uploads: list[Input], paths: list[str] = (),
+               on_read: Callable[[int], None] | None = None) -> dict:
+        """More files for an open job, after those it holds; the job. As `submit` for the rest."""
+        return self._upload(f"/v1/jobs/{job_id}/files", {"path": list(paths)}, uploads, on_read)
+
+    def close_job(self, job_id: str) -> dict:
+        """An open job takes no more files (its workers finish it); the job."""
+        return self._call("POST", f"/v1/jobs/{job_id}/close").json()
+
+    def _upload(self, path: str, fields: dict, uploads: list[Input], on_read) -> dict:
+        import httpx
+
         with ExitStack() as files:
-            parts = [("file", (item.relative, files.enter_context(open(item.path, "rb")), "application/octet-stream"))
-                     for item in uploads]
+            readers = [_Reader(files.enter_context(open(item.path, "rb")), on_read) for item in uploads]
+            parts = [("file", (item.relative, reader, "application/octet-stream"))
+                     for item, reader in zip(uploads, readers)]
             try:
-                return self._call("POST", "/v1/jobs", data=fields, files=parts or None).json()
+                return self._call("POST", path, data=fields, files=parts or None).json()
             except GatewayError as error:
+                for reader in readers:
+                    reader.take_back()
+                if error.status == 413:
+                    raise UploadTooLarge(str(error), error.exit_code, error.code, 413) from None
                 if not isinstance(error.__cause__, (httpx.WriteError, httpx.RemoteProtocolError)):
                     raise
                 # A gateway that refuses an upload as too large answers before reading it all, and
                 # closes the connection under the sender.
-                raise GatewayError(f"the gateway at {self.url} closed the connection while the files were sent: "
-                                   "more than it takes in one request (its --max-upload-mb)? Submit fewer files "
-                                   "at a time") from None
+                raise UploadTooLarge(f"the gateway at {self.url} closed the connection while the files were sent: "
+                                     "more than it takes in one request (its --max-upload-mb)?") from None
 
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
@@ -120,7 +157,114 @@ class JobsClient:
             message, code = response.text.strip()[:300] or response.reason_phrase, None
         denied = response.status_code == 401 or code in DENIED_CODES
         raise GatewayError(f"the gateway answered {response.status_code}: {message}",
-                           EXIT_DENIED if denied else EXIT_FAILED, code)
+                           EXIT_DENIED if denied else EXIT_FAILED, code, response.status_code)
+
+
+class _Reader:
+    """An upload's file as httpx reads it, telling `on_read` how much was read (its length and file
+    number still seen, so the request declares its Content-Length: a gateway refuses a request too
+    large for it before it is sent)."""
+
+    def __init__(self, file, on_read: Callable[[int], None] | None):
+        self.file, self.on_read, self.read_bytes = file, on_read, 0
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self.file.seek(offset, whence)
+        if position == 0:  # (read again from the start: what was counted is counted again)
+            self.take_back()
+        return position
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.file.read(size)
+        if chunk and self.on_read:
+            self.read_bytes += len(chunk)
+            self.on_read(len(chunk))
+        return chunk
+
+    def take_back(self) -> None:
+        if self.read_bytes and self.on_read:
+            self.on_read(-self.read_bytes)
+        self.read_bytes = 0
+
+
+class FileTooLarge(GatewayError):
+    """One file alone is more than the gateway takes in one request."""
+
+
+class UploadStopped(Exception):
+    """An upload in several requests failed after its job was made: the job is left open."""
+
+    def __init__(self, job: dict, sent: int, total: int):
+        super().__init__(job["id"])
+        self.job, self.sent, self.total = job, sent, total
+
+
+def submit_in_batches(client: JobsClient, uploads: list[Input], paths: list[str], batch_bytes: int,
+                      on_created: Callable[[dict], None] = lambda job: None,
+                      on_read: Callable[[int], None] | None = None, **options) -> dict:
+    """One job of `uploads` and `paths`, in requests of at most `batch_bytes` of uploads each: when
+    all fit in one, one plain request; else the job is made open with the first batch, the others
+    are added in order, then the paths (so the job's files are the uploads in order, then what the
+    paths named, as from one request), and it is closed. A request refused as too large is sent
+    again in halves; a file too large alone raises FileTooLarge. The job once closed; `on_created`
+    is told of an open job when it is made. A failure after that raises UploadStopped (the job left
+    open), from the failure."""
+    job, sent, limit = None, 0, batch_bytes
+    while True:
+        batch = _batch(uploads[sent:], limit)
+        last = sent + len(batch) == len(uploads)
+        try:
+            if job is None and last:  # all of it in one request
+                return client.submit(batch, paths, on_read=on_read, **options)
+            if job is None:
+                job = client.submit(batch, (), open_=True, on_read=on_read, **options)
+                on_created(job)
+            else:
+                job = client.append(job["id"], batch, on_read=on_read)
+            sent += len(batch)
+            if job["counts"]["total"] != sent:  # (the files' order is what the results are matched by)
+                raise GatewayError(f"job {job['id']} holds {job['counts']['total']} files, {sent} were sent")
+            if last:
+                if paths:
+                    job = client.append(job["id"], (), paths)
+                return client.close_job(job["id"])
+        except UploadTooLarge as error:
+            if len(batch) == 1:
+                failure = FileTooLarge(
+                    f"{batch[0].path} ({_cost(batch[0]) / MiB:.1f} MiB) is more than the gateway at {client.url} "
+                    "takes in one request: raise the gateway's --max-upload-mb, or put the files under its "
+                    f"--jobs-root and submit their paths (--path) ({error})", error.exit_code, error.code, error.status)
+                if job is None:
+                    raise failure from None
+                raise UploadStopped(job, sent, len(uploads)) from failure
+            limit = sum(map(_cost, batch)) // 2  # (then the rest goes in batches of this size too)
+        except (GatewayError, KeyboardInterrupt) as error:
+            if job is None:
+                raise
+            raise UploadStopped(job, sent, len(uploads)) from error
+
+
+def _cost(item: Input) -> int:
+    """What an upload adds to a request: its bytes and its part's."""
+    return os.path.getsize(item.path) + PART_OVERHEAD + len(item.relative.encode())
+
+
+def _batch(uploads: list[Input], limit: int) -> list[Input]:
+    """The first uploads that fit in `limit` together; the first alone when it does not fit."""
+    batch, size = [], 0
+    for item in uploads:
+        cost = _cost(item)
+        if batch and size + cost > limit:
+            break
+        batch.append(item)
+        size += cost
+    return batch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit = actions.add_parser("submit", help="transcribe files and directories as one job on the gateway")
     submit.add_argument("files", nargs="*", metavar="FILE|DIR|GLOB",
                         help="audio files; directories (their audio files, subdirectories too); quoted glob "
-                             "patterns, uploaded in one request")
+                             "patterns: uploaded, in requests of at most --batch-mb")
     submit.add_argument("--path", action="append", metavar="REL",
                         help="a file or directory on the gateway's machine, under its --jobs-root (repeat)")
     submit.add_argument("--wait", action="store_true", help="follow the job with a progress bar, then write the "
@@ -138,6 +282,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write one file per input there, as `tritonasr transcribe --output-dir` does (implies "
                              "--wait); inputs whose file exists are not submitted")
     submit.add_argument("--overwrite", action="store_true", help="with --output-dir: redo those that exist")
+    submit.add_argument("--batch-mb", type=float, default=BATCH_MB, metavar="MB",
+                        help="the most one request uploads, in MiB (default %(default)g; the gateway's --max-upload-mb "
+                             "is 100 unless set otherwise): more goes into one job in several requests; a request "
+                             "the gateway refuses as too large is sent again in halves")
     submit.add_argument("--format", choices=(*FORMATS, *FORMAT_ALIASES), default="text",
                         help="output format (txt: the same as text)")
     submit.add_argument("--engine", choices=ENGINES, default="", help="ASR engine (default: the server's)")
@@ -191,8 +339,8 @@ def _delete(client: JobsClient, job_id: str) -> dict:
     except GatewayError as error:
         if error.code != "job_active":
             raise
-        raise GatewayError(f"job {job_id} still has files queued or running: cancel it first (tritonasr jobs "
-                           f"cancel {job_id}), then delete it") from None
+        raise GatewayError(f"job {job_id} still has files queued or running, or takes more files (open): cancel it "
+                           f"first (tritonasr jobs cancel {job_id}), then delete it") from None
 
 
 def _submit(client: JobsClient, args: argparse.Namespace) -> int:
@@ -205,6 +353,9 @@ def _submit(client: JobsClient, args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     args.path = args.path or []
+    if not args.batch_mb > 0:
+        print(f"error: --batch-mb must be more than 0, got {args.batch_mb:g}", file=sys.stderr)
+        return EXIT_USAGE
     if not inputs and not args.path:
         print("error: nothing to submit: give files or directories, or --path", file=sys.stderr)
         return EXIT_USAGE
@@ -216,9 +367,20 @@ def _submit(client: JobsClient, args: argparse.Namespace) -> int:
         if not todo and not args.path:
             return EXIT_OK
         inputs, outputs = [item for item, _ in todo], [out for _, out in todo]
-    job = client.submit(inputs, args.path, engine=args.engine, language=args.language, itn=args.itn,
-                        speaker=not args.no_speaker, channels=args.channels)
-    print(job["id"], flush=True)
+    try:
+        job = _upload(client, inputs, args)
+    except UploadStopped as stopped:
+        why = stopped.__cause__
+        if not isinstance(why, KeyboardInterrupt):
+            tqdm.write(f"error: {why}", file=sys.stderr)
+        job_id = stopped.job["id"]
+        tqdm.write(f"{'stopped: ' if isinstance(why, KeyboardInterrupt) else ''}job {job_id} was left open with "
+                   f"{stopped.sent} of {stopped.total} uploads: `tritonasr jobs cancel {job_id}` ends it (the gateway "
+                   "also deletes it once nothing was added to it for its --job-retention days)", file=sys.stderr)
+        return 130 if isinstance(why, KeyboardInterrupt) else getattr(why, "exit_code", EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("\nstopped: nothing was submitted", file=sys.stderr)
+        return 130
     print(f"job {job['id']}: {job['counts']['total']} files (tritonasr jobs show {job['id']})", file=sys.stderr)
     if not (args.wait or args.output_dir):
         return EXIT_OK
@@ -238,6 +400,26 @@ def _submit(client: JobsClient, args: argparse.Namespace) -> int:
                 print(f"error: {problem}", file=sys.stderr)
             return EXIT_FAILED
     return _write_results(client, job, [*inputs, *named], outputs + [None] * len(named), fmt)
+
+
+def _upload(client: JobsClient, inputs: list[Input], args: argparse.Namespace) -> dict:
+    """The job of `inputs` and `args.path`, closed, in batches of `--batch-mb`, with a bar of the bytes
+    uploaded; its id printed on stdout as soon as it exists."""
+    printed = []
+
+    def created(job: dict) -> None:
+        print(job["id"], flush=True)
+        printed.append(job["id"])
+
+    total = sum(os.path.getsize(item.path) for item in inputs)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="upload",
+              disable=not inputs) as bar:
+        job = submit_in_batches(client, inputs, args.path, max(int(args.batch_mb * MiB), 1), created, bar.update,
+                                engine=args.engine, language=args.language, itn=args.itn, speaker=not args.no_speaker,
+                                channels=args.channels)
+    if not printed:
+        print(job["id"], flush=True)
+    return job
 
 
 def wait(client: JobsClient, job: dict) -> dict:

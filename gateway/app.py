@@ -35,8 +35,9 @@ log = logging.getLogger("tritonasr.gateway")
 # Triton: a Triton away is a 503 for the callers, no reason to restart or drop this gateway.
 LIVENESS_PATH, READINESS_PATH = "/healthz", "/readyz"
 STREAM_PATH = "/v1/stream"
-# What a draining gateway refuses: new work. Everything else (a job's status, the console, a
-# speaker's enrollment) is quick and still answered.
+# What a draining gateway refuses: new work. Everything else is answered: it is quick (a job's
+# status, the console, a speaker's enrollment), or finishes work already taken (the files of an
+# open job, which any replica takes: a job lives in the shared database).
 NEW_WORK = (("POST", "/v1/audio/transcriptions"), ("POST", "/v1/jobs"))
 DRAINING = "this gateway is shutting down; retry, and another replica will take it"
 

@@ -9,7 +9,8 @@ what the command line gets from the same server for the same audio:
   which is the microphone's file;
 - Speakers: a speaker enrolled on the page (from a file, and from the microphone) is named in
   the next transcription; removed on the page, gone;
-- Jobs: a job of several files completes and each result downloads as json, srt, vtt and txt.
+- Jobs: a job of several files completes and each result downloads as json, srt, vtt and txt;
+  deleted on the page (from the keyboard), it is gone from the list and from the gateway.
 
 With TRITONASR_SCREENSHOTS=DIR set, each page is saved as DIR/console-PAGE.png from these runs
 (docs/ holds them: `TRITONASR_SCREENSHOTS=docs pytest tests/test_e2e_console.py`)."""
@@ -482,3 +483,15 @@ def test_a_job_of_several_files_completes_with_downloads(console, server, gatewa
         else:
             assert content == render(expected, label)
         path.unlink()
+
+    # Deleted from the keyboard: gone from the list, and from the gateway.
+    from selenium.webdriver.common.keys import Keys
+
+    job_id = console.find("#j-detail").get_attribute("data-id")
+    assert console.find(f'#j-table tr[data-id="{job_id}"] button[data-action="delete"]')
+    console.find('#j-detail button[data-action="delete"]').send_keys(Keys.ENTER)
+    console.wait(lambda: console.status("j") == f"Deleted job {job_id}.", what="the deletion")
+    console.wait(lambda: not console.find_all(f'#j-table tr[data-id="{job_id}"]'), what="the list without the job")
+    assert not console.find("#j-detail").is_displayed()
+    gone = httpx.get(f"{gateway.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert gone.status_code == 404

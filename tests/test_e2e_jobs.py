@@ -3,7 +3,9 @@ uploads and server-side paths transcribed with the same results as POST /v1/audi
 every format, nothing outside the jobs root reachable, another key's jobs invisible, cancel, delete
 (`tritonasr jobs delete` too), passing failures retried then given up, a gateway stopped mid-job and
 started again losing nothing, two gateways sharing a real PostgreSQL with one killed (SIGKILL)
-mid-job and every file done exactly once, and `tritonasr jobs submit --output-dir` end to end."""
+mid-job and every file done exactly once, and `tritonasr jobs submit --output-dir` end to end; a
+folder larger than the gateway's --max-upload-mb submitted by the CLI as one job in several requests
+(an open job, appended to, closed), and a file too large alone refused with a clear message."""
 from __future__ import annotations
 
 import argparse
@@ -320,6 +322,117 @@ def test_postgres_two_gateways_one_killed_every_file_done_once(server, postgres,
         assert file["attempts"] == claims == (2 if file["id"] in held else 1), file
     survivor_done = {f for kind, f in log_events(survivor.log) if kind == "done"}
     assert held <= survivor_done
+
+
+def test_cli_submits_a_folder_larger_than_the_upload_limit_as_one_job(server, tmp_path):
+    """--max-upload-mb 1 and a folder of about 1.6 MiB: one job, made open with the first batch,
+    the rest appended, then closed; each file done once, the results written as `transcribe`'s.
+    A request over the limit is sent again in halves; a file over it alone is refused, clearly."""
+    small = Gateway(server.grpc_url, "--api-key", KEY, "--max-upload-mb", "1", log=tmp_path / "gateway.log")
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    (inputs / "sub").mkdir(parents=True)
+    names = {"a.wav": "one_phrase", "b.wav": "pause_0.3s", "c.wav": "pause_1s", "sub/d.wav": "pause_3s",
+             "sub/e.wav": "lead_trail_silence"}
+    for name, speech in names.items():
+        shutil.copy(DATA / f"{speech}.wav", inputs / name)
+    joined = np.concatenate([sf.read(DATA / f"{speech}.wav", dtype="int16")[0]
+                             for speech in ("one_phrase", "pause_1s")])
+    sf.write(inputs / "sub" / "f.wav", joined, 16000, subtype="PCM_16")
+    relative = [*names, "sub/f.wav"]
+    sizes = [(inputs / name).stat().st_size for name in relative]
+    assert max(sizes) < 2 ** 20 and sum(sizes) > 1.5 * 2 ** 20
+    env = {**os.environ, "TRITONASR_API_KEY": KEY}
+    submit_cli = [sys.executable, "-m", "tritonasr.cli", "jobs", "submit", "--gateway-url", small.url]
+    try:
+        with client(small) as http:
+            before = {job["id"] for job in http.get("/v1/jobs", params={"limit": 100}).json()["data"]}
+            run = subprocess.run([*submit_cli, str(inputs), "--output-dir", str(out), "--format", "json",
+                                  "--batch-mb", "1"], capture_output=True, text=True, timeout=300, env=env)
+            assert run.returncode == 0, run.stderr
+            job_id = run.stdout.split()[0]
+            assert {job["id"] for job in http.get("/v1/jobs", params={"limit": 100}).json()["data"]} - before \
+                == {job_id}
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            assert (job["status"], job["open"], job["counts"]["done"], job["counts"]["total"]) == \
+                ("completed", False, 6, 6)
+            assert [f["name"] for f in job["files"]] == relative and {f["attempts"] for f in job["files"]} == {1}
+            log = small.log.read_text()
+            assert "POST /v1/jobs 201" in log and f"job {job_id}: " in log and ", open" in log
+            assert len(re.findall(rf"POST /v1/jobs/{job_id}/files 200", log)) >= 1
+            assert f"POST /v1/jobs/{job_id}/close 200" in log and " 413 " not in log
+            done = [f for kind, f in log_events(small.log) if kind == "done"]
+            assert sorted(done) == sorted(f["id"] for f in job["files"])  # each once
+            with OfflineClient(server.grpc_url, timeout_s=120) as direct:
+                for name in relative:
+                    written = (out / name).with_suffix(".json").read_text()
+                    assert written == render(direct.transcribe_file(str(inputs / name)), "json"), name
+
+            # Batches larger than the gateway takes: refused (413), sent again in halves, still one job.
+            halved = subprocess.run([*submit_cli, str(inputs), "--batch-mb", "4"], capture_output=True, text=True,
+                                    timeout=120, env=env)
+            assert halved.returncode == 0, halved.stderr
+            halved_id = halved.stdout.split()[0]
+            job = http.post(f"/v1/jobs/{halved_id}/cancel").json()
+            assert [f["name"] for f in job["files"]] == relative and job["open"] is False
+            assert " 413 " in small.log.read_text()
+
+            # A file larger than the gateway takes alone: no job, and what to do about it.
+            big = tmp_path / "big.wav"
+            shutil.copy(LONG, big)
+            assert big.stat().st_size > 2 ** 20
+            refused = subprocess.run([*submit_cli, str(big), "--batch-mb", "1"], capture_output=True, text=True,
+                                     timeout=120, env=env)
+            assert refused.returncode == 1 and refused.stdout == ""
+            assert f"{big} (2.1 MiB) is more than the gateway" in refused.stderr
+            assert "raise the gateway's --max-upload-mb" in refused.stderr and "--jobs-root" in refused.stderr
+            # After a first batch went in: the job left open is named, with how to end it.
+            mixed = tmp_path / "mixed"
+            mixed.mkdir()
+            shutil.copy(inputs / "a.wav", mixed / "a.wav")
+            shutil.copy(big, mixed / "z.wav")
+            stopped = subprocess.run([*submit_cli, str(mixed), "--batch-mb", "1"], capture_output=True, text=True,
+                                     timeout=120, env=env)
+            assert stopped.returncode == 1
+            left_id = stopped.stdout.split()[0]
+            assert f"{mixed / 'z.wav'} (2.1 MiB) is more than the gateway" in stopped.stderr
+            assert f"job {left_id} was left open with 1 of 2 uploads: `tritonasr jobs cancel {left_id}` ends it" \
+                in stopped.stderr
+            left = http.get(f"/v1/jobs/{left_id}").json()
+            assert left["open"] is True and left["counts"]["total"] == 1
+            assert http.delete(f"/v1/jobs/{left_id}").status_code == 409
+            assert http.post(f"/v1/jobs/{left_id}/cancel").json()["status"] == "cancelled"
+            assert http.delete(f"/v1/jobs/{left_id}").status_code == 200
+    finally:
+        small.stop()
+
+
+def test_open_jobs_over_http(http, gateway):
+    """POST /v1/jobs open=true, files added, closed: the refusals around it."""
+    created = submit(http, open="true")
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert (job["status"], job["open"], job["counts"]["total"]) == ("receiving", True, 0)
+    added = http.post(f"/v1/jobs/{job['id']}/files", files=[("file", ("a.wav", SPEECH[0].read_bytes()))],
+                      data={"path": "top.wav"})
+    assert added.status_code == 200, added.text
+    assert [f["name"] for f in added.json()["files"]] == ["a.wav", "top.wav"]
+    for response, status, code in (
+            (http.post(f"/v1/jobs/{job['id']}/files"), 400, "missing_file"),
+            (http.post(f"/v1/jobs/{job['id']}/files", data={"path": "top.wav", "model": "parakeet"}), 400, None),
+            (http.post("/v1/jobs/job_nope/files", data={"path": "top.wav"}), 404, "job_not_found"),
+            (http.delete(f"/v1/jobs/{job['id']}"), 409, "job_active")):
+        assert (response.status_code, error(response)["code"]) == (status, code), response.text
+    with client(gateway, OTHER_KEY) as other:
+        assert other.post(f"/v1/jobs/{job['id']}/files", data={"path": "top.wav"}).status_code == 404
+        assert other.post(f"/v1/jobs/{job['id']}/close").status_code == 404
+    wait_for(lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "receiving", 120, "the files to be done")
+    assert http.get(f"/v1/jobs/{job['id']}").json()["finished_at"] is None
+    closed = http.post(f"/v1/jobs/{job['id']}/close")
+    assert closed.status_code == 200 and closed.json()["status"] == "completed" and not closed.json()["open"]
+    assert http.post(f"/v1/jobs/{job['id']}/close").json() == closed.json()
+    late = http.post(f"/v1/jobs/{job['id']}/files", data={"path": "top.wav"})
+    assert late.status_code == 409 and error(late)["code"] == "job_closed"
+    assert http.delete(f"/v1/jobs/{job['id']}").status_code == 200
 
 
 def test_cli_submit_wait_output_dir(gateway, server, tmp_path):

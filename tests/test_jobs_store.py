@@ -3,8 +3,9 @@ session's, tests/conftest.py): migrations that match the tables and that replica
 claims that never give one file to two workers (threads with connections of their own, as replicas
 have), leases that a dead worker's file is taken over after, results kept only from the claim's
 holder, cancel, retries, who sees which job, deleting a job, expiring old ones (and the gateway's
-sweeper that does it, its --job-retention flag); and the jobs root (tritonasr.gateway.jobs.paths):
-nothing outside it reachable."""
+sweeper that does it, its --job-retention flag), open jobs (files added until closed, never completed
+meanwhile, appends racing a close or cancel losing nothing, abandoned ones expired); and the jobs root
+(tritonasr.gateway.jobs.paths): nothing outside it reachable."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ import sqlalchemy as sa
 from tritonasr.gateway.errors import ApiError
 from tritonasr.gateway import cli as gateway_cli
 from tritonasr.gateway.jobs.paths import JobsRoot
-from tritonasr.gateway.jobs.store import (EVERYONE, VERSION_TABLE, Deletion, JobStore, JobStoreError, NewFile,
-                                          engine_url, files, jobs, key_fingerprint, metadata)
+from tritonasr.gateway.jobs.store import (EVERYONE, MIGRATIONS, VERSION_TABLE, Appending, Deletion, JobStore,
+                                          JobStoreError, NewFile, engine_url, files, jobs, key_fingerprint, metadata)
 from tritonasr.gateway.jobs.workers import JobWorkers
 from tritonasr.gateway.settings import GatewaySettings
 
@@ -56,7 +57,7 @@ def test_migrations_give_the_tables_the_code_uses(store):
 
     with store.engine.connect() as db:
         context = MigrationContext.configure(db, opts={"version_table": VERSION_TABLE})
-        assert context.get_current_revision() == "0002"
+        assert context.get_current_revision() == "0003"
         assert compare_metadata(context, metadata) == []
     store.migrate()  # again: nothing to do
 
@@ -320,6 +321,186 @@ def test_the_sweeper_expires_at_start_and_stops_with_the_gateway(store, caplog, 
     warning = "expired jobs not deleted, tried again in 3600 s: division by zero"
     assert asyncio.run(gateway(lambda: warning in caplog.text)) < 5
     assert warning in caplog.text
+
+
+# --- open jobs -------------------------------------------------------------------------------------
+
+def named(prefix: str, count: int) -> list[NewFile]:
+    return [NewFile(f"{prefix}{n}.wav", read=lambda n=n: f"{prefix} {n}".encode()) for n in range(count)]
+
+
+def positions(store: JobStore, job_id: str) -> list[tuple[int, str]]:
+    with store.engine.connect() as db:
+        return [tuple(row) for row in db.execute(sa.select(files.c.position, files.c.name)
+                                                 .where(files.c.job_id == job_id).order_by(files.c.position))]
+
+
+def test_an_open_job_takes_files_until_closed_and_is_never_completed_meanwhile(store):
+    alice, bob = key_fingerprint("alice-key"), key_fingerprint("bob-key")
+    job_id = store.create_job(alice, {"language": "en"}, named("a", 2), open_=True)
+    job = store.job(job_id, alice)
+    assert (job["status"], job["open"], job["counts"]["total"]) == ("queued", True, 2)
+    finish(store)
+    job = store.job(job_id, alice)
+    assert (job["status"], job["open"], job["finished_at"], job["counts"]["done"]) == ("receiving", True, None, 2)
+    assert store.list_jobs(alice, 10)[0] | {"status": "receiving", "open": True} == store.list_jobs(alice, 10)[0]
+    assert store.append(job_id, alice, named("b", 3), max_files=10) is None
+    job = store.job(job_id, alice)
+    assert (job["status"], job["counts"]["queued"]) == ("running", 3)  # (2 done, 3 queued)
+    # Positions go on after the job's own; the workers take the new files with the job's options.
+    assert positions(store, job_id) == [(0, "a0.wav"), (1, "a1.wav"), (2, "b0.wav"), (3, "b1.wav"), (4, "b2.wav")]
+    claim = store.claim("w", LEASE_S, ATTEMPTS)
+    assert (claim.name, claim.options, claim.key_hash, store.audio(claim)) == ("b0.wav", {"language": "en"}, alice,
+                                                                             b"b 0")
+    assert store.complete(claim, {"duration_ms": 1, "segments": []}, 1)
+    finish(store)
+    assert store.job(job_id, alice)["status"] == "receiving"
+    # Not another key's; not past the job's limit on files (nothing added).
+    assert store.append(job_id, bob, named("c", 1), max_files=10) is Appending.NOT_FOUND
+    assert store.append("job_nope", alice, named("c", 1), max_files=10) is Appending.NOT_FOUND
+    assert store.close_job(job_id, bob) is None
+    assert store.append(job_id, alice, named("c", 6), max_files=10) is Appending.TOO_MANY
+    assert store.append(job_id, alice, named("c", 5), max_files=10) is None
+    assert store.job(job_id, alice)["counts"]["total"] == 10
+    finish(store)
+    closed = store.close_job(job_id, alice)
+    assert (closed["status"], closed["open"], closed["counts"]["done"]) == ("completed", False, 10)
+    assert closed["finished_at"] is not None and [f["name"] for f in closed["files"]][-1] == "c4.wav"
+    assert store.close_job(job_id, alice) == closed  # again: nothing changes
+    assert store.append(job_id, alice, named("d", 1), max_files=10) is Appending.CLOSED
+    assert store.job(job_id, alice)["counts"]["total"] == 10
+    # Open with no file yet; closed with files still queued: queued, then completed once they are done.
+    empty = store.create_job(None, {}, [], open_=True)
+    assert store.job(empty, None)["status"] == "receiving" and store.job(empty, None)["counts"]["total"] == 0
+    assert store.append(empty, None, named("e", 1), max_files=10) is None
+    assert store.close_job(empty, None)["status"] == "queued"
+    finish(store)
+    assert store.job(empty, None)["status"] == "completed"
+    # A job made closed takes nothing.
+    closed_id = store.create_job(None, {}, uploads(1))
+    assert store.job(closed_id, None)["open"] is False
+    assert store.append(closed_id, None, named("x", 1), max_files=10) is Appending.CLOSED
+
+
+def test_cancel_closes_an_open_job(store):
+    job_id = store.create_job(None, {}, named("a", 2), open_=True)
+    running = store.claim("w", LEASE_S, ATTEMPTS)
+    job = store.cancel(job_id, None)
+    assert (job["status"], job["open"], job["counts"]["cancelled"]) == ("cancelled", False, 2)
+    assert not store.complete(running, {"duration_ms": 1, "segments": []}, 1)
+    assert store.append(job_id, None, named("b", 1), max_files=10) is Appending.CLOSED
+    # Open with every file done: cancelled all the same (its upload was stopped), and closed.
+    done = store.create_job(None, {}, named("c", 1), open_=True)
+    finish(store)
+    job = store.cancel(done, None)
+    assert (job["status"], job["open"], job["counts"]["done"]) == ("cancelled", False, 1)
+    assert job["finished_at"] is not None
+    assert store.append(done, None, named("d", 1), max_files=10) is Appending.CLOSED
+
+
+def test_delete_of_an_open_job_is_refused_until_it_is_closed(store):
+    job_id = store.create_job(None, {}, named("a", 1), open_=True)
+    assert store.delete(job_id, None) is Deletion.ACTIVE  # a file queued
+    finish(store)
+    before = store.job(job_id, None)
+    assert store.delete(job_id, None) is Deletion.OPEN and store.job(job_id, None) == before
+    empty = store.create_job(None, {}, [], open_=True)
+    assert store.delete(empty, None) is Deletion.OPEN
+    store.close_job(job_id, None)
+    assert store.delete(job_id, None) is Deletion.DELETED and rows(store, job_id) == (0, 0)
+    store.cancel(empty, None)
+    assert store.delete(empty, None) is Deletion.DELETED
+
+
+def test_appends_racing_a_close_or_a_cancel_lose_nothing(store, location):
+    """Two clients appending to one job while a third closes (or cancels) it: each append is in
+    whole (before the close, its files claimable; before the cancel, cancelled) or refused whole,
+    and the positions stay one each, in order."""
+    for end in ("close", "cancel"):
+        job_id = store.create_job(None, {}, [], open_=True)
+        clients = [JobStore(location) for _ in range(3)]
+        added: list[int] = []
+        lock = threading.Lock()
+
+        def append(client: JobStore, name: str):
+            for n in range(8):
+                result = client.append(job_id, None, named(f"{name}{n}-", 3), max_files=1000)
+                if result is Appending.CLOSED:
+                    return
+                assert result is None
+                with lock:
+                    added.append(3)
+
+        threads = [threading.Thread(target=append, args=(clients[n], f"t{n}")) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.05)
+        job = getattr(clients[2], "close_job" if end == "close" else "cancel")(job_id, None)
+        for thread in threads:
+            thread.join()
+        final = store.job(job_id, None)
+        assert final["counts"]["total"] == sum(added) == job["counts"]["total"]  # nothing after the close
+        assert [p for p, _ in positions(store, job_id)] == list(range(sum(added)))
+        assert final["open"] is False
+        if end == "cancel":
+            assert final["counts"]["cancelled"] == sum(added) and store.claim("w", LEASE_S, ATTEMPTS) is None
+        else:
+            finish(store)
+            assert store.job(job_id, None)["counts"]["done"] == sum(added)
+        for client in clients:
+            client.close()
+
+
+def added_ago(store: JobStore, job_id: str, seconds: float) -> None:
+    """The job made, and its files queued (and finished), `seconds` earlier than they were."""
+    with store.engine.begin() as db:
+        db.execute(sa.update(jobs).where(jobs.c.id == job_id).values(created_at=jobs.c.created_at - seconds))
+        db.execute(sa.update(files).where(files.c.job_id == job_id).values(
+            queued_at=files.c.queued_at - seconds,
+            finished_at=sa.case((files.c.finished_at.is_(None), None), else_=files.c.finished_at - seconds)))
+
+
+def test_expire_deletes_open_jobs_left_with_nothing_added(store):
+    day = 86400
+    abandoned = store.create_job(None, {}, named("a", 2), open_=True)
+    finish(store)
+    empty = store.create_job(None, {}, [], open_=True)
+    recent = store.create_job(None, {}, named("r", 1), open_=True)
+    finish(store)
+    waiting = store.create_job(None, {}, named("w", 1), open_=True)  # a file still queued
+    for job_id in (abandoned, empty, recent, waiting):
+        added_ago(store, job_id, 10 * day)
+    assert store.append(recent, None, named("r2-", 1), max_files=10) is None  # added to a moment ago
+    finish(store)
+    assert store.claim("w", LEASE_S, ATTEMPTS) is None
+    with store.engine.begin() as db:  # (the waiting job's file queued again, its queued_at kept)
+        db.execute(sa.update(files).where(files.c.job_id == waiting).values(status="queued", finished_at=None))
+    assert store.expire(30 * day) == 0
+    assert store.expire(9 * day) == 2
+    assert [store.job(j, None) is None for j in (abandoned, empty, recent, waiting)] == [True, True, False, False]
+    assert rows(store, abandoned) == (0, 0)
+    # The one added to a moment ago: its last file counts, not the job's age.
+    assert store.expire(0) == 1 and store.job(recent, None) is None and store.job(waiting, None) is not None
+
+
+def test_jobs_made_before_open_jobs_are_closed(location):
+    """A database at revision 0002 with a job in it, upgraded: the job is closed, and still works."""
+    from alembic import command
+    from alembic.config import Config
+
+    store = JobStore(location)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as db:
+        config.attributes["connection"] = db
+        command.upgrade(config, "0002")
+        db.execute(sa.text("INSERT INTO tritonasr_jobs (id, key_hash, options, created_at) "
+                           "VALUES ('job_old', NULL, '{}', 0)"))
+    store.migrate()
+    job = store.job("job_old", None)
+    assert (job["open"], job["status"]) == (False, "completed")
+    assert store.append("job_old", None, named("a", 1), max_files=10) is Appending.CLOSED
+    store.close()
 
 
 def test_the_retention_flag(monkeypatch):

@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     _role_arguments(gateway, "tritonasr.gateway.cli", "gateway")
     gateway.set_defaults(func=_needs("gateway")(cmd_gateway))
 
-    jobs = sub.add_parser("jobs", help="batch jobs on the HTTP gateway: submit, list, show, cancel (docs/jobs.md)")
+    jobs = sub.add_parser("jobs", help="batch jobs on the HTTP gateway: submit, list, show, cancel, delete (docs/jobs.md)")
     _add_jobs_args(jobs)
     jobs.set_defaults(func=cmd_jobs)
 

@@ -1,6 +1,7 @@
 // The Jobs page: batch jobs through /v1/jobs (submit files, follow their progress, download each
-// file's result as JSON, SRT, WebVTT or text, cancel). The page asks again every POLL_MS while
-// it is shown and a job is unfinished.
+// file's result as JSON, SRT, WebVTT or text, cancel, delete a finished job). The page asks again
+// every POLL_MS while it is shown and a job is unfinished (an open job, still receiving files from
+// another client, is unfinished).
 
 import { call, callJson, describe } from "./api.js";
 import { element } from "./format.js";
@@ -59,12 +60,47 @@ export function setUp(config) {
       selected = job.id;
       refresh().then(() => detail.focus());
     });
+    const actions = element("td", { className: "actions" }, open);
+    if (FINISHED.includes(job.status)) actions.append(" ", deleteButton(job, "Delete"));
     return element("tr", { attrs: { "data-id": job.id, "data-status": job.status } },
       element("th", { text: job.id, attrs: { scope: "row" } }),
       element("td", { text: new Date(job.created_at * 1000).toLocaleString() }),
-      element("td", { className: `status status-${job.status}`, text: job.status }),
+      statusCell("td", job),
       element("td", { text: `${counts.done} done, ${counts.failed} failed of ${counts.total}` }),
-      element("td", {}, open));
+      actions);
+  }
+
+  // A job's status; an open one says that it still takes files.
+  function statusCell(tag, job) {
+    const text = job.open ? `${job.status} (open: taking files)` : job.status;
+    return element(tag, { className: `status status-${job.status}`, text, attrs: { "data-open": String(Boolean(job.open)) } });
+  }
+
+  // Deletes a finished job with its results (DELETE /v1/jobs/{id}); the gateway refuses an
+  // unfinished or open one.
+  function deleteButton(job, text) {
+    const button = element("button", {
+      className: "secondary",
+      text,
+      attrs: { type: "button", "data-action": "delete", "aria-label": `Delete job ${job.id} and its results` },
+    });
+    button.addEventListener("click", async () => {
+      status.textContent = `Deleting job ${job.id}…`;
+      try {
+        await callJson(`v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+        if (selected === job.id) {
+          selected = null;
+          detail.hidden = true;
+          detail.replaceChildren();
+        }
+        status.textContent = `Deleted job ${job.id}.`;
+        await refresh();
+        document.getElementById("j-refresh").focus();
+      } catch (error) {
+        status.textContent = `Could not delete job ${job.id}: ${describe(error)}`;
+      }
+    });
+    return button;
   }
 
   function showJob(job) {
@@ -73,7 +109,8 @@ export function setUp(config) {
     detail.dataset.status = job.status;
     const head = element("div", { className: "job-head" },
       element("h3", { text: `Job ${job.id}` }),
-      element("span", { className: `status status-${job.status}`, text: job.status }));
+      statusCell("span", job));
+    if (FINISHED.includes(job.status)) head.append(deleteButton(job, "Delete job"));
     if (!FINISHED.includes(job.status)) {
       const cancel = element("button", { className: "secondary", text: "Cancel job", attrs: { type: "button" } });
       cancel.addEventListener("click", async () => {

@@ -2,17 +2,22 @@
 
 - `POST /v1/jobs`: a multipart form of `file` parts and/or `path` fields (under `--jobs-root`), with
   the options of POST /v1/audio/transcriptions (`model`, `language`, `speaker`, `channels`, `itn`;
-  `model` may be left out: the server's default engine) → 201 and the job
+  `model` may be left out: the server's default engine) → 201 and the job; with `open=true` (files
+  optional then) the job takes more files until it is closed:
+- `POST /v1/jobs/{id}/files`: more `file` parts and/or `path` fields for an open job (the same
+  per-request upload limit; at most MAX_FILES over the whole job) → the job; 409 `job_closed` once it
+  is closed or cancelled. `POST /v1/jobs/{id}/close` → the job, taking no more files (idempotent)
 - `GET /v1/jobs?limit=N` → the caller's newest jobs, without their files
 - `GET /v1/jobs/{id}` → the job; `POST /v1/jobs/{id}/cancel` → the job, its unfinished files cancelled
 - `DELETE /v1/jobs/{id}` → `{"id", "object": "job", "deleted": true}` (OpenAI's shape for deletions): the
-  job, its files and results gone; 409 while a file is queued or running (cancel it first)
+  job, its files and results gone; 409 while a file is queued or running, or the job is open (cancel
+  or close it first)
 - `GET /v1/jobs/{id}/files/{file_id}/result?format=…` → the result as the transcriptions endpoint
   renders that response_format (404 until the file is done)
 
 A job is visible to callers presenting the key it was made with (404 for others), to everyone when
 the gateway asks for no key. Finished jobs are deleted `--job-retention` days after their last file
-finished (the workers' sweeper)."""
+finished, open ones left with nothing added for as long (the workers' sweeper)."""
 from __future__ import annotations
 
 import logging
@@ -30,11 +35,11 @@ from tritonasr.errors import bounded, shown
 from tritonasr.gateway.access import bearer_key, checked_key
 from tritonasr.gateway.errors import ApiError
 from tritonasr.gateway.jobs.paths import JobsRoot
-from tritonasr.gateway.jobs.store import EVERYONE, Deletion, JobStore, NewFile, key_fingerprint
+from tritonasr.gateway.jobs.store import EVERYONE, Appending, Deletion, JobStore, NewFile, key_fingerprint
 from tritonasr.gateway.jobs.workers import JobWorkers
 from tritonasr.gateway.offline import OfflineRunner
 from tritonasr.gateway.settings import GatewaySettings
-from tritonasr.gateway.transcriptions import RESPONSE_FORMATS, form_options, render_response
+from tritonasr.gateway.transcriptions import RESPONSE_FORMATS, form_boolean, form_options, render_response
 
 log = logging.getLogger("tritonasr.gateway.jobs")
 
@@ -62,6 +67,8 @@ class JobsApi:
                 Route("/v1/jobs", self.listing, methods=["GET"]),
                 Route("/v1/jobs/{job_id}", self.show, methods=["GET"]),
                 Route("/v1/jobs/{job_id}", self.delete, methods=["DELETE"]),
+                Route("/v1/jobs/{job_id}/files", self.append, methods=["POST"]),
+                Route("/v1/jobs/{job_id}/close", self.close, methods=["POST"]),
                 Route("/v1/jobs/{job_id}/cancel", self.cancel, methods=["POST"]),
                 Route("/v1/jobs/{job_id}/files/{file_id}/result", self.result, methods=["GET"])]
 
@@ -96,31 +103,67 @@ class JobsApi:
 
     async def create(self, request: Request) -> Response:
         key_hash, viewer = self._caller(request)
-        try:
-            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES + 32)
-        except HTTPException as exc:  # the form parser's refusal, in our error body
-            raise ApiError(400, str(exc.detail), code="invalid_form") from None
+        form = await _form(request)
         try:
             options, _, _ = form_options(form, model_required=False)
-            uploads, paths = form.getlist("file"), form.getlist("path")
-            if any(not isinstance(upload, UploadFile) for upload in uploads):
-                raise ApiError(400, "`file` must be a file part of the multipart form", param="file")
-            if any(isinstance(path, UploadFile) for path in paths):
-                raise ApiError(400, "`path` must be a text field", param="path")
-            if not uploads and not paths:
-                raise ApiError(400, "a job needs audio: `file` parts (uploads) and/or `path` fields (files under "
-                                    "the gateway's jobs root)", param="file", code="missing_file")
-            new = [NewFile(bounded(upload.filename or f"file {n + 1}", MAX_NAME_CHARS), read=upload.file.read)
-                   for n, upload in enumerate(uploads)]
-            if paths:
-                new += [NewFile(name, path=name) for name in
-                        await anyio.to_thread.run_sync(self._expand, paths, MAX_FILES - len(new))]
-            job_id = await self._db(self.store.create_job, key_hash, options, new)
+            open_ = form_boolean(form, "open", False)
+            new = await self._new_files(form, required=not open_)
+            job_id = await self._db(self.store.create_job, key_hash, options, new, open_)
         finally:
             await form.close()
-        self.workers.wake()
-        log.info("job %s: %d files", job_id, len(new))
+        if new:
+            self.workers.wake()
+        log.info("job %s: %d files%s", job_id, len(new), ", open" if open_ else "")
         return JSONResponse(await self._db(self.store.job, job_id, viewer), status_code=201)
+
+    async def append(self, request: Request) -> Response:
+        """More files for an open job, after its own; the workers start on them at once."""
+        _, viewer = self._caller(request)
+        job_id = request.path_params["job_id"]
+        form = await _form(request)
+        try:
+            others = sorted({name for name in form.keys() if name not in ("file", "path")})
+            if others:
+                raise ApiError(400, f"a job's options are set when it is made: only `file` parts and `path` fields "
+                                    f"may be added, not {', '.join(map(shown, others))}", param=others[0])
+            new = await self._new_files(form, required=True)
+            refused = await self._db(self.store.append, job_id, viewer, new, MAX_FILES)
+        finally:
+            await form.close()
+        if refused is Appending.NOT_FOUND:
+            raise _no_job(request)
+        if refused is Appending.CLOSED:
+            raise ApiError(409, f"job {job_id} is closed (or cancelled): it takes no more files; submit a new job",
+                           code="job_closed")
+        if refused is Appending.TOO_MANY:
+            raise ApiError(400, f"a job holds at most {MAX_FILES} files: these {len(new)} would take job {job_id} "
+                                "past it", param="file", code="too_many_files")
+        self.workers.wake()
+        log.info("job %s: %d files added", job_id, len(new))
+        return JSONResponse(self._found(await self._db(self.store.job, job_id, viewer), request))
+
+    async def close(self, request: Request) -> Response:
+        _, viewer = self._caller(request)
+        job = self._found(await self._db(self.store.close_job, request.path_params["job_id"], viewer), request)
+        log.info("job %s closed: %d files", job["id"], job["counts"]["total"])
+        return JSONResponse(job)
+
+    async def _new_files(self, form, required: bool) -> list[NewFile]:
+        """The form's uploads (read when stored), then the files its paths name."""
+        uploads, paths = form.getlist("file"), form.getlist("path")
+        if any(not isinstance(upload, UploadFile) for upload in uploads):
+            raise ApiError(400, "`file` must be a file part of the multipart form", param="file")
+        if any(isinstance(path, UploadFile) for path in paths):
+            raise ApiError(400, "`path` must be a text field", param="path")
+        if required and not uploads and not paths:
+            raise ApiError(400, "a job needs audio: `file` parts (uploads) and/or `path` fields (files under "
+                                "the gateway's jobs root)", param="file", code="missing_file")
+        new = [NewFile(bounded(upload.filename or f"file {n + 1}", MAX_NAME_CHARS), read=upload.file.read)
+               for n, upload in enumerate(uploads)]
+        if paths:
+            new += [NewFile(name, path=name) for name in
+                    await anyio.to_thread.run_sync(self._expand, paths, MAX_FILES - len(new))]
+        return new
 
     def _expand(self, paths: list[str], limit: int) -> list[str]:
         if self.root is None:
@@ -164,6 +207,10 @@ class JobsApi:
         if deletion is Deletion.ACTIVE:
             raise ApiError(409, f"job {job_id} still has files queued or running: cancel it first "
                                 f"(POST /v1/jobs/{job_id}/cancel), then delete it", code="job_active")
+        if deletion is Deletion.OPEN:  # (the same code: a client that cancels, then deletes, gets it done)
+            raise ApiError(409, f"job {job_id} is open (it still takes files): close it (POST /v1/jobs/{job_id}/close) "
+                                f"or cancel it (POST /v1/jobs/{job_id}/cancel) first, then delete it",
+                           code="job_active")
         log.info("job %s deleted", job_id)
         return JSONResponse({"id": job_id, "object": "job", "deleted": True})
 
@@ -190,6 +237,13 @@ class JobsApi:
         if job is None:
             raise _no_job(request)
         return job
+
+
+async def _form(request: Request):
+    try:
+        return await request.form(max_files=MAX_FILES, max_fields=MAX_FILES + 32)
+    except HTTPException as exc:  # the form parser's refusal, in our error body
+        raise ApiError(400, str(exc.detail), code="invalid_form") from None
 
 
 def _no_job(request: Request) -> ApiError:

@@ -10,9 +10,16 @@ SQLite runs every transaction as `BEGIN IMMEDIATE`, one writer at a time. Whatev
 afterwards (progress, its lease, the result) is written only while the claim is still its own, so
 a file taken over or cancelled meanwhile never gets a second result.
 
+A job may be made *open*: it then takes more files (`append`) until its caller closes or cancels
+it, so that a folder larger than one request's upload limit becomes one job. An append, a close, a
+cancel and a delete each lock the job's row first (PostgreSQL: `SELECT … FOR UPDATE`; SQLite: the
+write lock every transaction takes), so a close, cancel or delete never comes between an append's
+check that the job is open and its files: they are all in before it, or the append is refused.
+
 A job is deleted whole (its files, their uploads and results): by its caller once none of its files
-is queued or running, or by `expire()` once its last file finished longer ago than the gateway's
-retention.
+is queued or running and it is closed, or by `expire()` once its last file finished longer ago than
+the gateway's retention, or, open, once nothing was added to it for that long (a client that died
+mid-upload).
 
 Time is the database's (`epoch_now()`), not each replica's clock: leases compare across machines.
 """
@@ -40,6 +47,8 @@ from tritonasr.paths import data_dir
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FILE_STATUSES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
+# A job's status while it is open and none of its files is queued or running: waiting for more files.
+RECEIVING = "receiving"
 # Jobs `expire()` deletes per transaction: a short hold on SQLite's write lock (workers wait
 # meanwhile), and id lists well inside the databases' limits on parameters.
 EXPIRE_BATCH = 500
@@ -59,6 +68,8 @@ jobs = sa.Table(
     sa.Column("options", sa.JSON, nullable=False),  # asr_offline's options (OfflineClient.transcribe's)
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("cancelled_at", sa.Double, nullable=True),
+    # Still taking files (POST /v1/jobs/{id}/files) until closed or cancelled; never completed meanwhile.
+    sa.Column("open", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_tritonasr_jobs_key_created", "key_hash", "created_at"),
 )
 
@@ -157,6 +168,15 @@ class Deletion(enum.Enum):
     DELETED = "deleted"
     NOT_FOUND = "not found"  # no such job, or not one the viewer may see
     ACTIVE = "active"  # a file is queued or running: nothing deleted
+    OPEN = "open"  # the job still takes files (close or cancel it first): nothing deleted
+
+
+class Appending(enum.Enum):
+    """Why `JobStore.append` added nothing."""
+
+    NOT_FOUND = "not found"  # no such job, or not one the viewer may see
+    CLOSED = "closed"  # closed or cancelled: it takes no more files
+    TOO_MANY = "too many"  # the job would hold more than `max_files`
 
 
 @dataclass(frozen=True)
@@ -221,18 +241,46 @@ class JobStore:
 
     # --- jobs as callers see them --------------------------------------------------------------
 
-    def create_job(self, key_hash: str | None, options: dict, new_files: Iterable[NewFile]) -> str:
-        """A job of `new_files` (each upload read and stored one at a time), all queued; its id."""
+    def create_job(self, key_hash: str | None, options: dict, new_files: Iterable[NewFile],
+                   open_: bool = False) -> str:
+        """A job of `new_files` (each upload read and stored one at a time), all queued; its id.
+        `open_`: it takes more files (`append`) until closed or cancelled."""
         job_id = "job_" + secrets.token_hex(12)
         with self.engine.begin() as db:
             now = db.execute(sa.select(epoch_now())).scalar_one()
-            db.execute(sa.insert(jobs).values(id=job_id, key_hash=key_hash, options=options, created_at=now))
-            for position, new in enumerate(new_files):
-                db.execute(sa.insert(files).values(
-                    id="file_" + secrets.token_hex(12), job_id=job_id, position=position, name=new.name,
-                    path=new.path, audio=new.read() if new.read else None, status=QUEUED, attempts=0,
-                    done_ms=0, queued_at=now))
+            db.execute(sa.insert(jobs).values(id=job_id, key_hash=key_hash, options=options, created_at=now,
+                                              open=open_))
+            _insert_files(db, job_id, 0, now, new_files)
         return job_id
+
+    def append(self, job_id: str, viewer, new_files: list[NewFile], max_files: int) -> Appending | None:
+        """Adds `new_files` after the job's own (positions go on), queued, if the job is open and would
+        hold at most `max_files`; None when added, else why not (nothing added)."""
+        with self.engine.begin() as db:
+            # The job's row locked while the files go in (as cancel, close and delete lock it): none of
+            # them comes between the check that it is open and the files, whose uploads are read meanwhile.
+            row = db.execute(sa.select(jobs.c.open).where(jobs.c.id == job_id, _visible(viewer))
+                             .with_for_update()).first()
+            if row is None:
+                return Appending.NOT_FOUND
+            if not row.open:
+                return Appending.CLOSED
+            held, last = db.execute(sa.select(sa.func.count(), sa.func.max(files.c.position))
+                                    .where(files.c.job_id == job_id)).one()
+            if held + len(new_files) > max_files:
+                return Appending.TOO_MANY
+            now = db.execute(sa.select(epoch_now())).scalar_one()
+            _insert_files(db, job_id, 0 if last is None else last + 1, now, new_files)
+        return None
+
+    def close_job(self, job_id: str, viewer) -> dict | None:
+        """Ends the job's taking of files (again: nothing changes); the job, or None as for `job`."""
+        with self.engine.begin() as db:
+            if db.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id, _visible(viewer))
+                          .with_for_update()).first() is None:
+                return None
+            db.execute(sa.update(jobs).where(jobs.c.id == job_id, jobs.c.open).values(open=False))
+            return self._job(db, job_id, viewer)
 
     def job(self, job_id: str, viewer) -> dict | None:
         """The job as the API shows it, or None when there is none that `viewer` (a key_hash, None,
@@ -250,11 +298,11 @@ class JobStore:
 
     def cancel(self, job_id: str, viewer) -> dict | None:
         """Cancels the job's queued and running files at once (a running file's result, if its worker
-        still sends one, is not kept); the job, or None as for `job`."""
+        still sends one, is not kept) and closes it; the job, or None as for `job`."""
         with self.engine.begin() as db:
             # The job locked before its files, as `delete` locks them: a cancel and a delete of one job
-            # at once wait for each other instead of deadlocking.
-            found = db.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id, _visible(viewer))
+            # at once wait for each other instead of deadlocking; an append in progress is all in first.
+            found = db.execute(sa.select(jobs.c.open).where(jobs.c.id == job_id, _visible(viewer))
                                .with_for_update()).first()
             if found is None:
                 return None
@@ -262,44 +310,62 @@ class JobStore:
             cancelled = db.execute(sa.update(files).where(files.c.job_id == job_id, files.c.status.in_(ACTIVE))
                                    .values(status=CANCELLED, audio=None, claim_token=None, lease_until=None,
                                            finished_at=now)).rowcount
-            if cancelled:
+            if cancelled or found.open:  # (an open job cancelled stopped its upload: cancelled, not completed)
                 db.execute(sa.update(jobs).where(jobs.c.id == job_id, jobs.c.cancelled_at.is_(None))
                            .values(cancelled_at=now))
+            if found.open:
+                db.execute(sa.update(jobs).where(jobs.c.id == job_id).values(open=False))
             return self._job(db, job_id, viewer)
 
     def delete(self, job_id: str, viewer) -> Deletion:
-        """Deletes the job with its files and results, unless a file of it is queued or running (a
-        caller cancels first); who may see it as for `job`."""
+        """Deletes the job with its files and results, unless a file of it is queued or running or it
+        is open (a caller cancels, or closes, first); who may see it as for `job`."""
         with self.engine.begin() as db:
             # The job, then its files, locked (PostgreSQL; SQLite's transaction holds the write lock
-            # already): no claim, cancel or worker's write comes between the check and the delete.
-            if db.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id, _visible(viewer))
-                          .with_for_update()).first() is None:
+            # already): no claim, append, cancel or worker's write comes between the check and the delete.
+            found = db.execute(sa.select(jobs.c.open).where(jobs.c.id == job_id, _visible(viewer))
+                               .with_for_update()).first()
+            if found is None:
                 return Deletion.NOT_FOUND
             statuses = db.execute(sa.select(files.c.status).where(files.c.job_id == job_id)
                                   .with_for_update()).scalars().all()
             if any(status in ACTIVE for status in statuses):
                 return Deletion.ACTIVE
+            if found.open:
+                return Deletion.OPEN
             _delete_jobs(db, [job_id])
             return Deletion.DELETED
 
     def expire(self, older_than_s: float) -> int:
-        """Deletes every job whose files are all finished, the last more than `older_than_s` ago by
-        the database's clock, with their files and results; how many jobs. Replicas may sweep at
-        once: each skips the jobs another has locked, and a finished file never becomes active again."""
+        """Deletes every closed job whose files are all finished, the last more than `older_than_s`
+        ago by the database's clock, and every open job left with no file active and nothing added
+        for that long (its caller died mid-upload), with their files and results; how many jobs.
+        Replicas may sweep at once: each skips the jobs another has locked, and a finished file
+        never becomes active again."""
         with self.engine.begin() as db:
             cutoff = db.execute(sa.select(epoch_now())).scalar_one() - older_than_s
-        # Jobs among those of the files finished before the cutoff (an index) with no file active or newer.
+        # Closed jobs among those of the files finished before the cutoff (an index) with no file
+        # active or newer.
         old = sa.select(files.c.job_id).where(files.c.finished_at < cutoff)
         unfinished = sa.exists().where(files.c.job_id == jobs.c.id,
                                        sa.or_(files.c.status.in_(ACTIVE), files.c.finished_at >= cutoff))
-        expired = (sa.select(jobs.c.id).where(jobs.c.id.in_(old), ~unfinished).limit(EXPIRE_BATCH)
+        finished = sa.and_(jobs.c.id.in_(old), ~jobs.c.open, ~unfinished)
+        # Open jobs made before the cutoff with no file active or added since (few: no index needed).
+        touched = sa.exists().where(files.c.job_id == jobs.c.id,
+                                    sa.or_(files.c.status.in_(ACTIVE), files.c.queued_at >= cutoff))
+        abandoned = sa.and_(jobs.c.open, jobs.c.created_at < cutoff, ~touched)
+        expired = (sa.select(jobs.c.id).where(sa.or_(finished, abandoned)).limit(EXPIRE_BATCH)
                    .with_for_update(skip_locked=True))
         deleted = 0
         while True:
             with self.engine.begin() as db:
                 job_ids = db.execute(expired).scalars().all()
-                deleted += _delete_jobs(db, job_ids)
+                # Asked again, the rows locked now: an append that committed between the statement's
+                # snapshot and its lock (PostgreSQL) is seen, and its job kept. (Each statement reads
+                # what was committed before it began.)
+                kept = db.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids), sa.or_(finished, abandoned))
+                                  ).scalars().all() if job_ids else []
+                deleted += _delete_jobs(db, list(kept))
             if len(job_ids) < EXPIRE_BATCH:
                 return deleted
 
@@ -389,6 +455,13 @@ class JobStore:
             return db.execute(sa.update(files).where(*_held(claim)).values(**values)).rowcount == 1
 
 
+def _insert_files(db: Connection, job_id: str, first: int, now: float, new_files: Iterable[NewFile]) -> None:
+    for position, new in enumerate(new_files, first):
+        db.execute(sa.insert(files).values(
+            id="file_" + secrets.token_hex(12), job_id=job_id, position=position, name=new.name, path=new.path,
+            audio=new.read() if new.read else None, status=QUEUED, attempts=0, done_ms=0, queued_at=now))
+
+
 def _delete_jobs(db: Connection, job_ids: list[str]) -> int:
     """Deletes the jobs and their files (themselves, not left to the foreign key's cascade: SQLite
     cascades only on connections that turned foreign keys on); how many jobs there were."""
@@ -432,17 +505,20 @@ def _tallies(db: Connection, job_ids: list[str]) -> dict[str, tuple[dict[str, in
 
 
 def _job_json(row, counts: dict[str, int], finished: float | None) -> dict:
-    """A job's status: queued until a file is taken, running while any is queued or running, then
-    cancelled (when a cancel stopped files) or completed, whatever the files' outcome."""
+    """A job's status: queued until a file is taken, running while any is queued or running, then,
+    open, receiving (waiting for more files), or cancelled (when a cancel stopped files or an open
+    job) or completed, whatever the files' outcome."""
     counts = {status: counts.get(status, 0) for status in FILE_STATUSES}
     counts["total"] = sum(counts.values())
     active = counts[QUEUED] + counts[RUNNING]
     if active:
         status = QUEUED if counts[QUEUED] == counts["total"] else RUNNING
+    elif row.open:
+        status = RECEIVING
     else:
         status = CANCELLED if row.cancelled_at is not None else "completed"
-    return {"id": row.id, "object": "job", "status": status, "created_at": int(row.created_at),
-            "finished_at": None if active or finished is None else int(finished), "counts": counts}
+    return {"id": row.id, "object": "job", "status": status, "open": bool(row.open), "created_at": int(row.created_at),
+            "finished_at": None if active or row.open or finished is None else int(finished), "counts": counts}
 
 
 def _sqlite_connect(connection, record) -> None:
