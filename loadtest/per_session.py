@@ -140,14 +140,18 @@ class BaselineModels:
     the dict into model.inference(**kwargs). A second thread in between swaps in its own dict or
     its own cache: checked with 4 threads streaming two files through one AutoModel (switch
     interval 1 µs), 2 of 40 sessions got wrong VAD segments; with a view per thread, 0 of 40.
-    The nn.Modules themselves are safe to share: SenseVoiceSmall.inference and the frontends
-    keep no per-call state on the module, FsmnVADStreaming keeps all of its streaming state in
-    the caller's `cache` dict (init_cache writes vad_opts.max_end_silence_time, the same 800 for
-    every session), and torch.no_grad() is per thread.
+    SenseVoiceSmall.inference and the frontends keep no per-call state on the module, and
+    torch.no_grad() is per thread. FsmnVADStreaming keeps its streaming state in the caller's
+    `cache` dict but not all of it: ComputeScores writes the call's block size to
+    vad_opts.nn_eval_block_size on the module, which another session's call may change before
+    it is read (8 threads mixing streaming VAD and SenseVoice calls: FunASR's "Something wrong
+    with the VAD algorithm" 6 times, and an IndexError in one CI run; with a module per session,
+    none in two runs).
 
     So every session gets shallow copies of the two AutoModels: its own kwargs dicts (each
-    generate() rebuilds them from the read-only baseline snapshot), the same weights, tokenizer
-    and frontends. A full model copy per session would not fit 32 sessions in memory.
+    generate() rebuilds them from the read-only baseline snapshot), its own copy of the two FSMN-VAD
+    modules (0.4 M parameters, ~6 ms to copy), the same SenseVoice weights, tokenizer and
+    frontends. A full SenseVoice copy per session would not fit 32 sessions in memory.
     """
 
     name = "per-session-server"
@@ -168,7 +172,9 @@ class BaselineModels:
                                                        "disable_log")})
 
     def session(self) -> SessionModels:
-        return SessionModels(copy.copy(self.pipeline), copy.copy(self.vad))
+        pipeline, vad = copy.copy(self.pipeline), copy.copy(self.vad)
+        pipeline.vad_model, vad.model = copy.deepcopy(self.pipeline.vad_model), copy.deepcopy(self.vad.model)
+        return SessionModels(pipeline, vad)
 
     def warm_up(self) -> None:
         """One short file through both paths: first-run allocations happen before serving."""
