@@ -32,7 +32,7 @@ class Drain:
         self.open = 0  # HTTP requests and WebSockets being served (not the probes)
         # Coroutines run once the drain begins; it lasts until they have returned, too.
         self.on_begin: list[Callable[[], Awaitable[None]]] = []
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] | None = None  # the on_begin work, once started
 
     @property
     def draining(self) -> bool:
@@ -46,8 +46,8 @@ class Drain:
     def finished(self) -> bool:
         """Starts the on_begin work on the first call after `begin`; True once nothing is open and
         that work is done, or the time is up."""
-        if not self._tasks:
-            self._tasks = [asyncio.ensure_future(work()) for work in self.on_begin] or [_done()]
+        if self._tasks is None:
+            self._tasks = [asyncio.ensure_future(work()) for work in self.on_begin]
             log.info("draining: %d open, up to %g s", self.open, self.seconds)
         if self.open == 0 and all(task.done() for task in self._tasks):
             log.info("drained in %.1f s", time.monotonic() - self.began)
@@ -56,10 +56,6 @@ class Drain:
             log.warning("drain time (%g s) is up with %d open: closing them", self.seconds, self.open)
             return True
         return False
-
-
-async def _done() -> None:
-    return None
 
 
 class DrainingServer(uvicorn.Server):

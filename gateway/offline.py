@@ -94,6 +94,5 @@ class OfflineRunner:
             client.close()
 
 
-
 def _ms_since(began: float) -> float:
     return (time.perf_counter() - began) * 1000
