@@ -17,6 +17,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tritonasr.audio import load_audio
 from tritonasr.client.connection import NO_RETRY
@@ -66,12 +67,19 @@ def serve(model_repository, tmp_path):
     try:
         _wait_for(lambda: _health(health)[0] == 200 or process.poll() is not None, 300, "serve ready")
         assert process.poll() is None, (tmp_path / "serve.log").read_text()
-        yield process, f"localhost:{ports['grpc']}", health, tmp_path / "serve.log"
+        yield process, f"localhost:{ports['grpc']}", health, f"http://127.0.0.1:{ports['metrics']}", tmp_path / "serve.log"
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         log.close()
+
+
+def _gauge(metrics: str, name: str) -> float:
+    with urllib.request.urlopen(f"{metrics}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name)
 
 
 async def _paced(chunks: list[np.ndarray], seconds_per_chunk: float):
@@ -81,7 +89,7 @@ async def _paced(chunks: list[np.ndarray], seconds_per_chunk: float):
 
 
 def test_sigterm_drains_open_work_and_refuses_new(serve):
-    process, url, health, log = serve
+    process, url, health, metrics, log = serve
     samples = np.concatenate([load_audio(DATA / name).samples for name in ("pause_3s.wav", "pause_1s.wav")])
     long_request = np.concatenate([load_audio(DATA / "long_70s.wav").samples] * 4)  # 280 s
     with OfflineClient(url, timeout_s=120) as client:
@@ -95,7 +103,7 @@ def test_sigterm_drains_open_work_and_refuses_new(serve):
 
     async def open_stream():
         async with StreamingClient(url, finish_timeout_s=60) as client:
-            # 100 ms chunks at twice real time: the 18 s stream lasts ~9 s, SIGTERM comes ~2 s in.
+            # 100 ms chunks at twice real time: the 18 s stream lasts ~9 s; SIGTERM comes once it is open.
             async for s in client.stream(_paced(split_chunks(samples, 100), 0.05)):
                 if s.final:
                     finals.append(((s.start_ms, s.end_ms, s.text), time.monotonic()))
@@ -108,9 +116,11 @@ def test_sigterm_drains_open_work_and_refuses_new(serve):
     stream_thread = threading.Thread(target=lambda: asyncio.run(open_stream()))
     offline_thread = threading.Thread(target=long_offline)
     stream_thread.start()
-    time.sleep(1.5)
+    _wait_for(lambda: _gauge(metrics, "tritonasr_open_streams") >= 1, 30, "the stream open")
     offline_thread.start()
-    time.sleep(0.5)
+    # SIGTERM once the model holds the request (tritonasr_inflight_requests): one still in Triton's
+    # queue then is refused, by design.
+    _wait_for(lambda: _gauge(metrics, "tritonasr_inflight_requests") >= 1, 30, "the long request taken in")
     process.send_signal(signal.SIGTERM)
     signalled_at = time.monotonic()
     signalled.set()
