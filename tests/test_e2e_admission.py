@@ -316,7 +316,9 @@ def test_a_full_offline_queue_refuses_at_once_with_a_clear_message(limited):
     served = [result for result, _ in outcomes if not isinstance(result, ServerBusyError)]
     full = [took for error, took in refused if "its queue is full" in str(error)]
     assert full, [str(error) for error, _ in refused]
-    assert max(full) < 2, full
+    # At once: well before the queue's 10 s timeout, though thirty 4.5 MB uploads at once take
+    # seconds to arrive on a busy 2-core machine (3.1 s seen in a CI run).
+    assert max(full) < 5, full
     assert str(refused[0][0]).startswith("asr_offline is at capacity: ")
     assert served and all(result == reference for result in served)
     # 2 in flight and 1 waiting: most are refused (a few may start as early ones finish).
