@@ -102,6 +102,8 @@ def test_pipeline_metrics_count_what_was_served(short_run):
     latency_sum = _delta(run, "tritonasr_final_latency_seconds_sum", model="asr_stream")
     assert 0 < latency_sum < 60 * len(run["finals"])
     assert _delta(run, "tritonasr_final_latency_seconds_bucket", model="asr_stream", le="+Inf") == len(run["finals"])
+    # The stream's first segment ends in 3 s of silence: decoded ahead of it, and used.
+    assert 1 <= _delta(run, "tritonasr_decodes_ahead_total", model="asr_stream", result="used") <= len(run["finals"])
     assert _delta(run, "tritonasr_errors_total", model="asr_offline", kind="bad_audio") == 1
     assert _sum(run["after"], "tritonasr_open_streams", model="asr_stream") == 0
     assert re.search(r'^tritonasr_inflight_requests\{[^}]*model="asr_offline"[^}]*\} 0$', run["after"], re.M)

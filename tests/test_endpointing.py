@@ -428,6 +428,41 @@ def test_random_sequences_decide_as_funasr():
     assert cut > 30  # the cases exercise more than one segment
 
 
+def test_a_closing_segment_says_when_and_where_it_will_end():
+    """`closing()` (what decoding ahead starts from), frame by frame: while the silence lasts it
+    counts down a frame at a time to the close, with the end reported then; speech resuming
+    withdraws it; a segment cut at its maximum length during the silence is never announced."""
+    rng = np.random.default_rng(7)
+    announced = 0
+    for case in range(60):  # random sequences and options
+        frames = int(rng.integers(200, 1500))
+        silence = np.clip(np.repeat(rng.choice([SPEECH, SILENCE, 0.5], frames // 20 + 1), 20)[:frames], 1e-6, 1 - 1e-6)
+        announced += _check_closing({} if case % 2 == 0 else random_options(rng), silence, case)
+    assert announced > 1000
+    for speech in range(200, 300, 3):  # the maximum length (3 s) reached in the trailing silence, or not
+        _check_closing({"max_single_segment_time": 3000}, runs((SILENCE, 50), (SPEECH, speech), (SILENCE, 200)), speech)
+
+
+def _check_closing(conf: dict, silence: np.ndarray, seed: int) -> int:
+    """Feeds the frames one by one, checking each `closing()` against the next frame's outcome;
+    how many frames had one."""
+    scores, samples = synthetic(silence, seed=seed)
+    detector = EndpointDetector(EndpointOptions.from_config(conf), online=True)
+    ms, before, announced = detector.options.frame_ms, None, 0
+    for part, piece, final in calls(scores, samples, steps(silence.size, 1)):
+        closed = [end for _, end in detector.feed(part, piece, final) if end >= 0]
+        now = detector.closing()
+        if before is not None:
+            left, end = before
+            if closed and not final:
+                assert (left, closed) == (ms, [end]), seed
+            elif now is not None:
+                assert now == (left - ms, end), seed
+            announced += 1
+        before = now
+    return announced
+
+
 def random_options(rng: np.random.Generator) -> dict:
     window = int(rng.integers(2, 30))
     return {"window_size_ms": window * 10 + int(rng.integers(0, 10)),

@@ -252,7 +252,10 @@ class _Collect:
 
 
 async def _stream_in_process(local, samples, sizes, options=StreamOptions()):
-    stream = local.open_stream(options)
+    return await _stream_in_process_on(local.open_stream(options), samples, sizes)
+
+
+async def _stream_in_process_on(stream, samples, sizes):
     out, pos = [], 0
     for size in sizes:
         if pos >= samples.size:
@@ -286,6 +289,48 @@ def test_live_stream_equals_offline_pipeline_in_process(local, name):
         assert all(seg["end_ms"] <= seg["endpoint_ms"] <= out[-1]["duration_ms"] for seg in out[:-1])
         assert out[-1] == {"complete": True, "duration_ms": len(samples) * 1000 // 16000,
                            "segment_count": len(offline)}
+
+
+@pytest.mark.parametrize("ahead_ms", [0, 400, 10_000])
+def test_segments_decoded_ahead_are_the_finals_and_start_before_their_endpoint(local, ahead_ms):
+    """Each segment's decode starts once its trailing silence would close it within `ahead_ms`
+    (0: when it closes). A 600 ms pause between two phrases starts one that the second phrase
+    makes void (with FunASR's 800 ms of end silence, the phrases are one segment); decoding
+    further ahead starts more, at shorter pauses. The finals are the offline pipeline's either way."""
+    from tritonasr.recognition.streaming import stream_factory
+
+    two = load_audio(DATA / "pause_1s.wav").samples  # phrases at 0.5-3.9 s and 4.9-7.5 s
+    samples = np.concatenate([two, two[:64_000], two[70_400:], np.zeros(16_000, np.float32)])
+    offline = local.transcribe(samples)["segments"]
+    assert len(offline) == 3
+    decodes = []  # (start ms, end ms, audio received then, in ms)
+    analyse = local.recognizer.analyse
+
+    async def counted(request, audio, start_ms, end_ms, **kwargs):
+        decodes.append((start_ms, end_ms, stream.received_ms))
+        return await analyse(request, audio, start_ms, end_ms, **kwargs)
+
+    counted_ahead = {"used": 0, "void": 0}
+    stream = stream_factory(local.vad, local.recognizer, local.calls.vad, decode_ahead_ms=ahead_ms,
+                            on_decode_ahead=lambda result, count: counted_ahead.update({result: counted_ahead[result] + count})
+                            )(StreamKey(0), StreamOptions())
+    local.recognizer.analyse = counted
+    try:
+        finals = asyncio.run(_stream_in_process_on(stream, samples, [1600] * 10**4))[:-1]
+    finally:
+        local.recognizer.analyse = analyse
+    assert [{k: v for k, v in seg.items() if k not in ("final", "segment_index", "endpoint_ms")}
+            for seg in finals] == offline
+    decoded_at = {(start, end): received for start, end, received in decodes}
+    for seg in finals:
+        started = decoded_at.pop((seg["start_ms"], seg["end_ms"]))
+        if ahead_ms:
+            assert seg["endpoint_ms"] - min(ahead_ms, 800) <= started < seg["endpoint_ms"], seg
+        else:
+            assert started == seg["endpoint_ms"], seg
+    void = len(decodes) - len(finals)  # (each start-end decoded once)
+    assert len(decoded_at) == void and void == {0: 0, 400: 1}.get(ahead_ms, void) and void >= (ahead_ms > 0), decodes
+    assert counted_ahead == {"used": len(finals) if ahead_ms else 0, "void": void}  # (tritonasr_decodes_ahead_total)
 
 
 def test_unknown_language_is_refused_when_the_stream_opens(local):

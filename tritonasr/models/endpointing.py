@@ -280,6 +280,18 @@ class EndpointDetector:
         together, as the pipeline feeds them)."""
         return len(self._unscored_db)
 
+    def closing(self) -> tuple[int, int] | None:
+        """In an open segment's trailing silence: (ms of silence still to come before it closes,
+        the end it is then reported with), both fixed as long as the silence lasts; None when no
+        segment is open, speech goes on, or its maximum length would close it first."""
+        segment, o = self._open, self.options
+        if segment is None or self._silent_frames == 0:
+            return None
+        closes_at = self._frame - 1 - self._silent_frames + o.end_silence_frames
+        if closes_at - segment.first > o.max_segment_frames:
+            return None
+        return (closes_at - self._frame + 1) * o.frame_ms, (closes_at - o.end_lookback_frames + 1) * o.frame_ms
+
     def feed(self, scores: np.ndarray, samples: np.ndarray, final: bool = False) -> list[tuple[int, int]]:
         """scores [T, C] of the next T frames, samples: the audio those frames cover."""
         scores = np.asarray(scores)

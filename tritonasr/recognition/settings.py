@@ -151,8 +151,13 @@ class StreamSettings(ModelSettings):
     # from its START's (the client library sends a random token); true also refuses streams
     # opened without a token.
     require_stream_token: bool = False
+    # A segment's decode starts this long before its end silence completes, from where it will
+    # end if the silence lasts, so its final is ready about when the silence is; a pause that
+    # turns back into speech within this time costs that decode, thrown away. 0: decode at the end.
+    decode_ahead_ms: int = 300
 
     def __post_init__(self):
+        self._check(self.decode_ahead_ms >= 0, "decode_ahead_ms", "0 (off) or more")
         self._check(0 < self.max_chunk_ms <= MAX_CHUNK_MS, "max_chunk_ms", f"between 1 and {MAX_CHUNK_MS}")
         self._check(self.vad_step_ms > 0, "vad_step_ms", "positive")
         for name in ("max_streams", "max_streams_per_client"):

@@ -28,6 +28,7 @@ from tritonasr.models.vad import VadSpec, chunk_samples, split_long_segments
 from tritonasr.recognition.admission import Admission, Ticket
 from tritonasr.recognition.offline import (MAX_ASR_SEGMENT_MS, Recognizer, RunVad, check_channels, check_sample_rate,
                                            endpoint_options, split_channels)
+from tritonasr.recognition.settings import StreamSettings
 
 # Audio kept behind the VAD's position while no segment is open: FunASR dates a segment's start
 # up to ~400 ms (its 200 ms decision window plus 200 ms look-back) before it decides it.
@@ -288,6 +289,11 @@ class _Output:
     channel: int | None = None  # streams with separate channels: the segment's
 
 
+def _unread(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a void decode's failure is nobody's
+
+
 class _Track:
     """What a stream keeps per track (its one track, or each channel of a stream recognised per
     channel): the audio still needed, the VAD's state and the segment being spoken."""
@@ -299,6 +305,24 @@ class _Track:
         self.open_start_ms: int | None = None  # start of the segment being spoken, once decided
         self.last_partial_ms = 0
         self.partial: asyncio.Future | None = None
+        # The open segment decoded ahead, up to the end its trailing silence will give it: each
+        # piece's (start ms, end ms) -> its `_recognize` futures.
+        self.ahead: dict[tuple[int, int], tuple[asyncio.Future, asyncio.Future | None]] = {}
+        self.ahead_end_ms: int | None = None
+
+    def drop_ahead(self) -> int:
+        """Speech went on (or the segment closed elsewhere): what was decoded ahead is not it.
+        A decode already sent runs to its end, unread (a leaf model's request is not taken
+        back); a text-first embedding that has not begun is cancelled. How many were dropped."""
+        dropped = len(self.ahead)
+        for text, embedding in self.ahead.values():
+            text.add_done_callback(_unread)
+            if embedding is not None:
+                embedding.add_done_callback(_unread)
+                if not text.done():
+                    embedding.cancel()
+        self.ahead, self.ahead_end_ms = {}, None
+        return dropped
 
     def accept(self, samples: np.ndarray, final: bool) -> None:
         if samples.size:
@@ -310,6 +334,10 @@ class _Track:
 
 # Told of each final sent: (engine, seconds from the arrival of the chunk that ended its speech).
 OnFinal = Callable[[str, float], None]
+
+
+# Told of segments decoded ahead: ("used" by their final, or "void": speech resumed), and how many.
+OnDecodeAhead = Callable[[str, int], None]
 
 
 # Told when recognition fails on a stream: the model counts it and closes that stream.
@@ -327,7 +355,9 @@ class LiveStream:
     def __init__(self, key: StreamKey, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  options: StreamOptions, vad_step_ms: int = 100, max_segment_ms: int = MAX_ASR_SEGMENT_MS,
                  on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None,
-                 on_failure: OnFailure = lambda stream, error: None, max_chunk_ms: int = MAX_CHUNK_MS):
+                 on_failure: OnFailure = lambda stream, error: None, max_chunk_ms: int = MAX_CHUNK_MS,
+                 decode_ahead_ms: int = StreamSettings.decode_ahead_ms,
+                 on_decode_ahead: OnDecodeAhead = lambda result, count: None):
         self.key = key
         self.id = key.id
         self.token = ""  # set by StreamRegistry.open
@@ -339,6 +369,8 @@ class LiveStream:
         self.recognizer = recognizer
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
+        self.decode_ahead_ms = decode_ahead_ms
+        self.on_decode_ahead = on_decode_ahead
         endpoint = endpoint_options(vad, options.endpointing)
         step_frames = max(1, vad_step_ms // vad.frontend.frame_ms)
         self.tracks = [_Track(i if options.separate_channels else None,
@@ -368,6 +400,8 @@ class LiveStream:
             for _, embedding in self._speaker_updates:
                 embedding.cancel()
             self._speaker_updates.clear()
+        for track in self.tracks:
+            self._drop_ahead(track)
         if self._delivered is None or self._delivered.done():
             self._release()
 
@@ -426,10 +460,15 @@ class LiveStream:
                 track.open_start_ms = track.last_partial_ms = start_ms
             if end_ms >= 0 and track.open_start_ms is not None:
                 for piece in split_long_segments([(track.open_start_ms, end_ms)], self.max_segment_ms):
-                    text, embedding = self._recognize(track, *piece, final=True)
+                    ahead = track.ahead.pop(piece, None)
+                    if ahead is not None:
+                        self.on_decode_ahead("used", 1)
+                    text, embedding = ahead or self._recognize(track, *piece, final=True)
                     output = _Output("final", text, self.received_ms, arrived, embedding, track.channel)
                     finals.append(((piece[0], track.channel or 0), output))
                 track.open_start_ms = None
+                self._drop_ahead(track)
+        self._decode_ahead(track)
         partial = None
         if self._partial_due(track):
             position = track.endpointer.position_ms
@@ -442,6 +481,29 @@ class LiveStream:
             keep_ms = min(keep_ms, track.open_start_ms)
         track.audio.discard_before(max(0, keep_ms) * SAMPLE_RATE // 1000)
         return finals, partial
+
+    def _decode_ahead(self, track: _Track) -> None:
+        """Starts the open segment's decode once its trailing silence would close it within
+        `decode_ahead_ms`, from where it would then end, so that its final is (nearly) ready when
+        the silence completes. If speech resumes first, that decode is thrown away."""
+        closing = track.endpointer.detector.closing() if self.decode_ahead_ms and track.open_start_ms is not None else None
+        end_ms = None
+        if closing is not None:
+            left_ms, closing_end_ms = closing
+            if left_ms <= self.decode_ahead_ms and closing_end_ms <= track.endpointer.position_ms:
+                end_ms = closing_end_ms
+        if end_ms == track.ahead_end_ms:
+            return
+        self._drop_ahead(track)
+        if end_ms is not None:
+            track.ahead_end_ms = end_ms
+            track.ahead = {piece: self._recognize(track, *piece, final=True)
+                           for piece in split_long_segments([(track.open_start_ms, end_ms)], self.max_segment_ms)}
+
+    def _drop_ahead(self, track: _Track) -> None:
+        dropped = track.drop_ahead()
+        if dropped:
+            self.on_decode_ahead("void", dropped)
 
     def _partial_due(self, track: _Track) -> bool:
         interval = self.options.partial_interval_ms
@@ -671,7 +733,10 @@ class StreamRegistry:
 
 def stream_factory(vad: VadSpec, recognizer: Recognizer, run_vad: RunVad, vad_step_ms: int = 100,
                    on_final: OnFinal = lambda engine, latency_s: None, fbank: Extract | None = None,
-                   on_failure: OnFailure = lambda stream, error: None, max_chunk_ms: int = MAX_CHUNK_MS) -> StreamFactory:
+                   on_failure: OnFailure = lambda stream, error: None, max_chunk_ms: int = MAX_CHUNK_MS,
+                   decode_ahead_ms: int = StreamSettings.decode_ahead_ms,
+                   on_decode_ahead: OnDecodeAhead = lambda result, count: None) -> StreamFactory:
     return lambda key, options: LiveStream(key, vad, recognizer, run_vad, options, vad_step_ms,
                                            on_final=on_final, fbank=fbank, on_failure=on_failure,
-                                           max_chunk_ms=max_chunk_ms)
+                                           max_chunk_ms=max_chunk_ms, decode_ahead_ms=decode_ahead_ms,
+                                           on_decode_ahead=on_decode_ahead)

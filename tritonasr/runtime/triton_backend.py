@@ -153,6 +153,9 @@ class PipelineMetrics:
                   "Seconds of audio received (whole files and stream chunks)"),
         "latency": ("tritonasr_final_latency_seconds", "HISTOGRAM",
                     "Streams: from the arrival of the chunk that ended a segment's speech to its final"),
+        "decodes_ahead": ("tritonasr_decodes_ahead_total", "COUNTER",
+                          "asr_stream: segments decoded before their end silence was complete, by result: used by "
+                          "their final, or void (speech resumed: the decode was thrown away)"),
         "errors": ("tritonasr_errors_total", "COUNTER", "Failed requests and streams, by kind"),
         "rejected": ("tritonasr_rejected_total", "COUNTER",
                      "Streams and requests refused for lack of room, by the limit that refused them"),
@@ -194,6 +197,9 @@ class PipelineMetrics:
     def final_sent(self, engine: str, latency_s: float) -> None:
         self.segments(engine)
         self.latency.observe(latency_s)
+
+    def decoded_ahead(self, result: str, count: int) -> None:
+        self._labelled("decodes_ahead", "result", result).increment(count)
 
     def failed(self, exc: BaseException, model: str) -> ServiceError:
         """The error to report for `exc`, counted once: under its kind, or a refusal under its
@@ -442,6 +448,7 @@ class StreamingAsrModel(_PipelineModel):
         run_vad = LeafCalls(lambda model, inputs, outputs: vad.infer(inputs, outputs), self.settings).vad
         factory = stream_factory(self.vad_spec, self._recognizer(), run_vad, fbank=self.vad_fbank,
                                  vad_step_ms=settings.vad_step_ms, max_chunk_ms=settings.max_chunk_ms,
+                                 decode_ahead_ms=settings.decode_ahead_ms, on_decode_ahead=self.metrics.decoded_ahead,
                                  on_final=self.metrics.final_sent, on_failure=self._stream_failed)
         # Triton forgets an idle sequence without telling the model; we keep the same clock.
         idle_us = int(self.config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
