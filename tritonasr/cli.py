@@ -238,7 +238,7 @@ def cmd_serve(args) -> int:
         print(f"tritonasr: draining: not ready, taking no new streams or requests; up to {args.drain_seconds:.0f} s "
               "for those open (signal again to stop now)", file=sys.stderr, flush=True)
         left = supervisor.drain(args.drain_seconds, hurry)
-        print(f"tritonasr: drained" if left is None else f"tritonasr: drain ended with {left}",
+        print("tritonasr: drained" if left is None else f"tritonasr: drain ended with {left}",
               file=sys.stderr, flush=True)
     print("tritonasr: stopping…", file=sys.stderr, flush=True)
     code = supervisor.stop()
