@@ -1,5 +1,6 @@
 """The gateway's ASGI application: its routes, and what every request passes through on its way
-in: a request id, the body-size limit, CORS, the API key, and the drain (gateway/drain.py)."""
+in: a request id, the body-size limit, CORS, the API key, the drain (gateway/drain.py), and the
+metrics (gateway/metrics.py: `app.state.metrics`, served on a port of their own by the CLI)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -21,6 +22,7 @@ from tritonasr.gateway.drain import Drain
 from tritonasr.gateway.errors import ApiError, from_failure
 from tritonasr.gateway.funasr import FunasrEndpoint
 from tritonasr.gateway.jobs.routes import JobsApi
+from tritonasr.gateway.metrics import OTHER_ROUTE, GatewayMetrics, route_template
 from tritonasr.gateway.offline import OfflineRunner
 from tritonasr.gateway.request_ids import REQUEST_ID_HEADER
 from tritonasr.gateway.request_ids import request_id as new_request_id
@@ -40,14 +42,20 @@ STREAM_PATH = "/v1/stream"
 # open job, which any replica takes: a job lives in the shared database).
 NEW_WORK = (("POST", "/v1/audio/transcriptions"), ("POST", "/v1/jobs"))
 DRAINING = "this gateway is shutting down; retry, and another replica will take it"
+# The methods counted by name in the metrics; another (a client may send any token) is "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def create_app(settings: GatewaySettings, drain: Drain | None = None) -> Starlette:
+    metrics = GatewayMetrics()
     runner = OfflineRunner(settings)
     streams = StreamEndpoint(settings)
     funasr = FunasrEndpoint(settings, runner, streams)
-    jobs = JobsApi(settings, runner)
+    jobs = JobsApi(settings, runner, on_file=metrics.job_file)
     drain = drain or Drain(0)
+    metrics.read_at_scrape(open_work=lambda: drain.open, draining=lambda: drain.draining,
+                           offline_waiting=lambda: runner.waiting, offline_inflight=lambda: runner.working,
+                           max_inflight=settings.max_inflight)
     drain.on_begin.append(jobs.workers.stop)  # no new file; the ones held are finished
 
     async def transcriptions(request: Request) -> Response:
@@ -68,22 +76,27 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> Starlet
         runner.close()
         await streams.close()
 
-    middleware = [Middleware(RequestContext, settings=settings, drain=drain)]
+    routes = [Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+              WebSocketRoute(STREAM_PATH, streams.serve),
+              WebSocketRoute("/", funasr.serve),
+              Route(LIVENESS_PATH, healthz, methods=["GET"]),
+              Route(READINESS_PATH, readyz, methods=["GET"]),
+              *SpeakerEndpoints(settings).routes(),
+              *console_routes(settings),
+              *jobs.routes()]
+    for route in routes:  # (the sockets' series exist from the start, at 0)
+        if isinstance(route, WebSocketRoute):
+            metrics.open_sockets.labels(route.path)
+    middleware = [Middleware(RequestContext, settings=settings, drain=drain, metrics=metrics, routes=routes)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "DELETE"],
                                      allow_headers=["Authorization", "Content-Type", ADMIN_KEY_HEADER],
                                      expose_headers=[REQUEST_ID_HEADER, "Retry-After", "Server-Timing"], max_age=600))
-    return Starlette(routes=[Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-                             WebSocketRoute(STREAM_PATH, streams.serve),
-                             WebSocketRoute("/", funasr.serve),
-                             Route(LIVENESS_PATH, healthz, methods=["GET"]),
-                             Route(READINESS_PATH, readyz, methods=["GET"]),
-                             *SpeakerEndpoints(settings).routes(),
-                             *console_routes(settings),
-                             *jobs.routes()],
-                     middleware=middleware, lifespan=lifespan,
-                     exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed})
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed})
+    app.state.metrics = metrics
+    return app
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
@@ -115,16 +128,24 @@ class RequestContext:
     one) on the response and in the log line; the upload limit, checked on the declared length
     and on the bytes as they arrive (a chunked upload declares none); and the failures of the
     client library and the decoder turned into answers that say whose fault they were. Per
-    request and socket: counted open for the drain, or, new work while draining, refused."""
+    request and socket: counted open for the drain, or, new work while draining, refused. And
+    counted in the metrics: each request (the probes too) by route, method and status, with its
+    duration; each socket open, by route."""
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings, drain: Drain):
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, drain: Drain, metrics: GatewayMetrics,
+                 routes: list[BaseRoute]):
         self.app = app
         self.settings = settings
         self.drain = drain
+        self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in (LIVENESS_PATH, READINESS_PATH):
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in (LIVENESS_PATH, READINESS_PATH):
+            await (self._probe(scope, receive, send) if scope["type"] == "http" else self.app(scope, receive, send))
             return
         if scope["type"] == "websocket" and self.drain.draining:
             await _refuse_socket(scope, receive, send)
@@ -132,11 +153,39 @@ class RequestContext:
         self.drain.open += 1
         try:
             if scope["type"] == "websocket":
-                await self.app(scope, receive, send)
+                await self._socket(scope, receive, send)
             else:
                 await self._http(scope, receive, send)
         finally:
             self.drain.open -= 1
+
+    def _count(self, scope: Scope, status: int, started: float) -> None:
+        route = route_template(scope, self.routes)
+        method = scope["method"] if scope["method"] in METHODS else OTHER_ROUTE
+        self.metrics.requests.labels(route, method, str(status)).inc()
+        self.metrics.request_seconds.labels(route).observe(time.monotonic() - started)
+
+    async def _probe(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """/healthz, /readyz: counted, nothing else (not work the drain waits for)."""
+        started, status = time.monotonic(), [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._count(scope, status[0], started)
+
+    async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sockets = self.metrics.open_sockets.labels(route_template(scope, self.routes))
+        sockets.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            sockets.dec()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -183,6 +232,7 @@ class RequestContext:
             if error.status >= 500 and not isinstance(exc, ApiError):
                 log.error("request %s failed: %s", request_id, exc, exc_info=exc)
         finally:
+            self._count(scope, status[0], started)
             log.info("%s %s %s %d %.0f ms", request_id, scope["method"], scope["path"], status[0],
                      (time.monotonic() - started) * 1000)
 

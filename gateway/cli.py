@@ -15,6 +15,7 @@ from tritonasr.gateway.settings import MiB, GatewaySettings
 from tritonasr.runtime.access import is_loopback, split_keys
 
 DEFAULTS = GatewaySettings()
+METRICS_PORT = 8082
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on (default 127.0.0.1: this machine only; any other needs "
                              "--api-key, or --allow-unauthenticated)")
     parser.add_argument("--port", type=int, default=8080, help="HTTP port")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT,
+                        help="port of the gateway's Prometheus metrics (GET /metrics; README: HTTP gateway), apart "
+                             "from the API's: callers never see them (0: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of the metrics port (default 127.0.0.1: this machine only; 0.0.0.0 for "
+                             "a Prometheus elsewhere, e.g. in a pod)")
     access = parser.add_argument_group("callers (README: HTTP gateway)")
     access.add_argument("--api-key", action="append", default=None,
                         help="a key callers must send as `Authorization: Bearer KEY`, passed on to Triton with "
@@ -111,6 +118,11 @@ def main(args: argparse.Namespace) -> int:
         settings = settings_from(args)
         if not args.drain_seconds >= 0:
             raise UsageError(f"--drain-seconds must be 0 or more, got {args.drain_seconds:g}")
+        if not 0 <= args.metrics_port <= 65535:
+            raise UsageError(f"--metrics-port must be a port (0: off), got {args.metrics_port}")
+        if args.metrics_port and args.metrics_port == args.port:
+            raise UsageError(f"--metrics-port {args.metrics_port} is the API's --port: the metrics need one of "
+                             "their own")
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -122,11 +134,26 @@ def main(args: argparse.Namespace) -> int:
     print(f"tritonasr gateway on {scheme}://{args.host}:{args.port} -> Triton {settings.triton_url} (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     drain = Drain(args.drain_seconds)
+    app = create_app(settings, drain)
     # No per-message compression: audio does not compress, and it would cost CPU on every frame.
     # Once drained, what uvicorn still waits for is a socket's close or a response on its way.
-    config = uvicorn.Config(create_app(settings, drain), host=args.host, port=args.port, log_level="warning",
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             ws_per_message_deflate=False, timeout_graceful_shutdown=10,
                             ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
                             ssl_keyfile=str(args.tls_key) if args.tls_key else None)
-    DrainingServer(config, drain).run()
+    metrics = None
+    if args.metrics_port:
+        try:  # (served from a thread of its own, through the drain too: a scrape sees it)
+            metrics = app.state.metrics.serve(args.metrics_host, args.metrics_port)
+        except OSError as exc:
+            print(f"error: the metrics port {args.metrics_host}:{args.metrics_port} cannot be served "
+                  f"(--metrics-port, 0: off): {exc}", file=sys.stderr)
+            return 1
+        print(f"metrics on http://{args.metrics_host}:{args.metrics_port}/metrics", file=sys.stderr, flush=True)
+    try:
+        DrainingServer(config, drain).run()
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
     return 0

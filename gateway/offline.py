@@ -33,6 +33,17 @@ class OfflineRunner:
         # Idle clients (each its own gRPC channel, not thread-safe) by the caller's API key.
         self._idle: dict[str | None, list[OfflineClient]] = {}
         self._lock = threading.Lock()
+        self._waiting = self._working = 0  # (the gateway's metrics read them)
+
+    @property
+    def waiting(self) -> int:
+        """Transcriptions (requests and job files) waiting for a turn now."""
+        return self._waiting
+
+    @property
+    def working(self) -> int:
+        """Transcriptions holding a turn now: being decoded, or at Triton."""
+        return self._working
 
     async def transcribe(self, upload: BinaryIO, filename: str, api_key: str | None, *,
                          separate_channels: bool = False, queue_timeout_s: float | None = None,
@@ -43,19 +54,24 @@ class OfflineRunner:
         on_audio: told the decoded audio before it is sent (jobs show its length); timings: given
         the ms spent waiting for a turn ("queue"), decoding ("decode") and in Triton ("triton")."""
         began = time.perf_counter()
+        self._waiting += 1
         try:
             with anyio.fail_after(self.settings.queue_timeout_s if queue_timeout_s is None else queue_timeout_s):
                 await self._turns.acquire()
         except TimeoutError:
             raise busy(f"the gateway is working on {self.settings.max_inflight} requests already; "
                        "retry later", self.settings.retry_after_s) from None
+        finally:
+            self._waiting -= 1
         timings = {} if timings is None else timings
         timings["queue"] = _ms_since(began)
+        self._working += 1
         try:
             return await anyio.to_thread.run_sync(
                 lambda: self._work(upload, filename, api_key, separate_channels, options, on_audio, timings),
                 limiter=self._threads)
         finally:
+            self._working -= 1
             self._turns.release()
 
     def _work(self, upload: BinaryIO, filename: str, api_key: str | None, separate_channels: bool,

@@ -127,7 +127,8 @@ class GatewayProcess(ServerProcess):
                 "--port", str(self.port), "--max-inflight", str(self.max_inflight),
                 "--jobs-db", str(self.log_path.with_suffix(".jobs.db")), "--job-workers", "0",  # no jobs here
                 # Between load levels a caller still connected is not one to wait two minutes for.
-                "--drain-seconds", "5"]
+                "--drain-seconds", "5",
+                "--metrics-port", "0"]  # no metrics port: nothing scrapes it here, and 8082 may be taken
 
     def ready(self) -> bool:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy

@@ -627,6 +627,9 @@ def test_gateway_service(services, resolved, make_certs, tmp_path, monkeypatch):
     assert mounts[str(Path(args.jobs_db).parent)] == "gateway-jobs" and "gateway-jobs" in resolved["volumes"]
     # Published beyond this host (TLS and keys), on its own port; the root filesystem read-only.
     assert {(host, target) for host, _, target in _ports(gateway)} == {(None, args.port)}
+    # Its metrics on every address of the container, for prometheus in the compose network, and
+    # not published: a port apart from the callers'.
+    assert args.metrics_host == "0.0.0.0" and args.metrics_port not in (0, args.port)
     assert gateway["read_only"] is True and gateway["tmpfs"] == ["/tmp"]
     assert gateway["cap_drop"] == ["ALL"] and "no-new-privileges:true" in gateway["security_opt"]
     assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
@@ -729,6 +732,19 @@ def test_prometheus_scrapes_triton(services):
     assert targets == ["triton:8002"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "5s"
+
+
+def test_prometheus_scrapes_the_gateway(services):
+    """The gateway's own metrics (tritonasr_gateway_*), from its metrics port in the compose network."""
+    from tritonasr.cli import build_parser
+
+    args = build_parser().parse_args(services["gateway"]["command"][1:])
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "gateway"]
+    assert [t for group in job["static_configs"] for t in group["targets"]] == [f"gateway:{args.metrics_port}"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    [triton] = [j for j in config["scrape_configs"] if j["job_name"] == "triton"]
+    assert job["relabel_configs"] == triton["relabel_configs"]  # `pod`, as on Kubernetes
 
 
 def test_grafana_provisioning(services):

@@ -37,11 +37,13 @@ SPEECH = DATA / "pause_1s.wav"
 
 
 class Gateway:
-    """`tritonasr gateway` in a process of its own, on a free port; with `certs` (make_certs'
-    directory) it serves HTTPS and WSS."""
+    """`tritonasr gateway` in a process of its own, on a free port, and its metrics on another
+    (`metrics_url`); with `certs` (make_certs' directory) it serves HTTPS and WSS."""
 
     def __init__(self, triton_url: str, *extra: str, log: Path, certs: Path | None = None):
         self.port = free_port()
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log = log
         tls = ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key")] if certs else []
         self.context = ssl.create_default_context(cafile=str(certs / "ca.crt")) if certs else None
@@ -50,7 +52,8 @@ class Gateway:
         self.url = f"{'https' if certs else 'http'}://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tritonasr.cli", "gateway", "--url", triton_url, "--port", str(self.port),
-             *tls, *extra], stdout=log.open("w"), stderr=subprocess.STDOUT)
+             "--metrics-port", str(self.metrics_port), *tls, *extra],
+            stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.process.poll() is None, log.read_text()
@@ -133,6 +136,30 @@ def test_openai_client_gets_the_same_transcript(openai_client, direct):
     # OpenAI's own model names take the server's default engine (sensevoice here).
     with SPEECH.open("rb") as f:
         assert openai_client.audio.transcriptions.create(model="whisper-1", file=f).text == result.text
+
+
+def test_metrics_count_the_transcription(gateway, openai_client, direct):
+    """The gateway's own metrics, scraped over HTTP from its metrics port, count the request by its
+    route; the API's port has no /metrics."""
+    wanted = {"route": "/v1/audio/transcriptions", "method": "POST", "status": "200"}
+
+    def transcriptions_ok() -> float:
+        text = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
+        return sum(float(value) for labels, value in
+                   re.findall(r"^tritonasr_gateway_requests_total\{(.*)\} (\S+)$", text, flags=re.M)
+                   if dict(re.findall(r'(\w+)="([^"]*)"', labels)) == wanted)
+
+    before = transcriptions_ok()
+    with SPEECH.open("rb") as f:
+        assert openai_client.audio.transcriptions.create(model="sensevoice", file=f).text == \
+            joined_text(direct["sensevoice"]["segments"])
+    gateway.wait_for_log(r"POST /v1/audio/transcriptions 200")  # (counted as the response ends)
+    assert transcriptions_ok() == before + 1
+    text = urllib.request.urlopen(gateway.metrics_url, timeout=10).read().decode()
+    assert re.search(r'^tritonasr_gateway_request_seconds_count\{route="/v1/audio/transcriptions"\} [1-9]', text,
+                     flags=re.M)
+    assert re.search(r"^tritonasr_gateway_offline_inflight 0\.0$", text, flags=re.M)
+    assert httpx.get(f"{gateway.url}/metrics", timeout=10).status_code == 404
 
 
 def test_verbose_json_has_the_segments_and_our_extras(openai_client, direct):

@@ -158,11 +158,11 @@ def test_chart_deploys_every_part(objects):
         "PersistentVolumeClaim": ["asr-tritonasr-models"],
         "Job": ["asr-tritonasr-export"],
         "Deployment": ["asr-tritonasr-balancer", "asr-tritonasr-gateway", "asr-tritonasr-server"],
-        "Service": ["asr-tritonasr", "asr-tritonasr-gateway", "asr-tritonasr-servers"],
+        "Service": ["asr-tritonasr", "asr-tritonasr-gateway", "asr-tritonasr-gateway-metrics", "asr-tritonasr-servers"],
         "ConfigMap": ["asr-tritonasr-balancer"],
         "HorizontalPodAutoscaler": ["asr-tritonasr-gateway", "asr-tritonasr-server"],
         "PodDisruptionBudget": ["asr-tritonasr-balancer", "asr-tritonasr-gateway", "asr-tritonasr-server"],
-        "ServiceMonitor": ["asr-tritonasr-servers"],
+        "ServiceMonitor": ["asr-tritonasr-gateway", "asr-tritonasr-servers"],
         "PrometheusRule": ["asr-tritonasr"],
         "NetworkPolicy": ["asr-tritonasr-balancer", "asr-tritonasr-gateway", "asr-tritonasr-server"],
     }
@@ -193,7 +193,7 @@ def test_the_validators_refuse_broken_objects(objects, operator_validator):
     hpa["spec"]["minReplicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(hpa, KUBERNETES_VERSIONS[-1], strict=True)
-    monitor = json.loads(json.dumps(one(objects, "ServiceMonitor")))
+    monitor = json.loads(json.dumps(one(objects, "ServiceMonitor", "-servers")))
     monitor["spec"]["endpoints"][0]["interval"] = "5 seconds"
     result = validate_operator_objects(operator_validator, [monitor])
     assert result.returncode == 1 and "interval" in result.stdout
@@ -409,7 +409,9 @@ def test_gateway_command_is_one_gateway_accepts(objects, tmp_path, monkeypatch):
     assert settings.jobs_db == POSTGRES["url"] and settings.job_workers == 2
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "asr-postgres", "key": "password"}
     assert "password" not in json.dumps(gateway["args"])
-    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"https": args.port}
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"https": args.port,
+                                                                       "metrics": args.metrics_port}
+    assert args.metrics_host == "0.0.0.0" and args.metrics_port != args.port  # the pod's address, its own port
 
     everything = container(one(render(VARIANTS["everything set"]), "Deployment", "-gateway"), "gateway")
     args, settings = _gateway_command(everything, tmp_path, monkeypatch)
@@ -476,9 +478,10 @@ def test_gateway_pod_is_locked_down(objects):
 def test_gateway_service_selects_only_gateway_pods(objects):
     gateway_deployment = "asr-tritonasr-gateway"
     service = one(objects, "Service", "-gateway")
+    metrics = one(objects, "Service", "-gateway-metrics")
     assert _selected(service["spec"]["selector"], objects) == [gateway_deployment]
     for other in by_kind(objects)["Service"]:
-        if other is not service:
+        if other is not service and other is not metrics:
             assert gateway_deployment not in _selected(other["spec"]["selector"], objects), other["metadata"]["name"]
     gateway = container(one(objects, "Deployment", "-gateway"), "gateway")
     [port] = service["spec"]["ports"]
@@ -489,7 +492,37 @@ def test_gateway_service_selects_only_gateway_pods(objects):
     assert budget["spec"]["maxUnavailable"] == 1
     policy = one(objects, "NetworkPolicy", "-gateway")
     assert _selected(policy["spec"]["podSelector"]["matchLabels"], objects) == [gateway_deployment]
-    assert policy["spec"]["ingress"] == [{"ports": [{"port": port["targetPort"]}]}]
+    assert policy["spec"]["ingress"] == [
+        {"ports": [{"port": port["targetPort"]}]},
+        {"ports": [{"port": "metrics"}],
+         "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}]
+
+
+def test_gateway_metrics_are_scraped_apart_from_the_callers_port(objects):
+    """The metrics port is on a headless Service of its own (the callers' may be a LoadBalancer),
+    which the gateway's ServiceMonitor scrapes as job `gateway`, compose's name for it; only
+    networkPolicy.metricsFrom reaches it."""
+    gateway = container(one(objects, "Deployment", "-gateway"), "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    metrics = one(objects, "Service", "-gateway-metrics")
+    assert metrics["spec"]["clusterIP"] == "None"
+    assert _selected(metrics["spec"]["selector"], objects) == ["asr-tritonasr-gateway"]
+    assert metrics["spec"]["ports"] == [{"name": "metrics", "port": ports["metrics"], "targetPort": "metrics"}]
+    assert "metrics" not in {p["name"] for p in one(objects, "Service", "-gateway")["spec"]["ports"]}
+    for variant in ({}, VARIANTS["everything set"]):  # LoadBalancer too: the callers' Service has no metrics
+        public = one(render(variant), "Service", "-gateway")
+        assert [p["targetPort"] for p in public["spec"]["ports"]] == ["https"]
+    monitor = one(objects, "ServiceMonitor", "-gateway")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    compose_jobs = [j["job_name"] for j in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]]
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "gateway", "action": "replace"}]
+    assert "gateway" in compose_jobs
+    without = render({"serviceMonitor": {"enabled": False}})
+    assert "ServiceMonitor" not in by_kind(without)
+    closed = render({"networkPolicy": {"metricsFrom": []}})
+    assert one(closed, "NetworkPolicy", "-gateway")["spec"]["ingress"] == [{"ports": [{"port": "https"}]}]
 
 
 def test_gateway_scales_on_its_cpu(objects):
@@ -633,7 +666,7 @@ def test_servers_service_is_headless_and_monitored(objects):
     deployment = one(objects, "Deployment", "-server")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    monitor = one(objects, "ServiceMonitor")
+    monitor = one(objects, "ServiceMonitor", "-servers")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     assert {p["name"] for p in service["spec"]["ports"]} >= {"grpc", "metrics"}
@@ -646,7 +679,7 @@ def test_alert_rules_are_the_compose_deployments_for_the_same_job(objects):
     rules = one(objects, "PrometheusRule")
     assert rules["spec"] == yaml.safe_load(ALERTS.read_text())
     compose_job = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"][0]["job_name"]
-    relabel = one(objects, "ServiceMonitor")["spec"]["endpoints"][0]["relabelings"]
+    relabel = one(objects, "ServiceMonitor", "-servers")["spec"]["endpoints"][0]["relabelings"]
     assert relabel == [{"targetLabel": "job", "replacement": compose_job, "action": "replace"}]
     assert f'up{{job="{compose_job}"}}' in ALERTS.read_text()
 

@@ -21,6 +21,7 @@ finished, open ones left with nothing added for as long (the workers' sweeper)."
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
@@ -54,13 +55,15 @@ MAX_NAME_CHARS = 500
 
 
 class JobsApi:
-    def __init__(self, settings: GatewaySettings, runner: OfflineRunner):
+    def __init__(self, settings: GatewaySettings, runner: OfflineRunner,
+                 on_file: Callable[[str], None] | None = None):
         self.settings = settings
         self.store = JobStore(settings.jobs_db, pool_size=settings.job_workers + 4)
         self.fingerprints = {key: key_fingerprint(key) for key in settings.api_keys}
         self.root = JobsRoot(settings.jobs_root) if settings.jobs_root else None
         self.workers = JobWorkers(self.store, runner, settings,
-                                  {fingerprint: key for key, fingerprint in self.fingerprints.items()}, self.root)
+                                  {fingerprint: key for key, fingerprint in self.fingerprints.items()}, self.root,
+                                  on_file)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/jobs", self.create, methods=["POST"]),

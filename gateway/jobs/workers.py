@@ -24,6 +24,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 
 import anyio.to_thread
 
@@ -56,12 +57,16 @@ DAY_S = 86400.0
 
 class JobWorkers:
     def __init__(self, store: JobStore, runner: OfflineRunner, settings: GatewaySettings,
-                 keys_by_hash: dict[str, str], root: JobsRoot | None):
+                 keys_by_hash: dict[str, str], root: JobsRoot | None,
+                 on_file: Callable[[str], None] | None = None):
         self.store = store
         self.runner = runner
         self.settings = settings
         self.keys_by_hash = keys_by_hash  # the gateway's own keys, by key_fingerprint
         self.root = root
+        # Told what became of each file a worker held: "done", "failed", "retried" (queued again
+        # after a passing failure) or "discarded" (the claim was lost); the gateway's metrics count them.
+        self.on_file = on_file or (lambda result: None)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._work_waiting = asyncio.Event()
         self._stopping = False
@@ -140,7 +145,7 @@ class JobWorkers:
         try:
             audio, result = await self._transcribe(claim)
         except ClaimLost:
-            _discarded(claim)
+            self._discarded(claim)
             return
         except Exception as exc:  # noqa: BLE001 - each failure is the file's outcome
             await self._failed(claim, exc)
@@ -151,10 +156,11 @@ class JobWorkers:
         stored = await anyio.to_thread.run_sync(self.store.complete, claim, {
             "duration_ms": audio.duration_ms, "segments": result["segments"]}, audio.duration_ms)
         if stored:
+            self.on_file("done")
             log.info("job %s file %s done in %.1f s (attempt %d)", claim.job_id, claim.file_id,
                      time.monotonic() - started, claim.attempts)
         else:
-            _discarded(claim)
+            self._discarded(claim)
 
     async def _transcribe(self, claim: Claim) -> tuple[Audio, dict]:
         options = dict(claim.options)
@@ -207,27 +213,29 @@ class JobWorkers:
         if _passing(exc) and claim.attempts < self.settings.job_attempts:
             delay = min(RETRY_FIRST_S * 2 ** (claim.attempts - 1), RETRY_MAX_S)
             if await anyio.to_thread.run_sync(self.store.retry_later, claim, reason, delay):
+                self.on_file("retried")
                 log.info("job %s file %s: %s; tried again in %.0f s", claim.job_id, claim.file_id, reason, delay)
             else:
-                _discarded(claim)
+                self._discarded(claim)
             return
         if _passing(exc):
             reason = f"{reason} (gave up after {claim.attempts} attempt{'s' if claim.attempts > 1 else ''})"
         if not isinstance(exc, (AudioError, TranscriptionError, AccessDeniedError, ApiError)):
             log.error("job %s file %s failed", claim.job_id, claim.file_id, exc_info=exc)
         if await anyio.to_thread.run_sync(self.store.fail, claim, reason):
+            self.on_file("failed")
             log.info("job %s file %s failed: %s", claim.job_id, claim.file_id, reason)
         else:
-            _discarded(claim)
+            self._discarded(claim)
+
+    def _discarded(self, claim: Claim) -> None:
+        self.on_file("discarded")
+        log.info("job %s file %s: result discarded, the claim was lost (cancelled, or taken over after its lease "
+                 "ran out)", claim.job_id, claim.file_id)
 
 
 class ClaimLost(Exception):
     """The file is no longer this worker's: cancelled, or taken over after its lease ran out."""
-
-
-def _discarded(claim: Claim) -> None:
-    log.info("job %s file %s: result discarded, the claim was lost (cancelled, or taken over after its lease "
-             "ran out)", claim.job_id, claim.file_id)
 
 
 def _passing(exc: Exception) -> bool:
