@@ -22,7 +22,7 @@ from tritonasr.client.batch import Input, InputError, collect, output_paths, wri
 from tritonasr.client.connection import ENVIRONMENT
 from tritonasr.client.formats import EXTENSIONS, FORMAT_ALIASES, FORMATS, render
 from tritonasr.contract import (CHANNEL_MODES, ENGINES, EXIT_DENIED, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE,
-                                EXIT_USAGE, LANGUAGES)
+                                EXIT_USAGE, LANGUAGES, MiB)
 from tritonasr.runtime.access import split_keys
 
 # `tritonasr gateway`'s own default address.
@@ -35,7 +35,6 @@ DENIED_CODES = ("invalid_api_key", "permission_denied")
 # What a request of uploads may hold by default, in MiB: below the gateway's default --max-upload-mb
 # (100), and small enough that a request refused as too large costs little to send again.
 BATCH_MB = 32.0
-MiB = 1024 * 1024
 # Bytes a file's part adds to its own in a multipart body (the boundary, its headers, with its name).
 PART_OVERHEAD = 256
 

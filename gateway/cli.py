@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from tritonasr.client.connection import Credentials
-from tritonasr.contract import DRAIN_SECONDS
+from tritonasr.contract import DRAIN_SECONDS, MiB
 from tritonasr.gateway.jobs.store import default_url, engine_url
-from tritonasr.gateway.settings import MiB, GatewaySettings
+from tritonasr.gateway.settings import GatewaySettings
 from tritonasr.runtime.access import is_loopback, split_keys
 
 DEFAULTS = GatewaySettings()

@@ -5,8 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritonasr.client.connection import Credentials
-
-MiB = 1 << 20
+from tritonasr.contract import MiB
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ ENCODINGS = ("float32", "pcm16", "mulaw", "alaw")
 
 ENGINES = ("sensevoice", "parakeet")
 LANGUAGES = ("auto", "zh", "en", "yue", "ja", "ko")
+# The unit of every size limit and flag named in MB (max_inflight_audio_mb, --max-upload-mb, ...).
+MiB = 1 << 20
 # asr_stream refuses longer chunks; its `max_chunk_ms` parameter may lower this, never raise it
 # past what the clients send.
 MAX_CHUNK_MS = 2000

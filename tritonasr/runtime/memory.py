@@ -12,9 +12,9 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from tritonasr.contract import MiB
 from tritonasr.errors import OverloadError
 
-MB = 1 << 20
 BUDGET = "max_inflight_audio_mb"  # the setting, and the reason label of tritonasr_rejected_total
 
 try:
@@ -45,8 +45,8 @@ class AudioBudget:
     def reserve(self, nbytes: int) -> Iterator[None]:
         with self._lock:
             if self.in_flight and self.in_flight + nbytes > self.limit:
-                raise OverloadError(f"this server is busy with {self.in_flight / MB:.0f} MB of audio "
-                                    f"(limit {self.limit / MB:.0f} MB); retry later or elsewhere", reason=BUDGET)
+                raise OverloadError(f"this server is busy with {self.in_flight / MiB:.0f} MB of audio "
+                                    f"(limit {self.limit / MiB:.0f} MB); retry later or elsewhere", reason=BUDGET)
             self.in_flight += nbytes
         try:
             yield

@@ -21,7 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonasr.audio import SAMPLE_RATE, resample, validate_samples
-from tritonasr.contract import CHANNEL_MODES, ENDPOINTING_INPUTS, KEEP_MODEL_VALUE, Endpointing
+from tritonasr.contract import CHANNEL_MODES, ENDPOINTING_INPUTS, KEEP_MODEL_VALUE, Endpointing, MiB
 from tritonasr.errors import (GRPC_STATUS, AccessDenied, AudioError, InputError, OverloadError, RecognitionError,
                               ServiceError, SpeakerError, bounded, classify, shown, with_status)
 from tritonasr.models.fbank import Extract, in_pieces
@@ -37,7 +37,7 @@ from tritonasr.recognition.speakers import SpeakerRegistry, build_speaker_stage
 from tritonasr.recognition.streaming import (LiveStream, StreamKey, StreamOptions, StreamRegistry,
                                              check_sequence_id, stream_factory)
 from tritonasr.runtime.access import Access, parameters_of
-from tritonasr.runtime.memory import MB, AudioBudget, release_memory
+from tritonasr.runtime.memory import AudioBudget, release_memory
 from tritonasr.runtime.onnx_session import LoopBatcher, OnnxModel, instance_providers
 
 
@@ -66,7 +66,7 @@ log.setLevel(logging.DEBUG)  # Triton filters: info by default, verbose with --l
 log.propagate = False
 logging.handlers.QueueListener(_log_queue, _TritonLog()).start()
 # Requests at least this large give their freed memory back to the system when they are done.
-TRIM_AFTER_BYTES = 16 * MB
+TRIM_AFTER_BYTES = 16 * MiB
 
 
 def _parameters(args: dict) -> dict[str, str]:
@@ -282,7 +282,7 @@ class OfflineAsrModel(_PipelineModel):
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
                                         max_audio_s=limits.max_audio_seconds,
                                         max_inflight_segments=limits.max_inflight_segments)
-        self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MB))
+        self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MiB))
         self.metrics.metric("max_inflight_requests").set(limits.max_inflight_requests)
         inflight = self.metrics.metric("inflight_requests")
         inflight.set(0)
