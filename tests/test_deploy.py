@@ -999,6 +999,18 @@ def test_alert_rules_fire_on_the_series_they_watch(tmp_path, promtool):
         # a: 3 s in the queue per offline request; b: 0.1 s
         *pods("nv_inference_queue_duration_us", "0+180000000x20", "0+6000000x20", model="asr_offline"),
         *pods("nv_inference_request_success", "0+60x20", "0+60x20", model="asr_offline"),
+        # The gateways. a: down; 1 request in 10 answered 502, 1 in 10 refused 503 (not a failure);
+        # 15 of 16 offline turns held. b: all 200, 3 of 16 turns.
+        {"series": 'up{job="gateway", pod="a"}', "values": "0x20"},
+        {"series": 'up{job="gateway", pod="b"}', "values": "1x20"},
+        *pods("tritonasr_gateway_requests_total", "0+48x20", "0+60x20", route="/v1/audio/transcriptions",
+              method="POST", status="200"),
+        *pods("tritonasr_gateway_requests_total", "0+6x20", "0x20", route="/v1/audio/transcriptions",
+              method="POST", status="502"),
+        *pods("tritonasr_gateway_requests_total", "0+6x20", "0x20", route="/v1/audio/transcriptions",
+              method="POST", status="503"),
+        *pods("tritonasr_gateway_offline_inflight", "15x20", "3x20"),
+        *pods("tritonasr_gateway_max_inflight", "16x20", "16x20"),
     ]
 
     descriptions = {rule["alert"]: rule["annotations"]["description"]
@@ -1018,6 +1030,9 @@ def test_alert_rules_fire_on_the_series_they_watch(tmp_path, promtool):
             firing("TritonasrErrorRateHigh", "a: 10% of calls fail"),
             firing("TritonasrFinalLatencyHigh", "a: streams' finals take 1.925s at p95"),
             firing("TritonasrOfflineQueueTimeHigh", "a: offline requests wait 3s in the queue"),
+            firing("TritonasrGatewayDown", "a: the gateway's metrics do not answer", severity="page", job="gateway"),
+            firing("TritonasrGatewayFailing", "a: 10% of the gateway's requests fail"),
+            firing("TritonasrGatewayOfflineSaturated", "a: 93.75% of the gateway's offline turns taken"),
         ]}]}
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump(tests))

@@ -21,10 +21,13 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+import yaml
 
 from tritonasr.audio import load_audio
 from tritonasr.client.formats import render
 from tritonasr.gateway.transcriptions import joined_text
+from tritonasr.paths import deploy_files
+from tritonasr.serving.dashboard import expression_metrics
 from tritonasr.serving.server import free_port
 
 from conftest import DATA
@@ -160,6 +163,13 @@ def test_metrics_count_the_transcription(gateway, openai_client, direct):
                      flags=re.M)
     assert re.search(r"^tritonasr_gateway_offline_inflight 0\.0$", text, flags=re.M)
     assert httpx.get(f"{gateway.url}/metrics", timeout=10).status_code == 404
+    # Every metric the gateway's alert rules watch is on this port.
+    rules = yaml.safe_load((deploy_files() / "prometheus" / "alerts.yml").read_text())
+    (group,) = [group for group in rules["groups"] if group["name"] == "tritonasr-gateway"]
+    watched = set().union(*(expression_metrics(rule["expr"]) for rule in group["rules"])) - {"up"}
+    assert {"tritonasr_gateway_requests_total", "tritonasr_gateway_max_inflight"} <= watched
+    served = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{| )", text, flags=re.M))
+    assert not watched - served, f"the gateway's alerts watch metrics it does not serve: {sorted(watched - served)}"
 
 
 def test_verbose_json_has_the_segments_and_our_extras(openai_client, direct):
