@@ -33,7 +33,7 @@ class OfflineRunner:
         # Idle clients (each its own gRPC channel, not thread-safe) by the caller's API key.
         self._idle: dict[str | None, list[OfflineClient]] = {}
         self._lock = threading.Lock()
-        self._waiting = self._working = 0  # (the gateway's metrics read them)
+        self._waiting = 0  # (the gateway's metrics read it)
 
     @property
     def waiting(self) -> int:
@@ -43,7 +43,7 @@ class OfflineRunner:
     @property
     def working(self) -> int:
         """Transcriptions holding a turn now: being decoded, or at Triton."""
-        return self._working
+        return self.settings.max_inflight - self._turns.value
 
     async def transcribe(self, upload: BinaryIO, filename: str, api_key: str | None, *,
                          separate_channels: bool = False, queue_timeout_s: float | None = None,
@@ -65,13 +65,11 @@ class OfflineRunner:
             self._waiting -= 1
         timings = {} if timings is None else timings
         timings["queue"] = _ms_since(began)
-        self._working += 1
         try:
             return await anyio.to_thread.run_sync(
                 lambda: self._work(upload, filename, api_key, separate_channels, options, on_audio, timings),
                 limiter=self._threads)
         finally:
-            self._working -= 1
             self._turns.release()
 
     def _work(self, upload: BinaryIO, filename: str, api_key: str | None, separate_channels: bool,
