@@ -73,7 +73,9 @@ def _start(environment, **_kw) -> None:
     _started_at = time.monotonic()
     prefix = environment.parsed_options.csv_prefix
     if prefix:
-        handle = open(f"{prefix}_requests.csv", "w", newline="")  # noqa: SIM115 - closed at test stop
+        # Line-buffered: each request is on disk once written, so a Locust killed when it hangs
+        # at exit (see sweep.py) loses none of them.
+        handle = open(f"{prefix}_requests.csv", "w", newline="", buffering=1)  # noqa: SIM115 - closed at quit
         _requests_csv = (handle, csv.writer(handle))
         _requests_csv[1].writerow(["kind", "name", "started_s", "ended_s", "latency_ms", "audio_s", "ok", "error"])
         _sampler = gevent.spawn(sample_levels, SweepPlan.from_options(environment.parsed_options), _started_at,

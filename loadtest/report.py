@@ -52,7 +52,11 @@ def windows(prefix: Path) -> list[Window]:
 
 
 def unmeasured(prefix: Path, levels) -> list[int]:
-    """The planned levels (callers) without a recorded hold window."""
+    """The planned levels (callers) without a recorded hold window; all of them when the requests
+    file was never written (not even its header): then no level's requests are known."""
+    requests_csv = Path(f"{prefix}_requests.csv")
+    if not requests_csv.exists() or requests_csv.stat().st_size == 0:
+        return list(levels)
     recorded = {w.index for w in windows(prefix)}
     return [users for index, users in enumerate(levels) if index not in recorded]
 

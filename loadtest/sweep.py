@@ -245,7 +245,7 @@ def main(args) -> int:
         log("raw ceiling: the SenseVoice graph alone, in-process…")
         run["raw"] = raw_ceiling(repository, args, log)
     log(f"sweeping {', '.join(systems)}: levels {', '.join(map(str, plan.levels))}, "
-        f"{plan.duration_s:.0f} s each; results in {run_dir}")
+        f"{plan.duration_s:.0f} s in all; results in {run_dir}")
     failed = False
     for system in systems:
         entry = {"name": system, "description": DESCRIPTIONS[system]}

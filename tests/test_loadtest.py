@@ -120,6 +120,20 @@ def test_report_names_levels_not_measured_or_without_completions(tmp_path):
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_levels_are_unmeasured_when_the_requests_file_was_lost(tmp_path):
+    """A Locust killed before its requests reached the disk leaves an empty file: every level is
+    then unmeasured (not "no request completed")."""
+    from tritonasr.loadtest.report import unmeasured
+
+    _write_csv(tmp_path / "tritonasr_levels.csv",
+               [["level", "users", "start_s", "hold_start_s", "end_s", "client_cpu_s"], [0, 1, 0, 1, 3, 0.1]])
+    (tmp_path / "tritonasr_requests.csv").write_text("")
+    assert unmeasured(tmp_path / "tritonasr", [1, 2]) == [1, 2]
+    _write_csv(tmp_path / "tritonasr_requests.csv",
+               [["kind", "name", "started_s", "ended_s", "latency_ms", "audio_s", "ok", "error"]])
+    assert unmeasured(tmp_path / "tritonasr", [1, 2]) == [2]
+
+
 def test_clips_are_exact_lengths_of_speech_and_differ():
     a, b = workload.clip(15, 0), workload.clip(15, 1)
     assert a.size == b.size == 15 * 16000
