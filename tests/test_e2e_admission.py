@@ -236,7 +236,9 @@ def test_a_stream_closed_by_an_error_gives_its_slot_back(limited):
 
 def test_a_short_offline_request_is_not_held_behind_a_long_one(limited):
     """On one instance, a short recording sent while a long one is in flight is answered first,
-    and both as they are alone (before, the instance finished one request before the next)."""
+    and both as they are alone (before, the instance finished one request before the next). It is
+    sent once the long one's segments are going to the ASR model, where its segment passes theirs
+    (short_first; the order itself: tests/test_units.py)."""
     long_audio = np.tile(load_audio(DATA / "long_70s.wav").samples, 8)  # 560 s: seconds here
     short_audio = load_audio(DATA / "one_phrase.wav").samples
     credentials = Credentials(api_key=BOB)
@@ -256,7 +258,9 @@ def test_a_short_offline_request_is_not_held_behind_a_long_one(limited):
 
     with ThreadPoolExecutor(2) as pool:
         long_run = pool.submit(transcribe, long_audio)
-        time.sleep(long_s / 4)  # the long one is in flight
+        before = _sensevoice_inferences(limited)
+        while _sensevoice_inferences(limited) == before:  # until the long one's segments are waiting
+            time.sleep(0.02)
         assert pool.submit(transcribe, short_audio).result() == short_alone
         assert long_run.result() == long_alone
     assert finished == [short_alone, long_alone]

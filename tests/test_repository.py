@@ -9,8 +9,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonasr.cli import main as cli
 from tritonasr.export.frontend import export_served_frontend
-from tritonasr.recognition.settings import PipelineSettings
-from tritonasr.repository.build import GRAPH_MODELS, BuildOptions, build_repository
+from tritonasr.recognition.settings import OfflineSettings, PipelineSettings
+from tritonasr.repository.build import GPU_MAX_INFLIGHT_SEGMENTS, GRAPH_MODELS, BuildOptions, build_repository
 from tritonasr.repository.check import check_repository, parse_config
 from tritonasr.repository.plans import PlanError, build_plans, shapes_argument, trtexec_command
 
@@ -67,6 +67,7 @@ def test_cpu_target_keeps_python_leaf_models(built):
     offline = parse_config(built / "cpu" / "asr_offline" / "config.pbtxt")
     params = {key: value.string_value for key, value in offline.parameters.items()}
     assert PipelineSettings.from_parameters(params, {}).pad_segments_ms == 0
+    assert OfflineSettings.from_parameters(params, {}).max_inflight_segments == OfflineSettings.max_inflight_segments
 
 
 @pytest.mark.parametrize("target", ["gpu-onnxruntime", "gpu-tensorrt"])
@@ -91,6 +92,9 @@ def test_gpu_targets_put_leaf_graphs_on_native_backends(built, target):
     for bls in ("asr_offline", "asr_stream"):
         config = parse_config(built / target / bls / "config.pbtxt")
         assert config.parameters["pad_segments_ms"].string_value == "1000"
+        if bls == "asr_offline":  # the GPU's batches need more segments in flight than the CPU default
+            params = {key: value.string_value for key, value in config.parameters.items()}
+            assert OfflineSettings.from_parameters(params, {}).max_inflight_segments == GPU_MAX_INFLIGHT_SEGMENTS
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         # Feature extraction runs in the served front ends, on the GPUs, batched across requests.
         assert {key: config.parameters[key].string_value for key in ("fbank_model", "speaker_fbank_model", "mel_model")} \

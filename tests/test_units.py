@@ -84,26 +84,30 @@ def test_split_long_segments_caps_length():
     assert all(s % 10 == 0 and e % 10 == 0 for s, e in pieces)
 
 
-def test_segment_slots_go_to_the_waiting_requests_in_turn():
-    """Slots are taken while free; once they are all taken, each freed one goes to the next
-    waiting request in turn, so a short request's segments do not queue behind a long one's."""
-    from tritonasr.recognition.offline import FairShare
+def test_segment_slots_go_to_the_request_due_first():
+    """Slots are taken while free; once they are all taken, each freed one goes to the waiting
+    segment whose request is due first (one request's segments in order), so a short request's
+    segments pass a long one's, and a request due later than the long one waits behind it."""
+    from tritonasr.recognition.offline import SegmentSlots
 
-    share, order, gates = FairShare(2), [], {}
+    slots, order, gates = SegmentSlots(2, short_first=0.5), [], {}
 
-    async def segment(owner: str, i: int):
-        async with share.slot(owner):
+    async def segment(owner: str, due: float, i: int):
+        async with slots.slot(due):
             order.append(f"{owner}{i}")
             gates[owner, i] = asyncio.Event()
             await gates[owner, i].wait()
 
     async def run():
-        tasks = [asyncio.ensure_future(segment("long", i)) for i in range(6)]
+        now = asyncio.get_running_loop().time()
+        assert slots.due(60) == pytest.approx(now + 30, abs=1)  # 0.5 s per second of audio
+        tasks = [asyncio.ensure_future(segment("long", 30, i)) for i in range(4)]
         await asyncio.sleep(0)
-        tasks += [asyncio.ensure_future(segment("short", i)) for i in range(2)]
+        tasks += [asyncio.ensure_future(segment("late", 40, i)) for i in range(2)]
+        tasks += [asyncio.ensure_future(segment("short", 7.5, i)) for i in range(2)]
         await asyncio.sleep(0)
         assert order == ["long0", "long1"]  # both slots taken, the rest wait
-        cancelled = asyncio.ensure_future(segment("gone", 0))  # a waiter that is cancelled skips its turn
+        cancelled = asyncio.ensure_future(segment("gone", 0, 0))  # a cancelled waiter's turn is skipped
         await asyncio.sleep(0)
         cancelled.cancel()
         while len(order) < 8:
@@ -113,10 +117,10 @@ def test_segment_slots_go_to_the_waiting_requests_in_turn():
         for gate in gates.values():
             gate.set()
         await asyncio.gather(*tasks)
-        assert share.free == 2 and not share._waiting
+        assert slots.free == 2 and not slots._waiting
 
     asyncio.run(run())
-    assert order == ["long0", "long1", "long2", "short0", "long3", "short1", "long4", "long5"]
+    assert order == ["long0", "long1", "short0", "short1", "long2", "long3", "late0", "late1"]
 
 
 def test_a_failed_batch_fails_each_of_its_calls_and_the_next_turn_runs_anew():

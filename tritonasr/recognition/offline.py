@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import OrderedDict, deque
+import heapq
+import itertools
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -23,6 +24,7 @@ from tritonasr.models.transcript import Segment
 from tritonasr.models.endpointing import EndpointDetector, EndpointOptions
 from tritonasr.models.vad import VadSpec, chunk_bounds, chunk_samples, split_long_segments
 from tritonasr.recognition.engines import AsrEngine
+from tritonasr.recognition.settings import OfflineSettings
 from tritonasr.recognition.speakers import SpeakerSession, SpeakerStage
 
 # SenseVoice is trained on utterances of at most 30 s; Parakeet's full attention grows with the
@@ -131,23 +133,30 @@ async def detect_speech(vad: VadSpec, run_vad: RunVad, samples: np.ndarray, fban
     return segments
 
 
-class FairShare:
-    """Slots for segments in the leaf models, shared by the requests of one pipeline: a request
-    takes every free slot, and once they are all taken each one that frees goes to the next
-    waiting request in turn. A 15 s recording then waits behind a few segments of each other
-    request, not behind every segment of the 60 s recordings that came before it."""
+class SegmentSlots:
+    """Slots for segments in the leaf models, shared by the requests of one pipeline. A free slot
+    goes to the waiting segment whose request is due first: due = when the request came plus
+    `short_first` x its audio's seconds. Short recordings pass long ones that came a little
+    before them (their latency then follows their length, not the load), and a long one's turn
+    still comes, once the requests after it are due later than it is. 0: first come, first served."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, short_first: float):
         self.free = slots
-        self._waiting: OrderedDict[object, deque[asyncio.Future]] = OrderedDict()  # owner -> its waiters
+        self.short_first = short_first
+        self._waiting: list[tuple[float, int, asyncio.Future]] = []  # a heap: (due, arrival, granted)
+        self._arrivals = itertools.count()  # ties (one request's segments) in order of arrival
+
+    def due(self, audio_s: float) -> float:
+        """The due time of a request arriving now with `audio_s` seconds of audio."""
+        return asyncio.get_running_loop().time() + self.short_first * audio_s
 
     @asynccontextmanager
-    async def slot(self, owner: object):
+    async def slot(self, due: float):
         if self.free and not self._waiting:
             self.free -= 1
         else:
             granted = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(owner, deque()).append(granted)
+            heapq.heappush(self._waiting, (due, next(self._arrivals), granted))
             try:
                 await granted
             except asyncio.CancelledError:
@@ -161,13 +170,8 @@ class FairShare:
 
     def _release(self) -> None:
         while self._waiting:
-            owner, waiters = next(iter(self._waiting.items()))
-            granted = waiters.popleft()
-            if waiters:
-                self._waiting.move_to_end(owner)  # its next segment waits for the others' turns
-            else:
-                del self._waiting[owner]
-            if not granted.done():
+            granted = heapq.heappop(self._waiting)[2]
+            if not granted.done():  # (a cancelled waiter's turn is skipped)
                 granted.set_result(None)
                 return
         self.free += 1
@@ -176,14 +180,16 @@ class FairShare:
 class OfflinePipeline:
     def __init__(self, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
                  max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS,
-                 fbank: Extract | None = None, max_inflight_segments: int = 32):
+                 fbank: Extract | None = None,
+                 max_inflight_segments: int = OfflineSettings.max_inflight_segments,
+                 short_first: float = OfflineSettings.short_first):
         self.vad = vad
         self.run_vad = run_vad
         self.fbank = fbank or in_process(vad.frontend.fbank)  # the VAD's, which SenseVoice shares
         self.recognizer = recognizer
         self.max_audio_s = max_audio_s
         self.max_asr_segment_ms = max_asr_segment_ms
-        self.segment_slots = FairShare(max_inflight_segments)
+        self.segment_slots = SegmentSlots(max_inflight_segments, short_first)
 
     def check_size(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
         """The request's rate, channel count and length: checked before anything is computed on
@@ -218,14 +224,14 @@ class OfflinePipeline:
         request = self.recognizer.request(engine, language, use_itn)
         endpoint = endpoint_options(self.vad, endpointing)
         speakers = self.recognizer.speaker_session(with_speaker, return_embedding)
-        owner = object()  # this request, in the segment slots' turns
+        due = self.segment_slots.due(tracks[0].size * len(tracks) / SAMPLE_RATE)
 
         async def recognise(track: np.ndarray) -> list[tuple[Segment | None, np.ndarray | None]]:
             fbank = await self.fbank(track)
             speech = await detect_speech(self.vad, self.run_vad, track, fbank, endpoint)
 
             async def analyse(start_ms: int, end_ms: int):
-                async with self.segment_slots.slot(owner):
+                async with self.segment_slots.slot(due):
                     if cancelled is not None and cancelled():
                         raise CallerGone("the caller cancelled the request; its work stopped")
                     return await self.analyse(request, track, fbank, start_ms, end_ms, speakers is not None)

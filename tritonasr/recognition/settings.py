@@ -110,16 +110,25 @@ class OfflineSettings(ModelSettings):
     # behind long ones). Past it the instance takes no more: the rest wait in Triton's queue,
     # whose policy (max_queue_size, the timeout) refuses what cannot start in time.
     max_inflight_requests: int = 16
-    # Segments of those requests in the ASR and speaker models at once, taken in turn: enough for
-    # the leaf models' batches to fill, and no more, since each segment queued ahead of a
-    # request's is time it waits (and their inputs sit in shared memory, which never shrinks).
-    max_inflight_segments: int = 32
+    # Segments of those requests in the ASR and speaker models at once: enough to keep the leaf
+    # models busy, and no more, since the leaf models' queues are first come, first served (the
+    # order below holds only for segments still waiting here) and their inputs sit in shared
+    # memory, which never shrinks. On a CPU batching gains nothing; `repo build` sets
+    # GPU_MAX_INFLIGHT_SEGMENTS on GPU targets, whose batches need more.
+    max_inflight_segments: int = 8
+    # Whose segments take a free slot first: the request due first, due = when it came plus this
+    # many seconds per second of its audio. 0 is first come, first served; 2 lets a 15 s recording
+    # pass a 60 s one that came up to 90 s before it, so short requests are not held behind long
+    # ones, and a long one still goes before whatever comes 90 s after it. Measured with 0.5, 2
+    # and 8: BENCHMARKS.md, "Offline: shorter requests first".
+    short_first: float = 2.0
 
     def __post_init__(self):
         self._check(self.max_audio_seconds > 0, "max_audio_seconds", "positive")
         self._check(self.max_inflight_audio_mb > 0, "max_inflight_audio_mb", "positive")
         self._check(self.max_inflight_requests > 0, "max_inflight_requests", "positive")
         self._check(self.max_inflight_segments > 0, "max_inflight_segments", "positive")
+        self._check(self.short_first >= 0, "short_first", "0 (first come, first served) or more")
 
 
 @dataclass(frozen=True)

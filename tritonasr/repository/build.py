@@ -48,6 +48,9 @@ PLANS_FILE = "plans.json"
 DEFAULT_TRT_CACHE = "/cache/trt"
 # GPU targets: segments padded to whole seconds, so the batcher sees at most 30 shapes per model.
 GPU_PAD_SEGMENTS_MS = 1000
+# GPU targets: asr_offline's segments in the leaf models at once, per instance (the CPU default is
+# smaller: see OfflineSettings), so that the GPU's batches fill.
+GPU_MAX_INFLIGHT_SEGMENTS = 32
 
 
 FRONTEND_CONFIG = """\
@@ -169,6 +172,8 @@ def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[s
     if name in PIPELINES:
         if options.on_gpu:
             config.parameters["pad_segments_ms"].string_value = str(options.pad_segments_ms)
+            if name == "asr_offline":
+                config.parameters["max_inflight_segments"].string_value = str(GPU_MAX_INFLIGHT_SEGMENTS)
         return config
     if config.max_batch_size and options.max_batch:
         config.max_batch_size = options.max_batch

@@ -281,7 +281,8 @@ class OfflineAsrModel(_PipelineModel):
         limits = OfflineSettings.from_parameters(self.params)
         self.pipeline = OfflinePipeline(self.vad_spec, self._recognizer(), self.calls.vad, fbank=self.vad_fbank,
                                         max_audio_s=limits.max_audio_seconds,
-                                        max_inflight_segments=limits.max_inflight_segments)
+                                        max_inflight_segments=limits.max_inflight_segments,
+                                        short_first=limits.short_first)
         self.budget = AudioBudget(int(limits.max_inflight_audio_mb * MiB))
         self.metrics.metric("max_inflight_requests").set(limits.max_inflight_requests)
         inflight = self.metrics.metric("inflight_requests")
