@@ -29,7 +29,8 @@ from conftest import DATA
 pytestmark = pytest.mark.e2e
 
 AUDIO = "pause_1s.wav"
-# One process of each model the pipelines use; asr_stream runs two instances, one is killed.
+# One process of each model the pipelines use; of a model with two instances (asr_offline, asr_stream,
+# sensevoice), one is killed.
 VICTIMS = ["sensevoice", "vad", "asr_offline", "asr_stream", "speaker"]
 DETECT_S = 2.0
 RESTORE_S = 30.0
