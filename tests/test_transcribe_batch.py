@@ -123,7 +123,10 @@ def test_ctrl_c_leaves_whole_files_and_a_rerun_finishes(server, tmp_path):
         (recordings / f"{i:02d}.wav").write_bytes((SPEECH / "one_phrase.wav").read_bytes())
     command = [TRITONASR, "transcribe", "--url", server.grpc_url, "in", "--output-dir", "out", "--format", "json",
                "-j", "1"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a suite started in the background (`cmd &` in a script) runs with
+    # SIGINT ignored, which its children inherit, and Python then leaves SIGINT ignored.
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any((tmp_path / "out").glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.01)
