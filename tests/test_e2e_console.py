@@ -206,19 +206,19 @@ def _file_in_sent(sent: np.ndarray, original: np.ndarray, first: int, last: int,
     """Where original[first:last] lies in `sent`, block by block: (the block's index in the file,
     sent index - file index). Chromium's fake microphone, late on a loaded CPU, can leave the audio
     graph a moment of silence before the file goes on (our reading of two full-suite failures where
-    the file as a whole, at one shift, was 1-3 dB off), which moves the blocks after it later; what the page must not do is lose or change the file's audio. So each
-    block with speech in it is searched from the place of the last block that matched on, and must
-    match the file within -20 dB, except the two blocks either side of a delay."""
+    the file as a whole, at one shift, was 1-3 dB off), which moves the blocks after it later; what
+    the page must not do is lose or change the file's audio. So each block with speech in it is
+    searched from the place of the last block that matched on, and must match the file within
+    -20 dB, except the two blocks either side of a delay."""
     block, jitter, late = int(block_s * rate), rate // 1000, rate // 2
     energy = float(np.mean(original[first:last] ** 2))
     probe = original[first:first + 2 * rate]  # where the stream began: the first 2 s of speech
     shift = int(np.argmax(_correlation(sent[:first + 4 * rate], probe))) - first
+    matched = shift  # the place of the last block that matched (one the delay fell inside matches nowhere)
     found, errors = [], []
     for start in range(first, last - block + 1, block):
         piece = original[start:start + block]
         if np.mean(piece ** 2) > 0.01 * energy:  # (a pause says nothing about where it is)
-            # From the last block that matched on: one the delay fell inside matches nowhere.
-            matched = next((known for (_, known), error in zip(reversed(found), reversed(errors)) if error < -20), shift)
             low = max(0, start + matched - jitter)
             window = sent[low:low + block + late]
             if window.size < block:
@@ -228,6 +228,8 @@ def _file_in_sent(sent: np.ndarray, original: np.ndarray, first: int, last: int,
         got = sent[start + shift:start + shift + block]
         difference = np.pad(got, (0, block - got.size)) - piece  # (past the page's audio: none of the file)
         errors.append(10 * np.log10(max(float(np.mean(difference ** 2)), 1e-12) / energy))
+        if errors[-1] < -20:
+            matched = shift
     # (the delay fell inside one of the two blocks either side of where the shift grew)
     delayed = {i + side for i in range(len(found) - 1) if found[i + 1][1] > found[i][1] + jitter for side in (0, 1)}
     profile = ", ".join(f"{start / rate:.2f} s: {shift * 1000 / rate:+.1f} ms {error:.0f} dB"
