@@ -43,11 +43,25 @@ async def _stream(url: str, samples: np.ndarray):
 
 
 def _wait_for(condition, timeout_s: float = 10.0):
-    """Triton refreshes the custom metrics on scrape, but a stream's last final may still be on its way."""
+    """Triton refreshes the custom metrics on scrape, but a stream's last final may still be on its
+    way, and asr_stream adds the audio it took in to its counter once a second."""
     deadline = time.monotonic() + timeout_s
     while not (result := condition()) and time.monotonic() < deadline:
         time.sleep(0.2)
     return result
+
+
+def _quiet(server) -> str:
+    """/metrics once what earlier tests streamed is all counted: asr_stream adds the audio it took
+    in once a second."""
+    text = _scrape(server)
+    for _ in range(20):
+        time.sleep(1.5)
+        again = _scrape(server)
+        if _sum(again, "tritonasr_audio_seconds_total") == _sum(text, "tritonasr_audio_seconds_total"):
+            return again
+        text = again
+    raise AssertionError("the audio counters did not settle")
 
 
 def _offline_run(client) -> tuple[dict, str]:
@@ -66,7 +80,7 @@ def short_run(server):
     """A whole file, a stream of another, and one bad request; /metrics before and after."""
     from tritonasr.client.offline import OfflineClient
 
-    before = _scrape(server)
+    before = _quiet(server)
     with OfflineClient(server.grpc_url, timeout_s=600) as client:
         offline, bad = _offline_run(client)
     assert "16000 Hz" in bad
@@ -74,15 +88,19 @@ def short_run(server):
     results = asyncio.run(_stream(server.grpc_url, streamed))
     finals = [segment for segment in results if segment.final]
 
+    stream_s = streamed.size / 16000
+
     def settled():
         text = _scrape(server)
         done = _sum(text, "tritonasr_final_latency_seconds_count", model="asr_stream") - \
             _sum(before, "tritonasr_final_latency_seconds_count", model="asr_stream")
-        return text if done >= len(finals) else None
+        counted = _sum(text, "tritonasr_audio_seconds_total", model="asr_stream") - \
+            _sum(before, "tritonasr_audio_seconds_total", model="asr_stream")
+        return text if done >= len(finals) and counted >= stream_s - 1e-3 else None
 
     after = _wait_for(settled) or _scrape(server)
     return {"before": before, "after": after, "offline": offline, "finals": finals,
-            "offline_s": load_audio(DATA / "pause_1s.wav").samples.size / 16000, "stream_s": streamed.size / 16000}
+            "offline_s": load_audio(DATA / "pause_1s.wav").samples.size / 16000, "stream_s": stream_s}
 
 
 def _delta(run, name: str, **labels: str) -> float:

@@ -457,6 +457,10 @@ class StreamingAsrModel(_PipelineModel):
                                       on_change=self.metrics.open_streams.set,
                                       require_token=settings.require_stream_token)
         self._sweeper: asyncio.Future | None = None
+        # Seconds of audio taken in, not yet added to the counter: a metric update is a round trip
+        # to the server that holds up this instance's event loop, so it goes once a second
+        # (per call it was a fifth of this process's time at 16 streams: BENCHMARKS.md).
+        self._audio_unreported = 0.0
 
     async def execute(self, requests):
         if self._sweeper is None:
@@ -464,7 +468,7 @@ class StreamingAsrModel(_PipelineModel):
         # Returns once each chunk is taken in (its VAD step done); segments are sent later by
         # the stream. The backend runs the next execute() meanwhile.
         received = await asyncio.gather(*(self._handle(request) for request in requests))
-        self.metrics.audio_received(sum(received))  # once per call: each update is a message to the server
+        self._audio_unreported += sum(received)
         return None
 
     async def _handle(self, request) -> float:
@@ -509,12 +513,19 @@ class StreamingAsrModel(_PipelineModel):
     async def _close_idle_streams(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self._report_audio()
             if self.streams.expire(before_close=self._expired):
                 release_memory()  # abandoned streams come in crowds: give their memory back
+
+    def _report_audio(self) -> None:
+        if self._audio_unreported:
+            self.metrics.audio_received(self._audio_unreported)
+            self._audio_unreported = 0.0
 
     def finalize(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._report_audio()
 
 
 # The inputs of asr_stream read from a START request only (see _Chunk.options).
