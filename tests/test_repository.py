@@ -64,6 +64,7 @@ def test_cpu_target_keeps_python_leaf_models(built):
     assert config.backend == "python" and config.max_batch_size == 32
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 3)]
     assert config.input[0].allow_ragged_batch
+    assert not config.HasField("dynamic_batching")  # each segment alone: a CPU core gains nothing from a batch
     offline = parse_config(built / "cpu" / "asr_offline" / "config.pbtxt")
     params = {key: value.string_value for key, value in offline.parameters.items()}
     assert PipelineSettings.from_parameters(params, {}).pad_segments_ms == 0
@@ -80,6 +81,7 @@ def test_gpu_targets_put_leaf_graphs_on_native_backends(built, target):
             [(mc.ModelInstanceGroup.KIND_GPU, 3, [0, 1])]
         assert not any(t.allow_ragged_batch for t in config.input)  # the pipelines pad instead
         assert config.max_batch_size == 32
+        assert config.dynamic_batching.max_queue_delay_microseconds > 0
         accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
         if target == "gpu-onnxruntime":
             assert accelerators[0].name == "tensorrt"

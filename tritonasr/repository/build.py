@@ -48,6 +48,8 @@ PLANS_FILE = "plans.json"
 DEFAULT_TRT_CACHE = "/cache/trt"
 # GPU targets: segments padded to whole seconds, so the batcher sees at most 30 shapes per model.
 GPU_PAD_SEGMENTS_MS = 1000
+# GPU targets: how long a leaf model's batcher waits to fill a batch, where the CPU config has none.
+GPU_MAX_QUEUE_DELAY_US = 2000
 # GPU targets: asr_offline's segments in the leaf models at once, per instance (the CPU default is
 # smaller: see OfflineSettings), so that the GPU's batches fill.
 GPU_MAX_INFLIGHT_SEGMENTS = 32
@@ -208,6 +210,8 @@ def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[s
 
 
 def _on_gpus(config: mc.ModelConfig, gpus: int) -> None:
+    if not config.HasField("dynamic_batching"):  # a CPU template may run each request alone (sensevoice)
+        config.dynamic_batching.max_queue_delay_microseconds = GPU_MAX_QUEUE_DELAY_US
     count = max((group.count for group in config.instance_group), default=1) or 1
     config.ClearField("instance_group")
     group = config.instance_group.add()
