@@ -9,7 +9,7 @@ import pytest
 
 from tritonasr.audio import AudioError, decode, encode, load_audio
 from tritonasr.errors import InputError, OverloadError, StreamError
-from tritonasr.models.fbank import Frontend
+from tritonasr.models.fbank import Frontend, in_process
 from tritonasr.recognition.admission import Admission
 from tritonasr.recognition.streaming import (
     ChunkReader,
@@ -69,6 +69,32 @@ def test_online_features_of_audio_shorter_than_a_window():
     online.accept(np.zeros(100, dtype=np.float32))
     online.finish()
     assert asyncio.run(online.take(10)).shape == (0, 400)
+
+
+@pytest.mark.parametrize("served", [False, True], ids=["online-fbank", "served-fbank"])
+def test_a_segments_fbank_is_the_streams_frames_from_its_start(served):
+    """What the ASR engine takes instead of computing a segment's fbank again: exactly the fbank
+    of the segment's samples alone, for a start on a frame boundary; None where the frames
+    cannot give it."""
+    samples = load_audio(DATA / "pause_0.3s.wav").samples
+    online = OnlineFeatures(VAD_FRONTEND, in_process(VAD_FRONTEND.fbank) if served else None)
+    rng = np.random.default_rng(3)
+    pos = 0
+    for size in _random_sizes(samples.size, rng, 800, 4000):
+        online.accept(samples[pos:pos + size])
+        pos = min(pos + size, samples.size)
+        asyncio.run(online.take(10))
+        for start_ms, end_ms in ((0, 250), (120, 1370), (300, pos // 16)):
+            start, stop = start_ms * 16, min(end_ms * 16, pos)
+            if stop - start < 400:
+                continue
+            got = online.fbank_of(start, stop - start)
+            assert got is not None and np.array_equal(got, VAD_FRONTEND.fbank(samples[start:stop])), (start, stop)
+    assert online.fbank_of(16 * 120 + 80, 16000) is None  # between two frames
+    assert online.fbank_of(0, pos + 1600) is None  # past the frames made
+    online.discard_before(16000 * 2)
+    assert online.fbank_of(16000, 8000) is None  # dropped
+    assert np.array_equal(online.fbank_of(32000, 8000), VAD_FRONTEND.fbank(samples[32000:40000]))
 
 
 def test_sample_buffer_keeps_absolute_addresses_while_dropping_and_shrinking():

@@ -140,18 +140,20 @@ class ChunkReader:
 
 
 class SampleBuffer:
-    """A stream's recent audio, addressed by sample number since the stream began."""
+    """A stream's recent audio (or rows of its features, `row` wide), addressed by sample (row)
+    number since the stream began."""
 
-    def __init__(self, capacity: int = 4 * SAMPLE_RATE):
+    def __init__(self, capacity: int = 4 * SAMPLE_RATE, row: tuple[int, ...] = (), min_drop: int = SAMPLE_RATE):
         self._initial = capacity
-        self._data = np.empty(capacity, dtype=np.float32)
+        self._data = np.empty((capacity, *row), dtype=np.float32)
+        self._min_drop = min_drop
         self.start = 0  # sample number of _data[0]
         self.end = 0  # one past the newest sample
 
     def append(self, samples: np.ndarray) -> None:
-        used, n = self.end - self.start, samples.size
-        if used + n > self._data.size:
-            grown = np.empty(max(2 * self._data.size, used + n), dtype=np.float32)
+        used, n, size = self.end - self.start, len(samples), len(self._data)
+        if used + n > size:
+            grown = np.empty((max(2 * size, used + n), *self._data.shape[1:]), dtype=np.float32)
             grown[:used] = self._data[:used]
             self._data = grown
         self._data[used:used + n] = samples
@@ -165,12 +167,12 @@ class SampleBuffer:
     def discard_before(self, sample: int) -> None:
         drop = min(sample, self.end) - self.start
         # Moving the kept samples costs a copy: do it a second at a time, not every chunk.
-        if drop < SAMPLE_RATE:
+        if drop < self._min_drop:
             return
-        used = self.end - self.start - drop
-        if self._data.size > self._initial and used < self._data.size // 4:
+        used, size = self.end - self.start - drop, len(self._data)
+        if size > self._initial and used < size // 4:
             # Give back what a long segment made us grow to.
-            smaller = np.empty(max(2 * used, self._initial), dtype=np.float32)
+            smaller = np.empty((max(2 * used, self._initial), *self._data.shape[1:]), dtype=np.float32)
             smaller[:used] = self._data[drop:drop + used]
             self._data = smaller
         else:
@@ -184,7 +186,9 @@ class OnlineFeatures:
     The fbank runs in-process (kaldi-native-fbank's online fbank), or, given `fbank`, in a served
     front end: each step sends the samples from the next frame's start on (at 100 ms chunks, the
     same 1840 samples from every stream, which batch together on the device). Kaldi frames with
-    snip_edges depend only on their own 400 samples, so both give the same frames."""
+    snip_edges depend only on their own 400 samples, so both give the same frames, and a segment
+    starting on a frame boundary has the stream's frames from there on as its own fbank
+    (`fbank_of`: the ASR engine takes them instead of computing them again)."""
 
     def __init__(self, frontend: Frontend, fbank: Extract | None = None):
         self.frontend = frontend
@@ -194,6 +198,9 @@ class OnlineFeatures:
         self._ready = 0  # fbank frames computed
         self._frames = np.zeros((0, frontend.n_mels), dtype=np.float32)  # fbank frames from _first on
         self._first = 0
+        # The frames of the audio the stream keeps (from its open segment's start), by frame number.
+        second = 1000 // frontend.frame_shift
+        self._kept = SampleBuffer(second, (frontend.n_mels,), min_drop=second)
         self.taken = 0  # LFR frames handed out
         self.finished = False
 
@@ -230,6 +237,7 @@ class OnlineFeatures:
         new = await self._new_frames()
         if new.shape[0]:
             self._frames = np.concatenate([self._frames, new])
+            self._kept.append(new)
             self._ready += new.shape[0]
         ready = self._ready
         if self.finished:
@@ -247,6 +255,19 @@ class OnlineFeatures:
             self._frames = self._frames[needed_from - self._first:]
             self._first = needed_from
         return feats
+
+    def fbank_of(self, start: int, count: int) -> np.ndarray | None:
+        """The fbank of the `count` samples from sample `start`, from the frames computed so far;
+        None where they cannot give it (a start between frames, frames dropped or not yet made)."""
+        hop = self.frontend.samples_per_frame
+        first, frames = start // hop, self.frontend.num_frames(count)
+        if start % hop or first < self._kept.start or first + frames > self._kept.end:
+            return None
+        return self._kept.get(first, first + frames)
+
+    def discard_before(self, sample: int) -> None:
+        """Frames of audio before `sample` will not be asked for again."""
+        self._kept.discard_before(sample // self.frontend.samples_per_frame)
 
 
 class Endpointer:
@@ -366,6 +387,7 @@ class LiveStream:
         self.options = options
         self.reader = ChunkReader(options, max_chunk_ms)
         self.request = recognizer.request(options.engine, options.language, options.use_itn)
+        self._shares_fbank = self.request.engine.shares_fbank(vad.frontend)  # the VAD's frames serve the ASR
         self.recognizer = recognizer
         self.speakers = recognizer.speaker_session(options.with_speaker, options.return_embedding)
         self.max_segment_ms = max_segment_ms
@@ -479,7 +501,9 @@ class LiveStream:
         keep_ms = track.endpointer.position_ms - RETAIN_MS
         if track.open_start_ms is not None:
             keep_ms = min(keep_ms, track.open_start_ms)
-        track.audio.discard_before(max(0, keep_ms) * SAMPLE_RATE // 1000)
+        keep = max(0, keep_ms) * SAMPLE_RATE // 1000
+        track.audio.discard_before(keep)
+        track.endpointer.features.discard_before(keep)
         return finals, partial
 
     def _decode_ahead(self, track: _Track) -> None:
@@ -515,11 +539,13 @@ class LiveStream:
                    final: bool) -> tuple[asyncio.Future, asyncio.Future | None]:
         """A future of (segment, speaker embedding), and for a text-first stream's final the
         embedding's own future (the first then has None); partials get no embedding."""
-        samples = track.audio.get(start_ms * SAMPLE_RATE // 1000, end_ms * SAMPLE_RATE // 1000)
+        start = start_ms * SAMPLE_RATE // 1000
+        samples = track.audio.get(start, end_ms * SAMPLE_RATE // 1000)
+        fbank = track.endpointer.features.fbank_of(start, samples.size) if self._shares_fbank else None
         with_speaker = final and self.speakers is not None
         separate = with_speaker and self.options.text_first
         text = asyncio.ensure_future(self.recognizer.analyse(self.request, samples, start_ms, end_ms,
-                                                             with_speaker=with_speaker and not separate))
+                                                             with_speaker=with_speaker and not separate, fbank=fbank))
         return text, asyncio.ensure_future(self._embed_after(text, samples)) if separate else None
 
     async def _embed_after(self, text: asyncio.Future, samples: np.ndarray):
