@@ -91,14 +91,17 @@ def level_figures(rows: list[dict], window: Window, kind: str) -> dict:
 
 
 def server_figures(prefix: Path) -> list[dict]:
-    """Per level and model: mean batch size (inferences / executions) and queue time per request."""
+    """Per level and model: mean batch size (inferences / executions), queue time per request, and
+    the run each request was part of: Triton adds a batch's compute time once for each request in
+    it, so per request it is the mean run, weighted by the runs' batch sizes (per execution it
+    would count each run once per request in it)."""
     out = []
     for r in _read_csv(Path(f"{prefix}_server.csv")):
         requests_, inferences, executions = float(r["requests"]), float(r["inferences"]), float(r["executions"])
         out.append({"users": int(r["users"]), "model": r["model"], "requests": int(requests_),
                     "mean_batch": inferences / executions if executions else None,
                     "queue_ms": float(r["queue_us"]) / 1000 / requests_ if requests_ else None,
-                    "compute_ms": float(r["compute_us"]) / 1000 / executions if executions else None})
+                    "compute_ms": float(r["compute_us"]) / 1000 / inferences if inferences else None})
     return out
 
 
@@ -203,8 +206,9 @@ def render(report: dict) -> str:
     server = [(name, r["server"]) for name, r in results.items() if r["server"]]
     for name, rows in server:
         lines += ["", f"Server side ({name}, Triton metrics over each hold window): mean batch size = inferences / "
-                  "executions; queue time per request.", "",
-                  "| callers | model | requests | mean batch | queue ms / request | compute ms / execution |",
+                  "executions; queue time per request; run: the compute time of the model run each request was "
+                  "part of (with its batch).", "",
+                  "| callers | model | requests | mean batch | queue ms / request | run ms / request |",
                   "|---:|---|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['users']} | {r['model']} | {r['requests']} | {_num(r['mean_batch'], '.2f')} | "
