@@ -44,8 +44,9 @@ SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx", "gateway")
 DEFAULT_SYSTEMS = ("tritonasr", "per-session", "sherpa-onnx")
 # What each system is, for the report.
 DESCRIPTIONS = {
-    "tritonasr": "Triton 2.51 (embedded, Python backend + ONNX Runtime), FSMN-VAD -> SenseVoiceSmall with dynamic "
-                 "batching across callers, speaker stage off; gRPC",
+    "tritonasr": "Triton 2.51 (embedded, Python backend + ONNX Runtime), FSMN-VAD -> SenseVoiceSmall, the callers' "
+                 "segments sharing its instances (batched on a GPU, one at a time per instance on a CPU), speaker "
+                 "stage off; gRPC",
     "per-session": "FunASR AutoModel (FSMN-VAD + SenseVoiceSmall, PyTorch), one worker thread per session, no "
                    "batching across sessions; WebSocket",
     "sherpa-onnx": "sherpa-onnx-offline-websocket-server (C++, ONNX Runtime), the same SenseVoiceSmall weights in "
