@@ -195,10 +195,8 @@ class OnlineFeatures:
         self._served = fbank
         self._online = frontend.online_fbank() if fbank is None else None
         self._pending = np.zeros(0, dtype=np.float32)  # served: samples from the next frame's start
-        self._ready = 0  # fbank frames computed
-        self._frames = np.zeros((0, frontend.n_mels), dtype=np.float32)  # fbank frames from _first on
-        self._first = 0
-        # The frames of the audio the stream keeps (from its open segment's start), by frame number.
+        # The fbank frames computed, by frame number: those the next LFR frames need, and those of
+        # the audio the stream keeps (from its open segment's start).
         second = 1000 // frontend.frame_shift
         self._kept = SampleBuffer(second, (frontend.n_mels,), min_drop=second)
         self.taken = 0  # LFR frames handed out
@@ -217,11 +215,11 @@ class OnlineFeatures:
 
     async def _new_frames(self) -> np.ndarray:
         if self._online is not None:
-            ready = self._online.num_frames_ready
-            if ready == self._ready:
+            ready, made = self._online.num_frames_ready, self._kept.end
+            if ready == made:
                 return np.zeros((0, self.frontend.n_mels), dtype=np.float32)
-            new = np.stack([self._online.get_frame(i) for i in range(self._ready, ready)])
-            self._online.pop(ready - self._ready)
+            new = np.stack([self._online.get_frame(i) for i in range(made, ready)])
+            self._online.pop(ready - made)
             return new.astype(np.float32, copy=False)
         count = self.frontend.num_frames(self._pending.size)
         if count == 0:
@@ -234,12 +232,8 @@ class OnlineFeatures:
     async def take(self, step: int) -> np.ndarray:
         """The next LFR frames: all of them once finished, else whole `step`s of those ready,
         always keeping one back so the final call has a frame to close the stream on."""
-        new = await self._new_frames()
-        if new.shape[0]:
-            self._frames = np.concatenate([self._frames, new])
-            self._kept.append(new)
-            self._ready += new.shape[0]
-        ready = self._ready
+        self._kept.append(await self._new_frames())
+        ready = self._kept.end
         if self.finished:
             count = self.frontend.num_lfr_frames(ready) - self.taken
         else:
@@ -247,13 +241,10 @@ class OnlineFeatures:
             count -= count % step
         if count <= 0 or ready == 0:
             return np.zeros((0, self.frontend.dim), dtype=np.float32)
-        index = self.frontend.lfr_index(self.taken, self.taken + count, ready) - self._first
-        feats = self._frames[index].reshape(count, self.frontend.dim)
+        index = self.frontend.lfr_index(self.taken, self.taken + count, ready)  # ascending
+        first = int(index[0, 0])
+        feats = self._kept.get(first, int(index[-1, -1]) + 1)[index - first].reshape(count, self.frontend.dim)
         self.taken += count
-        needed_from = max(0, self.taken * self.frontend.lfr_n - (self.frontend.lfr_m - 1) // 2)
-        if needed_from > self._first:
-            self._frames = self._frames[needed_from - self._first:]
-            self._first = needed_from
         return feats
 
     def fbank_of(self, start: int, count: int) -> np.ndarray | None:
@@ -266,8 +257,10 @@ class OnlineFeatures:
         return self._kept.get(first, first + frames)
 
     def discard_before(self, sample: int) -> None:
-        """Frames of audio before `sample` will not be asked for again."""
-        self._kept.discard_before(sample // self.frontend.samples_per_frame)
+        """Frames of audio before `sample` will not be asked for again (those the next LFR frames
+        need are kept all the same)."""
+        needed = self.taken * self.frontend.lfr_n - (self.frontend.lfr_m - 1) // 2
+        self._kept.discard_before(min(sample // self.frontend.samples_per_frame, max(0, needed)))
 
 
 class Endpointer:
