@@ -13,6 +13,7 @@ from tritonasr.recognition.settings import OfflineSettings, PipelineSettings
 from tritonasr.repository.build import GPU_MAX_INFLIGHT_SEGMENTS, GRAPH_MODELS, BuildOptions, build_repository
 from tritonasr.repository.check import check_repository, parse_config
 from tritonasr.repository.plans import PlanError, build_plans, shapes_argument, trtexec_command
+from tritonasr.repository.quantize import QUANTIZATION_FILE, QUANTIZED_MODELS
 
 from conftest import DATA
 
@@ -240,6 +241,78 @@ def test_served_front_ends_give_the_in_process_results(built, client):
         samples = load_audio(DATA / "pause_3s.wav").samples
         streamed = asyncio.run(finals(server.grpc_url, samples))
         assert streamed and streamed == asyncio.run(finals(client.url, samples))
+
+
+def _ops(graph) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    model = onnx.load(str(graph))
+    weights = {t.name for t in model.graph.initializer}
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    ops["MatMul of a weight"] = sum(n.op_type == "MatMul" and n.input[1] in weights for n in model.graph.node)
+    return ops
+
+
+def test_int8_quantizes_the_asr_encoders_weights_and_nothing_else(model_repository, tmp_path, capsys):
+    """`repo build --target cpu --int8`: every MatMul against a weight of SenseVoice and Parakeet's
+    encoder becomes a MatMulInteger on int8 weights; the other models' files are the exported
+    ones; the source repository is not written; the report holds the sample's text both ways;
+    a build without --int8 into the same directory puts the float32 graphs back."""
+    output = tmp_path / "int8"
+    before = {p: p.stat().st_mtime_ns for p in model_repository.rglob("*") if "__pycache__" not in p.parts}
+    assert cli(["repo", "build", "--target", "cpu", "--int8", "--source", str(model_repository),
+                "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 weights: sensevoice, parakeet_encoder" in printed and "float32: " in printed
+    assert {p: p.stat().st_mtime_ns for p in model_repository.rglob("*") if "__pycache__" not in p.parts} == before
+    assert check_repository(output) == []
+    for model in QUANTIZED_MODELS:
+        source, quantized = _ops(model_repository / model / "1" / "model.onnx"), _ops(output / model / "1" / "model.onnx")
+        assert source["MatMul of a weight"] > 0 and quantized["MatMul of a weight"] == 0
+        assert quantized["MatMulInteger"] == source["MatMul of a weight"]
+    for model in ("vad", "speaker", "parakeet_decoder"):
+        for graph in (model_repository / model / "1").glob("*.onnx"):
+            assert (output / model / "1" / graph.name).read_bytes() == graph.read_bytes()
+    report = json.loads((output / QUANTIZATION_FILE).read_text())
+    assert report["models"] == list(QUANTIZED_MODELS) and report["method"]["ops"] == ["MatMul"]
+    for texts in report["sample_text"].values():
+        assert texts["float32"] and texts["int8"] and texts["identical"] == (texts["float32"] == texts["int8"])
+        assert 0 < texts["similarity"] <= 1 and (texts["similarity"] == 1 or not texts["identical"])
+    build(model_repository, output, BuildOptions("cpu"))
+    assert not (output / QUANTIZATION_FILE).exists()
+    for model in QUANTIZED_MODELS:
+        assert (output / model / "1" / "model.onnx").read_bytes() == \
+            (model_repository / model / "1" / "model.onnx").read_bytes()
+    with pytest.raises(ValueError, match="--int8 is for the cpu target"):
+        BuildOptions("gpu-onnxruntime", int8=True)
+
+
+@pytest.mark.e2e
+def test_an_int8_repository_serves_what_it_gives_in_process(model_repository, tmp_path):
+    """The int8 graphs, served, give the segments and text the same graphs give in process, with
+    both engines; the segments' bounds are the float32 repository's (the VAD is not quantized)."""
+    from tritonasr.audio import load_audio
+    from tritonasr.client.offline import OfflineClient
+    from tritonasr.runtime.in_process import LocalPipeline
+    from tritonasr.serving.server import ServerConfig, TritonServer, free_port
+
+    repo = tmp_path / "int8"
+    build(model_repository, repo, BuildOptions("cpu", int8=True))
+    models = ["vad", "sensevoice", "parakeet_encoder", "parakeet_decoder", "asr_offline"]
+    local, exported = LocalPipeline(repo), LocalPipeline(model_repository)
+    keys = ("start_ms", "end_ms", "text")
+    with TritonServer(ServerConfig(repo, free_port(), free_port(), free_port(), models=models)) as server, \
+            OfflineClient(server.grpc_url, timeout_s=600) as client:
+        for name in ("pause_1s.wav", "long_70s.wav"):
+            samples = load_audio(DATA / name).samples
+            for engine in ("sensevoice", "parakeet"):
+                served = client.transcribe_file(DATA / name, engine=engine, with_speaker=False)["segments"]
+                want = local.transcribe(samples, engine=engine)["segments"]
+                assert served and [{k: s[k] for k in keys} for s in served] == [{k: s[k] for k in keys} for s in want]
+                bounds = [(s["start_ms"], s["end_ms"]) for s in exported.transcribe(samples, engine=engine)["segments"]]
+                assert [(s["start_ms"], s["end_ms"]) for s in served] == bounds, (name, engine)
 
 
 def test_model_files_come_from_the_package_and_never_overwrite_a_config(tmp_path):

@@ -2,7 +2,8 @@
 exported graphs.
 
 - `cpu`: the embedded default; leaf models are Python-backend models running their ONNX graphs
-  with ONNX Runtime, which pad the segments a batch holds itself (allow_ragged_batch).
+  with ONNX Runtime, which pad the segments a batch holds itself (allow_ragged_batch). `--int8`
+  quantizes the ASR encoders' weights (tritonasr.repository.quantize).
 - `gpu-onnxruntime`: leaf graphs on Triton's native ONNX Runtime backend with the TensorRT
   execution accelerator (FP16; engine and timing caches on a volume), KIND_GPU instances.
 - `gpu-tensorrt`: leaf graphs as TensorRT plans, built on the serving GPU at deploy time by
@@ -40,6 +41,7 @@ from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
 from tritonasr.recognition.settings import SpeakerSettings
 from tritonasr.repository.check import BLS_TARGET_PARAMETERS, parse_config
 from tritonasr.repository.layout import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
+from tritonasr.repository.quantize import QUANTIZATION_FILE, quantize_repository
 
 TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
 # Leaf models whose whole computation is one ONNX graph (1/model.onnx): the native backends serve them.
@@ -95,10 +97,14 @@ class BuildOptions:
     # Front ends as served models, batched on the device; None: on the GPU targets only (on a
     # CPU, computing them in the pipelines' own processes costs less than a round trip).
     served_frontends: bool | None = None
+    int8: bool = False  # cpu: the ASR encoders' weights in int8 (tritonasr.repository.quantize)
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if self.int8 and self.on_gpu:
+            raise ValueError("--int8 is for the cpu target: the GPU targets run the float32 graphs in FP16 "
+                             "under TensorRT")
         for name in ("gpus", "instances", "max_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -138,7 +144,8 @@ def build_repository(source: Path, output: Path, options: BuildOptions,
     for stale in sorted(p for p in output.iterdir()
                         if (p / "config.pbtxt").exists() and p.name not in models and p.name not in frontends):
         shutil.rmtree(stale)
-    (output / PLANS_FILE).unlink(missing_ok=True)
+    for report in (PLANS_FILE, QUANTIZATION_FILE):
+        (output / report).unlink(missing_ok=True)
     plans = []
     for model in models:
         template = parse_config(source / model / "config.pbtxt")
@@ -157,6 +164,8 @@ def build_repository(source: Path, output: Path, options: BuildOptions,
     for name in frontends:
         shutil.rmtree(output / name, ignore_errors=True)
         write_frontend(output, name, export_frontend(source, name, output / name / "1" / "model.onnx"), options)
+    if options.int8:
+        quantize_repository(source, output, models)
     return sorted(models + frontends)
 
 
