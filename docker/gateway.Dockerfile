@@ -52,7 +52,8 @@ WORKDIR /var/lib/tritonasr
 
 # HTTPS/WSS once given --tls-cert/--tls-key (compose and the chart mount a certificate and add
 # them). Every address but loopback needs the callers' keys: $TRITONASR_API_KEY (comma-separated),
-# else the gateway refuses to start. --url names Triton's gRPC HOST:PORT.
-EXPOSE 8443
+# else the gateway refuses to start. --url names Triton's gRPC HOST:PORT. 8082: its Prometheus
+# metrics, once given --metrics-host (loopback by default; compose and the chart open it).
+EXPOSE 8443 8082
 ENTRYPOINT ["tini", "--"]
 CMD ["tritonasr", "gateway", "--host=0.0.0.0", "--port=8443", "--jobs-db=/var/lib/tritonasr/jobs.db"]

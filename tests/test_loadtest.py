@@ -522,9 +522,9 @@ def test_bench_gateway_alternates_the_paths_over_the_same_work(server, tmp_path,
     assert "| gateway / direct |" in captured.out and "The gateway's own CPU:" in captured.out
     # Each final through the gateway: the server's part of its latency came with it, and the rest
     # (the way in and out through the gateway, on this machine) is positive and small.
-    for workload in (offline, streams):
-        hop = workload["paths"]["gateway"]["hop_ms"]
-        assert workload["paths"]["direct"]["hop_ms"] is None
+    for figures in (offline, streams):
+        hop = figures["paths"]["gateway"]["hop_ms"]
+        assert figures["paths"]["direct"]["hop_ms"] is None
         assert 0 < hop["p50"] <= hop["max"] < 1000, hop
     assert "What the gateway and the network add to each final" in captured.out
     assert "What the gateway and the network add to each request" in captured.out

@@ -179,7 +179,7 @@ class SegmentSlots:
 
 class OfflinePipeline:
     def __init__(self, vad: VadSpec, recognizer: Recognizer, run_vad: RunVad,
-                 max_audio_s: float = 7200.0, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS,
+                 max_audio_s: float = OfflineSettings.max_audio_seconds, max_asr_segment_ms: int = MAX_ASR_SEGMENT_MS,
                  fbank: Extract | None = None,
                  max_inflight_segments: int = OfflineSettings.max_inflight_segments,
                  short_first: float = OfflineSettings.short_first):
