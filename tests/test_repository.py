@@ -289,6 +289,33 @@ def test_int8_quantizes_the_asr_encoders_weights_and_nothing_else(model_reposito
         BuildOptions("gpu-onnxruntime", int8=True)
 
 
+def test_int8_reads_weights_from_an_external_file_and_never_writes_through_a_link(model_repository, tmp_path):
+    """Parakeet's float32 encoder keeps its weights in an external file, which the build hard-links
+    into the output: the quantized graph replaces the links and leaves the source's files as
+    they were."""
+    import os
+
+    import onnx
+    import onnxruntime as ort
+
+    from tritonasr.repository.quantize import graph_files, quantize_graph
+
+    source, output = tmp_path / "source" / "model.onnx", tmp_path / "output" / "model.onnx"
+    source.parent.mkdir()
+    output.parent.mkdir()
+    onnx.save_model(onnx.load(str(model_repository / "parakeet_encoder" / "1" / "model.onnx")), str(source),
+                    save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    assert graph_files(source) == [source, source.parent / "model.onnx.data"]
+    before = [path.read_bytes() for path in graph_files(source)]
+    for path in graph_files(source):
+        os.link(path, output.parent / path.name)
+    quantize_graph(source, output)
+    assert [path.read_bytes() for path in graph_files(source)] == before
+    assert graph_files(output) == [output] and not (output.parent / "model.onnx.data").exists()
+    assert _ops(output)["MatMulInteger"] == _ops(source)["MatMul of a weight"] > 0
+    assert [i.name for i in ort.InferenceSession(str(output)).get_inputs()] == ["features", "length"]
+
+
 @pytest.mark.e2e
 def test_an_int8_repository_serves_what_it_gives_in_process(model_repository, tmp_path):
     """The int8 graphs, served, give the segments and text the same graphs give in process, with
