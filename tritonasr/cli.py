@@ -675,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: on for the GPU targets, off for cpu)")
     build.add_argument("--int8", action="store_true",
                        help="cpu target: the ASR encoders' weights in int8 (ONNX Runtime dynamic quantization): "
-                            "about twice the audio per core on CPUs with VNNI; the text can differ from "
+                            "measured at about twice the audio per core on a CPU with VNNI; the text can differ from "
                             "float32, so compare on your own audio (README)")
     build.add_argument("--trt-cache", default="/cache/trt",
                        help="gpu-onnxruntime: directory of the TensorRT engine and timing caches (a volume)")
