@@ -272,6 +272,9 @@ def test_int8_quantizes_the_asr_encoders_weights_and_nothing_else(model_reposito
         source, quantized = _ops(model_repository / model / "1" / "model.onnx"), _ops(output / model / "1" / "model.onnx")
         assert source["MatMul of a weight"] > 0 and quantized["MatMul of a weight"] == 0
         assert quantized["MatMulInteger"] == source["MatMul of a weight"]
+        # A batch's activations share one quantization scale: each segment must run alone.
+        assert not parse_config(output / model / "config.pbtxt").HasField("dynamic_batching")
+    assert parse_config(model_repository / "parakeet_encoder" / "config.pbtxt").HasField("dynamic_batching")
     for model in ("vad", "speaker", "parakeet_decoder"):
         for graph in (model_repository / model / "1").glob("*.onnx"):
             assert (output / model / "1" / graph.name).read_bytes() == graph.read_bytes()
@@ -318,8 +321,9 @@ def test_int8_reads_weights_from_an_external_file_and_never_writes_through_a_lin
 
 @pytest.mark.e2e
 def test_an_int8_repository_serves_what_it_gives_in_process(model_repository, tmp_path):
-    """The int8 graphs, served, give the segments and text the same graphs give in process, with
-    both engines; the segments' bounds are the float32 repository's (the VAD is not quantized)."""
+    """The int8 graphs, served, give the segments and text the same graphs give in process (each
+    segment alone), with both engines, though a request's segments reach the leaf models at once;
+    the segments' bounds are the float32 repository's (the VAD is not quantized)."""
     from tritonasr.audio import load_audio
     from tritonasr.client.offline import OfflineClient
     from tritonasr.runtime.in_process import LocalPipeline

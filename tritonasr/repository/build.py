@@ -41,7 +41,7 @@ from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
 from tritonasr.recognition.settings import SpeakerSettings
 from tritonasr.repository.check import BLS_TARGET_PARAMETERS, parse_config
 from tritonasr.repository.layout import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
-from tritonasr.repository.quantize import QUANTIZATION_FILE, quantize_repository
+from tritonasr.repository.quantize import QUANTIZATION_FILE, QUANTIZED_MODELS, quantize_repository
 
 TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
 # Leaf models whose whole computation is one ONNX graph (1/model.onnx): the native backends serve them.
@@ -191,6 +191,10 @@ def model_config(template: mc.ModelConfig, options: BuildOptions, models: list[s
     if options.instances:
         for group in config.instance_group:
             group.count = options.instances
+    if options.int8 and name in QUANTIZED_MODELS:
+        # Dynamic quantization scales a call's activations by their range over the whole batch:
+        # batched, one caller's segment would change another's result. Each segment runs alone.
+        config.ClearField("dynamic_batching")
     if not options.on_gpu or name not in GRAPH_MODELS and name != "parakeet_decoder":
         return config
     _on_gpus(config, options.gpus)

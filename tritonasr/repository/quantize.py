@@ -2,10 +2,12 @@
 
 ONNX Runtime's dynamic quantization (a maintained tool; we only choose its settings) rewrites each
 MatMul against a weight as a MatMulInteger on int8 weights, one scale per output channel, with its
-activations quantized to uint8 per call. On the project's VNNI x86 VM that ran about twice the
-audio per core (BENCHMARKS.md). The outputs differ from the float32 graph, so the text can: the build transcribes the sample with both and writes what it got into
-QUANTIZATION_FILE, and README says to compare on your own audio. The VAD (small, and its scores
-decide where segments fall) and the speaker model (convolutions) keep float32.
+activations quantized to uint8 per call: one scale for the call's whole tensor, so the build takes
+these models' batchers away (segments batched together would change each other's results). On the
+project's VNNI x86 VM that ran about twice the audio per core (BENCHMARKS.md). The outputs differ
+from the float32 graph, so the text can: the build transcribes the sample with both and writes what
+it got into QUANTIZATION_FILE, and README says to compare on your own audio. The VAD (small, and
+its scores decide where segments fall) and the speaker model (convolutions) keep float32.
 """
 from __future__ import annotations
 
