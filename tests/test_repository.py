@@ -261,15 +261,20 @@ def test_int8_quantizes_the_asr_encoders_weights_and_nothing_else(model_reposito
     ones; the source repository is not written; the report holds the sample's text both ways;
     a build without --int8 into the same directory puts the float32 graphs back."""
     output = tmp_path / "int8"
-    before = {p: p.stat().st_mtime_ns for p in model_repository.rglob("*") if "__pycache__" not in p.parts}
+
+    def mtimes():
+        return {p: p.stat().st_mtime_ns for p in model_repository.rglob("*") if "__pycache__" not in p.parts}
+
+    before = mtimes()
     assert cli(["repo", "build", "--target", "cpu", "--int8", "--source", str(model_repository),
                 "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "int8 weights: sensevoice, parakeet_encoder" in printed and "float32: " in printed
-    assert {p: p.stat().st_mtime_ns for p in model_repository.rglob("*") if "__pycache__" not in p.parts} == before
+    assert mtimes() == before
     assert check_repository(output) == []
     for model in QUANTIZED_MODELS:
-        source, quantized = _ops(model_repository / model / "1" / "model.onnx"), _ops(output / model / "1" / "model.onnx")
+        source = _ops(model_repository / model / "1" / "model.onnx")
+        quantized = _ops(output / model / "1" / "model.onnx")
         assert source["MatMul of a weight"] > 0 and quantized["MatMul of a weight"] == 0
         assert quantized["MatMulInteger"] == source["MatMul of a weight"]
         # A batch's activations share one quantization scale: each segment must run alone.

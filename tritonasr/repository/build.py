@@ -41,7 +41,7 @@ from tritonasr.recognition.offline import MAX_ASR_SEGMENT_MS
 from tritonasr.recognition.settings import SpeakerSettings
 from tritonasr.repository.check import BLS_TARGET_PARAMETERS, parse_config
 from tritonasr.repository.layout import PIPELINES, SERVED_FRONTENDS, exported_models, install_model_files
-from tritonasr.repository.quantize import QUANTIZATION_FILE, QUANTIZED_MODELS, quantize_repository
+from tritonasr.repository.quantize import QUANTIZATION_FILE, QUANTIZED_MODELS, graph_files, quantize_repository
 
 TARGETS = ("cpu", "gpu-onnxruntime", "gpu-tensorrt")
 # Leaf models whose whole computation is one ONNX graph (1/model.onnx): the native backends serve them.
@@ -150,7 +150,10 @@ def build_repository(source: Path, output: Path, options: BuildOptions,
     for model in models:
         template = parse_config(source / model / "config.pbtxt")
         config = model_config(template, options, models, frontends)
-        _copy_model(source / model, output / model)
+        # A graph to be quantized is written by quantize_repository: copying it first (when
+        # the output is on another file system) would copy gigabytes for nothing.
+        graphs = graph_files(source / model / "1" / "model.onnx") if options.int8 and model in QUANTIZED_MODELS else []
+        _copy_model(source / model, output / model, skip=graphs)
         shutil.rmtree(output / model / "configs", ignore_errors=True)  # the build's config is the one
         (output / model / "config.pbtxt").unlink(missing_ok=True)
         (output / model / "config.pbtxt").write_text(
@@ -238,12 +241,12 @@ def _on_gpus(config: mc.ModelConfig, gpus: int) -> None:
 LINK_BYTES = 64 << 20
 
 
-def _copy_model(source: Path, target: Path) -> None:
-    """The model's files but its configs (written by the build)."""
+def _copy_model(source: Path, target: Path, skip: list[Path] = ()) -> None:
+    """The model's files but its configs (written by the build) and those in `skip`."""
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
         if (path.is_dir() or path.name.startswith(".") or "__pycache__" in path.parts
-                or relative == Path("config.pbtxt") or relative.parts[0] == "configs"):
+                or relative == Path("config.pbtxt") or relative.parts[0] == "configs" or path in skip):
             continue
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import onnx
 
+from tritonasr.contract import ENGINES
 from tritonasr.paths import sample_audio
+from tritonasr.repository.layout import LEAF_MODELS
 
 QUANTIZED_MODELS = ("sensevoice", "parakeet_encoder")
 QUANTIZATION_FILE = "quantization.json"
 METHOD = {"tool": "onnxruntime.quantization.quantize_dynamic", "ops": ["MatMul"],
           "weights": "int8, per output channel", "activations": "uint8, per call"}
-ENGINE_OF = {"sensevoice": "sensevoice", "parakeet_encoder": "parakeet"}
 
 
 def graph_files(graph: Path) -> list[Path]:
@@ -66,21 +67,22 @@ def compare_on_sample(source: Path, output: Path, models: list[str]) -> dict:
     for label, repository in (("float32", source), ("int8", output)):
         pipeline = LocalPipeline(repository)
         for model in models:
-            result = pipeline.transcribe(samples, engine=ENGINE_OF[model])
+            engine = next(engine for engine in ENGINES if model in LEAF_MODELS[engine])
+            result = pipeline.transcribe(samples, engine=engine)
             texts.setdefault(model, {})[label] = " ".join(s["text"] for s in result["segments"])
     return {model: {**pair, "identical": pair["float32"] == pair["int8"],
                     # difflib's ratio over characters (no word boundaries in Chinese): 1.0 is identical
-                    "similarity": round(SequenceMatcher(None, pair["float32"], pair["int8"], autojunk=False).ratio(), 4)}
+                    "similarity": round(SequenceMatcher(None, pair["float32"], pair["int8"],
+                                                        autojunk=False).ratio(), 4)}
             for model, pair in texts.items()}
 
 
-def quantize_repository(source: Path, output: Path, models: list[str]) -> dict:
-    """Quantizes the built `output`'s ASR encoders in place (their files came from `source`),
-    and writes QUANTIZATION_FILE: the method, the models, and the sample's text with each."""
+def quantize_repository(source: Path, output: Path, models: list[str]) -> None:
+    """Writes the int8 graphs of the ASR encoders among `models` from `source` into the built
+    `output`, and QUANTIZATION_FILE: the method, the models, and the sample's text with each."""
     quantized = [model for model in QUANTIZED_MODELS if model in models]
     for model in quantized:
         quantize_graph(source / model / "1" / "model.onnx", output / model / "1" / "model.onnx")
-    report = {"method": METHOD, "models": quantized, "sample": str(sample_audio().name),
+    report = {"method": METHOD, "models": quantized, "sample": sample_audio().name,
               "sample_text": compare_on_sample(source, output, quantized)}
     (output / QUANTIZATION_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return report
